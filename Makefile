@@ -1,0 +1,44 @@
+# ovbook: two commands do everything on a fresh machine with Python 3.11 and access to PyPI.
+#   make book   - create .venv if missing, install, execute every chapter (micro profile), build _build/html
+#   make test   - create .venv if missing, install, run the test suite (offline)
+# Variables: PROFILE (micro|smoke|paper), ONLY ("01 02"), PARAMS ("-p key=value ..."), VENV, PYTHON.
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    ?= .venv
+PROFILE ?= micro
+ONLY    ?=
+PARAMS  ?=
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.ovbook-installed
+
+.PHONY: book run build test test-all bench install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[book,test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+book: $(STAMP)
+	$(PY) -m ovlib.book run --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(PARAMS)
+	$(PY) -m ovlib.book build
+
+run: $(STAMP)
+	$(PY) -m ovlib.book run --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(PARAMS)
+
+build: $(STAMP)
+	$(PY) -m ovlib.book build
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m ''
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) benchmarks/run.py
+
+clean:
+	rm -rf _build book/[0-9][0-9]_*.ipynb book/.stamps book/_work

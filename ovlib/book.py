@@ -1,0 +1,385 @@
+"""The book runner: ``python -m ovlib.book {run,build,list}``.
+
+``run`` executes every chapter listed in ``_toc.yml`` (or ``--only NN ...``):
+
+    notebooks/NN_name.py --jupytext--> ipynb --papermill (params/PROFILE.yaml + -p overrides)--> book/NN_name.ipynb
+
+* The chapter's inputs — notebook source, resolved parameters, every ``ovlib`` source file — are hashed; a chapter
+  whose hash equals the one stamped at its last successful run (``book/.stamps/NN_name.json``) and whose executed
+  notebook exists is skipped unless ``--force``.
+* The kernel gets ``TQDM_DISABLE=1`` and, unless the parameters allow downloads, ``HF_HUB_OFFLINE=1``.
+* The cell papermill injects (tag ``injected-parameters``) is tagged ``remove-cell`` so the book hides it.
+* On failure the exit status is non-zero; the chapter, the failing cell's source and the traceback are printed and
+  the partial executed notebook is kept in ``book/``.
+* It ends with a table: chapter, status, wall time.
+
+``build`` runs ``jupyter-book build .`` and fails when Sphinx reports broken content (missing documents or
+images, bad references or citations), printing those warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+
+from ovlib import config as params_lib
+from ovlib.io import atomic_write_text
+
+OVLIB_DIR = Path(__file__).resolve().parent
+NOTEBOOK_DIR = "notebooks"
+BOOK_DIR = "book"
+STAMP_DIR = "book/.stamps"
+
+
+class BookError(RuntimeError):
+    """The book project is malformed (toc, missing notebook source, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chapter:
+    """One executable chapter: ``book/<name>`` in the toc, ``notebooks/<name>.py`` as source."""
+
+    name: str  # e.g. "01_clip_dense_features"
+    root: Path
+
+    @property
+    def number(self) -> str:
+        return self.name.split("_", 1)[0]
+
+    @property
+    def source(self) -> Path:
+        return self.root / NOTEBOOK_DIR / f"{self.name}.py"
+
+    @property
+    def output(self) -> Path:
+        return self.root / BOOK_DIR / f"{self.name}.ipynb"
+
+    @property
+    def stamp(self) -> Path:
+        return self.root / STAMP_DIR / f"{self.name}.json"
+
+
+@dataclasses.dataclass
+class Result:
+    chapter: str
+    status: str  # "ok" | "skipped" | "failed"
+    seconds: float
+    message: str = ""
+
+
+# --------------------------------------------------------------------------------------------- toc
+
+
+def _toc_files(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if isinstance(node.get(key), str):
+                yield node[key]
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []) or []:
+                yield from _toc_files(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _toc_files(child)
+
+
+_CHAPTER_RE = re.compile(r"^\d{2}_[A-Za-z0-9_]+$")
+
+
+def chapters(root: Path | str = ".") -> list[Chapter]:
+    """Executable chapters in ``_toc.yml`` order: entries ``book/NN_name`` whose source ``notebooks/NN_name.py`` exists.
+
+    A toc entry that looks like a chapter (``book/NN_...``) without a notebook source is an error, so a typo
+    cannot silently drop a chapter from the book.
+    """
+    root = Path(root)
+    toc_path = root / "_toc.yml"
+    if not toc_path.is_file():
+        raise BookError(f"{toc_path} not found")
+    toc = yaml.safe_load(toc_path.read_text())
+    found: list[Chapter] = []
+    for entry in _toc_files(toc):
+        p = Path(entry)
+        stem = p.stem if p.suffix else p.name
+        if p.parent.as_posix() != BOOK_DIR or not _CHAPTER_RE.match(stem):
+            continue
+        ch = Chapter(stem, root)
+        if not ch.source.is_file():
+            raise BookError(f"_toc.yml lists {entry} but its notebook source {ch.source} does not exist")
+        found.append(ch)
+    return found
+
+
+def select(all_chapters: Sequence[Chapter], only: Sequence[str] | None) -> list[Chapter]:
+    """``--only 01 3 02_refining``: match by number (zero-padded) or by name prefix."""
+    if not only:
+        return list(all_chapters)
+    picked = []
+    for key in only:
+        k = key.zfill(2) if key.isdigit() else key
+        hits = [c for c in all_chapters if c.number == k or c.name.startswith(k)]
+        if not hits:
+            raise BookError(f"--only {key!r} matches no chapter; chapters: {[c.name for c in all_chapters]}")
+        picked += [h for h in hits if h not in picked]
+    return [c for c in all_chapters if c in picked]
+
+
+# --------------------------------------------------------------------------------------------- hashing
+
+
+def input_hash(chapter: Chapter, params: dict[str, Any], ovlib_dir: Path = OVLIB_DIR) -> str:
+    """sha256 over the notebook source, the resolved parameters and every ovlib source file."""
+    h = hashlib.sha256()
+    h.update(b"notebook\0" + chapter.source.read_bytes())
+    h.update(b"params\0" + json.dumps(params, sort_keys=True).encode())
+    for f in sorted(ovlib_dir.rglob("*.py")):
+        if "__pycache__" in f.parts:
+            continue
+        h.update(b"ovlib\0" + f.relative_to(ovlib_dir).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def is_up_to_date(chapter: Chapter, digest: str) -> bool:
+    if not (chapter.stamp.is_file() and chapter.output.is_file()):
+        return False
+    try:
+        return json.loads(chapter.stamp.read_text()).get("hash") == digest
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- execution
+
+
+@contextlib.contextmanager
+def kernel_env(params: dict[str, Any]) -> Iterator[None]:
+    """Environment the kernel inherits: no progress bars, offline unless downloads are allowed."""
+    new = {"TQDM_DISABLE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    if not params.get("allow_download", False):
+        new["HF_HUB_OFFLINE"] = "1"
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _tag_injected_parameters(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+            changed = True
+    if changed:
+        atomic_write_text(nbformat.writes(nb), path)
+
+
+def _failure_report(chapter: Chapter, err: Exception) -> str:
+    """Chapter, failing cell source and traceback (from the partial notebook when papermill wrote one)."""
+    lines = [f"chapter {chapter.name} failed: {type(err).__name__}"]
+    cell_src = None
+    if chapter.output.is_file():
+        import nbformat
+
+        nb = nbformat.read(chapter.output, as_version=4)
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "error":
+                    cell_src = (i, cell.source)
+                    break
+            if cell_src:
+                break
+    if cell_src:
+        lines.append(f"--- failing cell (index {cell_src[0]}) ---")
+        lines.append(cell_src[1])
+    tb = getattr(err, "traceback", None)
+    lines.append("--- traceback ---")
+    if tb:
+        ansi = re.compile(r"\x1b\[[0-9;]*m")
+        lines.extend(ansi.sub("", t) for t in tb)
+    else:
+        lines.append(str(err))
+    lines.append(f"--- partial notebook kept at {chapter.output} ---")
+    return "\n".join(lines)
+
+
+def execute(chapter: Chapter, params: dict[str, Any], kernel: str = "python3") -> None:
+    """Convert with jupytext and execute with papermill into ``book/NN_name.ipynb`` (cwd = project root)."""
+    import jupytext
+    import nbformat
+    import papermill as pm
+
+    nb = jupytext.read(chapter.source)
+    if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
+        raise BookError(f"{chapter.source} has no cell tagged 'parameters' (# %% tags=[\"parameters\"])")
+    work = chapter.root / BOOK_DIR / "_work"
+    work.mkdir(parents=True, exist_ok=True)
+    src_ipynb = work / f"{chapter.name}.ipynb"
+    nbformat.write(nb, src_ipynb)
+    chapter.output.parent.mkdir(parents=True, exist_ok=True)
+    with kernel_env(params):
+        pm.execute_notebook(
+            str(src_ipynb),
+            str(chapter.output),
+            parameters=params,
+            kernel_name=kernel,
+            cwd=str(chapter.root),
+            progress_bar=False,
+            log_output=False,
+            report_mode=False,
+        )
+    _tag_injected_parameters(chapter.output)
+
+
+def run(
+    root: Path | str = ".",
+    profile: str = "micro",
+    only: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    out=sys.stdout,
+) -> list[Result]:
+    """Execute the selected chapters; returns one :class:`Result` per chapter (stops at the first failure)."""
+    root = Path(root).resolve()
+    params = params_lib.resolve(profile, list(overrides), root=root)
+    todo = select(chapters(root), only)
+    results: list[Result] = []
+    print(f"ovbook: profile {profile}, {len(todo)} chapter(s)", file=out, flush=True)
+    for i, ch in enumerate(todo, 1):
+        digest = input_hash(ch, params)
+        if not force and is_up_to_date(ch, digest):
+            results.append(Result(ch.name, "skipped", 0.0, "inputs unchanged"))
+            print(f"[{i}/{len(todo)}] {ch.name}: unchanged since last run, skipped", file=out, flush=True)
+            continue
+        print(f"[{i}/{len(todo)}] {ch.name}: running ...", file=out, flush=True)
+        t0 = time.perf_counter()
+        try:
+            execute(ch, params)
+        except Exception as e:  # papermill.PapermillExecutionError, kernel death, BookError
+            dt = time.perf_counter() - t0
+            results.append(Result(ch.name, "failed", dt, f"{type(e).__name__}"))
+            print(_failure_report(ch, e), file=out, flush=True)
+            ch.stamp.unlink(missing_ok=True)
+            break
+        dt = time.perf_counter() - t0
+        atomic_write_text(json.dumps({"hash": digest, "profile": profile, "seconds": round(dt, 2)}), ch.stamp)
+        results.append(Result(ch.name, "ok", dt))
+        print(f"[{i}/{len(todo)}] {ch.name}: ok in {dt:.1f} s", file=out, flush=True)
+    print(format_table(results), file=out, flush=True)
+    return results
+
+
+def format_table(results: Sequence[Result]) -> str:
+    w = max([len("chapter")] + [len(r.chapter) for r in results])
+    rows = [f"{'chapter':<{w}}  {'status':<8}  {'wall time':>9}", f"{'-' * w}  {'-' * 8}  {'-' * 9}"]
+    rows += [f"{r.chapter:<{w}}  {r.status:<8}  {r.seconds:>8.1f}s" for r in results]
+    total = sum(r.seconds for r in results)
+    rows.append(f"{'total':<{w}}  {'':<8}  {total:>8.1f}s")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+#: Sphinx warnings that mean the built book is broken (as opposed to cosmetic warnings).
+BROKEN_CONTENT = [
+    r"toctree contains reference to nonexisting document",
+    r"document isn't included in any toctree",
+    r"image file not readable",
+    r"undefined label",
+    r"unknown document",
+    r"Unknown target name",
+    r"could not find bibtex key",
+    r"citation not found",
+    r"failed to import",
+    r"Could not lex literal_block",
+    r"Notebook JSON is invalid",
+    r"File not found",
+    r"does not exist",
+    r"reference target not found",
+]
+
+
+def broken_content(log: str) -> list[str]:
+    pat = re.compile("|".join(BROKEN_CONTENT), re.IGNORECASE)
+    return [ln for ln in log.splitlines() if ("WARNING" in ln or "ERROR" in ln) and pat.search(ln)]
+
+
+def build(root: Path | str = ".", out=sys.stdout) -> int:
+    """``jupyter-book build .``; non-zero when it fails or reports broken content."""
+    root = Path(root).resolve()
+    exe = Path(sys.executable).parent / "jupyter-book"
+    if not exe.is_file():
+        raise BookError(f"jupyter-book not found next to {sys.executable}; install the book extra: pip install -e '.[book]'")
+    cmd = [str(exe), "build", str(root), "--path-output", str(root)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    dt = time.perf_counter() - t0
+    bad = broken_content(log)
+    index = root / "_build" / "html" / "index.html"
+    if proc.returncode != 0 or bad or not index.is_file():
+        print(log[-20000:], file=out)
+        if bad:
+            print("\nbroken content reported by Sphinx:", file=out)
+            for ln in bad:
+                print("  " + ln, file=out)
+        print(f"book build FAILED after {dt:.1f} s", file=out, flush=True)
+        return 1
+    print(f"book built in {dt:.1f} s: {index}", file=out, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ovlib.book", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=".", help="project root (holds _toc.yml, notebooks/, params/, book/)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute chapters with papermill")
+    r.add_argument("--profile", default="micro", help=f"one of {', '.join(params_lib.PROFILES)} (default micro)")
+    r.add_argument("--only", nargs="+", metavar="NN", help="chapter numbers or name prefixes")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    r.add_argument("--force", action="store_true", help="re-execute even when inputs are unchanged")
+    sub.add_parser("build", help="jupyter-book build . (fails on broken content)")
+    sub.add_parser("list", help="list the executable chapters of _toc.yml")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            for ch in chapters(args.root):
+                print(ch.name)
+            return 0
+        if args.cmd == "build":
+            return build(args.root)
+        results = run(args.root, args.profile, args.only, args.param, args.force)
+    except (params_lib.ParamError, BookError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(r.status != "failed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
