@@ -1,0 +1,55 @@
+"""What a distillation method supplies to the shared trainer (:mod:`ovlib.train.distill`).
+
+A method is an ``nn.Module`` (:class:`Distiller`) that owns the trainable student CLIP and any extra modules
+of its own (a Refiner, HSG gates, ...); its ``forward(batch)`` returns the **unweighted** loss terms as a dict.
+The trainer weights them with ``DistillConfig.loss_weights`` (missing names weigh 1.0), sums, and handles
+everything else: DDP, AMP, accumulation, optimiser, schedule, checkpoints, the alpha ensemble.
+
+Frozen networks the method reads — the teacher CLIP, the VFM, the text tower — are held in
+:attr:`Distiller.frozen`, a plain dict that is *not* registered as submodules, so DDP neither broadcasts
+nor synchronises them and the student's ``state_dict`` stays the student's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Distiller(nn.Module):
+    """Base class of every teacher-student method.
+
+    Subclasses set :attr:`name`, :attr:`loss_names` and :attr:`needs` (subset of ``{"teacher", "vfm", "text"}``),
+    and implement :meth:`forward`.
+    """
+
+    name: ClassVar[str] = ""
+    loss_names: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
+
+    def __init__(self, student: nn.Module, frozen: dict[str, nn.Module], **options: Any):
+        super().__init__()
+        self.student = student
+        missing = sorted(self.needs - set(frozen))
+        if missing:
+            raise ValueError(f"method {self.name!r} needs frozen network(s) {missing}; got {sorted(frozen)}")
+        for m in frozen.values():
+            m.eval()
+            m.requires_grad_(False)
+        self.frozen = dict(frozen)
+        self.options = options
+
+    def train(self, mode: bool = True):  # frozen networks stay in eval mode
+        super().train(mode)
+        for m in self.frozen.values():
+            m.eval()
+        return self
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the checkpoint's ``model`` entry holds: the student CLIP (and the method's extra modules)."""
+        return self.state_dict()
