@@ -43,6 +43,8 @@ PARAMS: dict[str, Param] = {
     "steps_scale": Param(float, "multiplies every training budget (steps/epochs) of the profile"),
     "eval_images": Param(int, "number of evaluation images (0 = the whole split)"),
     "allow_download": Param(bool, "may named pretrained weights be downloaded (needs internet)"),
+    "backbone": Param(str, "CLIP backbone of the distillation chapters ('micro-clip', 'EVA02-B-16', 'ViT-B-16', ...)"),
+    "recipes": Param(list, "training recipes, applied in order (see ovlib.train.recipes)"),
 }
 
 

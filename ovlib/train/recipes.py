@@ -1,0 +1,84 @@
+"""Training recipes as data: ``params/PROFILE.yaml`` ``recipes`` is a list of entries applied in order.
+
+An entry is a mapping of :class:`~ovlib.train.distill.DistillConfig` fields plus optional selectors
+``method`` and ``backbone`` (a name or a list of names); an entry applies when every selector it has matches
+the run. Later entries override earlier ones, so a file reads from general to specific::
+
+    recipes:
+      - {lr: 1.0e-5, weight_decay: 0.1, epochs: 6, warmup_steps: 1000}        # every run
+      - {backbone: EVA02-B-16, crop_size: 224, alpha: 0.7, student_size: 1024}  # one backbone
+      - {method: declip, student_size: 560}                                    # one method
+      - {method: declip, backbone: EVA02-L-14-336, batch_size: 2}              # both
+
+``loss_weights`` and ``method_args`` dicts are merged key by key rather than replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+from ovlib.train.distill import DistillConfig
+
+SELECTORS = ("method", "backbone")
+MERGED = ("loss_weights", "method_args")
+
+
+def _matches(sel: Any, value: str) -> bool:
+    if sel is None:
+        return True
+    return value in ([sel] if isinstance(sel, str) else list(sel))
+
+
+def resolve_recipe(recipes: Iterable[Mapping[str, Any]], method: str, backbone: str) -> dict[str, Any]:
+    """Merge every matching entry in order; unknown field names are an error naming the entry."""
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    out: dict[str, Any] = {}
+    for i, entry in enumerate(recipes):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"recipes[{i}] must be a mapping, got {type(entry).__name__}")
+        unknown = sorted(set(entry) - fields - set(SELECTORS))
+        if unknown:
+            raise ValueError(f"recipes[{i}] has unknown field(s) {unknown}")
+        if not (_matches(entry.get("method"), method) and _matches(entry.get("backbone"), backbone)):
+            continue
+        for k, v in entry.items():
+            if k in SELECTORS:
+                continue
+            if k in MERGED:
+                out[k] = {**out.get(k, {}), **(v or {})}
+            else:
+                out[k] = v
+    return out
+
+
+def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = (),
+                   out_dir: str | None = None) -> DistillConfig:
+    """The run config of ``method`` under a resolved profile (``ovlib.config.resolve``) plus field overrides.
+
+    ``data_root``, ``seed`` and ``device`` come from the profile; ``backbone`` from the profile unless
+    overridden; ``out_dir`` defaults to ``cache_dir/runs/<method>-<backbone>-<hash of the config>``.
+    """
+    from ovlib.io import config_hash
+
+    overrides = dict(overrides)
+    backbone = overrides.get("backbone", params["backbone"])
+    d: dict[str, Any] = {"method": method, "backbone": backbone, "data_root": params["data_root"],
+                         "seed": params["seed"], "device": params["device"]}
+    d.update(resolve_recipe(params.get("recipes", []), method, backbone))
+    for k, v in overrides.items():
+        d[k] = {**d.get(k, {}), **v} if k in MERGED and isinstance(v, Mapping) else v
+    scale = float(params.get("steps_scale", 1.0))
+    if scale != 1.0:
+        if d.get("max_steps", 0):
+            d["max_steps"] = max(1, round(d["max_steps"] * scale))
+        else:
+            d["epochs"] = max(1, round(d.get("epochs", DistillConfig.epochs) * scale))
+    d.setdefault("out_dir", "")
+    cfg = DistillConfig.from_dict(d)
+    if out_dir:
+        cfg.out_dir = out_dir
+    elif not cfg.out_dir:
+        key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "device", "num_workers")}
+        cfg.out_dir = f"{params['cache_dir']}/runs/{method}-{backbone}-{config_hash(key)}"
+    return cfg
