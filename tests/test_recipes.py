@@ -57,6 +57,7 @@ def test_steps_scale_and_out_dir(repo_root):
     p = config.resolve("micro", ["steps_scale=0.5"], root=repo_root)
     c = distill_config(p, "clipself")
     assert c.max_steps == 200
+    assert distill_config(p, "clipself", {"max_steps": 7}).max_steps == 7  # explicit values are not scaled
     c2 = distill_config(config.resolve("micro", root=repo_root), "clipself", {"lr": 3e-4})
     assert c.out_dir != c2.out_dir and c2.out_dir.startswith("data/cache/runs/clipself-micro-clip-")
     with pytest.raises(ValueError, match="unknown DistillConfig field"):

@@ -56,6 +56,8 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
                    out_dir: str | None = None) -> DistillConfig:
     """The run config of ``method`` under a resolved profile (``ovlib.config.resolve``) plus field overrides.
 
+    ``steps_scale`` multiplies the recipe's ``max_steps`` (or ``epochs``); explicit overrides are taken as given.
+
     ``data_root``, ``seed`` and ``device`` come from the profile; ``backbone`` from the profile unless
     overridden; ``out_dir`` defaults to ``cache_dir/runs/<method>-<backbone>-<hash of the config>``.
     """
@@ -66,14 +68,14 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
     d: dict[str, Any] = {"method": method, "backbone": backbone, "data_root": params["data_root"],
                          "seed": params["seed"], "device": params["device"]}
     d.update(resolve_recipe(params.get("recipes", []), method, backbone))
-    for k, v in overrides.items():
-        d[k] = {**d.get(k, {}), **v} if k in MERGED and isinstance(v, Mapping) else v
-    scale = float(params.get("steps_scale", 1.0))
+    scale = float(params.get("steps_scale", 1.0))  # scales the recipe's budget, not an explicit override
     if scale != 1.0:
         if d.get("max_steps", 0):
             d["max_steps"] = max(1, round(d["max_steps"] * scale))
         else:
             d["epochs"] = max(1, round(d.get("epochs", DistillConfig.epochs) * scale))
+    for k, v in overrides.items():
+        d[k] = {**d.get(k, {}), **v} if k in MERGED and isinstance(v, Mapping) else v
     d.setdefault("out_dir", "")
     cfg = DistillConfig.from_dict(d)
     if out_dir:
