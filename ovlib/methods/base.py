@@ -12,7 +12,7 @@ nor synchronises them and the student's ``state_dict`` stays the student's.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -22,14 +22,17 @@ class Distiller(nn.Module):
     """Base class of every teacher-student method.
 
     Subclasses set :attr:`name`, :attr:`loss_names` and :attr:`needs` (subset of ``{"teacher", "vfm", "text"}``),
-    and implement :meth:`forward`.
+    and implement :meth:`forward`. ``tokenizer`` (of the frozen text tower) and ``categories`` (the training
+    set's, with ``id`` and ``name``) are given by the launcher to every method; the rest of the options come
+    from ``DistillConfig.method_args``.
     """
 
     name: ClassVar[str] = ""
     loss_names: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
 
-    def __init__(self, student: nn.Module, frozen: dict[str, nn.Module], **options: Any):
+    def __init__(self, student: nn.Module, frozen: dict[str, nn.Module], tokenizer: Any = None,
+                 categories: Optional[list[dict]] = None, **options: Any):
         super().__init__()
         self.student = student
         missing = sorted(self.needs - set(frozen))
@@ -39,6 +42,8 @@ class Distiller(nn.Module):
             m.eval()
             m.requires_grad_(False)
         self.frozen = dict(frozen)
+        self.tokenizer = tokenizer  # of the frozen text tower (methods that embed text)
+        self.categories = list(categories or [])  # dataset categories: id, name (+ synonyms, definition)
         self.options = options
 
     def train(self, mode: bool = True):  # frozen networks stay in eval mode

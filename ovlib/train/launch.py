@@ -34,7 +34,7 @@ def _barrier(world: int) -> None:
 
 
 def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset[str]):
-    """Student, teacher (same weights) and, if needed, the VFM. Micro backbones come from the pre-training cache
+    """Student, teacher (same weights), the VFM if needed, and the tokenizer. Micro backbones come from the pre-training cache
     ("load if present, else train", :mod:`ovlib.train.pretrain`) unless ``cfg.pretrained`` names a file."""
     from ovlib.models import MICRO_CLIP_CONFIGS, load_clip, load_vfm
     from ovlib.models.vfm import MICRO_VFM_CONFIGS
@@ -43,9 +43,9 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
         from ovlib.train.pretrain import pretrain_clip, pretrain_configs
 
         clip_cfg, _ = pretrain_configs(params["profile"], params["steps_scale"], params["seed"])
-        student, _, _ = pretrain_clip(clip_cfg, params["cache_dir"], progress=False)
+        student, tokenizer, _ = pretrain_clip(clip_cfg, params["cache_dir"], progress=False)
     else:
-        student, _, _ = load_clip(cfg.backbone, pretrained=cfg.pretrained, allow_download=params["allow_download"],
+        student, tokenizer, _ = load_clip(cfg.backbone, pretrained=cfg.pretrained, allow_download=params["allow_download"],
                                   seed=cfg.seed)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     vfm = None
@@ -60,7 +60,7 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
         else:
             vfm = load_vfm(cfg.vfm, pretrained=cfg.vfm_pretrained, allow_download=params["allow_download"],
                            seed=cfg.seed)
-    return student, teacher, vfm
+    return student, teacher, vfm, tokenizer
 
 
 def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = (),
@@ -83,12 +83,11 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
             ensure_microworld(cfg.data_root, cfg.split, n=cfg.max_images, size=cfg.student_size,
                               seed=params["seed"], progress=False)
         _barrier(info.world)
-    student, teacher, vfm = build_models(cfg, params, method_cls.needs)
+    student, teacher, vfm, tokenizer = build_models(cfg, params, method_cls.needs)
     lock_visual(student, cfg.unlocked_blocks)
     frozen = {"teacher": teacher}
     if vfm is not None:
         frozen["vfm"] = vfm
-    distiller = method_cls(student, frozen, **cfg.method_args)
     mean, std = image_mean_std(student)
     vfm_size = None
     if vfm is not None:
@@ -97,6 +96,9 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
     data = RegionDistillDataset(cfg.data_root, cfg.split, cfg.regions, cfg.student_size, cfg.crop_size, cfg.max_split,
                                 cfg.max_boxes, cfg.thing_crop_scale, mean, std, vfm_size=vfm_size, seed=cfg.seed,
                                 max_images=cfg.max_images)
+    # what a method may need besides images and regions: the tokenizer of the (frozen) text tower and the
+    # dataset's categories (id, name, and for the micro world synonyms/definition) to turn label ids into text
+    distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=data.coco.categories, **cfg.method_args)
     return Trainer(cfg, distiller, data, collate_regions, teacher_state=teacher.state_dict(), info=info)
 
 
