@@ -1,0 +1,309 @@
+"""Datasets over any COCO-format root: the micro-world export and real COCO 2017 (standard layout).
+
+Layout (``root`` = a ``data_root``)::
+
+    {split}/<file_name>                              images (jpg for COCO, png for the micro world)
+    annotations/instances_{split}.json               boxes + RLE/polygon masks (things)
+    annotations/panoptic_{split}.json                segments_info per image (things and stuff)
+    annotations/panoptic_{split}/<png file_name>     segment ids, id = R + 256 G + 256^2 B
+    annotations/captions_{split}.json                captions
+
+Bad data is never silently dropped: at construction, images whose file (or panoptic PNG) is missing and
+images without annotations are left out and **counted** in ``.skipped`` (a ``Counter`` keyed by reason,
+logged once); an image that exists but cannot be decoded is counted under ``"unreadable"`` when it is
+read and replaced by the next readable image (``strict=True`` raises instead). ``skipped`` counts the
+work of the process that holds the dataset (DataLoader workers keep their own copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ovlib.data.microworld import rgb2id
+
+__all__ = ["CocoPanoptic", "CocoInstances", "CocoCaptions", "read_image", "ImageReadError"]
+
+log = logging.getLogger(__name__)
+
+
+class ImageReadError(OSError):
+    """An image file exists but cannot be decoded."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of an image file; unreadable files raise :class:`ImageReadError`."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _load_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+class _CocoBase:
+    """Shared image bookkeeping: ``self.items`` holds the kept entries; ``self.skipped`` the counts."""
+
+    kind = "coco"
+
+    def __init__(self, root, split: str, image_dir=None, strict: bool = False):
+        self.root = Path(root)
+        self.split = split
+        self.image_dir = Path(image_dir) if image_dir is not None else self.root / split
+        self.strict = strict
+        self.skipped: Counter = Counter()
+        self.items: list = []
+
+    def _report(self, total: int) -> None:
+        if self.skipped:
+            log.warning(
+                "%s %s (%s): kept %d of %d images; skipped %s",
+                self.kind,
+                self.split,
+                self.root,
+                len(self.items),
+                total,
+                dict(self.skipped),
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, idx: int) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __getitem__(self, idx: int) -> dict:
+        n = len(self.items)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for {self.kind} dataset of {n} images")
+        idx %= n
+        for k in range(n):
+            j = (idx + k) % n
+            try:
+                return self._load(j)
+            except ImageReadError as e:
+                self.skipped["unreadable"] += 1
+                if self.strict:
+                    raise
+                log.warning("%s (skipped images so far: %s)", e, dict(self.skipped))
+        raise ImageReadError(f"no readable image in {self.kind} dataset {self.root} ({self.split})")
+
+
+class CocoPanoptic(_CocoBase):
+    """COCO panoptic segmentation (``panoptic_{split}.json`` + PNGs).
+
+    ``__getitem__`` -> dict(``image`` (H, W, 3) uint8, ``image_id``, ``file_name``, ``panoptic`` (H, W)
+    int64 segment ids (0 = void), ``segments``: list of dict(``id``, ``category_id``, ``isthing``,
+    ``iscrowd``, ``mask`` (H, W) bool, ``box`` xyxy float px = json bbox [x, y, x+w, y+h], ``bbox`` xywh,
+    ``area`` = json area)). ``.categories``: the json categories (``id, name, isthing``, plus
+    ``synonyms/definition/split`` for the micro world).
+    """
+
+    kind = "panoptic"
+
+    def __init__(
+        self, root, split: str = "val2017", ann_file=None, image_dir=None, png_dir=None, strict: bool = False
+    ):
+        super().__init__(root, split, image_dir, strict)
+        ann_file = (
+            Path(ann_file) if ann_file is not None else self.root / "annotations" / f"panoptic_{split}.json"
+        )
+        self.png_dir = (
+            Path(png_dir) if png_dir is not None else self.root / "annotations" / f"panoptic_{split}"
+        )
+        data = _load_json(ann_file, "panoptic")
+        self.categories: list[dict] = data["categories"]
+        self.category_by_id = {c["id"]: c for c in self.categories}
+        images = {im["id"]: im for im in data["images"]}
+        for ann in data["annotations"]:
+            im = images.get(ann["image_id"])
+            if im is None:
+                self.skipped["annotation_without_image"] += 1
+                continue
+            if not ann.get("segments_info"):
+                self.skipped["no_segments"] += 1
+                continue
+            if not (self.image_dir / im["file_name"]).is_file():
+                self.skipped["missing_image"] += 1
+                continue
+            if not (self.png_dir / ann["file_name"]).is_file():
+                self.skipped["missing_png"] += 1
+                continue
+            bad = [
+                s["category_id"] for s in ann["segments_info"] if s["category_id"] not in self.category_by_id
+            ]
+            if bad:
+                raise ValueError(f"{ann_file}: image {ann['image_id']} has unknown category ids {bad}")
+            self.items.append((im, ann))
+        self.skipped["image_without_annotation"] += len(images) - len(
+            {a["image_id"] for a in data["annotations"]} & set(images)
+        )
+        self.skipped = Counter({k: v for k, v in self.skipped.items() if v})
+        self._report(len(images))
+
+    @property
+    def thing_ids(self) -> list[int]:
+        return [c["id"] for c in self.categories if c.get("isthing", 1)]
+
+    @property
+    def stuff_ids(self) -> list[int]:
+        return [c["id"] for c in self.categories if not c.get("isthing", 1)]
+
+    def _load(self, idx: int) -> dict:
+        im, ann = self.items[idx]
+        image = read_image(self.image_dir / im["file_name"])
+        png_path = self.png_dir / ann["file_name"]
+        ids = rgb2id(read_image(png_path))  # (H, W) int64
+        if ids.shape != image.shape[:2]:
+            raise ValueError(
+                f"panoptic PNG {png_path} is {ids.shape}, image {im['file_name']} is {image.shape[:2]}"
+            )
+        segments = []
+        for s in ann["segments_info"]:
+            x, y, w, h = (float(v) for v in s["bbox"])
+            segments.append(
+                dict(
+                    id=int(s["id"]),
+                    category_id=int(s["category_id"]),
+                    isthing=bool(self.category_by_id[s["category_id"]].get("isthing", 1)),
+                    iscrowd=int(s.get("iscrowd", 0)),
+                    mask=ids == s["id"],
+                    box=np.array([x, y, x + w, y + h], np.float32),
+                    bbox=[x, y, w, h],
+                    area=int(s["area"]),
+                )
+            )
+        return dict(
+            image=image, image_id=int(im["id"]), file_name=im["file_name"], panoptic=ids, segments=segments
+        )
+
+
+class CocoInstances(_CocoBase):
+    """COCO instances (``instances_{split}.json``) through pycocotools.
+
+    ``__getitem__`` -> dict(``image`` (H, W, 3) uint8, ``image_id``, ``boxes`` (K, 4) float32 xyxy px,
+    ``labels`` (K,) int64 category ids, ``areas`` (K,) float32, ``iscrowd`` (K,) bool, ``masks`` (K, H, W)
+    bool when ``masks=True``). Images without annotations are skipped and counted unless ``skip_empty=False``.
+    """
+
+    kind = "instances"
+
+    def __init__(
+        self,
+        root,
+        split: str = "val2017",
+        ann_file=None,
+        image_dir=None,
+        masks: bool = True,
+        skip_empty: bool = True,
+        strict: bool = False,
+    ):
+        from pycocotools.coco import COCO
+
+        super().__init__(root, split, image_dir, strict)
+        ann_file = (
+            Path(ann_file) if ann_file is not None else self.root / "annotations" / f"instances_{split}.json"
+        )
+        if not ann_file.is_file():
+            raise FileNotFoundError(f"instances annotation file not found: {ann_file}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(str(ann_file))
+        self.masks = masks
+        self.categories: list[dict] = self.coco.loadCats(self.coco.getCatIds())
+        for img_id in sorted(self.coco.getImgIds()):
+            im = self.coco.imgs[img_id]
+            if skip_empty and not self.coco.getAnnIds(imgIds=[img_id]):
+                self.skipped["no_annotations"] += 1
+                continue
+            if not (self.image_dir / im["file_name"]).is_file():
+                self.skipped["missing_image"] += 1
+                continue
+            self.items.append(img_id)
+        self._report(len(self.coco.imgs))
+
+    def _load(self, idx: int) -> dict:
+        img_id = self.items[idx]
+        im = self.coco.imgs[img_id]
+        image = read_image(self.image_dir / im["file_name"])
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[img_id]))
+        boxes = np.array(
+            [
+                [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                for a in anns
+            ],
+            np.float32,
+        ).reshape(-1, 4)
+        out = dict(
+            image=image,
+            image_id=int(img_id),
+            file_name=im["file_name"],
+            boxes=boxes,
+            labels=np.array([a["category_id"] for a in anns], np.int64),
+            areas=np.array([a["area"] for a in anns], np.float32),
+            iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
+        )
+        if self.masks:
+            H, W = image.shape[:2]
+            out["masks"] = (
+                np.stack([self.coco.annToMask(a) for a in anns]).astype(bool)
+                if anns
+                else np.zeros((0, H, W), bool)
+            )
+        return out
+
+
+class CocoCaptions(_CocoBase):
+    """COCO captions (``captions_{split}.json``): ``__getitem__`` -> dict(``image``, ``image_id``,
+    ``captions`` list[str]); ``load_image=False`` skips decoding (text-only use, e.g. a vocabulary)."""
+
+    kind = "captions"
+
+    def __init__(
+        self,
+        root,
+        split: str = "val2017",
+        ann_file=None,
+        image_dir=None,
+        load_image: bool = True,
+        strict: bool = False,
+    ):
+        super().__init__(root, split, image_dir, strict)
+        ann_file = (
+            Path(ann_file) if ann_file is not None else self.root / "annotations" / f"captions_{split}.json"
+        )
+        data = _load_json(ann_file, "captions")
+        self.load_image = load_image
+        caps: dict[int, list[str]] = {}
+        for a in data["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+        for im in sorted(data["images"], key=lambda d: d["id"]):
+            if im["id"] not in caps:
+                self.skipped["no_captions"] += 1
+                continue
+            if load_image and not (self.image_dir / im["file_name"]).is_file():
+                self.skipped["missing_image"] += 1
+                continue
+            self.items.append((im, caps[im["id"]]))
+        self._report(len(data["images"]))
+
+    def _load(self, idx: int) -> dict:
+        im, caps = self.items[idx]
+        out = dict(image_id=int(im["id"]), file_name=im["file_name"], captions=list(caps))
+        if self.load_image:
+            out["image"] = read_image(self.image_dir / im["file_name"])
+        return out
