@@ -1,0 +1,325 @@
+"""Loading CLIP models: open_clip names with pretrained tags, local checkpoints, registered micro configs.
+
+:func:`load_clip` returns ``(model, tokenizer, preprocess)`` where ``model`` is an ordinary open_clip model
+(``model.encode_image`` / ``model.encode_text`` are open_clip's own), ``tokenizer`` maps a list of strings
+to a ``(T, context_length)`` LongTensor and ``preprocess`` is open_clip's evaluation image transform
+(PIL image -> normalised ``(3, S, S)`` tensor).
+
+Three sources of weights:
+
+* ``pretrained=None`` -- random initialisation (nothing is downloaded, ever);
+* ``pretrained="/path/to/file"`` -- a local checkpoint, read with ``torch.load(weights_only=True)``
+  (:func:`ovlib.io.safe_load`) or safetensors; a plain state_dict or ``{"state_dict": ...}``, a leading
+  ``module.`` (DDP) is stripped; mismatched keys are a :class:`CheckpointMismatch` listing them;
+* ``pretrained="<open_clip tag>"`` (e.g. ``"openai"``, ``"laion2b_s34b_b88k"``) -- open_clip's named weights.
+  A copy already in the Hugging Face cache is used without the network. Otherwise the weights are downloaded
+  only if ``allow_download`` and the machine is online; offline (``HF_HUB_OFFLINE=1`` or no route to the hub)
+  it fails at once, naming the local-file alternative.
+
+OpenAI weights use QuickGELU: with a local copy of them, pass the ``-quickgelu`` name
+(``"ViT-B-16-quickgelu"``), as open_clip does.
+
+Micro configs are registered in :data:`MICRO_CLIP_CONFIGS` (name -> :class:`MicroClipConfig`); add a variant
+(e.g. for an ablation) with :func:`register_micro_clip`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ovlib.io import CheckpointError, safe_load
+
+__all__ = [
+    "MicroClipConfig",
+    "MICRO_CLIP_CONFIGS",
+    "register_micro_clip",
+    "load_clip",
+    "load_state_dict_checked",
+    "read_checkpoint",
+    "CheckpointMismatch",
+    "WeightsUnavailable",
+    "is_offline",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+]
+
+#: OpenAI CLIP image normalisation (open_clip.constants.OPENAI_DATASET_MEAN/STD).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_HUB_HOST = ("huggingface.co", 443)
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint's keys or shapes do not match the model it is loaded into."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """Named pretrained weights were asked for but cannot be obtained here (offline / download not allowed)."""
+
+
+@dataclass(frozen=True)
+class MicroClipConfig:
+    """A small open_clip ``CLIP`` built from a custom config (ViT image tower, causal text tower).
+
+    The vision tower has ``vision_width // vision_head_width`` heads; the image size is ``image_size`` and
+    the grid ``image_size // patch_size``. The tokenizer is open_clip's real BPE ``SimpleTokenizer``
+    (vocabulary 49408 shipped with open_clip) with ``context_length`` tokens.
+    """
+
+    embed_dim: int = 128
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_head_width: int = 32
+    mlp_ratio: float = 4.0
+    context_length: int = 32
+    vocab_size: int = 49408
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 3
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    extra_vision: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        vision = CLIPVisionCfg(
+            layers=self.vision_layers,
+            width=self.vision_width,
+            head_width=self.vision_head_width,
+            patch_size=self.patch_size,
+            image_size=self.image_size,
+            mlp_ratio=self.mlp_ratio,
+            **self.extra_vision,
+        )
+        text = CLIPTextCfg(
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            width=self.text_width,
+            heads=self.text_heads,
+            layers=self.text_layers,
+        )
+        return CLIP(embed_dim=self.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+#: Registered micro CLIP configs (name -> config). ``"micro-clip"`` is the book's default backbone.
+MICRO_CLIP_CONFIGS: dict[str, MicroClipConfig] = {
+    "micro-clip": MicroClipConfig(),
+}
+
+
+def register_micro_clip(name: str, config: MicroClipConfig, overwrite: bool = False) -> None:
+    """Register a micro CLIP variant under ``name`` (an error if the name exists, unless ``overwrite``)."""
+    if not isinstance(config, MicroClipConfig):
+        raise TypeError(f"config for {name!r} must be a MicroClipConfig, got {type(config).__name__}")
+    if name in MICRO_CLIP_CONFIGS and not overwrite:
+        raise ValueError(f"micro CLIP config {name!r} is already registered")
+    MICRO_CLIP_CONFIGS[name] = config
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``path`` safely (weights_only / safetensors).
+
+    Accepts a plain state_dict or a dict with a ``"state_dict"`` (or ``"model"``) entry; strips a leading
+    ``module.`` (DDP). Anything else is a :class:`~ovlib.io.CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        obj = safe_load(path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a state_dict (or {{'state_dict': ...}}), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state_dict, entries that are not str -> Tensor: {bad[:10]}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error that lists missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {missing[:10]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:10]})")
+        if shapes:
+            parts.append(
+                f"{len(shapes)} keys with another shape (first: "
+                f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in shapes[:10]]})"
+            )
+        raise CheckpointMismatch(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- offline
+def is_offline(timeout: float = 1.5) -> bool:
+    """True if ``HF_HUB_OFFLINE`` is set (1/true/yes/on) or the Hugging Face hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        with socket.create_connection(_HUB_HOST, timeout=timeout):
+            return False
+    except OSError:
+        return True
+
+
+def _unavailable(what: str, reason: str, local_hint: str) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"pretrained weights {what} are not available {reason}; download them on a machine with internet "
+        f"(they are then read from the Hugging Face cache) or pass {local_hint}"
+    )
+
+
+def _cached_open_clip_file(name: str, tag: str) -> str | None:
+    """Path of open_clip's weights for (name, tag) if already in a local cache (no network)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover
+            return None
+        repo, filename = os.path.split(hub)
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for fn in candidates:
+            hit = try_to_load_from_cache(repo_id=repo, filename=fn)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+    url = cfg.get("url", "")
+    if url:
+        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(target):
+            return target
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+_CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _looks_like_path(p) -> bool:
+    s = str(p)
+    return isinstance(p, os.PathLike) or os.sep in s or s.endswith(_CKPT_SUFFIXES) or Path(s).is_file()
+
+
+@functools.lru_cache(maxsize=8)
+def _micro_tokenizer(context_length: int) -> Callable:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def _transform(image_size, mean, std) -> Callable:
+    from open_clip.transform import image_transform
+
+    return image_transform(image_size, is_train=False, mean=mean, std=std)
+
+
+def load_clip(
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    allow_download: bool = True,
+    seed: int = 0,
+) -> tuple[nn.Module, Callable, Callable]:
+    """Load a CLIP model; returns ``(model, tokenizer, preprocess)`` with the model in eval mode.
+
+    Args:
+        name: a registered micro config (``"micro-clip"``) or an open_clip model name (``"ViT-B-16"``,
+            ``"ViT-L-14"``, ``"EVA02-B-16"``, ``"EVA02-L-14-336"``, ...).
+        pretrained: ``None`` (random init, seeded by ``seed``), a local checkpoint path, or an open_clip
+            pretrained tag (open_clip names only).
+        device: where the model is put.
+        allow_download: may a named weight be downloaded (the ``allow_download`` book parameter).
+        seed: seed of the random initialisation (the global RNG is left untouched).
+    """
+    import open_clip
+
+    is_path = pretrained is not None and _looks_like_path(pretrained)
+    if name in MICRO_CLIP_CONFIGS:
+        cfg = MICRO_CLIP_CONFIGS[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cfg.build()
+        tokenizer = _micro_tokenizer(cfg.context_length)
+        preprocess = _transform(cfg.image_size, cfg.mean, cfg.std)
+        if pretrained is not None:
+            if not is_path:
+                raise ValueError(
+                    f"micro config {name!r} has no named weights; pretrained must be a local checkpoint path, "
+                    f"got {pretrained!r}"
+                )
+            load_state_dict_checked(model, read_checkpoint(pretrained), source=f"checkpoint {pretrained}")
+        return model.to(device).eval(), tokenizer, preprocess
+
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown CLIP model {name!r}: not a registered micro config ({sorted(MICRO_CLIP_CONFIGS)}) "
+            f"nor an open_clip model name (see open_clip.list_models())"
+        )
+
+    def _create(force_quick_gelu: bool = False):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None, device="cpu", force_quick_gelu=force_quick_gelu, pretrained_text=False
+            )
+        return model, preprocess
+
+    tokenizer = open_clip.get_tokenizer(name)
+    if pretrained is None:
+        model, preprocess = _create()
+    elif is_path:
+        model, preprocess = _create()
+        load_state_dict_checked(model, read_checkpoint(pretrained), source=f"checkpoint {pretrained}")
+    else:
+        tag = str(pretrained)
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tag not in tags:
+            raise ValueError(f"{name!r} has no pretrained tag {tag!r}; open_clip knows: {tags}")
+        quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+        hint = f"pretrained='/path/to/checkpoint.pt' (a state_dict file of {name}{'-quickgelu' if quick_gelu else ''})"
+        cached = _cached_open_clip_file(name, tag)
+        if cached is not None:
+            model, preprocess = _create(force_quick_gelu=quick_gelu)
+            load_state_dict_checked(model, read_checkpoint(cached), source=f"cached weights {cached}")
+        elif not allow_download:
+            raise _unavailable(f"{tag!r} for {name}", "locally and downloads are not allowed (allow_download=False)", hint)
+        elif is_offline():
+            raise _unavailable(f"{tag!r} for {name}", "offline", hint)
+        else:  # online and asked for: open_clip downloads into its cache
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
+    return model.to(device).eval(), tokenizer, preprocess

@@ -1,0 +1,252 @@
+"""Dense feature maps of a CLIP image tower: one function, one ``mode`` argument.
+
+``dense_features(model, images, mode) -> (B, C, h, w)``: blocks ``0 .. L-2`` run unchanged with the model's
+own code, the **last block** is replaced according to ``mode``, the prefix (cls/register) tokens are dropped,
+the remaining tokens go through the tower's final norm and projection (:meth:`ViTAdapter.final`) and are
+optionally L2-normalised over channels. ``multi-v`` also reads the values of earlier blocks.
+
+Notation for the last block (input ``x``, ``z = LN1(x)``; per head ``q, k, v = W_q z, W_k z, W_v z``,
+``s = d ** -0.5``; ``O(.)`` = merge heads, EVA inner LN, output projection; ``ls1/ls2`` layer scale):
+
+=============  ==================================================================
+mode           last block output
+=============  ==================================================================
+``vanilla``    the unmodified block (the model's own code)
+``x+v``        ``y = x + ls1(O(v))``, then ``y + ls2(MLP(LN2 y))``
+``v``          ``ls1(O(v))``: value path only, no residual, no FFN
+``qq``         ``ls1(O(A v))``, ``A = softmax(q q^T [* s])``
+``kk``         ``A = softmax(k k^T [* s])``
+``csa``        ``A = softmax(q q^T [* s]) + softmax(k k^T [* s])`` (a sum: rows sum to 2)
+``naclip``     ``A = softmax(k k^T [* s] + omega)``, ``omega`` = Gaussian of the patch distance
+               (std ``gaussian_std`` patches), 0 on prefix rows/columns
+``multi-v``    ``sum over the last n blocks l of ls1_l(O_l(v_l))``, each ``v_l`` from block l's own
+               input, through block l's own ``O_l``; no residual, no FFN
+=============  ==================================================================
+
+Where each comes from (``reference/implementations.md`` §1, §2, §3, §8, §9):
+
+* ``x+v`` -- MaskCLIP (``chongzhou96/MaskCLIP:mmseg/models/backbones/vit.py``, residual and FFN kept) and
+  CLIPSelf ``forward_without_attn`` (``wusize/CLIPSelf:src/open_clip/eva_clip/eva_vit_model.py``).
+* ``v`` -- the value-only ablation of DenseRC; ClearCLIP's ``MaskCLIP`` option with ``ignore_residual``.
+* ``qq``/``kk``/``csa`` -- DeCLIP ``ss_attn`` + ``forward_without_rcffn``
+  (``xiaomoguhz/DeCLIP:src/open_clip/eva_clip/eva_vit_model.py``), SynCLIP (same file in
+  ``Justlovesmile/SynCLIP``), SCLIP ``custom_attn`` (``wangf3014/SCLIP:clip/model.py``), ClearCLIP
+  (``mc-lan/ClearCLIP:open_clip/transformer.py``).
+* ``naclip`` -- NACLIP ``gaussian_window``/``custom_attn`` (``sinahmr/NACLIP:clip/model.py``).
+* ``multi-v`` -- DenseRC's "multi-layer value embeddings" (no public code; our reading, see below).
+
+Attention modes (``qq, kk, csa, naclip``) output ``O(A v)`` and take explicit switches (defaults in brackets):
+``scale`` [True] multiply logits by ``d ** -0.5``; ``residual`` [False] ``y = x + ls1(O(A v))`` instead of
+``ls1(O(A v))``; ``ffn`` [False] ``y = y + ls2(MLP(LN2 y))``; ``rope`` [False] (EVA) apply RoPE to q, k first.
+The prefix tokens take part in the attention and are dropped afterwards. Published settings
+(:data:`PRESETS`, use ``dense_features(model, x, **PRESETS["sclip"])``):
+
+================  ========  =====  ========  ====  ====  ===================================================
+preset            mode      scale  residual  FFN   RoPE  source (``reference/implementations.md`` §9)
+================  ========  =====  ========  ====  ====  ===================================================
+``maskclip``      x+v       --     kept      kept  --    MaskCLIP official
+``clipself``      x+v       --     kept      kept  --    CLIPSelf ``forward_without_attn``
+``declip-qq``     qq        no     no        no    no    DeCLIP ``main`` ``forward_without_rcffn``
+``declip-csa``    csa       no     no        no    no    DeCLIP released ``csa`` checkpoints
+``synclip``       csa       no     no        no    no    SynCLIP ``csa_vfm_distill`` / eval ``csa``
+``sclip``         csa       yes    kept      kept  n/a   SCLIP
+``clearclip``     qq        yes    no        no    n/a   ClearCLIP (``model_type='ClearCLIP'``)
+``naclip``        naclip    yes    no        no    n/a   NACLIP (``arch='reduced'``, Gaussian std 5)
+``denserc-base``  multi-v   --     --        --    --    DenseRC base, last 3 layers (our reading, below)
+================  ========  =====  ========  ====  ====  ===================================================
+
+``multi-v`` choice (DenseRC has no code): each of the last ``n_layers`` blocks (default 3) contributes the
+value path of its own input, through its own output projection (and layer scale), like ``v`` for one block;
+the sum goes through the final norm and projection once.
+
+Pooling order (``normalize``): CLIPSelf L2-normalises dense tokens before RoIAlign/mask pooling
+(``normalize=True`` here, then :func:`~ovlib.models.pool.roi_features`); DeCLIP/SynCLIP pool the
+unnormalised projected tokens and normalise afterwards (``normalize=False``, then normalise the pooled rows).
+
+Cost: blocks ``0 .. L-2`` are run once by the model's own code; a last-block mode costs about one block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import ViTAdapter, vit_adapter
+
+__all__ = ["DENSE_MODES", "ATTENTION_MODES", "PRESETS", "dense_features", "naclip_bias", "custom_attention"]
+
+DENSE_MODES = ("vanilla", "x+v", "v", "qq", "kk", "csa", "naclip", "multi-v")
+ATTENTION_MODES = ("qq", "kk", "csa", "naclip")
+
+PRESETS: dict[str, dict] = {
+    "maskclip": dict(mode="x+v"),
+    "clipself": dict(mode="x+v"),
+    "declip-qq": dict(mode="qq", scale=False, residual=False, ffn=False, rope=False),
+    "declip-csa": dict(mode="csa", scale=False, residual=False, ffn=False, rope=False),
+    "synclip": dict(mode="csa", scale=False, residual=False, ffn=False, rope=False),
+    "sclip": dict(mode="csa", scale=True, residual=True, ffn=True, rope=False),
+    "clearclip": dict(mode="qq", scale=True, residual=False, ffn=False, rope=False),
+    "naclip": dict(mode="naclip", scale=True, residual=False, ffn=False, rope=False, gaussian_std=5.0),
+    "denserc-base": dict(mode="multi-v", n_layers=3),
+}
+
+
+def naclip_bias(grid: tuple[int, int], num_prefix: int, std: float, device=None, dtype=None) -> torch.Tensor:
+    """NACLIP's neighbourhood bias ``omega (P+N, P+N)``: ``exp(-|p_i - p_j|^2 / (2 std^2))`` for patch
+    positions ``p`` (row, col) in patch units, 0 on prefix rows/columns
+    (``sinahmr/NACLIP:clip/model.py`` ``gaussian_window``/``get_attention_addition``)."""
+    h, w = grid
+    if std <= 0:
+        raise ValueError(f"gaussian_std must be > 0, got {std}")
+    r = torch.arange(h, device=device, dtype=torch.float64)
+    c = torch.arange(w, device=device, dtype=torch.float64)
+    pos = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)  # (N, 2)
+    d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)  # (N, N)
+    g = torch.exp(-d2 / (2 * std**2))
+    out = torch.zeros(num_prefix + h * w, num_prefix + h * w, device=device, dtype=torch.float64)
+    out[num_prefix:, num_prefix:] = g
+    return out.to(dtype or torch.get_default_dtype())
+
+
+def custom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: Optional[float],
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``A v`` for a replaced attention ``mode`` on per-head ``q, k, v (B, H, N, d)`` -> ``(B, H, N, d)``.
+
+    ``scale`` multiplies the logits (``None`` = no scale); ``bias (N, N)`` is added to the kk logits
+    (``naclip``).
+    """
+    s = 1.0 if scale is None else scale
+
+    def sm(a, b):
+        logits = (a @ b.transpose(-1, -2)) * s  # (B, H, N, N)
+        return logits
+
+    if mode == "qq":
+        attn = sm(q, q).softmax(-1)
+    elif mode == "kk":
+        attn = sm(k, k).softmax(-1)
+    elif mode == "csa":
+        attn = sm(q, q).softmax(-1) + sm(k, k).softmax(-1)
+    elif mode == "naclip":
+        if bias is None:
+            raise ValueError("naclip needs the Gaussian bias")
+        attn = (sm(k, k) + bias.to(k.dtype)).softmax(-1)
+    else:
+        raise ValueError(f"not an attention mode: {mode!r}; expected one of {ATTENTION_MODES}")
+    return attn @ v  # (B, H, N, d)
+
+
+def _finish(ad: ViTAdapter, tokens: torch.Tensor, grid: tuple[int, int], normalize: bool) -> torch.Tensor:
+    x = ad.final(tokens[:, ad.num_prefix:])  # (B, N, C)
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    B, N, C = x.shape
+    return x.transpose(1, 2).reshape(B, C, grid[0], grid[1])  # (B, C, h, w)
+
+
+def dense_features(
+    model: nn.Module | ViTAdapter,
+    images: torch.Tensor,
+    mode: str = "x+v",
+    normalize: bool = True,
+    *,
+    scale: Optional[bool] = None,
+    residual: Optional[bool] = None,
+    ffn: Optional[bool] = None,
+    rope: Optional[bool] = None,
+    gaussian_std: float = 5.0,
+    n_layers: int = 3,
+    return_qkv: bool = False,
+):
+    """Dense projected features ``(B, C, h, w)`` of ``images (B, 3, H, W)`` (see the module table).
+
+    Args:
+        model: an open_clip model, its ``.visual``, or a :class:`ViTAdapter`.
+        images: normalised images; H and W multiples of the patch size (any size: pos-emb interpolated).
+        mode: one of :data:`DENSE_MODES`.
+        normalize: L2-normalise every token over channels.
+        scale, residual, ffn, rope: switches of the attention modes (defaults True, False, False, False).
+        gaussian_std: NACLIP's Gaussian std in patch units.
+        n_layers: number of last blocks whose values ``multi-v`` sums.
+        return_qkv: also return the last block's per-head ``{"q", "k", "v"}`` of the patch tokens
+            ``(B, H, N, d)``, prefix tokens dropped, e.g. DeCLIP's context features. RoPE (EVA) is applied to
+            them in ``vanilla`` (as the model does) and in attention modes with ``rope=True``, else not.
+
+    Returns:
+        ``(B, C, h, w)`` or, with ``return_qkv``, ``((B, C, h, w), dict)``.
+    """
+    if mode not in DENSE_MODES:
+        raise ValueError(f"unknown dense mode {mode!r}; expected one of {DENSE_MODES}")
+    switches = dict(scale=scale, residual=residual, ffn=ffn, rope=rope)
+    if mode not in ATTENTION_MODES and any(v is not None for v in switches.values()):
+        given = {k: v for k, v in switches.items() if v is not None}
+        raise TypeError(f"mode {mode!r} has no switches (got {given}); they apply to {ATTENTION_MODES}")
+    ad = model if isinstance(model, ViTAdapter) else vit_adapter(model)
+    L = ad.num_blocks
+    x, grid = ad.embed(images)  # (B, P+N, D)
+    rope_table = ad.rope(grid)  # EVA: (N, 2d) or None
+    P = ad.num_prefix
+
+    if mode == "multi-v":
+        if not 1 <= n_layers <= L:
+            raise ValueError(f"n_layers must be in [1, {L}], got {n_layers}")
+        first = L - n_layers
+        x = ad.run_blocks(x, 0, first, rope_table)
+        acc = None
+        last_qkv = None
+        for i in range(first, L):
+            z = ad.ln1(i, x)
+            parts = ad.qkv(i, z, which="qkv" if (return_qkv and i == L - 1) else "v")
+            y = ad.ls1(i, ad.attn_out(i, parts["v"]))  # (B, P+N, D)
+            acc = y if acc is None else acc + y
+            if i < L - 1:
+                x = ad.block_forward(i, x, rope_table)
+            else:
+                last_qkv = parts
+        out = _finish(ad, acc, grid, normalize)
+        return (out, _strip(last_qkv, P)) if return_qkv else out
+
+    x = ad.run_blocks(x, 0, L - 1, rope_table)
+    i = L - 1
+    if mode == "vanilla":
+        y = ad.block_forward(i, x, rope_table)
+        if return_qkv:
+            qkv = ad.qkv(i, ad.ln1(i, x), rope=rope_table)
+        out = _finish(ad, y, grid, normalize)
+        return (out, _strip(qkv, P)) if return_qkv else out
+
+    z = ad.ln1(i, x)  # (B, P+N, D)
+    if mode in ("x+v", "v"):
+        parts = ad.qkv(i, z, which="qkv" if return_qkv else "v")
+        a = ad.ls1(i, ad.attn_out(i, parts["v"]))  # (B, P+N, D)
+        if mode == "x+v":
+            y = x + a
+            y = y + ad.ls2(i, ad.mlp(i, ad.ln2(i, y)))
+        else:
+            y = a
+        out = _finish(ad, y, grid, normalize)
+        return (out, _strip(parts, P)) if return_qkv else out
+
+    # attention modes
+    scale = True if scale is None else scale
+    residual = False if residual is None else residual
+    ffn = False if ffn is None else ffn
+    rope = False if rope is None else rope
+    if rope and rope_table is None:
+        raise ValueError("rope=True needs a tower with RoPE (EVA02)")
+    parts = ad.qkv(i, z, rope=rope_table if rope else None)
+    bias = naclip_bias(grid, P, gaussian_std, device=z.device, dtype=z.dtype) if mode == "naclip" else None
+    o = custom_attention(parts["q"], parts["k"], parts["v"], mode, ad.attn_scale if scale else None, bias)
+    a = ad.ls1(i, ad.attn_out(i, o))
+    y = x + a if residual else a
+    if ffn:
+        y = y + ad.ls2(i, ad.mlp(i, ad.ln2(i, y)))
+    out = _finish(ad, y, grid, normalize)
+    return (out, _strip(parts, P)) if return_qkv else out
+
+
+def _strip(parts: dict[str, torch.Tensor], P: int) -> dict[str, torch.Tensor]:
+    return {k: v[:, :, P:] for k, v in parts.items()}

@@ -1,0 +1,187 @@
+"""load_clip: micro registry, real BPE tokenizer, transforms, local checkpoints, offline named weights."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovlib.io import CheckpointError, atomic_save
+from ovlib.models import (
+    MICRO_CLIP_CONFIGS,
+    CheckpointMismatch,
+    MicroClipConfig,
+    WeightsUnavailable,
+    load_clip,
+    register_micro_clip,
+)
+from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD, _cached_open_clip_file
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return load_clip("micro-clip")
+
+
+def test_micro_clip_config_and_forward(micro):
+    model, tok, pre = micro
+    v = model.visual
+    assert v.patch_size == (8, 8) and v.image_size == (64, 64) and v.grid_size == (8, 8)
+    assert len(v.transformer.resblocks) == 4 and v.transformer.width == 128
+    assert v.transformer.resblocks[0].attn.num_heads == 4
+    assert len(model.transformer.resblocks) == 3 and model.context_length == 32
+    assert not model.training
+    text = tok(["a red boat on the water", "grass"])
+    assert text.shape == (2, 32) and text.dtype == torch.long
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(2, 3, 64, 64))
+        txt = model.encode_text(text)
+    assert img.shape == (2, 128) and txt.shape == (2, 128)
+
+
+def test_tokenizer_is_open_clip_bpe(micro):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    _, tok, _ = micro
+    ids = tok(["a photo of a cat"])[0]
+    ref = SimpleTokenizer()
+    assert ids[0] == ref.sot_token_id
+    body = ref.encode("a photo of a cat")
+    assert ids[1:1 + len(body)].tolist() == body and ids[1 + len(body)] == ref.eot_token_id
+    assert (ids[2 + len(body):] == 0).all()
+    assert len(ref.encoder) == 49408
+
+
+def test_preprocess_normalises_with_openai_stats(micro):
+    _, _, pre = micro
+    img = Image.fromarray(np.full((80, 100, 3), 255, dtype=np.uint8))
+    x = pre(img)
+    assert x.shape == (3, 64, 64)
+    want = (1 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    torch.testing.assert_close(x[:, 32, 32], want)
+
+
+def test_seeded_init_and_global_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, _, _ = load_clip("micro-clip", seed=5)
+    after = torch.rand(1)
+    assert before == after  # the global RNG did not move
+    b, _, _ = load_clip("micro-clip", seed=5)
+    c, _, _ = load_clip("micro-clip", seed=6)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.visual.conv1.weight, c.visual.conv1.weight)
+
+
+def test_register_micro_variant():
+    cfg = MicroClipConfig(vision_layers=2)
+    register_micro_clip("micro-clip-test-l2", cfg, overwrite=True)
+    try:
+        m, _, _ = load_clip("micro-clip-test-l2")
+        assert len(m.visual.transformer.resblocks) == 2
+        with pytest.raises(ValueError, match="already registered"):
+            register_micro_clip("micro-clip-test-l2", cfg)
+    finally:
+        MICRO_CLIP_CONFIGS.pop("micro-clip-test-l2")
+
+
+def _perturbed_state(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
+            for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "ddp", "safetensors"])
+def test_local_checkpoint_round_trip(micro, tmp_path, wrap):
+    model, _, _ = micro
+    sd = _perturbed_state(model)
+    path = tmp_path / ("ckpt.safetensors" if wrap == "safetensors" else "ckpt.pt")
+    if wrap == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        obj = {"state_dict": sd} if wrap == "state_dict" else sd
+        if wrap == "ddp":
+            obj = {"module." + k: v for k, v in sd.items()}
+        atomic_save(obj, path)
+    loaded, _, _ = load_clip("micro-clip", pretrained=str(path))
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = torch.randn(1, 3, 64, 64)
+    ref = model.__class__  # same class
+    assert isinstance(loaded, ref)
+    with torch.no_grad():
+        assert not torch.allclose(loaded.encode_image(x), model.encode_image(x))
+
+
+def test_mismatched_checkpoint_lists_keys(micro, tmp_path):
+    model, _, _ = micro
+    sd = dict(model.state_dict())
+    sd.pop("visual.proj")
+    sd["visual.extra"] = torch.zeros(1)
+    sd["logit_scale"] = torch.zeros(3)
+    atomic_save(sd, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointMismatch) as e:
+        load_clip("micro-clip", pretrained=str(tmp_path / "bad.pt"))
+    msg = str(e.value)
+    assert "visual.proj" in msg and "visual.extra" in msg and "logit_scale" in msg and "bad.pt" in msg
+
+
+def test_checkpoint_of_another_architecture(micro, tmp_path):
+    model, _, _ = micro
+    atomic_save(model.state_dict(), tmp_path / "micro.pt")
+    with pytest.raises(CheckpointMismatch, match="another shape"):
+        load_clip("ViT-B-32", pretrained=str(tmp_path / "micro.pt"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_callable_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_clip("micro-clip", pretrained=str(path))
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_clip("micro-clip", pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_offline_named_weight_fails_fast(monkeypatch):
+    if _cached_open_clip_file("ViT-B-16", "openai") is not None:
+        pytest.skip("ViT-B-16/openai is in the local cache here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(WeightsUnavailable) as e:
+        load_clip("ViT-B-16", pretrained="openai")
+    assert time.perf_counter() - t < 20  # no download attempt, no network timeouts (model build only)
+    msg = str(e.value)
+    assert "'openai' for ViT-B-16 are not available offline" in msg
+    assert "pretrained='/path/to/checkpoint.pt'" in msg and "ViT-B-16-quickgelu" in msg
+
+
+def test_download_not_allowed(monkeypatch):
+    if _cached_open_clip_file("EVA02-B-16", "merged2b_s8b_b131k") is not None:
+        pytest.skip("cached here")
+    with pytest.raises(WeightsUnavailable, match="allow_download=False"):
+        load_clip("EVA02-B-16", pretrained="merged2b_s8b_b131k", allow_download=False)
+
+
+def test_unknown_names_and_tags():
+    with pytest.raises(ValueError, match="unknown CLIP model 'nope'"):
+        load_clip("nope")
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
+        load_clip("ViT-B-16", pretrained="nope")
+    with pytest.raises(ValueError, match="no named weights"):
+        load_clip("micro-clip", pretrained="openai")
