@@ -6,10 +6,10 @@ A name appears here only once its method is implemented and tested.
 
 from ovlib.methods.base import Distiller
 from ovlib.methods.clipself import CLIPSelf, rla_loss
+from ovlib.methods.declip import DeCLIP
+from ovlib.methods.synclip import SynCLIP
 
-METHODS: dict[str, type[Distiller]] = {
-    CLIPSelf.name: CLIPSelf,
-}
+METHODS: dict[str, type[Distiller]] = {cls.name: cls for cls in (CLIPSelf, DeCLIP, SynCLIP)}
 
 
 def get_method(name: str) -> type[Distiller]:
@@ -19,4 +19,4 @@ def get_method(name: str) -> type[Distiller]:
         raise ValueError(f"unknown method {name!r}; implemented: {sorted(METHODS)}") from None
 
 
-__all__ = ["Distiller", "CLIPSelf", "rla_loss", "METHODS", "get_method"]
+__all__ = ["Distiller", "CLIPSelf", "DeCLIP", "SynCLIP", "rla_loss", "METHODS", "get_method"]

@@ -89,13 +89,14 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
     if vfm is not None:
         frozen["vfm"] = vfm
     mean, std = image_mean_std(student)
-    vfm_size = None
-    if vfm is not None:
+    vfm_kw = {}
+    if vfm is not None:  # the VFM's grid equals the student's (reference §3.3), with the VFM's own normalisation
         grid = cfg.student_size // vit_adapter(student).patch_size[0]
-        vfm_size = grid * int(vfm.patch_embed.patch_size[0])
+        vfm_mean, vfm_std = image_mean_std(vfm)
+        vfm_kw = dict(vfm_size=grid * int(vfm.patch_embed.patch_size[0]), vfm_mean=vfm_mean, vfm_std=vfm_std)
     data = RegionDistillDataset(cfg.data_root, cfg.split, cfg.regions, cfg.student_size, cfg.crop_size, cfg.max_split,
-                                cfg.max_boxes, cfg.thing_crop_scale, mean, std, vfm_size=vfm_size, seed=cfg.seed,
-                                max_images=cfg.max_images)
+                                cfg.max_boxes, cfg.thing_crop_scale, mean, std, seed=cfg.seed,
+                                max_images=cfg.max_images, **vfm_kw)
     # what a method may need besides images and regions: the tokenizer of the (frozen) text tower and the
     # dataset's categories (id, name, and for the micro world synonyms/definition) to turn label ids into text
     distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=data.coco.categories, **cfg.method_args)
