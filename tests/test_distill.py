@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_warmup_cosine_values():
-    f = warmup_cosine(4, 12)
+    def f(s):
+        return warmup_cosine(s, 4, 12)
+
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
     assert f(100) == pytest.approx(0.0)
@@ -36,7 +38,7 @@ def test_param_groups_exclude_norms_biases_and_logit_scale():
     m.logit_scale = torch.nn.Parameter(torch.ones([]))
     m.proj = torch.nn.Parameter(torch.ones(4, 2))
     m.frozen = torch.nn.Parameter(torch.ones(2, 2), requires_grad=False)
-    no_decay, decay = param_groups(m, 0.1)
+    decay, no_decay = param_groups(m, 0.1)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(decay["params"]) == {id(m.fc.weight), id(m.proj)} and decay["weight_decay"] == 0.1
     assert ids(no_decay["params"]) == {id(m.fc.bias), id(m.ln_post.weight), id(m.ln_post.bias), id(m.logit_scale)}

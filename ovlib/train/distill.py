@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from ovlib.io import atomic_save, atomic_write_text, safe_load
+from ovlib.train.optim import param_groups, warmup_cosine
 
 __all__ = [
     "DistillConfig",
@@ -142,34 +143,6 @@ def default_betas(backbone: str) -> tuple[tuple[float, float], float]:
     if "vit" in backbone.lower():
         return (0.9, 0.98), 1e-6
     return (0.9, 0.999), 1e-8
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay for ``ndim < 2`` parameters or names containing bn/ln/bias/logit_scale
-    (``wusize/CLIPSelf:src/training/main.py`` ``exclude``). Only parameters with ``requires_grad``."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or any(s in name for s in ("bn", "ln", "bias", "logit_scale")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup ``(s+1)/warmup`` for ``s < warmup``, then cosine from 1 to 0 at ``total``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if total <= warmup:
-            return 1.0
-        t = min(1.0, (step - warmup) / (total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
 
 
 def lock_visual(model: nn.Module, unlocked_blocks: int) -> list[str]:
@@ -418,7 +391,8 @@ class Trainer:
         self.sampler = ResumableSampler(len(dataset), self.info.world, self.info.rank, cfg.seed, self.unit)
         self.steps_per_epoch = self.sampler.per_rank // self.unit
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(cfg.warmup_steps, self.total_steps))
+        warmup, total = cfg.warmup_steps, self.total_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, warmup, total))
         self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=self.amp_dtype == torch.float16)
         self.ddp = (DDP(method, device_ids=[self.info.device] if self.info.device.type == "cuda" else None)
                     if self.info.world > 1 else None)
