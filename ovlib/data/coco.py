@@ -173,6 +173,11 @@ class CocoPanoptic(_CocoBase):
             raise ValueError(
                 f"panoptic PNG {png_path} is {ids.shape}, image {im['file_name']} is {image.shape[:2]}"
             )
+        known = {int(s["id"]) for s in ann["segments_info"]}
+        unknown = sorted(set(np.unique(ids).tolist()) - known - {0})
+        if unknown:
+            raise ValueError(f"panoptic PNG {png_path} holds segment ids {unknown[:10]} that are not in the "
+                             f"segments_info of image {im['id']} ({sorted(known)[:10]}...)")
         segments = []
         for s in ann["segments_info"]:
             x, y, w, h = (float(v) for v in s["bbox"])
