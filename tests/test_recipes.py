@@ -133,3 +133,22 @@ def test_two_stage_refiner_then_rsc_through_the_launcher(launcher_env):
     untested = set(METHODS) - {"clipself", "regiontext", "sc-clipself", "rsc-e2e", "declip", "synclip", "refiner",
                                "rsc-clipself", "rsc-v"}
     assert not untested, f"methods without a launcher test: {untested}"
+
+
+def _losses(res):
+    return [{k: v for k, v in json.loads(ln).items() if k not in ("samples_per_s", "elapsed_s")}
+            for ln in (Path(res["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", [
+    "clipself", "synclip",
+    *[pytest.param(m, marks=pytest.mark.slow) for m in ("regiontext", "sc-clipself", "rsc-e2e", "refiner", "declip")],
+])
+def test_same_seed_gives_identical_metrics(launcher_env, tmp_path, method):
+    """Determinism: two smoke runs of a method with the same seed log identical losses, step by step."""
+    from ovlib.train.launch import train
+
+    params, overrides = launcher_env
+    a = train(params, method, overrides, out_dir=str(tmp_path / "a"))
+    b = train(params, method, overrides, out_dir=str(tmp_path / "b"))
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 3
