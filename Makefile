@@ -38,7 +38,7 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m ''
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) benchmarks/run.py
+	for f in benchmarks/bench_*.py; do echo "== $$f"; HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf _build book/[0-9][0-9]_*.ipynb book/.stamps book/_work
