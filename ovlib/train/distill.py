@@ -4,7 +4,8 @@ The loop owns everything a method should not have to think about:
 
 * **processes**: plain single-process, or PyTorch DDP when launched by ``torchrun`` (``WORLD_SIZE > 1``;
   gloo on CPU, nccl on CUDA). Each rank reads its own shard of a seeded per-epoch permutation.
-* **precision**: ``amp`` = ``bf16`` | ``fp16`` | ``none`` | ``auto`` (bf16 where supported; fp16 uses a GradScaler).
+* **precision**: ``amp`` = ``bf16`` | ``fp16`` | ``none`` | ``auto`` (CUDA: bf16 where supported, else fp16 with a
+  GradScaler; CPU: bf16 autocast only if a measured bf16 matmul is faster than fp32, else fp32).
 * **optimisation**: AdamW without weight decay on norms, biases and the logit scale (parameters with
   ``ndim < 2`` or those names), betas/eps from open_clip's heuristic unless given, linear warmup + cosine,
   gradient accumulation (DDP gradient sync only on the last micro-batch), optional grad clipping.
@@ -344,7 +345,10 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
+        # CPUs without native bf16 instructions run bf16 matmuls tens of times slower than fp32: measure once
+        from ovlib.train.pretrain import resolve_precision
+
+        return torch.bfloat16 if resolve_precision("auto", device) else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 

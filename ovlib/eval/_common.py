@@ -1,0 +1,74 @@
+"""Helpers shared by the evaluation protocols: dataset iteration, student images, normalisation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
+           "dense_fn_for_vfm"]
+
+
+def dataset_indices(dataset: Sequence, n_images: int) -> list[int]:
+    """The first ``n_images`` indices of ``dataset`` (all when ``n_images <= 0``); deterministic order."""
+    n = len(dataset)
+    return list(range(n if n_images <= 0 else min(n, n_images)))
+
+
+def student_image(image: np.ndarray, size: int) -> tuple[torch.Tensor, float]:
+    """``image (H, W, 3) uint8`` -> ``((3, size, size) float in [0, 1], scale)``: the longest side resized to
+    ``size`` and the rest padded bottom/right with 0 (``ovlib.data.regions.ResizeLongestPad``, CLIPSelf's
+    ``ResizeLongest``). Pixel ``p`` of the original lands at ``p * scale``."""
+    from ovlib.data.regions import ResizeLongestPad
+
+    t, scale = ResizeLongestPad(size)(image)  # (3, size, size) float in [0, 1]
+    return t.contiguous(), float(scale)
+
+
+def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] -> normalised with per-channel ``mean`` / ``std``."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def category_index(class_ids: Sequence[int]) -> dict[int, int]:
+    """Category id -> row of the class-embedding matrix; duplicate ids are an error."""
+    idx = {int(c): i for i, c in enumerate(class_ids)}
+    if len(idx) != len(class_ids):
+        raise ValueError(f"class_ids has duplicates: {list(class_ids)}")
+    return idx
+
+
+def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, **switches) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm dense CLIP features of ``mode``."""
+    from ovlib.models import dense_features
+    from ovlib.train.pretrain import image_mean_std
+
+    if mean is None or std is None:
+        mean, std = image_mean_std(model)
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        return dense_features(model, normalize_images(images, mean, std), mode, normalize=True, **switches)
+
+    return fn
+
+
+def dense_fn_for_vfm(vfm: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm VFM patch features on the VFM's own grid."""
+    import torch.nn.functional as F
+
+    from ovlib.models import vfm_patch_features
+    from ovlib.train.pretrain import image_mean_std
+
+    mean, std = image_mean_std(vfm)
+    p = vfm.patch_embed.patch_size
+    p = p[0] if isinstance(p, (tuple, list)) else int(p)
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        return F.normalize(vfm_patch_features(vfm, normalize_images(images, mean, std), grid), dim=1)
+
+    return fn

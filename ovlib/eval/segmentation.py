@@ -1,0 +1,175 @@
+"""Open-vocabulary semantic segmentation (MaskCLIP-style, training-free) and the k-means grouping diagnostic
+over a COCO-format panoptic dataset.
+
+OVSS protocol (``reference/implementations.md`` section 8.5; SCLIP/ClearCLIP/NACLIP segmentors, conventions
+only): the image is resized so its longest side is ``image_size`` (aspect kept); a ``crop x crop`` window
+slides with ``stride`` (the last window is aligned to the border; an image smaller than a crop is
+zero-padded); each window's unit-norm dense map gives cosine logits against unit class embeddings, bilinearly
+upsampled to the window; overlapping logits are averaged; the map is upsampled to the original image size;
+``softmax(logit_scale * cos)``; argmax; with ``prob_threshold`` pixels whose max probability is lower go to
+``background_index`` (datasets with a background class only). Ground truth: every pixel of a panoptic segment
+takes its category; pixels of no segment are ignored. mIoU / mAcc from the summed confusion matrix; a class
+absent from both ground truth and prediction is excluded from the mean (mmseg ``IoUMetric``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ovlib.eval._common import category_index, dataset_indices
+from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_confusion, miou_from_confusion
+from ovlib.eval.unsupervised import hungarian_miou, kmeans_labels
+from ovlib.train.pretrain import _quiet
+
+__all__ = ["OVSSConfig", "window_starts", "sliding_logits", "predict_labels", "semantic_target",
+           "evaluate_ovss", "evaluate_kmeans"]
+
+
+@dataclass(frozen=True)
+class OVSSConfig:
+    image_size: int = 160
+    crop: int = 64
+    stride: int = 32
+    logit_scale: float = 40.0
+    prob_threshold: float | None = None
+    background_index: int | None = None
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``crop`` covering ``[0, length)`` with ``stride``; the last one ends at
+    ``length`` (mmseg ``slide_inference``). A length shorter than the crop gives one window at 0."""
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"crop and stride must be > 0, got {crop}, {stride}")
+    if length <= crop:
+        return [0]
+    n = (length - crop + stride - 1) // stride + 1
+    return sorted({min(i * stride, length - crop) for i in range(n)})
+
+
+@torch.no_grad()
+def sliding_logits(dense_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, text: torch.Tensor,
+                   crop: int, stride: int) -> torch.Tensor:
+    """``image (3, H, W)`` in [0, 1], ``text (C, D)`` unit norm -> ``(C, H, W)`` cosine logits averaged over
+    the sliding windows (each window's map bilinearly upsampled to the window)."""
+    _, H, W = image.shape
+    Hp, Wp = max(H, crop), max(W, crop)
+    if (Hp, Wp) != (H, W):
+        image = F.pad(image, (0, Wp - W, 0, Hp - H))
+    ys, xs = window_starts(Hp, crop, stride), window_starts(Wp, crop, stride)
+    wins = torch.stack([image[:, y:y + crop, x:x + crop] for y in ys for x in xs])  # (n, 3, crop, crop)
+    dense = F.normalize(dense_fn(wins).float(), dim=1)  # (n, D, h, w)
+    logits = torch.einsum("ndhw,cd->nchw", dense, text.float().to(dense.device))  # (n, C, h, w)
+    logits = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+    acc = torch.zeros(text.shape[0], Hp, Wp, device=logits.device)
+    cnt = torch.zeros(1, Hp, Wp, device=logits.device)
+    i = 0
+    for y in ys:
+        for x in xs:
+            acc[:, y:y + crop, x:x + crop] += logits[i]
+            cnt[:, y:y + crop, x:x + crop] += 1
+            i += 1
+    return (acc / cnt)[:, :H, :W]
+
+
+def predict_labels(logits: torch.Tensor, logit_scale: float, prob_threshold: float | None = None,
+                   background_index: int | None = None) -> torch.Tensor:
+    """``(C, H, W)`` cosine logits -> ``(H, W)`` labels: argmax of ``softmax(logit_scale * logits)``; with a
+    ``prob_threshold``, pixels whose max probability is below it get ``background_index``."""
+    prob = F.softmax(logit_scale * logits.float(), dim=0)
+    conf, lab = prob.max(0)
+    if prob_threshold is not None:
+        if background_index is None:
+            raise ValueError("predict_labels: prob_threshold needs a background_index")
+        lab = torch.where(conf < prob_threshold, torch.full_like(lab, background_index), lab)
+    return lab
+
+
+def semantic_target(segments: Sequence[dict], shape: tuple[int, int], cidx: dict[int, int],
+                    ignore_index: int = -1) -> torch.Tensor:
+    """``(H, W)`` long: class index of each pixel's segment, ``ignore_index`` where no segment covers it."""
+    gt = torch.full(shape, ignore_index, dtype=torch.long)
+    for seg in segments:
+        c = int(seg["category_id"])
+        if c not in cidx:
+            raise ValueError(f"segment category {c} is not among the evaluated classes")
+        gt[torch.as_tensor(np.asarray(seg["mask"]), dtype=torch.bool)] = cidx[c]
+    return gt
+
+
+def _resized(image: np.ndarray, size: int, multiple: int = 1) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, h, w)`` float [0, 1] with the longest side ``size`` (aspect kept), both
+    sides rounded to a multiple of ``multiple`` (the patch size, where a whole image is one forward)."""
+    t = torch.from_numpy(np.array(image, dtype=np.float32, copy=True)).permute(2, 0, 1) / 255.0
+    H, W = t.shape[-2:]
+    s = size / max(H, W)
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    if multiple > 1:
+        h, w = max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple)
+    if (h, w) == (H, W):
+        return t
+    return F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+@torch.no_grad()
+def evaluate_ovss(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, text: torch.Tensor,
+                  class_ids: Sequence[int], cfg: OVSSConfig = OVSSConfig(), n_images: int = 0,
+                  n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """mIoU / mAcc (percent, with bootstrap intervals over images) of sliding-window OVSS.
+
+    Returns ``{"miou": (pt, lo, hi), "macc": (pt, lo, hi), "confusion": (N, C', C') per-image, "iou": per-class}``
+    where ``C' = C`` (+1 with a background class beyond the text rows)."""
+    cidx = category_index(class_ids)
+    C = len(class_ids) + (1 if cfg.background_index is not None and cfg.background_index >= len(class_ids) else 0)
+    idx = dataset_indices(dataset, n_images)
+    confs = []
+    for i in tqdm(idx, desc="OVSS", **_quiet(progress)):
+        it = dataset[i]
+        image = np.asarray(it["image"])
+        H, W = image.shape[:2]
+        x = _resized(image, cfg.image_size)
+        logits = sliding_logits(dense_fn, x, text, cfg.crop, cfg.stride)  # (C, h, w)
+        logits = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        pred = predict_labels(logits, cfg.logit_scale, cfg.prob_threshold, cfg.background_index)
+        gt = semantic_target(it["segments"], (H, W), cidx)
+        confs.append(confusion_matrix(pred, gt, C))
+    confs = np.stack(confs) if confs else np.zeros((0, C, C), np.int64)
+    return {"miou": bootstrap_ci(confs, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
+            "macc": bootstrap_ci(confs, lambda s: miou_from_confusion(s)[1], n_boot=n_boot, seed=seed),
+            "confusion": confs, "iou": iou_acc_from_confusion(confs.sum(0))[0] if len(confs) else None}
+
+
+@torch.no_grad()
+def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, image_size: int = 160,
+                    n_images: int = 0, seed: int = 0, n_boot: int = 1000, patch: int = 8,
+                    progress: bool = True) -> dict[str, Any]:
+    """Unsupervised segmentation (``ovlib.eval.unsupervised``): per image, k-means with K = number of GT
+    panoptic segments on the unit-norm dense map of the image (longest side ``image_size``, sides rounded
+    to multiples of ``patch``, unpadded), the
+    cluster map upsampled (nearest) to the image, Hungarian matching to the segments, mean IoU over segments.
+    Returns ``{"miou": (pt, lo, hi) over images, "per_image": (N,)}``."""
+    idx = dataset_indices(dataset, n_images)
+    per = []
+    for i in tqdm(idx, desc="k-means", **_quiet(progress)):
+        it = dataset[i]
+        image = np.asarray(it["image"])
+        H, W = image.shape[:2]
+        segs = it["segments"]
+        if not segs:
+            continue
+        gt = np.full((H, W), -1, dtype=np.int64)
+        for j, seg in enumerate(segs):
+            gt[np.asarray(seg["mask"], dtype=bool)] = j
+        x = _resized(image, image_size, patch)
+        dense = dense_fn(x[None])[0]  # (C, h, w)
+        lab = kmeans_labels(dense, k=len(segs), seed=seed)
+        up = F.interpolate(torch.as_tensor(lab)[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
+        per.append(hungarian_miou(up.numpy(), gt)[0])
+    per = np.asarray(per, dtype=np.float64)  # (N,) image scores; the mean's interval by resampling images
+    arr = np.stack([per, np.ones_like(per)], 1) if per.size else np.zeros((0, 2))
+    return {"miou": bootstrap_ci(arr, lambda s: s[0] / s[1], n_boot=n_boot, seed=seed), "per_image": per}

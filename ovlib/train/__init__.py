@@ -1,0 +1,1 @@
+"""Training: micro pre-training (:mod:`ovlib.train.pretrain`) and the teacher-student loop."""

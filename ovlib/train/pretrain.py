@@ -1,0 +1,560 @@
+"""Micro pre-training: contrastive CLIP on micro-world captions, DINO-style self-supervision of the micro VFM.
+
+Both trainers follow the book's "load if present, else train" rule: the finished model lives at
+``cache_path(cache_dir, kind, cfg)`` (``kind`` = ``"micro-clip"`` / ``"micro-vfm"``, keyed by a hash of the
+whole config), a resumable training state (model, optimiser, scheduler, step, RNG, history) is written
+atomically every ``ckpt_every`` steps next to it (``*.state.pt``) and removed when training finishes. A
+non-finite loss stops training with :class:`FloatingPointError`; the last good state stays on disk.
+
+* :func:`clip_loss` -- the symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3 pseudo-code) with the
+  learnable temperature ``logit_scale`` (clamped at ``ln 100`` after each step, as open_clip does).
+* :func:`dino_loss` -- DINO's cross-entropy between the sharpened, centred teacher distribution of each
+  global view and the student distribution of every other view (Caron et al. 2021, Eq. 1-3, Alg. 1).
+* Measurements for the chapter: :func:`matmul_peak` (timed large matmul, the machine's measured peak),
+  :func:`forward_flops` (``torch.utils.flop_counter``) and the throughput recorded in the histories.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ovlib.io import atomic_save, cache_path, safe_load
+from ovlib.train.optim import param_groups, warmup_cosine
+
+__all__ = [
+    "ClipPretrainConfig",
+    "DinoPretrainConfig",
+    "pretrain_configs",
+    "clip_loss",
+    "dino_loss",
+    "DinoHead",
+    "multicrop",
+    "warmup_cosine",
+    "param_groups",
+    "PRETRAIN_NO_DECAY",
+    "pretrain_clip",
+    "pretrain_vfm",
+    "matmul_peak",
+    "forward_flops",
+    "clip_train_flops_per_sample",
+    "image_mean_std",
+    "resolve_precision",
+]
+
+
+# ------------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class ClipPretrainConfig:
+    """Contrastive pre-training of a micro CLIP on freshly generated micro-world scenes and captions."""
+
+    model: str = "micro-clip"
+    world_seed: int = 0
+    image_size: int = 64
+    batch_size: int = 128
+    steps: int = 300
+    lr: float = 5e-4
+    warmup: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    precision: str = "auto"      # "auto" | "bf16" | "fp32" (auto: bf16 autocast where it is faster)
+    num_workers: int = 0
+    seed: int = 0
+    ckpt_every: int = 100
+
+
+@dataclass(frozen=True)
+class DinoPretrainConfig:
+    """DINO self-distillation of the micro VFM on micro-world images (multi-crop, EMA teacher)."""
+
+    model: str = "micro-vfm"
+    world_seed: int = 0
+    image_size: int = 64          # size of the generated scene
+    global_size: int = 48
+    local_size: int = 24
+    n_local: int = 4
+    global_scale: tuple[float, float] = (0.35, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.35)
+    batch_size: int = 48
+    steps: int = 120
+    lr: float = 1e-3
+    warmup: int = 12
+    weight_decay: float = 0.04
+    out_dim: int = 1024
+    hidden_dim: int = 256
+    bottleneck_dim: int = 64
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    ema: tuple[float, float] = (0.996, 1.0)
+    clip_grad: float = 3.0
+    precision: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    ckpt_every: int = 100
+
+
+#: Per-profile budgets at ``steps_scale == 1`` (the ``micro`` numbers, chosen by measurement on 2 CPU cores,
+#: see chapter 01) and the floors that keep the ``smoke`` profile meaningful (its ``steps_scale`` is 0.01).
+_PROFILE_SIZES: dict[str, dict[str, Any]] = {
+    "smoke": dict(clip=dict(batch_size=16, ckpt_every=1000), clip_floor=30,
+                  vfm=dict(batch_size=8, n_local=2, ckpt_every=1000), vfm_floor=5),
+    "micro": dict(clip=dict(), clip_floor=1, vfm=dict(), vfm_floor=1),
+    "paper": dict(clip=dict(), clip_floor=1, vfm=dict(), vfm_floor=1),
+}
+
+
+def pretrain_configs(profile: str, steps_scale: float = 1.0, seed: int = 0) -> tuple[ClipPretrainConfig,
+                                                                                     DinoPretrainConfig]:
+    """The micro CLIP and micro VFM pre-training configs of a profile; ``steps_scale`` multiplies the step
+    budgets (and the warm-up, kept at ~8-10 % of the run), with a per-profile floor (smoke: 30 / 10 steps).
+    The ``paper`` profile uses real pretrained weights; it gets the ``micro`` recipe should it ask."""
+    if profile not in _PROFILE_SIZES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(_PROFILE_SIZES)}")
+    if steps_scale <= 0:
+        raise ValueError(f"steps_scale must be > 0, got {steps_scale}")
+    p = _PROFILE_SIZES[profile]
+    c = replace(ClipPretrainConfig(seed=seed, world_seed=seed), **p["clip"])
+    v = replace(DinoPretrainConfig(seed=seed, world_seed=seed), **p["vfm"])
+    cs = max(p["clip_floor"], round(c.steps * steps_scale))
+    vs = max(p["vfm_floor"], round(v.steps * steps_scale))
+    c = replace(c, steps=cs, warmup=max(1, min(c.warmup, cs // 10)))
+    v = replace(v, steps=vs, warmup=max(1, min(v.warmup, vs // 10)))
+    return c, v
+
+
+# -------------------------------------------------------------------------------------------------- losses
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE. ``image_features (B, D)``, ``text_features (B, D)`` unit norm, ``logit_scale`` the
+    *log* temperature parameter: ``logits = exp(logit_scale) * I T^T``; pair i is the positive of row/col i.
+    ``loss = (CE(logits, arange) + CE(logits^T, arange)) / 2``."""
+    if image_features.shape != text_features.shape or image_features.ndim != 2:
+        raise ValueError(f"clip_loss: features must both be (B, D), got {tuple(image_features.shape)} and "
+                         f"{tuple(text_features.shape)}")
+    logits = logit_scale.exp() * image_features.float() @ text_features.float().T  # (B, B)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], center: torch.Tensor,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO's loss (Caron et al. 2021, Eq. 1/3): for every teacher view t and student view s != t,
+    ``H(P_t, P_s) = -sum softmax((g_t - c)/tau_t) * log_softmax(g_s / tau_s)``, averaged over pairs and batch.
+
+    ``student_out``: list over all views (global first) of ``(B, K)`` logits; ``teacher_out``: list over the
+    global views of ``(B, K)`` logits (no gradient); ``center (1, K)``.
+    """
+    if not teacher_out or len(student_out) < len(teacher_out):
+        raise ValueError("dino_loss: need >= 1 teacher view and at least as many student views")
+    targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1).detach() for t in teacher_out]
+    logps = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
+    total, n = 0.0, 0
+    for ti, t in enumerate(targets):
+        for si, lp in enumerate(logps):
+            if si == ti:
+                continue
+            total = total + (-(t * lp).sum(-1)).mean()
+            n += 1
+    return total / n
+
+
+class DinoHead(nn.Module):
+    """DINO projection head: MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear to K logits
+    (``facebookresearch/dino:vision_transformer.py`` ``DINOHead`` structure, 3 layers)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 1024, hidden_dim: int = 256, bottleneck_dim: int = 64):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        with torch.no_grad():
+            self.last.parametrizations.weight.original0.fill_(1.0)  # weight-norm gain 1 (DINO)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+#: pre-training from scratch also keeps embeddings (token/positional/cls) out of weight decay
+PRETRAIN_NO_DECAY = ("logit_scale", "embedding", "bias", "norm", "cls_token", "pos_embed")
+
+
+def image_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a CLIP/VFM expects (open_clip sets ``visual.image_mean``; timm ``pretrained_cfg``);
+    default: OpenAI's."""
+    from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD
+
+    vis = getattr(model, "visual", model)
+    mean = getattr(vis, "image_mean", None)
+    std = getattr(vis, "image_std", None)
+    if mean is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean"), cfg.get("std")
+    return tuple(mean or OPENAI_MEAN), tuple(std or OPENAI_STD)
+
+
+def _to_float01(img: torch.Tensor) -> torch.Tensor:
+    return img.float().div_(255.0) if img.dtype == torch.uint8 else img.float()
+
+
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:  # x (B, 3, H, W) in [0, 1]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([_to_float01(torch.as_tensor(it["image"])) for it in items]),  # (B, 3, H, W)
+            "caption": [it["caption"] for it in items],
+            "index": torch.tensor([int(it["index"]) for it in items])}
+
+
+def _stream_loader(world_seed: int, size: int, batch_size: int, start: int, num_workers: int) -> Iterator[dict]:
+    from ovlib.data.microworld import MicroWorld, MicroWorldStream
+
+    stream = MicroWorldStream(MicroWorld(seed=world_seed), size=size, start=start)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_collate, persistent_workers=False)
+    return iter(loader)
+
+
+#: The VFM reads scenes from another part of the same world's stream than the CLIP.
+_VFM_STREAM_OFFSET = 50_000_000
+
+
+_BF16_FASTER: dict[str, bool] = {}
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> bool:
+    """Use bf16 autocast? ``"bf16"``/``"fp32"`` force it; ``"auto"`` on CUDA uses bf16 where supported and on
+    CPU measures a 512x512 matmul in both types (once per process) and picks bf16 only if it is >= 1.2x
+    faster (CPUs without native bf16 instructions run bf16 matmuls tens of times slower than fp32)."""
+    device = torch.device(device)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type not in _BF16_FASTER:
+        f32 = matmul_peak(torch.float32, n=512, seconds=0.15, device=device)
+        b16 = matmul_peak(torch.bfloat16, n=512, seconds=0.15, device=device)
+        _BF16_FASTER[device.type] = b16 >= 1.2 * f32
+    return _BF16_FASTER[device.type]
+
+
+def _blas_single_thread():
+    """Limit numpy's BLAS (OpenBLAS) to one thread while scenes are rendered in the training process: its idle
+    threads spin and starve torch's threads (measured on 2 cores: 20 -> 83 samples/s for the micro CLIP)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _quiet(progress: bool) -> dict:
+    """tqdm kwargs: ``progress=False`` silences the bar; otherwise the ``TQDM_DISABLE`` environment variable
+    decides (an explicit ``disable=False`` would override it)."""
+    return {} if progress else {"disable": True}
+
+
+def _autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _fast_adam(device: torch.device) -> dict:
+    """The fused AdamW kernel (CPU and CUDA): several times faster than the per-tensor loop on CPU, where
+    the micro CLIP's 49408 x 128 token embedding dominates the parameter count."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def _state_path(final: Path) -> Path:
+    return final.with_name(final.name[: -len(".pt")] + ".state.pt")
+
+
+# --------------------------------------------------------------------------------------------------- CLIP
+def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | torch.device = "cpu",
+                  progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, Callable, dict]:
+    """Load the micro CLIP trained with ``cfg`` from the cache, else train it (resuming a saved state).
+
+    Returns ``(model (eval mode), tokenizer, info)``; ``info`` has ``history`` (list of per-step dicts:
+    step, loss, lr, logit_scale, seconds), ``samples_per_s``, ``train_seconds``, ``path`` and ``loaded``
+    (True when nothing was trained in this call). ``max_steps`` stops early after that many *total* steps
+    leaving a resumable state (used by tests of resume); the final file is written only at ``cfg.steps``.
+    """
+    from ovlib.models.clip import load_clip
+
+    device = torch.device(device)
+    final = cache_path(cache_dir, cfg.model, cfg)
+    state_file = _state_path(final)
+    model, tokenizer, _ = load_clip(cfg.model, device="cpu", seed=cfg.seed)
+    if final.is_file():
+        ck = safe_load(final)
+        model.load_state_dict(ck["model"])
+        info = dict(ck["info"], loaded=True, path=str(final))
+        return model.to(device).eval(), tokenizer, info
+
+    model = model.to(device).train()
+    mean, std = image_mean_std(model)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, PRETRAIN_NO_DECAY), lr=cfg.lr, betas=cfg.betas,
+                            eps=cfg.eps, **_fast_adam(device))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
+    step, history, train_seconds = 0, [], 0.0
+    if state_file.is_file():
+        st = safe_load(state_file)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["rng"])
+        step, history, train_seconds = int(st["step"]), list(st["history"]), float(st["train_seconds"])
+
+    def save_state():
+        atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "rng": torch.get_rng_state(), "step": step, "history": history,
+                     "train_seconds": train_seconds, "config": asdict(cfg)}, state_file)
+
+    stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    use_bf16 = resolve_precision(cfg.precision, device)
+    batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size, step * cfg.batch_size,
+                             cfg.num_workers)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.model}", **_quiet(progress))
+    blas = _blas_single_thread()
+    t_last = time.perf_counter()
+    while step < stop:
+        batch = next(batches)
+        images = _normalize(batch["image"].to(device), mean, std)  # (B, 3, S, S)
+        tokens = tokenizer(batch["caption"]).to(device)  # (B, L)
+        with _autocast(use_bf16, device):
+            img = F.normalize(model.encode_image(images), dim=-1)  # (B, D)
+            txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
+        loss = clip_loss(img, txt, model.logit_scale)
+        if not torch.isfinite(loss):
+            bar.close()
+            blas.restore_original_limits()
+            raise FloatingPointError(f"pretrain_clip: non-finite loss at step {step}; last good state kept in "
+                                     f"{state_file if state_file.is_file() else '(none yet)'}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        now = time.perf_counter()
+        train_seconds += now - t_last
+        t_last = now
+        history.append({"step": step, "loss": loss.item(), "lr": float(sched.get_last_lr()[0]),
+                        "logit_scale": model.logit_scale.exp().item(), "seconds": train_seconds})
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        if step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save_state()
+            t_last = time.perf_counter()  # do not count checkpoint writes as training time
+    bar.close()
+    blas.restore_original_limits()
+    info = {"history": history, "train_seconds": train_seconds,
+            "samples_per_s": len(history) and step * cfg.batch_size / max(train_seconds, 1e-9),
+            "bf16": use_bf16, "config": asdict(cfg)}
+    if step < cfg.steps:
+        save_state()
+        return model.eval(), tokenizer, dict(info, loaded=False, path=str(state_file))
+    atomic_save({"model": model.state_dict(), "info": info}, final)
+    if state_file.is_file():
+        state_file.unlink()
+    return model.eval(), tokenizer, dict(info, loaded=False, path=str(final))
+
+
+# ---------------------------------------------------------------------------------------------------- DINO
+def multicrop(images: torch.Tensor, n: int, size: int, scale: tuple[float, float], generator: torch.Generator,
+              ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, sampling_ratio: int = 2
+              ) -> list[torch.Tensor]:
+    """``n`` random-resized crops (area fraction in ``scale``, aspect in ``ratio``, random horizontal flip)
+    of every image of ``images (B, 3, H, W)``, each ``(B, 3, size, size)``, computed with one RoIAlign call
+    per view (bilinear, ``aligned=True``, ``sampling_ratio`` points per bin side: 2 averages 4 bilinear samples
+    per output pixel, a little anti-aliasing; 1 samples the bin centre). Deterministic given ``generator``."""
+    from torchvision.ops import roi_align
+
+    b, _, H, W = images.shape
+    views = []
+    for _ in range(n):
+        area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator) * H * W
+        logr = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+        r = logr.exp()
+        w = (area * r).sqrt().clamp(max=W)
+        h = (area / r).sqrt().clamp(max=H)
+        x0 = torch.rand(b, generator=generator) * (W - w)
+        y0 = torch.rand(b, generator=generator) * (H - h)
+        boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)  # (B, 5)
+        v = roi_align(images, boxes.to(images), output_size=(size, size), spatial_scale=1.0, sampling_ratio=sampling_ratio,
+                      aligned=True)  # (B, 3, size, size)
+        if flip:
+            f = torch.rand(b, generator=generator) < 0.5
+            v = torch.where(f.view(b, 1, 1, 1).to(v.device), v.flip(-1), v)
+        views.append(v)
+    return views
+
+
+def _vfm_embed(vfm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CLS embedding ``(B, D)`` of a timm ViT (``forward_head(pre_logits=True)`` pools as configured)."""
+    return vfm.forward_head(vfm.forward_features(x), pre_logits=True)
+
+
+def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | torch.device = "cpu",
+                 progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, dict]:
+    """Load the DINO-trained micro VFM from the cache, else train it. Returns ``(teacher backbone (eval),
+    info)``; the EMA teacher is the model kept, as in DINO. Same cache/resume rules as :func:`pretrain_clip`."""
+    from ovlib.models import load_vfm
+
+    device = torch.device(device)
+    final = cache_path(cache_dir, cfg.model, cfg)
+    state_file = _state_path(final)
+    student = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
+    if final.is_file():
+        ck = safe_load(final)
+        student.load_state_dict(ck["model"])
+        return student.to(device).eval(), dict(ck["info"], loaded=True, path=str(final))
+
+    embed_dim = _vfm_embed(student, torch.zeros(1, 3, cfg.global_size, cfg.global_size)).shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        s_head = DinoHead(embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+    s_net = nn.ModuleDict({"backbone": student, "head": s_head}).to(device).train()
+    t_net = copy.deepcopy(s_net).requires_grad_(False)
+    center = torch.zeros(1, cfg.out_dim, device=device)
+    opt = torch.optim.AdamW(param_groups(s_net, cfg.weight_decay, PRETRAIN_NO_DECAY),
+                            lr=cfg.lr * cfg.batch_size / 256,
+                            **_fast_adam(device))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, history, train_seconds = 0, [], 0.0
+    if state_file.is_file():
+        st = safe_load(state_file)
+        s_net.load_state_dict(st["student"])
+        t_net.load_state_dict(st["teacher"])
+        center.copy_(st["center"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+        step, history, train_seconds = int(st["step"]), list(st["history"]), float(st["train_seconds"])
+
+    def save_state():
+        atomic_save({"student": s_net.state_dict(), "teacher": t_net.state_dict(), "center": center,
+                     "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
+                     "history": history, "train_seconds": train_seconds, "config": asdict(cfg)}, state_file)
+
+    mean, std = image_mean_std(student)
+    use_bf16 = resolve_precision(cfg.precision, device)
+    stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size,
+                             _VFM_STREAM_OFFSET + step * cfg.batch_size, cfg.num_workers)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.model} (DINO)", **_quiet(progress))
+    blas = _blas_single_thread()
+    t_last = time.perf_counter()
+    while step < stop:
+        images = next(batches)["image"].to(device)  # (B, 3, S, S) in [0, 1]
+        g = multicrop(images, 2, cfg.global_size, cfg.global_scale, gen)
+        loc = multicrop(images, cfg.n_local, cfg.local_size, cfg.local_scale, gen) if cfg.n_local else []
+        g = [_normalize(v, mean, std) for v in g]
+        loc = [_normalize(v, mean, std) for v in loc]
+        with _autocast(use_bf16, device):
+            with torch.no_grad():
+                t_out = t_net["head"](_vfm_embed(t_net["backbone"], torch.cat(g))).float().chunk(2)
+            s_out = list(s_net["head"](_vfm_embed(s_net["backbone"], torch.cat(g))).float().chunk(2))
+            if loc:
+                s_out += list(s_net["head"](_vfm_embed(s_net["backbone"], torch.cat(loc))).float()
+                              .chunk(len(loc)))
+        loss = dino_loss(s_out, list(t_out), center, cfg.student_temp, cfg.teacher_temp)
+        if not torch.isfinite(loss):
+            bar.close()
+            blas.restore_original_limits()
+            raise FloatingPointError(f"pretrain_vfm: non-finite loss at step {step}; last good state kept in "
+                                     f"{state_file if state_file.is_file() else '(none yet)'}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(s_net.parameters(), cfg.clip_grad)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            m = cfg.ema[1] - (cfg.ema[1] - cfg.ema[0]) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            for pt, ps in zip(t_net.parameters(), s_net.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            batch_center = torch.cat(t_out).mean(0, keepdim=True)
+            center.mul_(cfg.center_momentum).add_(batch_center, alpha=1 - cfg.center_momentum)
+            t_prob = F.softmax((torch.cat(t_out) - center) / cfg.teacher_temp, dim=-1)
+            entropy = float(-(t_prob * t_prob.clamp_min(1e-12).log()).sum(-1).mean())
+        step += 1
+        now = time.perf_counter()
+        train_seconds += now - t_last
+        t_last = now
+        history.append({"step": step, "loss": loss.item(), "lr": float(sched.get_last_lr()[0]), "ema": m,
+                        "teacher_entropy": entropy, "seconds": train_seconds})
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        if step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save_state()
+            t_last = time.perf_counter()
+    bar.close()
+    blas.restore_original_limits()
+    info = {"history": history, "train_seconds": train_seconds,
+            "samples_per_s": len(history) and step * cfg.batch_size / max(train_seconds, 1e-9),
+            "bf16": use_bf16, "config": asdict(cfg)}
+    teacher = t_net["backbone"]
+    if step < cfg.steps:
+        save_state()
+        return teacher.eval(), dict(info, loaded=False, path=str(state_file))
+    atomic_save({"model": teacher.state_dict(), "info": info}, final)
+    if state_file.is_file():
+        state_file.unlink()
+    return teacher.eval(), dict(info, loaded=False, path=str(final))
+
+
+# ------------------------------------------------------------------------------------------- measurement
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0,
+                device: str | torch.device = "cpu") -> float:
+    """Measured peak of this machine: FLOP/s of a timed ``(n, n) @ (n, n)`` matmul (``2 n^3`` FLOPs each),
+    best of repeated runs over about ``seconds``."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def forward_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+    convolutions, attention; element-wise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def clip_train_flops_per_sample(model: nn.Module, tokenizer: Callable, image_size: int) -> float:
+    """Training FLOPs per image-caption pair: 3x the forward FLOPs of both towers (forward + backward,
+    the usual ``6 N`` accounting) plus the ``B x B`` logits, which are negligible and not counted."""
+    img = torch.zeros(1, 3, image_size, image_size)
+    tok = tokenizer(["a photo of a thing"])
+    return 3.0 * (forward_flops(lambda: model.encode_image(img)) + forward_flops(lambda: model.encode_text(tok)))

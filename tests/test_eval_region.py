@@ -1,0 +1,175 @@
+"""Region classification / OVSS / k-means pipelines end to end on a micro-world export and real COCO files."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import shared_dir
+from ovlib.eval.region_cls import (RegionClsConfig, extract_region_features, region_masks_at_grid, score_regions,
+                                   summarize)
+from ovlib.eval.segmentation import (OVSSConfig, evaluate_kmeans, evaluate_ovss, predict_labels, sliding_logits,
+                                     window_starts)
+from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
+
+
+@pytest.fixture(scope="module")
+def micro_export(tmp_path_factory):
+    from ovlib.data import CocoPanoptic, ensure_microworld
+
+    root = tmp_path_factory.mktemp("mw")
+    ensure_microworld(root, "val2017", n=20, size=160, seed=0, progress=False)
+    return CocoPanoptic(root, "val2017")
+
+
+@pytest.fixture(scope="module")
+def micro_clip():
+    from ovlib.models import load_clip
+
+    model, tok, _ = load_clip("micro-clip", seed=0)
+    return model, tok
+
+
+def test_fill_template_rules():
+    assert fill_template("a photo of {article} {}.", "apple") == "a photo of an apple."
+    assert fill_template("a photo of the {}.", "traffic_light", this_is_prefix=True) == \
+        "This is a photo of the traffic light."
+    assert fill_template("There is {article} {} in the scene.", "wall/other", this_is_prefix=True) == \
+        "There is a wall or other in the scene."
+    assert len(VILD_TEMPLATES) == 63
+
+
+def test_class_name_sets_modes():
+    classes = [dict(name="cup", synonyms=["mug", "beaker"], heldout_synonyms=["beaker"]), dict(name="sky")]
+    assert class_name_sets(classes, "main") == [["cup"], ["sky"]]
+    assert class_name_sets(classes, "first_synonym") == [["mug"], ["sky"]]
+    assert class_name_sets(classes, "synonym_ensemble") == [["mug", "beaker"], ["sky"]]
+    assert class_name_sets(classes, "heldout_synonym") == [["beaker"], ["sky"]]
+    assert class_name_sets(classes, "random_synonym", seed=1) == class_name_sets(classes, "random_synonym", seed=1)
+    with pytest.raises(ValueError, match="name mode"):
+        class_name_sets(classes, "nope")
+
+
+def test_text_embeddings_is_template_ensemble(micro_clip):
+    model, tok = micro_clip
+    emb = text_embeddings(model, tok, ["cup", ["mug", "beaker"]], templates=MICRO_TEMPLATES[:2])
+    assert emb.shape == (2, model.text_projection.shape[1])
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    prompts = [fill_template(t, n) for n in ("mug", "beaker") for t in MICRO_TEMPLATES[:2]]
+    with torch.no_grad():
+        ref = F.normalize(F.normalize(model.encode_text(tok(prompts)), dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(emb[1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_thing_crop_expansion_hand_case():
+    from ovlib.eval.region_cls import _expand
+
+    np.testing.assert_allclose(_expand(np.array([10.0, 10.0, 20.0, 30.0]), 1.5, 100, 100), [7.5, 5.0, 22.5, 35.0])
+    np.testing.assert_allclose(_expand(np.array([0.0, 90.0, 10.0, 100.0]), 1.5, 100, 100), [0.0, 87.5, 12.5, 100.0])
+
+
+def test_region_masks_at_grid_hand_case():
+    m = torch.zeros(2, 16, 16, dtype=torch.bool)
+    m[0, :8, :8] = True          # exactly the top-left grid cell of a 2x2 grid at scale 1
+    m[1, 0, 0] = True            # one pixel: vanishes at the grid -> fallback to the most covered cell
+    g, nf = region_masks_at_grid(m, 1.0, 16, (2, 2), 0.5)
+    assert g[0].tolist() == [[True, False], [False, False]]
+    assert g[1].tolist() == [[True, False], [False, False]] and nf == 1
+    # a 16x16 image in a 32-px student tensor (scale 2) only covers the top-left quarter of a 4x4 grid
+    g, _ = region_masks_at_grid(torch.ones(1, 16, 16, dtype=torch.bool), 2.0, 64, (4, 4), 0.5)
+    assert g[0].sum() == 4 and g[0, :2, :2].all()
+
+
+def test_region_classification_micro_end_to_end(micro_export, micro_clip):
+    model, tok = micro_clip
+    ds = micro_export
+    cfg = RegionClsConfig(image_size=160, crop_size=64, batch_size=8)
+    rf = extract_region_features(model, ds, cfg, modes=("vanilla", "x+v"), n_images=20, progress=False)
+    n_seg = sum(len(ds[i]["segments"]) for i in range(20))
+    assert len(rf.category_id) + rf.skipped_size == n_seg and len(rf.category_id) > 0
+    assert set(rf.features) == {"rois/vanilla", "rois/x+v", "maskpool/vanilla", "maskpool/x+v", "crops"}
+    for k, f in rf.features.items():
+        assert f.shape == (len(rf.category_id), 128), k
+        torch.testing.assert_close(f.norm(dim=-1), torch.ones(len(f)), atol=1e-4, rtol=0)
+    assert rf.isthing.any() and (~rf.isthing).any()
+    ids = [c["id"] for c in ds.categories]
+    text = text_embeddings(model, tok, [n for n in class_name_sets(ds.categories)], templates=MICRO_TEMPLATES[:1])
+    scores = score_regions(rf, text, ids)
+    # counts add up: every region of each part is counted once, hits never exceed totals, top-5 >= top-1
+    for key, parts in scores.items():
+        assert parts["thing"][:, 0].sum() == int(rf.isthing.sum())
+        assert parts["stuff"][:, 0].sum() == int((~rf.isthing).sum())
+        for arr in parts.values():
+            assert (arr[:, 1] <= arr[:, 2]).all() and (arr[:, 2] <= arr[:, 0]).all()
+    # an oracle text matrix (the class means of the crop features) must beat chance by far on crops
+    lab = torch.tensor([ids.index(int(c)) for c in rf.category_id])
+    oracle = torch.zeros(len(ids), 128).index_add_(0, lab, rf.features["crops"])
+    oracle = F.normalize(oracle + 1e-6 * torch.randn(len(ids), 128, generator=torch.Generator().manual_seed(0)), dim=-1)
+    summ = summarize(score_regions(rf, oracle, ids), n_boot=50)
+    pt, lo, hi = summ["crops"]["thing.macc1"]
+    assert lo <= pt <= hi and pt > 3 * 100 / len(ids)
+
+
+def test_sliding_logits_known_answer():
+    # dense "features" = the mean colour of each 8x8 patch; text = pure red / blue: halves must be recovered
+    def dense_fn(x):
+        return F.avg_pool2d(x, 8)  # (B, 3, h, w)
+
+    img = torch.zeros(3, 40, 56)
+    img[0, :, :24] = 1.0
+    img[2, :, 24:] = 1.0
+    text = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+    assert window_starts(56, 32, 16) == [0, 16, 24]
+    assert window_starts(20, 32, 16) == [0]
+    logits = sliding_logits(dense_fn, img, text, crop=32, stride=16)
+    assert logits.shape == (2, 40, 56)
+    lab = predict_labels(logits, 40.0)
+    assert (lab[:, :20] == 0).all() and (lab[:, 28:] == 1).all()
+    # threshold: an ambiguous (uniform) map goes to background
+    lab = predict_labels(torch.zeros(2, 4, 4), 40.0, prob_threshold=0.6, background_index=2)
+    assert (lab == 2).all()
+
+
+def test_ovss_and_kmeans_on_micro_export(micro_export, micro_clip):
+    from ovlib.eval._common import dense_fn_for_clip
+
+    model, tok = micro_clip
+    ds = micro_export
+    ids = [c["id"] for c in ds.categories]
+    text = text_embeddings(model, tok, class_name_sets(ds.categories), templates=MICRO_TEMPLATES[:1])
+    fn = dense_fn_for_clip(model, "x+v")
+    res = evaluate_ovss(fn, ds, text, ids, OVSSConfig(image_size=160, crop=64, stride=48), n_images=3,
+                        n_boot=20, progress=False)
+    conf = res["confusion"]
+    assert conf.shape == (3, len(ids), len(ids))
+    assert conf[0].sum() == 160 * 160  # the micro world labels every pixel
+    assert 0 <= res["miou"][0] <= 100
+    km = evaluate_kmeans(fn, ds, image_size=160, n_images=3, n_boot=20, progress=False)
+    assert km["per_image"].shape == (3,) and (km["per_image"] >= 0).all() and (km["per_image"] <= 100).all()
+
+
+def test_region_classification_real_coco_random_vitb16():
+    sd = shared_dir()
+    root = None if sd is None else sd / "data" / "coco_panoptic_val100"
+    if root is None or not (root / "annotations" / "panoptic_val2017.json").is_file():
+        pytest.skip("real COCO subset ../shared/data/coco_panoptic_val100 not present")
+    from ovlib.data import CocoPanoptic
+    from ovlib.models import load_clip
+
+    ds = CocoPanoptic(root, "val2017")
+    model, tok, _ = load_clip("ViT-B-16", pretrained=None, seed=0)
+    # student image at a small 224 px (14x14 grid); teacher crops at the tower's native 224 px
+    cfg = RegionClsConfig(image_size=224, crop_size=224, min_size=8.0, batch_size=1, max_segments=6)
+    rf = extract_region_features(model, ds, cfg, modes=("x+v",), n_images=1, progress=False)
+    n_seg = min(6, len(ds[0]["segments"]))
+    assert len(rf.category_id) + rf.skipped_size == n_seg and len(rf.category_id) > 0
+    ids = [c["id"] for c in ds.categories]
+    assert len(ids) == 133
+    # random weights: only the mechanics (ViLD templates with "This is", 133 classes, thing/stuff split)
+    text = F.normalize(torch.randn(len(ids), 512, generator=torch.Generator().manual_seed(0)), dim=-1)
+    summ = summarize(score_regions(rf, text, ids), n_boot=20)
+    assert set(summ) == {"rois/x+v", "maskpool/x+v", "crops"}
+    for v in summ["crops"].values():
+        assert np.isnan(v[0]) or 0 <= v[0] <= 100
+    emb = text_embeddings(model, tok, [["person"]], templates=VILD_TEMPLATES[:2], this_is_prefix=True)
+    assert emb.shape == (1, 512)

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from ovlib.eval.affinity import affinity_map, pixel_to_cell
+from ovlib.eval.unsupervised import hungarian_miou, iou_matrix, kmeans_labels
+
+
+def test_iou_matrix_hand_case():
+    pred = np.array([0, 0, 1, 1])
+    gt = np.array([0, 1, 1, 1])
+    iou = iou_matrix(pred, gt, 2, 2)
+    np.testing.assert_allclose(iou, [[1 / 2, 1 / 4], [0.0, 2 / 3]])
+
+
+def test_hungarian_recovers_permuted_labels():
+    gt = np.repeat(np.arange(4), 25).reshape(10, 10)
+    perm = np.array([2, 0, 3, 1])
+    pred = perm[gt] + 10  # arbitrary cluster ids
+    miou, mapping = hungarian_miou(pred, gt)
+    assert miou == pytest.approx(100.0)
+    assert mapping == {int(perm[g] + 10): g for g in range(4)}
+
+
+def test_hungarian_is_one_to_one():
+    # one cluster covers everything: only one segment can be matched; the other scores 0
+    gt = np.array([[0, 0, 1, 1]])
+    pred = np.zeros_like(gt)
+    miou, mapping = hungarian_miou(pred, gt)
+    assert miou == pytest.approx(100 * (0.5 + 0.0) / 2)
+    assert len(mapping) == 1
+
+
+def test_hungarian_ignores_pixels():
+    gt = np.array([[0, 0, -1, 1]])
+    pred = np.array([[5, 5, 6, 6]])
+    assert hungarian_miou(pred, gt, ignore_index=-1)[0] == pytest.approx(100.0)
+
+
+def test_kmeans_on_synthetic_known_answer():
+    # three regions with distinct prototype features + noise: k-means + Hungarian must recover them
+    g = torch.Generator().manual_seed(0)
+    gt = torch.zeros(12, 12, dtype=torch.long)
+    gt[:, 6:] = 1
+    gt[8:, :] = 2
+    protos = torch.randn(3, 16, generator=g) * 3
+    dense = protos[gt].permute(2, 0, 1) + 0.1 * torch.randn(16, 12, 12, generator=g)  # (C, h, w)
+    labels = kmeans_labels(dense, k=3, seed=0)
+    assert labels.shape == (12, 12)
+    miou, _ = hungarian_miou(labels, gt.numpy())
+    assert miou == pytest.approx(100.0)
+    # same seed -> same labels
+    assert (kmeans_labels(dense, k=3, seed=0) == labels).all()
+
+
+def test_affinity_map_hand_case():
+    dense = torch.zeros(1, 2, 2, 2)
+    dense[0, 0, 0, 0] = 1.0   # (0,0) = e0
+    dense[0, 1, 0, 1] = 2.0   # (0,1) = e1
+    dense[0, :, 1, 0] = torch.tensor([1.0, 1.0])  # 45 degrees
+    dense[0, 0, 1, 1] = -3.0  # opposite of e0
+    a = affinity_map(dense, torch.tensor([[0, 0]]))
+    np.testing.assert_allclose(a[0].numpy(), [[1.0, 0.0], [2 ** -0.5, -1.0]], atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        affinity_map(dense, torch.tensor([[2, 0]]))
+
+
+def test_pixel_to_cell():
+    cells = pixel_to_cell(torch.tensor([[0.0, 0.0], [159.0, 80.0]]), (160, 160), (20, 20))
+    assert cells.tolist() == [[0, 0], [10, 19]]

@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovlib.train.pretrain import (PRETRAIN_NO_DECAY, ClipPretrainConfig, DinoPretrainConfig, clip_loss, dino_loss,
+                                  multicrop, param_groups, pretrain_clip, pretrain_configs, pretrain_vfm,
+                                  warmup_cosine)
+
+
+def test_clip_loss_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    b = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    ls = torch.tensor(math.log(10.0))
+    ref = 0.0
+    for i in range(5):
+        row = [10.0 * float(a[i] @ b[j]) for j in range(5)]
+        col = [10.0 * float(a[j] @ b[i]) for j in range(5)]
+        ref += -row[i] + math.log(sum(math.exp(r) for r in row))
+        ref += -col[i] + math.log(sum(math.exp(c) for c in col))
+    assert float(clip_loss(a, b, ls)) == pytest.approx(ref / 10, rel=1e-5)
+    # perfectly aligned, orthogonal pairs at a high temperature: loss -> 0
+    eye = torch.eye(4)
+    assert float(clip_loss(eye, eye, torch.tensor(math.log(100.0)))) < 1e-10
+    ls = torch.tensor(0.0, requires_grad=True)
+    clip_loss(eye, eye, ls).backward()
+    assert ls.grad < 0  # raising the scale lowers the loss of aligned pairs
+
+
+def test_dino_loss_matches_brute_force_and_skips_same_view():
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(3, 6, generator=g) for _ in range(4)]
+    t = [torch.randn(3, 6, generator=g) for _ in range(2)]
+    c = torch.randn(1, 6, generator=g)
+    ref, n = 0.0, 0
+    for ti in range(2):
+        p = F.softmax((t[ti] - c) / 0.04, -1)
+        for si in range(4):
+            if si != ti:
+                ref += float((-(p * F.log_softmax(s[si] / 0.1, -1)).sum(-1)).mean())
+                n += 1
+    assert float(dino_loss(s, t, c, 0.1, 0.04)) == pytest.approx(ref / n, rel=1e-5)
+    assert n == 6
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_param_groups_exclude_norms_biases_scale_embeddings():
+    from ovlib.models import load_clip
+
+    model, _, _ = load_clip("micro-clip")
+    decay, no = param_groups(model, 0.1, PRETRAIN_NO_DECAY)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_names = {names[id(p)] for p in no["params"]}
+    assert "logit_scale" in no_names and "positional_embedding" in no_names
+    assert "token_embedding.weight" in no_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no["params"]) == len(list(model.parameters()))
+
+
+def test_multicrop_identity_and_determinism():
+    x = torch.rand(2, 3, 16, 16)
+    v = multicrop(x, 1, 16, (1.0, 1.0), torch.Generator().manual_seed(0), ratio=(1.0, 1.0), flip=False,
+                  sampling_ratio=1)[0]
+    torch.testing.assert_close(v, x, atol=1e-5, rtol=0)  # full-image box at the same size
+    a = multicrop(x, 3, 8, (0.2, 0.5), torch.Generator().manual_seed(3))
+    b = multicrop(x, 3, 8, (0.2, 0.5), torch.Generator().manual_seed(3))
+    assert len(a) == 3 and a[0].shape == (2, 3, 8, 8)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_pretrain_configs_profiles():
+    c, v = pretrain_configs("smoke", 0.01)
+    assert c.steps == 30 and v.steps == 5
+    c2, _ = pretrain_configs("micro", 1.0)
+    c3, _ = pretrain_configs("micro", 0.5)
+    assert c3.steps == round(c2.steps * 0.5)
+    with pytest.raises(ValueError, match="profile"):
+        pretrain_configs("huge")
+
+
+def test_smoke_clip_pretraining_loss_decreases_and_caches(tmp_path):
+    cfg, _ = pretrain_configs("smoke", 0.01)
+    model, tok, info = pretrain_clip(cfg, tmp_path, progress=False)
+    losses = [h["loss"] for h in info["history"]]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert not info["loaded"] and info["path"].endswith(".pt")
+    m2, _, info2 = pretrain_clip(cfg, tmp_path, progress=False)
+    assert info2["loaded"]
+    for (n, p), (_, q) in zip(model.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_clip_resume_equals_straight_run(tmp_path):
+    cfg = ClipPretrainConfig(batch_size=4, steps=3, warmup=1, ckpt_every=1, precision="fp32")
+    straight, _, _ = pretrain_clip(cfg, tmp_path / "a", progress=False)
+    _, _, part = pretrain_clip(cfg, tmp_path / "b", progress=False, max_steps=2)
+    assert part["path"].endswith(".state.pt") and len(part["history"]) == 2
+    resumed, _, info = pretrain_clip(cfg, tmp_path / "b", progress=False)
+    assert [h["step"] for h in info["history"]] == [1, 2, 3]
+    for (n, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_smoke_dino_runs_and_caches(tmp_path):
+    cfg = DinoPretrainConfig(batch_size=4, steps=3, warmup=1, n_local=2, global_size=32, local_size=16,
+                             out_dim=64, precision="fp32")
+    vfm, info = pretrain_vfm(cfg, tmp_path, progress=False)
+    assert len(info["history"]) == 3 and all(math.isfinite(h["loss"]) for h in info["history"])
+    assert info["history"][0]["ema"] == pytest.approx(0.996)
+    vfm2, info2 = pretrain_vfm(cfg, tmp_path, progress=False)
+    assert info2["loaded"]
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(vfm.forward_features(x), vfm2.forward_features(x))
+
+
+def test_resolve_precision_and_matmul_peak():
+    from ovlib.train.pretrain import forward_flops, matmul_peak, resolve_precision
+
+    assert resolve_precision("fp32") is False and resolve_precision("bf16") is True
+    assert isinstance(resolve_precision("auto"), bool)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16")
+    assert matmul_peak(torch.float32, n=64, seconds=0.05) > 0
+    a, b = torch.zeros(3, 4), torch.zeros(4, 5)
+    assert forward_flops(lambda: a @ b) == 2 * 3 * 4 * 5
