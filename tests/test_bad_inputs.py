@@ -195,6 +195,16 @@ def test_empty_synonym_list_and_unknown_class():
         SynonymCorpus({"car": {"synonyms": "auto", "definition": "a car"}})
 
 
+def test_class_without_synonyms_under_a_synonym_protocol_is_logged(caplog):
+    from ovlib.eval.text import class_name_sets
+
+    cats = [{"id": 1, "name": "car", "synonyms": ["auto"]}, {"id": 2, "name": "boat", "synonyms": []}]
+    with caplog.at_level(logging.WARNING):
+        names = class_name_sets(cats, "first_synonym")
+    assert names == [["auto"], ["boat"]]
+    assert "1 of 2 classes have no synonym" in caplog.text and "boat" in caplog.text
+
+
 def test_unknown_class_in_a_micro_world_lookup():
     from ovlib.data.microworld import MicroWorld
 

@@ -15,11 +15,14 @@ the micro CLIP never saw. Stuff classes use the same frames.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "VILD_TEMPLATES",
@@ -138,12 +141,14 @@ def class_name_sets(classes: Sequence[Any], mode: str = "main", seed: int = 0) -
     ``main``: the class name; ``first_synonym``: its first synonym (SynCLIP F-ViT tool ``v1``);
     ``random_synonym``: one synonym drawn with ``seed``; ``synonym_ensemble``: all synonyms (``v3``);
     ``heldout_synonym``: the first held-out synonym (never seen in micro-world captions).
-    A class without (held-out) synonyms keeps its main name.
+    A class without (held-out) synonyms keeps its main name; such classes are counted and logged, since they
+    make a synonym protocol look more robust than it is.
     """
     if mode not in NAME_MODES:
         raise ValueError(f"unknown name mode {mode!r}; choose one of {NAME_MODES}")
     rng = random.Random(seed)
     out: list[list[str]] = []
+    kept_main: list[str] = []
     for c in classes:
         name = _get(c, "name")
         if name is None:
@@ -154,14 +159,19 @@ def class_name_sets(classes: Sequence[Any], mode: str = "main", seed: int = 0) -
             out.append([name])
         elif mode == "heldout_synonym":
             out.append([held[0]] if held else [name])
+            kept_main += [] if held else [name]
         elif not syn:
             out.append([name])
+            kept_main.append(name)
         elif mode == "first_synonym":
             out.append([syn[0]])
         elif mode == "random_synonym":
             out.append([rng.choice(syn)])
         else:
             out.append(list(syn))
+    if kept_main:
+        log.warning("class_name_sets(%s): %d of %d classes have no synonym for this protocol and keep their main "
+                    "name: %s", mode, len(kept_main), len(out), kept_main[:10])
     return out
 
 
