@@ -18,7 +18,8 @@ from ovlib.methods.declip import (
     resize_tokens,
     student_context_similarity,
 )
-from ovlib.models import dense_features, load_clip, load_vfm, roi_features
+from ovlib.models import dense_features, roi_features
+from tests.helpers.method_batches import micro_nets, synthetic_method_batch
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -111,24 +112,12 @@ def test_resize_tokens_identity_and_bilinear():
 # ------------------------------------------------------------------------------------------------ the Distiller
 def synthetic_batch(B=2, size=32, vfm_size=32, K=2, seed=0):
     """Fixed batch: CLIP-normalised-like images, K boxes per image, 64-px crops, VFM images, labels."""
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(B, K, 2, generator=g) * size * 0.5
-    wh = 6 + torch.rand(B, K, 2, generator=g) * size * 0.4
-    boxes = [torch.cat([xy[b], xy[b] + wh[b]], 1) for b in range(B)]
-    return {"images": torch.randn(B, 3, size, size, generator=g),
-            "boxes": boxes,
-            "crops": torch.randn(B * K, 3, 64, 64, generator=g),
-            "labels": torch.tensor([1, 2, 3, 1][: B * K] + [1] * max(0, B * K - 4)),
-            "image_labels": [torch.tensor([1, 2]), torch.tensor([3])][:B] + [torch.tensor([1])] * max(0, B - 2),
-            "vfm_images": torch.randn(B, 3, vfm_size, vfm_size, generator=g)}
+    return synthetic_method_batch(B, size, K, seed, vfm_size=vfm_size)
 
 
 @pytest.fixture(scope="module")
 def nets():
-    student, tok, _ = load_clip("micro-clip", seed=0)
-    teacher, _, _ = load_clip("micro-clip", seed=0)
-    vfm = load_vfm("micro-vfm", seed=1)
-    return student, teacher, vfm, tok
+    return micro_nets()
 
 
 def _fresh(nets):

@@ -21,7 +21,8 @@ from ovlib.methods.synclip import (
     semantic_loss,
     semantic_texts,
 )
-from ovlib.models import dense_features, load_clip, load_vfm
+from ovlib.models import dense_features
+from tests.helpers.method_batches import micro_nets, synthetic_method_batch
 
 CATS = [
     {"id": 1, "name": "dog", "synonyms": ["puppy", "canine"], "definition": "a domestic animal.", "split": "base"},
@@ -141,23 +142,12 @@ def test_semantic_texts_format_and_corpus_fallback():
 
 # ------------------------------------------------------------------------------------------------ the Distiller
 def synthetic_batch(B=2, size=32, K=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(B, K, 2, generator=g) * size * 0.5
-    wh = 6 + torch.rand(B, K, 2, generator=g) * size * 0.4
-    return {"images": torch.randn(B, 3, size, size, generator=g),
-            "boxes": [torch.cat([xy[b], xy[b] + wh[b]], 1) for b in range(B)],
-            "crops": torch.randn(B * K, 3, 64, 64, generator=g),
-            "labels": torch.tensor([1, 2, 5, 1]),
-            "image_labels": [torch.tensor([1, 2, 1]), torch.tensor([5])],
-            "vfm_images": torch.randn(B, 3, size, size, generator=g)}
+    return synthetic_method_batch(B, size, K, seed, labels=(1, 2, 5, 1), image_labels=((1, 2, 1), (5,)))
 
 
 @pytest.fixture(scope="module")
 def nets():
-    student, tok, _ = load_clip("micro-clip", seed=0)
-    teacher, _, _ = load_clip("micro-clip", seed=0)
-    vfm = load_vfm("micro-vfm", seed=1)
-    return student, teacher, vfm, tok
+    return micro_nets()
 
 
 def make(nets, **kw):
