@@ -108,6 +108,16 @@ def test_region_classification_micro_end_to_end(micro_export, micro_clip):
     summ = summarize(score_regions(rf, oracle, ids), n_boot=50)
     pt, lo, hi = summ["crops"]["thing.macc1"]
     assert lo <= pt <= hi and pt > 3 * 100 / len(ids)
+    # subset: things only, scored against the thing classes only, counts the same thing regions
+    th = rf.subset(rf.isthing)
+    assert len(th.category_id) == int(rf.isthing.sum()) and th.isthing.all() and th.n_images == rf.n_images
+    assert all(torch.equal(th.features[k], f[rf.isthing]) for k, f in rf.features.items())
+    thing_ids = [c["id"] for c in ds.categories if c["isthing"]]
+    sel = torch.tensor([bool(c["isthing"]) for c in ds.categories])
+    sub = score_regions(th, text[sel], thing_ids)["crops"]["thing"]
+    assert sub[:, 0].sum() == int(rf.isthing.sum()) and sub[:, 2].sum() >= scores["crops"]["thing"][:, 2].sum()
+    with pytest.raises(ValueError, match="keep"):
+        rf.subset(torch.ones(3, dtype=torch.bool))
 
 
 def test_sliding_logits_known_answer():

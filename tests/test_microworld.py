@@ -399,6 +399,46 @@ def test_stream_items_and_resume(world):
         len(MicroWorldStream(world, size=32))
 
 
+def test_object_view_is_a_named_close_up(world):
+    """object_view: deterministic, the chosen thing is one of the scene's and every caption names it; the
+    context factor sets the window."""
+    names = {c.id: {c.name, *c.caption_synonyms} for c in world.classes}
+    for i in range(12):
+        img, caps, cid = world.object_view(i, 48, render_size=96)
+        assert img.shape == (48, 48, 3) and img.dtype == np.uint8
+        img2, caps2, cid2 = world.object_view(i, 48, render_size=96)
+        assert cid == cid2 and caps == caps2 and np.array_equal(img, img2)
+        lay = world.layout(i)
+        assert cid in {t.category_id for t in lay.things} and len(caps) == world.captions_per_scene
+        for cap in caps:
+            assert any(re.search(rf"\b{re.escape(n)}", cap) for n in names[cid]), (cap, cid)
+    # the context factor sets the window: a tight and a wide view of the same thing differ
+    tight, _, cid = world.object_view(3, 64, 256, context=(1.2, 1.2))
+    wide, _, cid_w = world.object_view(3, 64, 256, context=(4.0, 4.0))
+    assert cid == cid_w and not np.array_equal(tight, wide)
+    with pytest.raises(ValueError, match="context"):
+        world.object_view(0, 48, context=(0.5, 2.0))
+
+
+def test_stream_object_views(world):
+    ds = MicroWorldStream(world, size=40, start=0, stop=40, object_views=0.5, view_render_size=80)
+    n_views = 0
+    for it in ds:
+        i = it["index"]
+        rng = np.random.default_rng([world.seed, i, 1])
+        pick = int(rng.integers(world.captions_per_scene))
+        if rng.random() < 0.5:
+            n_views += 1
+            img, caps, cid = world.object_view(i, 40, 80)
+            assert it["caption"] == caps[pick] and it["labels"].tolist() == [cid] + [0] * (world.max_things - 1)
+            np.testing.assert_array_equal((it["image"] * 255).round().byte().permute(1, 2, 0).numpy(), img)
+        else:
+            assert it["caption"] == world.sample(i, 40).captions[pick]
+    assert 8 <= n_views <= 32
+    with pytest.raises(ValueError, match="object_views"):
+        MicroWorldStream(world, object_views=1.5)
+
+
 def test_world_pickles(world):
     import pickle
 

@@ -1108,7 +1108,11 @@ class MicroWorld:
         cum = np.cumsum(1.0 / np.arange(1, len(syn) + 1))  # Zipf weights 1/rank
         return syn[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(syn) - 1)]
 
-    def _captions(self, rng, things, stuff, stuff_area) -> tuple[list[str], list[list[tuple[int, str]]]]:
+    def _captions(
+        self, rng, things, stuff, stuff_area, first: int | None = None
+    ) -> tuple[list[str], list[list[tuple[int, str]]]]:
+        """Captions naming 1..3 of ``things``' classes (random order; ``first``, when given, is always
+        named) and, sometimes, a stuff class covering >= 15 %."""
         counts: dict[int, int] = {}
         for t in things:
             counts[t.category_id] = counts.get(t.category_id, 0) + 1
@@ -1125,6 +1129,8 @@ class MicroWorld:
                 terms.append([(s.id, name)])
                 continue
             k = min(len(ids), int(rng.integers(1, 4)))
+            if first is not None and first not in ids[:k]:
+                ids[int(rng.integers(k))] = first  # the chosen thing is always named, at a random place
             phrases = []
             for cid in ids[:k]:
                 c = self._by_id[cid]
@@ -1316,6 +1322,61 @@ class MicroWorld:
             lay.terms,
             lay,
         )
+
+    def object_view(
+        self,
+        i: int,
+        size: int = 64,
+        render_size: int = 128,
+        context: tuple[float, float] = (1.2, 2.5),
+    ) -> tuple[np.ndarray, list[str], int]:
+        """An object-centric view of scene ``i``: a square window around one of its things, cut from the
+        scene rasterised at ``render_size`` and resized to ``size`` (PIL bilinear, antialiased).
+
+        The thing is drawn uniformly; the window side is ``s * max(box w, box h)`` of its full (unoccluded)
+        box, ``s`` log-uniform in ``context``, shifted to stay inside the image (side capped at the image).
+        The captions (``captions_per_scene`` of them, same generator and vocabulary as :meth:`layout`'s) name
+        the things whose box centre lies in the window -- always the chosen one -- and a stuff class
+        covering >= 15 % of the window. Random choices come from ``default_rng([seed, i, 2])``, so the
+        view of ``i`` is deterministic and independent of the scene's own captions. A scene whose things
+        were all dropped gives its full image and captions. Returns ``(image (size, size, 3) uint8,
+        captions, category id of the chosen thing or 0)``. Real caption corpora hold many such close-ups;
+        region-crop evaluation (things expanded 1.5x, resized to the CLIP input) sees this kind of image.
+        """
+        from PIL import Image
+
+        if not 1.0 <= context[0] <= context[1]:
+            raise ValueError(f"context must be (lo, hi) with 1 <= lo <= hi, got {context!r}")
+        lay = self.layout(i)
+        sc = self.sample(i, render_size, annotations=False)
+        if not lay.things:
+            img = np.asarray(Image.fromarray(sc.image).resize((size, size), Image.BILINEAR))
+            return img, list(lay.captions), 0
+        rng = np.random.default_rng([self.seed, int(i), 2])
+        th = lay.things[int(rng.integers(len(lay.things)))]
+        bx = th.box
+        cx, cy = (bx[0] + bx[2]) / 2, (bx[1] + bx[3]) / 2
+        lo, hi = math.log(context[0]), math.log(context[1])
+        side = min(1.0, math.exp(rng.uniform(lo, hi)) * max(bx[2] - bx[0], bx[3] - bx[1]))
+        wx0 = min(max(cx - side / 2, 0.0), 1.0 - side)
+        wy0 = min(max(cy - side / 2, 0.0), 1.0 - side)
+        R = render_size
+        x0, y0 = int(round(wx0 * R)), int(round(wy0 * R))
+        n = max(1, int(round(side * R)))
+        x0, y0 = min(x0, R - n), min(y0, R - n)
+        crop = sc.image[y0 : y0 + n, x0 : x0 + n]
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
+        # things and stuff of the window; the chosen thing first so a one-thing caption can name it
+        ex0, ey0, ex1, ey1 = x0 / R, y0 / R, (x0 + n) / R, (y0 + n) / R
+        inside = [
+            t
+            for t in lay.things
+            if t is not th and ex0 <= (t.box[0] + t.box[2]) / 2 <= ex1 and ey0 <= (t.box[1] + t.box[3]) / 2 <= ey1
+        ]
+        sem = sc.semantic[y0 : y0 + n, x0 : x0 + n]
+        area = np.array([(sem == s).mean() for s in lay.stuff])
+        caps, _terms = self._captions(rng, [th] + inside, lay.stuff, area, first=th.category_id)
+        return img, caps, th.category_id
 
     def class_image(
         self, category_id: int, size: int = 64, background: int | None = None, rot: float = 0.0
@@ -1575,6 +1636,11 @@ class MicroWorldStream(IterableDataset):
     Each item: ``image`` (3, H, W) float32 in [0, 1] (``uint8=True``: uint8), ``caption``: one of the
     scene's captions, chosen by ``np.random.default_rng([world.seed, index, 1])`` (independent of the
     worker layout), ``index``: the scene index, ``labels``: (6,) int64 thing category ids padded with 0.
+
+    ``object_views`` > 0: with that probability (drawn from the same per-index generator) an item is
+    :meth:`MicroWorld.object_view` of the scene instead -- a close-up of one thing rendered at
+    ``view_render_size`` with ``view_context`` -- its caption one of the view's captions and ``labels``
+    the chosen thing's id alone.
     """
 
     def __init__(
@@ -1586,13 +1652,20 @@ class MicroWorldStream(IterableDataset):
         uint8: bool = False,
         shard: int = 0,
         num_shards: int = 1,
+        object_views: float = 0.0,
+        view_render_size: int = 128,
+        view_context: tuple[float, float] = (1.2, 2.5),
     ):
+        if not 0.0 <= object_views <= 1.0:
+            raise ValueError(f"object_views must be a probability in [0, 1], got {object_views}")
         if start < 0 or (stop is not None and stop < start):
             raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
         if not 0 <= shard < num_shards:
             raise ValueError(f"need 0 <= shard < num_shards, got shard={shard}, num_shards={num_shards}")
         self.world, self.size, self.start, self.stop, self.uint8 = world, int(size), int(start), stop, uint8
         self.shard, self.num_shards = int(shard), int(num_shards)
+        self.object_views, self.view_render_size = float(object_views), int(view_render_size)
+        self.view_context = (float(view_context[0]), float(view_context[1]))
 
     def __len__(self) -> int:
         if self.stop is None:
@@ -1606,14 +1679,20 @@ class MicroWorldStream(IterableDataset):
             i += num_workers
 
     def item(self, i: int) -> dict:
-        sc = self.world.sample(i, self.size, annotations=False)
         rng = np.random.default_rng([self.world.seed, int(i), 1])
-        cap = sc.captions[int(rng.integers(len(sc.captions)))]
-        img = torch.from_numpy(np.ascontiguousarray(sc.image.transpose(2, 0, 1)))  # (3, H, W) uint8
+        pick = int(rng.integers(self.world.captions_per_scene))
+        if self.object_views > 0 and rng.random() < self.object_views:
+            image, caps, cid = self.world.object_view(i, self.size, self.view_render_size, self.view_context)
+            ids = [cid] if cid else []
+            cap = caps[pick % len(caps)]
+        else:
+            sc = self.world.sample(i, self.size, annotations=False)
+            image, cap = sc.image, sc.captions[pick % len(sc.captions)]
+            ids = [t.category_id for t in sc.layout.things]
+        img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W) uint8
         if not self.uint8:
             img = img.float().div_(255.0)
         labels = torch.zeros(self.world.max_things, dtype=torch.int64)
-        ids = [t.category_id for t in sc.layout.things]
         labels[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
         return dict(image=img, caption=cap, index=int(i), labels=labels)
 

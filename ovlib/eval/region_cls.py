@@ -69,6 +69,17 @@ class RegionFeatures:
     skipped_size: int = 0
     mask_fallbacks: int = 0
 
+    def subset(self, keep: torch.Tensor) -> RegionFeatures:
+        """The regions where ``keep (R,) bool`` is true (every feature key; counters and ``n_images`` kept,
+        so per-image bootstrap still runs over the same images)."""
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        if keep.shape != self.category_id.shape:
+            raise ValueError(f"keep must be a (R,) = {tuple(self.category_id.shape)} bool mask, got "
+                             f"{tuple(keep.shape)}")
+        return RegionFeatures(self.category_id[keep], self.isthing[keep], self.image[keep], self.n_images,
+                              {k: v[keep] for k, v in self.features.items()}, self.skipped_size,
+                              self.mask_fallbacks)
+
 
 def region_masks_at_grid(masks: torch.Tensor, scale: float, image_size: int, grid: tuple[int, int],
                          threshold: float = 0.5) -> tuple[torch.Tensor, int]:

@@ -71,6 +71,10 @@ class ClipPretrainConfig:
     num_workers: int = 0
     seed: int = 0
     ckpt_every: int = 100
+    object_views: float = 0.5    # fraction of close-ups of one thing (MicroWorld.object_view): whole scenes
+    #                              alone teach object names slowly (chapter 01)
+    view_render_size: int = 128
+    view_context: tuple[float, float] = (1.2, 2.5)
 
 
 @dataclass(frozen=True)
@@ -223,10 +227,13 @@ def _collate(items: list[dict]) -> dict:
             "index": torch.tensor([int(it["index"]) for it in items])}
 
 
-def _stream_loader(world_seed: int, size: int, batch_size: int, start: int, num_workers: int) -> Iterator[dict]:
+def _stream_loader(world_seed: int, size: int, batch_size: int, start: int, num_workers: int,
+                   **views: Any) -> Iterator[dict]:
+    """Batches of the micro-world stream from scene ``start`` on; ``views``: ``object_views``,
+    ``view_render_size``, ``view_context`` of :class:`~ovlib.data.microworld.MicroWorldStream`."""
     from ovlib.data.microworld import MicroWorld, MicroWorldStream
 
-    stream = MicroWorldStream(MicroWorld(seed=world_seed), size=size, start=start)
+    stream = MicroWorldStream(MicroWorld(seed=world_seed), size=size, start=start, **views)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_collate, persistent_workers=False)
     return iter(loader)
@@ -329,7 +336,8 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     use_bf16 = resolve_precision(cfg.precision, device)
     batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size, step * cfg.batch_size,
-                             cfg.num_workers)
+                             cfg.num_workers, object_views=cfg.object_views,
+                             view_render_size=cfg.view_render_size, view_context=cfg.view_context)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.model}", **_quiet(progress))
     blas = _blas_single_thread()
     t_last = time.perf_counter()
