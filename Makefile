@@ -1,13 +1,15 @@
 # ovbook: two commands do everything on a fresh machine with Python 3.11 and access to PyPI.
 #   make book   - create .venv if missing, install, execute every chapter (micro profile), build _build/html
 #   make test   - create .venv if missing, install, run the test suite (offline)
-# Variables: PROFILE (micro|smoke|paper), ONLY ("01 02"), PARAMS ("-p key=value ..."), VENV, PYTHON.
+# Variables: PROFILE (micro|smoke|paper), ONLY ("01 02"), PARAMS ("-p key=value ..."), BENCH ("--quick --only methods"),
+#            VENV, PYTHON.
 
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
 PROFILE ?= micro
 ONLY    ?=
 PARAMS  ?=
+BENCH   ?=
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.ovbook-installed
 
@@ -38,7 +40,7 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m ''
 
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do echo "== $$f"; HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) $$f || exit 1; done
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) benchmarks/run.py $(BENCH)
 
 clean:
 	rm -rf _build book/[0-9][0-9]_*.ipynb book/.stamps book/_work

@@ -21,27 +21,34 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_added_mib, reset_peak_rss
+
 CASES = ["encode_image", "vanilla", "x+v", "v", "qq", "csa", "naclip", "multi-v", "x+v@224"]
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
+def build_model(name: str, size: int):
+    """Random-init CLIP built for ``size`` px, eval mode: an open_clip name or a registered micro config
+    (``micro-clip``, rebuilt with ``image_size=size`` so that ``encode_image`` accepts the input)."""
+    import dataclasses
 
-
-def _build(args, case):
     import open_clip
     import torch
 
+    from ovlib.models import MICRO_CLIP_CONFIGS
+
     torch.manual_seed(0)
-    native = 224 if case.endswith("@224") else args.size
-    return open_clip.create_model(args.model, force_image_size=native, pretrained_text=False).eval()
+    if name in MICRO_CLIP_CONFIGS:
+        return dataclasses.replace(MICRO_CLIP_CONFIGS[name], image_size=size).build().eval()
+    return open_clip.create_model(name, force_image_size=size, pretrained_text=False).eval()
 
 
-def _caller(model, case, x):
+def _build(args, case):
+    return build_model(args.model, 224 if case.endswith("@224") else args.size)
+
+
+def make_call(model, case, x):
+    """A no-argument callable running ``case`` (``encode_image`` or a dense mode, ``@suffix`` ignored) on x."""
     from ovlib.models import dense_features, vit_adapter
 
     mode = case.split("@")[0]
@@ -51,6 +58,28 @@ def _caller(model, case, x):
     return lambda: dense_features(ad, x, mode)
 
 
+def round_robin(calls: dict, repeats: int, warmup: int = 1, sync=None) -> dict[str, list[float]]:
+    """Seconds per call of every callable, round-robin over ``repeats`` rounds after ``warmup`` calls each,
+    under ``torch.no_grad`` (CPU contention from other processes hits every case alike)."""
+    import torch
+
+    times = {c: [] for c in calls}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for f in calls.values():
+                f()
+        for _ in range(repeats):
+            for c, f in calls.items():
+                if sync:
+                    sync()
+                t = time.perf_counter()
+                f()
+                if sync:
+                    sync()
+                times[c].append(time.perf_counter() - t)
+    return times
+
+
 def memory_worker(args) -> dict:
     """Peak resident memory added by one cold call of ``args.case`` (fresh process)."""
     import torch
@@ -58,17 +87,15 @@ def memory_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     model = _build(args, args.case)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    call = _caller(model, args.case, x)
+    call = make_call(model, args.case, x)
     with torch.no_grad():
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM)
-            before = _rss_kib("VmRSS")
+            before = reset_peak_rss()
             out = call()
-            peak = (_rss_kib("VmHWM") - before) / 1024
+            peak = peak_added_mib(before)
         except OSError:
             out, peak = call(), float("nan")
-    return dict(case=args.case, peak_mib=peak, shape=tuple(out.shape))
+    return {"case": args.case, "peak_mib": peak, "shape": tuple(out.shape)}
 
 
 def timing(args, cases) -> dict:
@@ -83,17 +110,8 @@ def timing(args, cases) -> dict:
         key = "224" if case.endswith("@224") else "native"
         if key not in models:
             models[key] = _build(args, case)
-        calls[case] = _caller(models[key], case, x)
-    times = {c: [] for c in cases}
-    with torch.no_grad():
-        for c in cases:
-            calls[c]()  # warm-up
-        for _ in range(args.repeats):
-            for c in cases:
-                t = time.perf_counter()
-                calls[c]()
-                times[c].append(time.perf_counter() - t)
-    return times
+        calls[case] = make_call(models[key], case, x)
+    return round_robin(calls, args.repeats)
 
 
 def main(argv=None) -> None:
@@ -118,7 +136,7 @@ def main(argv=None) -> None:
         for case in cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", args.model,
                    "--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if res.returncode:
                 raise SystemExit(f"case {case} failed:\n{res.stderr}")
             mem[case] = json.loads(res.stdout.strip().splitlines()[-1])

@@ -11,7 +11,8 @@ Target: <= 1.25x for both.
 
 SCD memory: global SCD over one ``grid x grid`` token map (``L = grid^2``, ``D = dim``), loss + backward, each
 case in a fresh subprocess: peak resident memory *added* by the call (Linux ``VmHWM`` after resetting it via
-``/proc/self/clear_refs``, minus the resident size before the call). Naive vs chunked (``--chunk`` rows).
+``/proc/self/clear_refs``, minus the resident size before the call). Naive vs chunked (``--chunk`` rows),
+and DeCLIP/SynCLIP's context loss on the same grid for comparison (it has no chunked path).
 """
 
 from __future__ import annotations
@@ -25,35 +26,119 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_added_mib, reset_peak_rss
+
+MEMORY_CASES = ("naive", "chunked", "context")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def scd_memory_case(case: str, grid: int, dim: int, chunk: int) -> dict:
+def scd_memory_case(case: str, grid: int, dim: int, chunk: int, heads: int | None = None) -> dict:
+    """Peak resident memory *added* by one loss + backward over one ``grid x grid`` token map (call it in a
+    fresh process). ``naive`` / ``chunked``: global SCD (:func:`ovlib.methods.scd.scd_loss`, ``chunk`` rows per
+    block) on unit tokens ``(1, L, dim)``. ``context``: DeCLIP/SynCLIP's context loss (student ``qq`` cosine
+    matrix from per-head ``q (1, heads, L, dim // heads)``, ``heads = dim // 64`` by default, vs a fixed teacher
+    cosine matrix), which has no chunked path. Inputs (and the teacher matrix) are built before the peak is reset."""
     import torch
 
+    from ovlib.methods.declip import context_loss, student_context_similarity
     from ovlib.methods.scd import scd_loss
 
+    if case not in MEMORY_CASES:
+        raise ValueError(f"memory case must be one of {MEMORY_CASES}, got {case!r}")
     torch.manual_seed(0)
     L = grid * grid
-    zs = torch.nn.functional.normalize(torch.randn(1, L, dim), dim=-1).requires_grad_(True)
-    zt = torch.nn.functional.normalize(torch.randn(1, L, dim), dim=-1)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    if case == "context":
+        heads = heads or max(1, dim // 64)
+        q = torch.randn(1, heads, L, dim // heads).requires_grad_(True)
+        t = torch.nn.functional.normalize(torch.randn(1, L, dim), dim=-1)
+        teacher_sim = t @ t.transpose(1, 2)  # (1, L, L)
+        del t
+    else:
+        zs = torch.nn.functional.normalize(torch.randn(1, L, dim), dim=-1).requires_grad_(True)
+        zt = torch.nn.functional.normalize(torch.randn(1, L, dim), dim=-1)
+    before = reset_peak_rss()
     t0 = time.perf_counter()
-    loss = scd_loss(zs, zt, chunk=None if case == "naive" else chunk)
+    if case == "context":
+        loss = context_loss(student_context_similarity({"q": q}, "qq"), teacher_sim)
+    else:
+        loss = scd_loss(zs, zt, chunk=None if case == "naive" else chunk)
     loss.backward()
     dt = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
-    return {"case": case, "L": L, "D": dim, "chunk": chunk if case != "naive" else None,
-            "peak_added_mib": (peak - before) / 1024, "time_s": dt, "loss": float(loss)}
+    return {"case": case, "L": L, "D": dim, "chunk": chunk if case == "chunked" else None,
+            "peak_added_mib": peak_added_mib(before), "time_s": dt, "loss": float(loss.detach())}
+
+
+def memory_subprocess(case: str, grid: int, dim: int, chunk: int) -> dict:
+    """:func:`scd_memory_case` in a fresh Python process (so earlier allocations do not hide the peak)."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-case", case, "--grid", str(grid),
+                          "--dim", str(dim), "--chunk", str(chunk)], check=False, capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise RuntimeError(f"memory case {case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _serve_memory() -> None:
+    """``--memory-server``: import torch and ovlib once, then for every request line on stdin
+    (``{"case", "grid", "dim", "chunk"}``) fork a child that runs :func:`scd_memory_case` and answer one JSON
+    line. The server itself computes nothing, so every child starts from the same lean, freshly imported state
+    and the peak it reports is not hidden by memory an earlier measurement left behind."""
+    import ovlib.methods.declip
+    import ovlib.methods.scd  # noqa: F401
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            try:
+                res = scd_memory_case(**req)
+            except BaseException as e:  # noqa: BLE001 -- report, never raise in a forked child
+                res = {"error": f"{type(e).__name__}: {e}"}
+            os.write(w, (json.dumps(res) + "\n").encode())
+            os._exit(0)
+        os.close(w)
+        data = b""
+        while True:
+            part = os.read(r, 65536)
+            if not part:
+                break
+            data += part
+        os.close(r)
+        os.waitpid(pid, 0)
+        sys.stdout.write(data.decode() if data else json.dumps({"error": "child died"}) + "\n")
+        sys.stdout.flush()
+
+
+class MemoryServer:
+    """Client of ``--memory-server`` (one Python start-up for many fresh-process measurements)::
+
+        with MemoryServer() as ms:
+            r = ms.measure("chunked", grid=64, dim=512, chunk=256)
+    """
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--memory-server"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        return self
+
+    def measure(self, case: str, grid: int, dim: int, chunk: int) -> dict:
+        self.proc.stdin.write(json.dumps({"case": case, "grid": grid, "dim": dim, "chunk": chunk}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"memory server exited (code {self.proc.poll()}) during case {case}")
+        res = json.loads(line)
+        if "error" in res:
+            raise RuntimeError(f"memory case {case} failed: {res['error']}")
+        return res
+
+    def __exit__(self, *exc):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def _batch(size: int, crop: int, B: int, K: int, seed: int = 0):
@@ -114,8 +199,12 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=64)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--memory-case", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-case", choices=MEMORY_CASES, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_server:
+        _serve_memory()
+        return
     if args.memory_case:
         print(json.dumps(scd_memory_case(args.memory_case, args.grid, args.dim, args.chunk)))
         return
@@ -132,11 +221,8 @@ def main() -> None:
             for k in r["median_s"]:
                 print(f"  {k:14s} {r['median_s'][k] * 1000:9.1f} ms   {r['ratio'][k]:.2f}x clipself")
     print(f"\nSCD (global, one {args.grid}x{args.grid} map, D={args.dim}) loss+backward, fresh process each:")
-    for case in ("naive", "chunked"):
-        out = subprocess.run([sys.executable, __file__, "--memory-case", case, "--grid", str(args.grid),
-                              "--dim", str(args.dim), "--chunk", str(args.chunk)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+    for case in MEMORY_CASES:
+        r = memory_subprocess(case, args.grid, args.dim, args.chunk)
         print(f"  {case:8s} chunk={r['chunk']!s:5s} peak added {r['peak_added_mib']:8.1f} MiB   "
               f"time {r['time_s']:.2f} s   loss {r['loss']:.6f}")
 
