@@ -7,12 +7,13 @@ A name appears here only once its method is implemented and tested.
 from ovlib.methods.base import Distiller
 from ovlib.methods.clipself import CLIPSelf, rla_loss
 from ovlib.methods.declip import DeCLIP
+from ovlib.methods.denserc import DenseRC
 from ovlib.methods.rsc import RSCV, RSCE2E, RefinerStage, RegionText, RSCCLIPSelf, SCCLIPSelf
 from ovlib.methods.synclip import SynCLIP
 
 METHODS: dict[str, type[Distiller]] = {
     cls.name: cls
-    for cls in (CLIPSelf, RegionText, SCCLIPSelf, RefinerStage, RSCCLIPSelf, RSCV, RSCE2E, DeCLIP, SynCLIP)
+    for cls in (CLIPSelf, RegionText, SCCLIPSelf, RefinerStage, RSCCLIPSelf, RSCV, RSCE2E, DeCLIP, SynCLIP, DenseRC)
 }
 
 
@@ -24,4 +25,4 @@ def get_method(name: str) -> type[Distiller]:
 
 
 __all__ = ["Distiller", "CLIPSelf", "RegionText", "SCCLIPSelf", "RefinerStage", "RSCCLIPSelf", "RSCV", "RSCE2E",
-           "DeCLIP", "SynCLIP", "rla_loss", "METHODS", "get_method"]
+           "DeCLIP", "SynCLIP", "DenseRC", "rla_loss", "METHODS", "get_method"]
