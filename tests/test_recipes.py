@@ -110,7 +110,7 @@ def _finite_terms(res, method):
 
 
 @pytest.mark.parametrize("method", ["clipself", "regiontext", "sc-clipself", "rsc-e2e", "declip", "synclip",
-                                    "denserc"])
+                                    "denserc", "synseg"])
 def test_registered_methods_train_through_the_launcher(launcher_env, method):
     """A METHODS entry end to end: smoke recipe, micro-world export, models from local files, 3 finite steps."""
     from ovlib.train.launch import train
@@ -132,7 +132,7 @@ def test_two_stage_refiner_then_rsc_through_the_launcher(launcher_env):
         res = train(params, method, {**overrides, "method_args": {"refiner": str(Path(stage1["out_dir"]) / "last.pt")}})
         assert res["steps"] == 3 and _finite_terms(res, method)
     untested = set(METHODS) - {"clipself", "regiontext", "sc-clipself", "rsc-e2e", "declip", "synclip", "refiner",
-                               "rsc-clipself", "rsc-v", "denserc"}
+                               "rsc-clipself", "rsc-v", "denserc", "synseg"}
     assert not untested, f"methods without a launcher test: {untested}"
 
 

@@ -10,10 +10,12 @@ from ovlib.methods.declip import DeCLIP
 from ovlib.methods.denserc import DenseRC
 from ovlib.methods.rsc import RSCV, RSCE2E, RefinerStage, RegionText, RSCCLIPSelf, SCCLIPSelf
 from ovlib.methods.synclip import SynCLIP
+from ovlib.methods.synseg import SynSeg
 
 METHODS: dict[str, type[Distiller]] = {
     cls.name: cls
-    for cls in (CLIPSelf, RegionText, SCCLIPSelf, RefinerStage, RSCCLIPSelf, RSCV, RSCE2E, DeCLIP, SynCLIP, DenseRC)
+    for cls in (CLIPSelf, RegionText, SCCLIPSelf, RefinerStage, RSCCLIPSelf, RSCV, RSCE2E, DeCLIP, SynCLIP, DenseRC,
+                SynSeg)
 }
 
 
@@ -25,4 +27,4 @@ def get_method(name: str) -> type[Distiller]:
 
 
 __all__ = ["Distiller", "CLIPSelf", "RegionText", "SCCLIPSelf", "RefinerStage", "RSCCLIPSelf", "RSCV", "RSCE2E",
-           "DeCLIP", "SynCLIP", "DenseRC", "rla_loss", "METHODS", "get_method"]
+           "DeCLIP", "SynCLIP", "DenseRC", "SynSeg", "rla_loss", "METHODS", "get_method"]

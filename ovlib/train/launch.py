@@ -94,13 +94,18 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
         grid = cfg.student_size // vit_adapter(student).patch_size[0]
         vfm_mean, vfm_std = image_mean_std(vfm)
         vfm_kw = dict(vfm_size=grid * int(vfm.patch_embed.patch_size[0]), vfm_mean=vfm_mean, vfm_std=vfm_std)
-    data = RegionDistillDataset(cfg.data_root, cfg.split, cfg.regions, cfg.student_size, cfg.crop_size, cfg.max_split,
-                                cfg.max_boxes, cfg.thing_crop_scale, mean, std, seed=cfg.seed,
-                                max_images=cfg.max_images, **vfm_kw)
+    if hasattr(method_cls, "build_dataset"):  # a method with its own data (SynSeg: images + caption labels)
+        data, collate = method_cls.build_dataset(cfg, mean, std)
+        categories = data.categories
+    else:
+        data = RegionDistillDataset(cfg.data_root, cfg.split, cfg.regions, cfg.student_size, cfg.crop_size,
+                                    cfg.max_split, cfg.max_boxes, cfg.thing_crop_scale, mean, std, seed=cfg.seed,
+                                    max_images=cfg.max_images, **vfm_kw)
+        collate, categories = collate_regions, data.coco.categories
     # what a method may need besides images and regions: the tokenizer of the (frozen) text tower and the
     # dataset's categories (id, name, and for the micro world synonyms/definition) to turn label ids into text
-    distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=data.coco.categories, **cfg.method_args)
-    return Trainer(cfg, distiller, data, collate_regions, teacher_state=teacher.state_dict(), info=info)
+    distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=categories, **cfg.method_args)
+    return Trainer(cfg, distiller, data, collate, teacher_state=teacher.state_dict(), info=info)
 
 
 def train(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = (), out_dir: str | None = None,

@@ -1,0 +1,623 @@
+"""SynSeg: Feature Synergy Structure + Multi-Category Contrastive Learning (Zhang et al., ICME'26; paper 002).
+
+Weakly supervised OVSS: a frozen CLIP (image and text towers), a FiLM-conditioned CLIPSeg-style decoder
+(:mod:`ovlib.models.film_decoder`) giving one semantic-activation map per (image, category), trained only from
+the categories named by the image's caption (:mod:`ovlib.data.nouns`) -- no mask, no box. Only FiLM, the
+decoder and the FSS projector train (§III-A).
+
+**Feature Synergy Structure** (§III-A; the paper gives no equation, this is our reading, stated once): for a
+category ``c`` of image ``I`` with activation map ``A_c = sigmoid(decoder logits) (H, W)`` and projected
+conditional features ``X_c (D, h, w)`` (the post-decoder map conditioned on ``t_c``, through the convolutional
+projector to the text dimension ``D``)::
+
+    f_c    = (A_c X_c) / (hw)          foreground synergy vector   (D,)
+    fbar_c = ((1 - A_c) X_c) / (hw)    background synergy vector   (D,)
+
+with ``A_c`` average-pooled to the feature grid ``(h, w)`` (identical to the pixel-level product with ``X_c``
+nearest-upsampled to ``(H, W)``); ``/ hw`` and ``1 - A`` follow C2AM [32], which the paper cites
+(``CVI-SZU/CCAM:CUSTOM/core/model.py``, convention only). ``A = 1`` gives ``f = mean(X)``, ``fbar = 0``.
+
+**MCCL** (Eqs. 3-9 of our copy; ``reference/implementations.md`` §7.1-7.2), with the bounded cosine
+``sim(a, b) = clamp(cos(a, b), eps, 1 - eps)``, ``eps = 0.005`` (``sim_map="clamp"``; ``"affine"`` maps
+``(1 + cos) / 2`` first -- one reading of our copy's garbled Eq. 4, kept for the ablation)::
+
+    L_align = -(1/N) sum_c log sim(f_c, t_c)                                   (Eq. 5)
+    L_cont  = -(1/N) sum_c [cos(f_c, fbar_c) > 0.1] log(1 - sim(f_c, fbar_c))  (Eq. 6; App. D3 threshold)
+    L_back  = -(1/N_pair) sum_{j,k} log sim(fbar_j, fbar_k)                     (Eq. 7)
+    L_sep   = -(1/N_pair) sum_{j,k} log(1 - sim(f_j, f_k))                      (Eq. 8)
+    L       = l1 L_align + l2 L_cont + l3 L_back + l4 L_sep                      (Eq. 9)
+
+**j = k** (``diagonal``): our copy defines ``N_pair`` as "the number of ordered category pairs with [j != k]"
+(the condition was lost in extraction), the reference reading is ``N_pair = N^2``. Default ``"exclude"``: the
+sums run over ordered pairs ``j != k`` and ``N_pair = N(N-1)``; an image with one category has no pair and
+does not enter ``L_back``/``L_sep``. ``"include"``: all ``N^2`` pairs; the diagonal then adds the constants
+``-log(1 - eps) / N`` (``L_back``) and ``-log(eps) / N`` (``L_sep``, 5.30 / N) with zero gradient (the clamp
+saturates). ``L_cont``'s threshold masks pairs but keeps the ``1/N`` normaliser. Batch loss: the mean over
+images where a term is defined.
+
+**Clamp gradient** (``clamp_grad``): ``"zero"`` (default) is ``torch.clamp``, literal: a pair outside
+``[eps, 1 - eps]`` contributes its bounded value and **no gradient** (``cos(f, t) <= 0.005`` stops ``L_align``,
+``cos >= 0.995`` stops ``L_cont``/``L_sep``). The paper starts its decoder from CLIPSeg's weights; ours starts
+from scratch, and with an identity FiLM every category's ``f`` is the same vector, so all four terms can sit on a
+bound at step 0 (they do with a random micro CLIP; with the pre-trained one ``L_align`` is live). ``"straight"``
+keeps the clamped values and passes the gradient of the unclamped cosine (straight-through), for the ablation.
+
+**Loss weights and learning rate** were lost from our copy's appendix (App. D3 prints "the loss weights are set
+to , , , and ; the learning rate is with a weight decay of"): :data:`DEFAULT_LOSS_WEIGHTS` (all 1, the
+neutral choice) and :data:`DEFAULT_LR` / :data:`DEFAULT_WEIGHT_DECAY` are ours; the trainer's
+``loss_weights`` / ``lr`` override them for ablations.
+
+**Inference** (§III-A, App. B): activation maps ``sigmoid`` per category; the five-view strategy (four
+non-overlapping quadrants + the whole image, each resized to the CLIP input size, one batch; maps resized back
+and averaged where views overlap); labels = argmax over categories, and with a background class the pixels
+whose best activation is below the threshold (0.1-0.6 in Fig. 3) become background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ovlib.methods.base import Distiller
+from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers
+
+__all__ = [
+    "CLAMP_GRADS",
+    "CONT_THRESHOLD",
+    "DEFAULT_LOSS_WEIGHTS",
+    "DEFAULT_LR",
+    "DEFAULT_WEIGHT_DECAY",
+    "DIAGONAL_MODES",
+    "SIM_EPS",
+    "SIM_MAPS",
+    "SynSeg",
+    "SynSegConfig",
+    "SynSegEvalConfig",
+    "align_loss",
+    "back_loss",
+    "bound",
+    "bounded_cosine",
+    "cont_loss",
+    "evaluate_synseg",
+    "five_views",
+    "label_map",
+    "load_synseg",
+    "mccl_losses",
+    "merge_views",
+    "pool_to_grid",
+    "predict_probs",
+    "sep_loss",
+    "synergy_vectors",
+    "total_loss",
+    "train_step",
+]
+
+#: lambda_1..4 of Eq. 9 (align, cont, back, sep). The paper's values were lost from our copy: ours, all 1.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"align": 1.0, "cont": 1.0, "back": 1.0, "sep": 1.0}
+#: AdamW learning rate / weight decay of the trainable decoder (lost from our copy; ours, chosen for a
+#: decoder trained from scratch -- CLIPSeg's initialisation is not available for the micro CLIP).
+DEFAULT_LR = 1e-3
+DEFAULT_WEIGHT_DECAY = 1e-4
+SIM_EPS = 0.005  # §4.2: cosine clipped into [0.005, 0.995]
+CONT_THRESHOLD = 0.1  # App. D3: L_cont only for fg/bg pairs with cosine > 0.1
+SIM_MAPS = ("clamp", "affine")
+CLAMP_GRADS = ("zero", "straight")
+DIAGONAL_MODES = ("exclude", "include")
+TEMPLATE_SETS = ("micro", "vild", "bare")
+
+
+# --------------------------------------------------------------------------------------------- MCCL
+def bound(cos: torch.Tensor, eps: float = SIM_EPS, sim_map: str = "clamp", clamp_grad: str = "zero"
+          ) -> torch.Tensor:
+    """The bounded similarity of Eqs. 3-4: ``clamp(cos, eps, 1 - eps)`` (``"clamp"``) or
+    ``clamp((1 + cos) / 2, eps, 1 - eps)`` (``"affine"``).
+
+    ``clamp_grad``: ``"zero"`` -- ``torch.clamp``'s gradient, 0 outside the bounds (the literal clamp: a
+    saturated pair gives no gradient); ``"straight"`` -- the same values with the gradient of the unclamped
+    similarity (straight-through), so a saturated pair still pushes (gradient ``-1/sim`` of ``-log sim`` at the
+    clamped value, finite)."""
+    if sim_map not in SIM_MAPS:
+        raise ValueError(f"sim_map must be one of {SIM_MAPS}, got {sim_map!r}")
+    if clamp_grad not in CLAMP_GRADS:
+        raise ValueError(f"clamp_grad must be one of {CLAMP_GRADS}, got {clamp_grad!r}")
+    if sim_map == "affine":
+        cos = (1.0 + cos) / 2.0
+    out = cos.clamp(eps, 1.0 - eps)
+    return out if clamp_grad == "zero" else cos + (out - cos).detach()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(a.float(), dim=-1, eps=1e-8) * F.normalize(b.float(), dim=-1, eps=1e-8)).sum(-1)
+
+
+def _cos_matrix(x: torch.Tensor) -> torch.Tensor:
+    x = F.normalize(x.float(), dim=-1, eps=1e-8)
+    return x @ x.T  # (N, N)
+
+
+def bounded_cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = SIM_EPS, sim_map: str = "clamp",
+                   clamp_grad: str = "zero") -> torch.Tensor:
+    """``sim(a, b)`` over the last dimension (broadcasting): ``(..., D), (..., D) -> (...)``."""
+    return bound(_cos(a, b), eps, sim_map, clamp_grad)
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be (N, D) with N >= 1, got {tuple(x.shape)}")
+
+
+def align_loss(f: torch.Tensor, t: torch.Tensor, **sim: Any) -> torch.Tensor:
+    """Eq. 5: ``-(1/N) sum_c log sim(f_c, t_c)`` for ``f, t (N, D)`` of one image (``sim``: the keyword
+    arguments of :func:`bound`: ``eps``, ``sim_map``, ``clamp_grad``)."""
+    _check(f, "f")
+    if t.shape != f.shape:
+        raise ValueError(f"f {tuple(f.shape)} and t {tuple(t.shape)} must have the same shape")
+    return -torch.log(bound(_cos(f, t), **sim)).mean()
+
+
+def cont_loss(f: torch.Tensor, fbar: torch.Tensor, threshold: float | None = CONT_THRESHOLD, **sim: Any
+              ) -> torch.Tensor:
+    """Eq. 6: ``-(1/N) sum_c m_c log(1 - sim(f_c, fbar_c))``, ``m_c = [cos(f_c, fbar_c) > threshold]``
+    (App. D3; ``threshold=None``: every pair)."""
+    _check(f, "f")
+    if fbar.shape != f.shape:
+        raise ValueError(f"f {tuple(f.shape)} and fbar {tuple(fbar.shape)} must have the same shape")
+    cos = _cos(f, fbar)  # (N,)
+    terms = -torch.log(1.0 - bound(cos, **sim))
+    if threshold is not None:
+        terms = torch.where(cos.detach() > threshold, terms, torch.zeros_like(terms))
+    return terms.sum() / f.shape[0]
+
+
+def _pair_loss(x: torch.Tensor, positive: bool, diagonal: str, **sim: Any) -> torch.Tensor | None:
+    _check(x, "features")
+    if diagonal not in DIAGONAL_MODES:
+        raise ValueError(f"diagonal must be one of {DIAGONAL_MODES}, got {diagonal!r}")
+    n = x.shape[0]
+    s = bound(_cos_matrix(x), **sim)  # (N, N)
+    terms = -torch.log(s) if positive else -torch.log(1.0 - s)
+    if diagonal == "include":
+        return terms.sum() / (n * n)
+    if n < 2:
+        return None  # no ordered pair j != k
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    return terms[off].sum() / (n * (n - 1))
+
+
+def back_loss(fbar: torch.Tensor, diagonal: str = "exclude", **sim: Any) -> torch.Tensor | None:
+    """Eq. 7: ``-(1/N_pair) sum_{j,k} log sim(fbar_j, fbar_k)``; ``None`` when there is no pair."""
+    return _pair_loss(fbar, True, diagonal, **sim)
+
+
+def sep_loss(f: torch.Tensor, diagonal: str = "exclude", **sim: Any) -> torch.Tensor | None:
+    """Eq. 8: ``-(1/N_pair) sum_{j,k} log(1 - sim(f_j, f_k))``; ``None`` when there is no pair."""
+    return _pair_loss(f, False, diagonal, **sim)
+
+
+def mccl_losses(f: torch.Tensor, fbar: torch.Tensor, t: torch.Tensor, owner: torch.Tensor,
+                cont_threshold: float | None = CONT_THRESHOLD, diagonal: str = "exclude", **sim: Any
+                ) -> dict[str, torch.Tensor]:
+    """The four unweighted MCCL terms of a batch: ``f, fbar, t (P, D)`` over (image, category) pairs,
+    ``owner (P,)`` the image of each pair. Each term is the mean over the images where it is defined
+    (a graph-connected zero when it is defined nowhere)."""
+    if not (f.shape == fbar.shape == t.shape) or owner.shape != f.shape[:1]:
+        raise ValueError(f"f {tuple(f.shape)}, fbar {tuple(fbar.shape)}, t {tuple(t.shape)} must match and owner "
+                         f"{tuple(owner.shape)} must be (P,)")
+    per: dict[str, list[torch.Tensor]] = {k: [] for k in DEFAULT_LOSS_WEIGHTS}
+    for b in torch.unique(owner).tolist():
+        m = owner == b
+        fi, fbi, ti = f[m], fbar[m], t[m]  # (N_b, D)
+        per["align"].append(align_loss(fi, ti, **sim))
+        per["cont"].append(cont_loss(fi, fbi, cont_threshold, **sim))
+        for name, val in (("back", back_loss(fbi, diagonal, **sim)), ("sep", sep_loss(fi, diagonal, **sim))):
+            if val is not None:
+                per[name].append(val)
+    zero = (f.sum() + fbar.sum()) * 0.0
+    return {k: torch.stack(v).mean() if v else zero for k, v in per.items()}
+
+
+def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Eq. 9: ``sum_k lambda_k L_k`` (missing weights are :data:`DEFAULT_LOSS_WEIGHTS`'s, unknown names an
+    error) -- what the trainer computes from ``DistillConfig.loss_weights``."""
+    w = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
+    unknown = sorted(set(w) - set(terms))
+    if unknown:
+        raise ValueError(f"loss weights name unknown term(s) {unknown}; terms: {sorted(terms)}")
+    return sum(float(w[k]) * v.float() for k, v in terms.items())
+
+
+# --------------------------------------------------------------------------------------------- FSS
+def pool_to_grid(A: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``A (P, H, W) -> (P, h, w)`` by area averaging (exact patch means when ``H = h * ph``)."""
+    if A.ndim != 3:
+        raise ValueError(f"activation maps must be (P, H, W), got {tuple(A.shape)}")
+    if tuple(A.shape[-2:]) == tuple(grid):
+        return A
+    return F.adaptive_avg_pool2d(A[:, None], tuple(grid))[:, 0]
+
+
+def synergy_vectors(A: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FSS: ``f = (A X) / hw``, ``fbar = ((1 - A) X) / hw`` for ``A (P, h, w)`` in [0, 1] and
+    ``X (P, D, h, w)`` -> ``(P, D), (P, D)``."""
+    if A.ndim != 3 or X.ndim != 4 or A.shape[0] != X.shape[0] or A.shape[-2:] != X.shape[-2:]:
+        raise ValueError(f"A must be (P, h, w) and X (P, D, h, w) on the same grid; got {tuple(A.shape)}, "
+                         f"{tuple(X.shape)}")
+    hw = A.shape[-1] * A.shape[-2]
+    X = X.float()
+    A = A.float()
+    f = torch.einsum("phw,pdhw->pd", A, X) / hw
+    fbar = torch.einsum("phw,pdhw->pd", 1.0 - A, X) / hw
+    return f, fbar
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class SynSegConfig:
+    """Options of :class:`SynSeg` (``DistillConfig.method_args``); model, loss and data fields."""
+
+    input_size: int | None = None  # px of the CLIP input; None = the tower's native size (paper: 224)
+    extract_layers: tuple[int, ...] | None = None  # 0-based blocks; None = default_extract_layers (3,6,9 of 12)
+    reduce_dim: int = 64  # CLIPSeg's reduce_dim
+    heads: int = 4
+    film_hidden: int = 256  # 0 = linear FiLM (CLIPSeg)
+    proj_kernel: int = 3  # the FSS projector's convolution
+    eps: float = SIM_EPS
+    sim_map: str = "clamp"
+    clamp_grad: str = "zero"  # "zero": torch.clamp's gradient | "straight": straight-through (see bound)
+    cont_threshold: float | None = CONT_THRESHOLD
+    diagonal: str = "exclude"
+    templates: str = "micro"  # text anchors t_c: "micro" (MICRO_TEMPLATES), "vild" (63), "bare" (Eq. 2: the name)
+    chunk: int = 512  # (image, category) pairs per decoder call at inference
+    # data (CaptionLabelDataset, through SynSeg.build_dataset)
+    extractor: str = "template"  # "template" | "spacy"
+    caption_pick: str = "one"  # "one" caption per image and epoch | "all" (union)
+    exclusions: tuple[str, ...] | None = None  # None = ovlib.data.nouns.DEFAULT_EXCLUSIONS
+    exclusion_match: str = "word"  # "word" | "substring" (the paper's partial matching)
+
+    def __post_init__(self):
+        if self.sim_map not in SIM_MAPS:
+            raise ValueError(f"sim_map must be one of {SIM_MAPS}, got {self.sim_map!r}")
+        if self.clamp_grad not in CLAMP_GRADS:
+            raise ValueError(f"clamp_grad must be one of {CLAMP_GRADS}, got {self.clamp_grad!r}")
+        if self.diagonal not in DIAGONAL_MODES:
+            raise ValueError(f"diagonal must be one of {DIAGONAL_MODES}, got {self.diagonal!r}")
+        if self.templates not in TEMPLATE_SETS:
+            raise ValueError(f"templates must be one of {TEMPLATE_SETS}, got {self.templates!r}")
+        if not 0.0 < self.eps < 0.5:
+            raise ValueError(f"eps must be in (0, 0.5), got {self.eps}")
+        if self.extract_layers is not None:
+            self.extract_layers = tuple(int(i) for i in self.extract_layers)
+        if self.exclusions is not None:
+            self.exclusions = tuple(self.exclusions)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SynSegConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"synseg: unknown option(s) {unknown}; known: {sorted(names)}")
+        return cls(**options)
+
+
+def _templates(kind: str) -> tuple[str, ...]:
+    from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES
+
+    return {"micro": MICRO_TEMPLATES, "vild": VILD_TEMPLATES, "bare": ("{}",)}[kind]
+
+
+class SynSeg(Distiller):
+    """SynSeg through the shared trainer: ``forward(batch)`` returns the unweighted MCCL terms
+    ``align``, ``cont``, ``back``, ``sep``.
+
+    ``student`` is the CLIP; it is frozen here whatever ``unlocked_blocks`` says (only ``decoder`` -- FiLM,
+    reduces, transformer layers, upsampling, projector -- trains). Batch keys: ``images (B, 3, S, S)``
+    (normalised; resized to ``input_size`` if needed) and ``category_ids`` (list of ``(N_b,)`` ids named by the
+    captions, :class:`~ovlib.data.nouns.CaptionLabelDataset`); ``image_labels`` (GT image-level tags, a
+    stronger supervision) is accepted when ``category_ids`` is absent. Text anchors ``t_c`` of ``categories``
+    are embedded once by the frozen text tower (buffer ``text_bank (K, D)``, unit norm).
+    """
+
+    name = "synseg"
+    loss_names = ("align", "cont", "back", "sep")
+    needs = frozenset()
+
+    def __init__(self, student: nn.Module, frozen: dict[str, nn.Module] | None = None, tokenizer: Any = None,
+                 categories: list[dict] | None = None, **options: Any):
+        super().__init__(student, frozen or {}, tokenizer=tokenizer, categories=categories)
+        self.cfg = SynSegConfig.from_options(options)
+        self.options = dataclasses.asdict(self.cfg)
+        student.requires_grad_(False)
+        student.eval()
+        from ovlib.models.adapter import vit_adapter
+
+        self.adapter = vit_adapter(student)
+        ad = self.adapter
+        self.layers = self.cfg.extract_layers or default_extract_layers(ad.num_blocks)
+        self.input_size = int(self.cfg.input_size or ad.native_grid[0] * ad.patch_size[0])
+        if self.input_size % ad.patch_size[0]:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of the patch size {ad.patch_size}")
+        self.decoder = CLIPSegDecoder(ad.width, ad.out_dim, len(self.layers), ad.patch_size, self.cfg.reduce_dim,
+                                      self.cfg.heads, film_hidden=self.cfg.film_hidden, proj_dim=ad.out_dim,
+                                      proj_kernel=self.cfg.proj_kernel, n_prefix=ad.num_prefix)
+        ids = [int(c["id"]) for c in self.categories]
+        self.cat_row = {c: i for i, c in enumerate(ids)}
+        dev = next(student.parameters()).device
+        self.register_buffer("text_bank", torch.zeros(len(ids), ad.out_dim, device=dev))  # (K, D) anchors t_c
+        if tokenizer is not None and ids:
+            self.text_bank.copy_(self.embed_text([c["name"] for c in self.categories]))
+
+    # ------------------------------------------------------------------------------------------- pieces
+    @classmethod
+    def build_dataset(cls, cfg, mean, std):
+        """The launcher's hook: images + caption-derived category ids (no regions, no crops)."""
+        from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabelDataset, collate_caption_labels
+
+        a = SynSegConfig.from_options(dict(cfg.method_args))
+        data = CaptionLabelDataset(cfg.data_root, cfg.split, size=a.input_size or cfg.student_size, mean=mean,
+                                   std=std, caption_pick=a.caption_pick, seed=cfg.seed, max_images=cfg.max_images,
+                                   extractor=a.extractor, exclusions=a.exclusions or DEFAULT_EXCLUSIONS,
+                                   match=a.exclusion_match)
+        return data, collate_caption_labels
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.student.eval()  # frozen: no dropout / patch dropout
+        return self
+
+    @torch.no_grad()
+    def embed_text(self, names: Sequence[str | Sequence[str]]) -> torch.Tensor:
+        """``(C, D)`` unit-norm anchors ``t_c`` of class names (template set ``cfg.templates``)."""
+        from ovlib.eval.text import text_embeddings
+
+        if self.tokenizer is None:
+            raise ValueError("synseg: embedding text needs the tokenizer of the CLIP")
+        dev = next(self.student.parameters()).device
+        return text_embeddings(self.student, self.tokenizer, names, _templates(self.cfg.templates), device=dev)
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S) -> (B, 3, s, s)`` with ``s = input_size`` (bilinear, antialiased)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) == (self.input_size, self.input_size):
+            return images
+        return F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                             align_corners=False, antialias=True)
+
+    def pairs(self, labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``owner (P,)`` image index and ``rows (P,)`` text-bank row of every (image, category) pair."""
+        owner, rows = [], []
+        for b, ids in enumerate(labels):
+            for c in sorted({int(x) for x in torch.as_tensor(ids).reshape(-1).tolist()}):
+                if c not in self.cat_row:
+                    raise ValueError(f"synseg: category id {c} of image {b} is not among the method's categories "
+                                     f"({sorted(self.cat_row)[:10]}...)")
+                owner.append(b)
+                rows.append(self.cat_row[c])
+        dev = self.text_bank.device
+        return torch.tensor(owner, dtype=torch.long, device=dev), torch.tensor(rows, dtype=torch.long, device=dev)
+
+    def decode(self, acts: list[torch.Tensor], grid: tuple[int, int], owner: torch.Tensor, text: torch.Tensor,
+               project: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder over pairs: CLIP tokens of image ``owner[p]`` conditioned on ``text[p]`` -> logits
+        ``(P, s, s)`` and projected conditional features ``X (P, D, h, w)`` (None without ``project``)."""
+        return self.decoder(acts, text.to(acts[0].dtype), grid, owner=owner, project=project)
+
+    # ------------------------------------------------------------------------------------------- training
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        labels = batch.get("category_ids", batch.get("image_labels"))
+        if labels is None:
+            raise KeyError("synseg needs batch['category_ids'] (caption-derived, CaptionLabelDataset) or "
+                           "batch['image_labels']")
+        images = self.resize(batch["images"])  # (B, 3, s, s)
+        if len(labels) != images.shape[0]:
+            raise ValueError(f"{len(labels)} label sets for {images.shape[0]} images")
+        owner, rows = self.pairs(labels)  # (P,), (P,)
+        if owner.numel() == 0:  # no image of the batch has a category: nothing to learn
+            zero = sum(p.sum() for p in self.decoder.parameters()) * 0.0
+            return {k: zero for k in self.loss_names}
+        acts, grid = clip_block_activations(self.adapter, images, self.layers)  # [(B, L, W)]
+        text = self.text_bank[rows]  # (P, D)
+        logits, X = self.decode(acts, grid, owner, text)  # (P, s, s), (P, D, h, w)
+        A = pool_to_grid(torch.sigmoid(logits.float()), grid)  # (P, h, w)
+        f, fbar = synergy_vectors(A, X)  # (P, D), (P, D)
+        c = self.cfg
+        return mccl_losses(f, fbar, text.float(), owner, c.cont_threshold, c.diagonal, eps=c.eps,
+                           sim_map=c.sim_map, clamp_grad=c.clamp_grad)
+
+    # ------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def activation_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``images (B, 3, S, S)`` normalised, ``text (C, D)`` unit-norm anchors -> ``(B, C, s, s)`` logits of
+        every (image, class) pair; the CLIP runs once per image, the decoder in chunks of ``cfg.chunk`` pairs."""
+        images = self.resize(images)
+        B, C = images.shape[0], text.shape[0]
+        acts, grid = clip_block_activations(self.adapter, images, self.layers)
+        text = text.to(images.device)
+        owner = torch.arange(B, device=images.device).repeat_interleave(C)  # (B*C,)
+        rows = torch.arange(C, device=images.device).repeat(B)
+        out = []
+        for s in range(0, B * C, self.cfg.chunk):
+            o, r = owner[s:s + self.cfg.chunk], rows[s:s + self.cfg.chunk]
+            out.append(self.decode(acts, grid, o, text[r], project=False)[0].float())
+        return torch.cat(out).reshape(B, C, self.input_size, self.input_size)
+
+
+def train_step(model: SynSeg, batch: dict[str, Any], opt: torch.optim.Optimizer,
+               weights: dict[str, float] | None = None) -> dict[str, float]:
+    """One optimiser step outside the trainer (a chapter's demo cell): MCCL terms, Eq. 9, backward, step.
+    Returns the terms and ``loss`` as floats."""
+    model.train()
+    terms = model(batch)
+    loss = total_loss(terms, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
+
+
+def load_synseg(weights: str, clip: nn.Module, tokenizer: Any = None, categories: list[dict] | None = None,
+                **options: Any) -> SynSeg:
+    """A trained SynSeg from a trainer checkpoint (``ensemble-final.pt`` / ``last.pt``, weights_only) over
+    ``clip`` (its architecture; its weights are replaced by the checkpoint's ``student.*``). ``categories`` and
+    ``options`` must be the run's (``method_args``): the text bank's shape depends on them."""
+    from ovlib.io import safe_load
+
+    ck = safe_load(weights, map_location="cpu")
+    sd = ck.get("model", ck) if isinstance(ck, dict) else ck
+    model = SynSeg(clip, {}, tokenizer=None, categories=categories, **options)
+    model.load_state_dict(sd, strict=True)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- multi-view
+def five_views(image: torch.Tensor, size: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """App. B: ``image (3, H, W)`` -> ``views (5, 3, size, size)``: the four non-overlapping quadrants
+    (split at ``H // 2``, ``W // 2``; row-major) then the whole image, each resized to ``size x size``
+    (bilinear, antialiased), and their boxes ``(y0, y1, x0, x1)`` in the image."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    H, W = image.shape[-2:]
+    if H < 2 or W < 2:
+        raise ValueError(f"image of {H}x{W} px cannot be split into quadrants")
+    hy, hx = H // 2, W // 2
+    boxes = [(0, hy, 0, hx), (0, hy, hx, W), (hy, H, 0, hx), (hy, H, hx, W), (0, H, 0, W)]
+    views = [F.interpolate(image[None, :, y0:y1, x0:x1].float(), size=(size, size), mode="bilinear",
+                           align_corners=False, antialias=True)[0] for y0, y1, x0, x1 in boxes]
+    return torch.stack(views), boxes
+
+
+def merge_views(maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], H: int, W: int) -> torch.Tensor:
+    """``maps (V, C, s, s)`` of the views in ``boxes`` -> ``(C, H, W)``: each map resized (bilinear) to its box
+    and the maps averaged per pixel over the views covering it (a pixel no view covers is an error)."""
+    if maps.ndim != 4 or maps.shape[0] != len(boxes):
+        raise ValueError(f"maps must be (V, C, s, s) with V = {len(boxes)}, got {tuple(maps.shape)}")
+    acc = maps.new_zeros(maps.shape[1], H, W, dtype=torch.float32)
+    cnt = maps.new_zeros(1, H, W, dtype=torch.float32)
+    for m, (y0, y1, x0, x1) in zip(maps, boxes):
+        acc[:, y0:y1, x0:x1] += F.interpolate(m[None].float(), size=(y1 - y0, x1 - x0), mode="bilinear",
+                                              align_corners=False)[0]
+        cnt[:, y0:y1, x0:x1] += 1
+    if (cnt == 0).any():
+        raise ValueError("merge_views: the views do not cover the image")
+    return acc / cnt
+
+
+@torch.no_grad()
+def predict_probs(model: SynSeg, image: torch.Tensor, text: torch.Tensor, views: int = 5,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """``image (3, H, W)`` in [0, 1] -> ``(C, H, W)`` activation probabilities (sigmoid) of the ``text (C, D)``
+    classes: ``views=5`` the five-view strategy (one batch of 5), ``views=1`` the whole image only."""
+    from ovlib.eval._common import normalize_images
+    from ovlib.train.pretrain import image_mean_std
+
+    if views not in (1, 5):
+        raise ValueError(f"views must be 1 or 5, got {views}")
+    if mean is None or std is None:
+        mean, std = image_mean_std(model.student)
+    H, W = image.shape[-2:]
+    dev = model.text_bank.device
+    if views == 5:
+        x, boxes = five_views(image, model.input_size)
+    else:
+        x, boxes = five_views(image, model.input_size)[0][4:], [(0, H, 0, W)]
+    probs = torch.sigmoid(model.activation_logits(normalize_images(x.to(dev), mean, std), text.to(dev)))
+    return merge_views(probs, boxes, H, W)
+
+
+def label_map(probs: torch.Tensor, threshold: float | None = None, background_index: int | None = None
+              ) -> torch.Tensor:
+    """``probs (C, H, W)`` -> ``(H, W)`` labels: argmax over classes; with ``background_index``, pixels whose
+    best activation is below ``threshold`` get it (datasets with a background class)."""
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be (C, H, W), got {tuple(probs.shape)}")
+    conf, lab = probs.max(0)
+    if background_index is not None:
+        if threshold is None:
+            raise ValueError("label_map: a background class needs a threshold")
+        lab = torch.where(conf < threshold, torch.full_like(lab, background_index), lab)
+    return lab
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class SynSegEvalConfig:
+    """``image_size``: longest side the image is resized to before the views (aspect kept); ``views``: 5 or 1;
+    ``threshold``: activation threshold of the background class; ``background``: evaluate with a background
+    class (classes = ``class_ids``; pixels of other segments are background, as VOC / COCO-Object);
+    ``present_only``: the classes absent from the image's ground truth are removed before the argmax -- an
+    oracle that separates localisation from recognition (not the paper's protocol)."""
+
+    image_size: int = 160
+    views: int = 5
+    threshold: float = 0.3
+    background: bool = False
+    present_only: bool = False  # diagnostic: argmax only among the classes of the image's GT (oracle recognition)
+
+
+def _target(segments: Sequence[dict], shape: tuple[int, int], cidx: dict[int, int], background: bool,
+            ignore_index: int = -1) -> torch.Tensor:
+    from ovlib.eval.segmentation import semantic_target
+
+    if not background:
+        return semantic_target(segments, shape, cidx, ignore_index)
+    bg = len(cidx)
+    gt = torch.full(shape, ignore_index, dtype=torch.long)
+    for seg in segments:
+        gt[torch.as_tensor(np.asarray(seg["mask"]), dtype=torch.bool)] = cidx.get(int(seg["category_id"]), bg)
+    return gt
+
+
+@torch.no_grad()
+def evaluate_synseg(model: SynSeg, dataset: Sequence, text: torch.Tensor, class_ids: Sequence[int],
+                    cfg: SynSegEvalConfig = SynSegEvalConfig(), thresholds: Sequence[float] | None = None,
+                    n_images: int = 0, n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """mIoU / mAcc (percent, bootstrap intervals over images) of SynSeg on a COCO-format panoptic dataset
+    (items with ``image (H, W, 3)`` and ``segments`` with ``mask``/``category_id``), with the metric functions
+    of :mod:`ovlib.eval.segmentation`. Returns evaluate_ovss's dict (``miou``, ``macc``, ``confusion``,
+    ``iou``); with ``thresholds`` (background mode), ``{threshold: that dict}`` from one inference pass."""
+    from ovlib.eval._common import category_index, dataset_indices
+    from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_confusion, miou_from_confusion
+    from ovlib.eval.segmentation import _resized
+    from ovlib.train.pretrain import _quiet
+
+    if thresholds is not None and not cfg.background:
+        raise ValueError("thresholds only matter with a background class (cfg.background=True)")
+    thr = list(thresholds) if thresholds is not None else [cfg.threshold]
+    cidx = category_index(class_ids)
+    C = len(class_ids) + (1 if cfg.background else 0)
+    bg = len(class_ids) if cfg.background else None
+    model.eval()
+    confs: dict[float, list[np.ndarray]] = {t: [] for t in thr}
+    for i in tqdm(dataset_indices(dataset, n_images), desc="SynSeg OVSS", **_quiet(progress)):
+        it = dataset[i]
+        image = np.asarray(it["image"])
+        H, W = image.shape[:2]
+        x = _resized(image, cfg.image_size)  # (3, h, w) in [0, 1]
+        probs = predict_probs(model, x, text, cfg.views)  # (C, h, w)
+        probs = F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].cpu()
+        gt = _target(it["segments"], (H, W), cidx, cfg.background)
+        if cfg.present_only:
+            keep = torch.zeros(len(class_ids), dtype=torch.bool)
+            keep[[cidx[int(s["category_id"])] for s in it["segments"] if int(s["category_id"]) in cidx]] = True
+            probs = torch.where(keep[:, None, None], probs, torch.full_like(probs, -1.0))
+        for t in thr:
+            confs[t].append(confusion_matrix(label_map(probs, t, bg), gt, C))
+
+    def summary(cs: list[np.ndarray]) -> dict[str, Any]:
+        arr = np.stack(cs) if cs else np.zeros((0, C, C), np.int64)
+        return {"miou": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
+                "macc": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[1], n_boot=n_boot, seed=seed),
+                "confusion": arr, "iou": iou_acc_from_confusion(arr.sum(0))[0] if len(arr) else None}
+
+    if thresholds is None:
+        return summary(confs[thr[0]])
+    return {t: summary(cs) for t, cs in confs.items()}
