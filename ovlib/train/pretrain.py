@@ -288,6 +288,12 @@ def _fast_adam(device: torch.device) -> dict:
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
+def _training_peak(bf16: bool, device: torch.device) -> float:
+    """The matmul peak (FLOP/s, in the precision the run uses) measured by the process that trains, so a
+    cached model's MFU is against the machine state of its own run (stored in ``info["matmul_peak"]``)."""
+    return matmul_peak(torch.bfloat16 if bf16 else torch.float32, n=512, seconds=0.3, device=device)
+
+
 def _state_path(final: Path) -> Path:
     return final.with_name(final.name[: -len(".pt")] + ".state.pt")
 
@@ -335,6 +341,7 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
 
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     use_bf16 = resolve_precision(cfg.precision, device)
+    peak = _training_peak(use_bf16, device)
     batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size, step * cfg.batch_size,
                              cfg.num_workers, object_views=cfg.object_views,
                              view_render_size=cfg.view_render_size, view_context=cfg.view_context)
@@ -375,7 +382,7 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
     blas.restore_original_limits()
     info = {"history": history, "train_seconds": train_seconds,
             "samples_per_s": len(history) and step * cfg.batch_size / max(train_seconds, 1e-9),
-            "bf16": use_bf16, "config": asdict(cfg)}
+            "bf16": use_bf16, "matmul_peak": peak, "config": asdict(cfg)}
     if step < cfg.steps:
         save_state()
         return model.eval(), tokenizer, dict(info, loaded=False, path=str(state_file))
@@ -465,6 +472,7 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
 
     mean, std = image_mean_std(student)
     use_bf16 = resolve_precision(cfg.precision, device)
+    peak = _training_peak(use_bf16, device)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size,
                              _VFM_STREAM_OFFSET + step * cfg.batch_size, cfg.num_workers)
@@ -519,7 +527,7 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
     blas.restore_original_limits()
     info = {"history": history, "train_seconds": train_seconds,
             "samples_per_s": len(history) and step * cfg.batch_size / max(train_seconds, 1e-9),
-            "bf16": use_bf16, "config": asdict(cfg)}
+            "bf16": use_bf16, "matmul_peak": peak, "config": asdict(cfg)}
     teacher = t_net["backbone"]
     if step < cfg.steps:
         save_state()
