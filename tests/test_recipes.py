@@ -143,7 +143,8 @@ def _losses(res):
 
 @pytest.mark.parametrize("method", [
     "clipself", "synclip",
-    *[pytest.param(m, marks=pytest.mark.slow) for m in ("regiontext", "sc-clipself", "rsc-e2e", "refiner", "declip")],
+    *[pytest.param(m, marks=pytest.mark.slow)
+      for m in ("regiontext", "sc-clipself", "rsc-e2e", "refiner", "declip", "denserc")],
 ])
 def test_same_seed_gives_identical_metrics(launcher_env, tmp_path, method):
     """Determinism: two smoke runs of a method with the same seed log identical losses, step by step."""
