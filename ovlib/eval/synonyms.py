@@ -25,10 +25,17 @@ Top-1 accuracy; OVSS: IoU) and its difference from ``original``; seeded protocol
 deviation over seeds. For OVSS the per-class score is the IoU with mmseg's convention (``nan`` only for a
 class absent from both ground truth and prediction), so a class predicted but absent from the ground truth
 counts as 0 under the protocol that predicts it; ``n_classes`` then differs between protocols.
+
+Also here (chapter 4): :func:`synonym_map_stats` / :func:`synonym_attention_consistency` measure the
+phenomenon SynCLIP starts from -- how much an object's cosine map ("attention") changes when its name is
+replaced by a synonym; :func:`bootstrap_diff` gives the interval of a difference between two trained
+variants, resampling the evaluation images (paired) and each variant's training seeds (with one run per
+variant it equals :func:`ovlib.eval.students.paired_diff_ci`; :func:`ovlib.eval.students.verdict` reads it).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +48,7 @@ __all__ = [
     "EXTRA_PROTOCOLS",
     "PROTOCOLS",
     "SEEDED",
+    "bootstrap_diff",
     "class_ids",
     "class_splits",
     "drop_table",
@@ -51,6 +59,8 @@ __all__ = [
     "protocol_runs",
     "protocol_text_embeddings",
     "region_synonym_robustness",
+    "synonym_attention_consistency",
+    "synonym_map_stats",
 ]
 
 PROTOCOLS = ("original", "first_synonym", "random_synonym", "synonym_ensemble")
@@ -204,23 +214,192 @@ def region_synonym_robustness(rf: Any, model: Any, tokenizer: Callable, categori
     return {"per_class": per, "table": drop_table(per, class_splits(categories)), "class_ids": ids}
 
 
+def _memoized(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` with its outputs cached by the input's shape and bytes (the same windows of the same images are
+    seen once per protocol; only the text changes)."""
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), str(x.dtype),
+               hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
+        if key not in cache:
+            cache[key] = fn(x)
+        return cache[key]
+
+    wrapped.cache = cache  # type: ignore[attr-defined]
+    return wrapped
+
+
 def ovss_synonym_robustness(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, model: Any,
                             tokenizer: Callable, categories: Sequence[Any], cfg: Any = None,
                             protocols: Sequence[str] = PROTOCOLS, seeds: Sequence[int] = (0,),
                             templates: Sequence[str] = MICRO_TEMPLATES, n_images: int = 0,
-                            device: str | torch.device = "cpu") -> dict[str, Any]:
+                            device: str | torch.device = "cpu", cache_dense: bool = True,
+                            n_boot: int = 1000, boot_seed: int = 0,
+                            texts: Mapping[tuple[str, int], torch.Tensor] | None = None) -> dict[str, Any]:
     """OVSS (:func:`ovlib.eval.segmentation.evaluate_ovss`) under every protocol; per-class IoU drop table.
 
-    Returns ``{"per_class": {(protocol, seed): (C,) IoU}, "miou": {(protocol, seed): (pt, lo, hi)},
+    ``cache_dense`` computes the dense maps of the sliding windows once and reuses them for every protocol
+    (exact: only the class embeddings change). ``texts`` may pass precomputed
+    :func:`protocol_text_embeddings` (then ``protocols``/``seeds``/``templates`` are not used). Returns ``{"per_class": {(protocol, seed): (C,) IoU},
+    "miou": {(protocol, seed): (pt, lo, hi)}, "confusion": {(protocol, seed): (N, C, C) per image},
     "table": rows, "class_ids": [...]}``."""
     from ovlib.eval.segmentation import OVSSConfig, evaluate_ovss
 
     cfg = cfg or OVSSConfig()
     ids = class_ids(categories)
-    texts = protocol_text_embeddings(model, tokenizer, categories, protocols, seeds, templates, device=device)
-    per, miou = {}, {}
+    if texts is None:
+        texts = protocol_text_embeddings(model, tokenizer, categories, protocols, seeds, templates, device=device)
+    fn = _memoized(dense_fn) if cache_dense else dense_fn
+    per, miou, conf = {}, {}, {}
     for pk, text in texts.items():
-        r = evaluate_ovss(dense_fn, dataset, text, ids, cfg, n_images=n_images, progress=False)
+        r = evaluate_ovss(fn, dataset, text, ids, cfg, n_images=n_images, n_boot=n_boot, seed=boot_seed,
+                          progress=False)
         iou = np.asarray(r["iou"], dtype=np.float64)[: len(ids)]
-        per[pk], miou[pk] = iou, r["miou"]
-    return {"per_class": per, "miou": miou, "table": drop_table(per, class_splits(categories)), "class_ids": ids}
+        per[pk], miou[pk], conf[pk] = iou, r["miou"], r["confusion"]
+    return {"per_class": per, "miou": miou, "confusion": conf, "table": drop_table(per, class_splits(categories)),
+            "class_ids": ids}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The phenomenon: how much a class's "attention" map moves when its name is replaced by a synonym
+# ---------------------------------------------------------------------------------------------------------
+def synonym_map_stats(maps: torch.Tensor, inside: torch.Tensor | None = None) -> dict[str, float]:
+    """Consistency of the maps of one object under ``S`` names: ``maps (S, M)`` (cosine of each name's
+    embedding with every dense token, SynCLIP's ``A_label``), ``inside (M,)`` bool = the object's tokens.
+
+    * ``spread``: mean over tokens of the standard deviation across names (population std) -- the raw
+      variation the paper's figure shows; it scales with the cosine range of the model;
+    * ``rel_spread``: ``spread`` divided by the mean over names of each map's own standard deviation over
+      tokens -- variation across names relative to the map's spatial contrast (scale-free);
+    * ``corr``: mean Pearson correlation over token positions of every pair of names (1 = the same map up to
+      an affine change; ``nan`` with fewer than two names or for a constant map);
+    * ``hit``: fraction of names whose highest token lies on the object (``nan`` without ``inside``).
+    """
+    if maps.ndim != 2 or maps.shape[0] < 1 or maps.shape[1] < 1:
+        raise ValueError(f"maps must be (S, M) with S, M >= 1, got {tuple(maps.shape)}")
+    x = maps.detach().double().cpu()  # (S, M)
+    S, M = x.shape
+    spread = float(x.std(dim=0, unbiased=False).mean())
+    own = float(x.std(dim=1, unbiased=False).mean())
+    out = {"spread": spread, "rel_spread": spread / own if own > 0 else float("nan")}
+    if S >= 2:
+        z = x - x.mean(dim=1, keepdim=True)
+        nrm = z.norm(dim=1)
+        ok = nrm > 0
+        if int(ok.sum()) >= 2:
+            zn = z[ok] / nrm[ok, None]
+            c = zn @ zn.T  # (S', S')
+            iu = torch.triu_indices(c.shape[0], c.shape[0], offset=1)
+            out["corr"] = float(c[iu[0], iu[1]].mean())
+        else:
+            out["corr"] = float("nan")
+    else:
+        out["corr"] = float("nan")
+    if inside is not None:
+        inside = torch.as_tensor(inside, dtype=torch.bool).reshape(-1).cpu()
+        if inside.numel() != M:
+            raise ValueError(f"inside must have M = {M} entries, got {inside.numel()}")
+        out["hit"] = float(inside[x.argmax(dim=1)].double().mean()) if inside.any() else float("nan")
+    else:
+        out["hit"] = float("nan")
+    return out
+
+
+@torch.no_grad()
+def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, model: Any,
+                                  tokenizer: Callable, categories: Sequence[Any], image_size: int = 160,
+                                  n_images: int = 0, templates: Sequence[str] = MICRO_TEMPLATES,
+                                  batch_size: int = 16, device: str | torch.device = "cpu",
+                                  class_text: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
+    """:func:`synonym_map_stats` of every GT thing of the first ``n_images`` images (0 = all).
+
+    A thing's names are its class name and all its synonyms (held-out ones included), each embedded with the
+    template ensemble (``class_text`` may pass them in: ``{category id: (S, D)}`` unit-norm, row 0 = the
+    name); the dense map of the student image (longest side ``image_size``, bottom/right pad) comes from
+    ``dense_fn`` (``images in [0, 1] -> (B, D, h, w)``, unit-norm tokens). ``inside`` = the grid cells covered
+    at least half by the segment (:func:`ovlib.eval.region_cls.region_masks_at_grid`). Returns per-object arrays
+    ``{"category_id", "split", "spread", "rel_spread", "corr", "hit"}`` and ``"class_text"``.
+    """
+    from ovlib.eval._common import dataset_indices, student_image
+    from ovlib.eval.region_cls import region_masks_at_grid
+
+    splits = dict(zip(class_ids(categories), class_splits(categories)))
+    if class_text is None:
+        class_text = {}
+        for c in categories:
+            if not bool(_get(c, "isthing", True)):
+                continue
+            name = _get(c, "name")
+            names = [name] + [x for x in (_get(c, "synonyms") or []) if x and x != name]
+            class_text[int(_get(c, "id"))] = text_embeddings(model, tokenizer, names, templates, device=device).cpu()
+    rec: dict[str, list] = {k: [] for k in ("category_id", "split", "spread", "rel_spread", "corr", "hit")}
+    idx = dataset_indices(dataset, n_images)
+    for s in range(0, len(idx), batch_size):
+        items = [dataset[i] for i in idx[s:s + batch_size]]
+        xs, scales = zip(*[student_image(np.asarray(it["image"]), image_size) for it in items])
+        dense = dense_fn(torch.stack(xs).to(device)).float().cpu()  # (B, D, h, w)
+        grid = tuple(dense.shape[-2:])
+        for it, d, scale in zip(items, dense, scales):
+            tokens = torch.nn.functional.normalize(d.flatten(1).T, dim=-1)  # (M, D)
+            for seg in it["segments"]:
+                cid = int(seg["category_id"])
+                if not seg["isthing"] or cid not in class_text:
+                    continue
+                m = torch.as_tensor(np.asarray(seg["mask"]), dtype=torch.bool)
+                if not m.any():
+                    continue
+                g, _ = region_masks_at_grid(m[None], scale, image_size, grid)
+                st = synonym_map_stats(class_text[cid].float() @ tokens.T, g[0].reshape(-1))
+                rec["category_id"].append(cid)
+                rec["split"].append(splits.get(cid, "all"))
+                for k in ("spread", "rel_spread", "corr", "hit"):
+                    rec[k].append(st[k])
+    out: dict[str, Any] = {k: (np.asarray(v) if k != "split" else list(v)) for k, v in rec.items()}
+    out["class_text"] = class_text
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparing two trained variants over seeds and evaluation images
+# ---------------------------------------------------------------------------------------------------------
+def bootstrap_diff(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray],
+                   statistic: Callable[[np.ndarray], float], n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """``(point, low, high)`` of ``mean_r statistic(b_r) - mean_r statistic(a_r)`` over runs (training seeds).
+
+    ``a_runs``/``b_runs``: one ``(N, ...)`` per-image array per run (e.g. region counts ``(N, 1 + K, C)`` or
+    confusion matrices ``(N, C, C)``), the **same N images** for every run; ``statistic`` maps a sum over
+    images to a number (as :func:`ovlib.eval.metrics.bootstrap_ci`). Each bootstrap replicate draws the images
+    once with replacement (paired: the same draw for every run of both variants) and, independently for each
+    variant, its runs with replacement; the interval is the percentile interval of the replicate differences
+    (replicates with a ``nan`` statistic are dropped). With one run per variant this is the paired image
+    bootstrap; with several it also carries the seed-to-seed variation (crudely, for 3 seeds).
+    """
+    if not a_runs or not b_runs:
+        raise ValueError("bootstrap_diff needs at least one run per variant")
+    runs = [np.asarray(x, dtype=np.float64) for x in list(a_runs) + list(b_runs)]
+    n = runs[0].shape[0]
+    if any(r.shape != runs[0].shape for r in runs):
+        raise ValueError(f"bootstrap_diff: every run needs the same per-image shape; got {[r.shape for r in runs]}")
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    na = len(a_runs)
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (n_boot, N)
+    point_stats = np.array([statistic(r.sum(0)) for r in runs])
+    boot = np.empty((len(runs), n_boot))
+    for i, r in enumerate(runs):
+        sums = (w @ r.reshape(n, -1)).reshape((n_boot,) + r.shape[1:])
+        boot[i] = [statistic(x) for x in sums]
+    cols = np.arange(n_boot)[:, None]
+    ia = rng.integers(0, na, size=(n_boot, na))
+    ib = na + rng.integers(0, len(runs) - na, size=(n_boot, len(runs) - na))
+    diff = boot[ib, cols].mean(1) - boot[ia, cols].mean(1)  # (n_boot,)
+    point = float(point_stats[na:].mean() - point_stats[:na].mean())
+    diff = diff[np.isfinite(diff)]
+    if diff.size == 0:
+        return point, float("nan"), float("nan")
+    q = (1.0 - level) / 2.0
+    lo, hi = np.quantile(diff, [q, 1.0 - q])
+    return point, float(lo), float(hi)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ovlib.eval.affinity import affinity_map
 from ovlib.models import mask_pool
 
-__all__ = ["affinity_map", "context_aggregation", "coupling_ratio", "embed_positions", "mask_pooled_tsne"]
+__all__ = ["ContextAggregate", "affinity_map", "context_aggregation", "coupling_ratio", "embed_positions",
+           "mask_pooled_tsne", "refiner_dense_fn", "tsne_embed"]
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,7 +81,8 @@ def coupling_ratio(encode: Encode, images_a: torch.Tensor, images_b: torch.Tenso
     ``r_i = cos(Z_{A|AB}[i], Z_{B|AB}[j]) / cos(Z_A[i], Z_B[j])``; ``CR = mean_i r_i`` over all tokens of all
     pairs. Tokens whose alone-similarity ``cos(Z_A[i], Z_B[j]) <= eps`` make the ratio meaningless; they are
     excluded and counted (``n_excluded``). Also reported: ``cr_ratio_of_means = mean(num) / mean(den)`` over
-    the kept tokens. A model whose tokens ignore context has ``CR = 1`` exactly; coupling gives ``CR > 1``.
+    the kept tokens, and ``cr_per_pair`` ``(B,)``: the mean ratio over each pair's kept tokens (nan for a pair
+    with none). A model whose tokens ignore context has ``CR = 1`` exactly; coupling gives ``CR > 1``.
 
     ``images_a, images_b (B, 3, H, W)`` with W a multiple of the patch size.
     """
@@ -105,18 +107,104 @@ def coupling_ratio(encode: Encode, images_a: torch.Tensor, images_b: torch.Tenso
     if not keep.any():
         raise ValueError("coupling_ratio: every token's alone-similarity is <= eps; the ratio is undefined")
     r = num[keep] / den[keep]
+    ratio = torch.where(keep, num / torch.where(keep, den, torch.ones_like(den)), torch.zeros_like(num))  # (B, hw)
+    kept = keep.sum(1)  # (B,)
+    per_pair = torch.where(kept > 0, ratio.sum(1) / kept.clamp(min=1), torch.full_like(ratio[:, 0], float("nan")))
     return {"cr": float(r.mean()), "cr_ratio_of_means": float(num[keep].mean() / den[keep].mean()),
-            "n_tokens": int(keep.numel()), "n_excluded": n_excl}
+            "n_tokens": int(keep.numel()), "n_excluded": n_excl, "cr_per_pair": per_pair.cpu().numpy()}
+
+
+def tsne_embed(features: torch.Tensor | np.ndarray, seed: int = 0, perplexity: float = 30.0,
+               max_iter: int = 1000) -> np.ndarray:
+    """2-D t-SNE (sklearn, PCA init, seeded) of L2-normalised ``features (R, C)``; the perplexity is capped at
+    ``(R - 1) / 3`` so small sets work."""
+    from sklearn.manifold import TSNE
+
+    x = torch.as_tensor(np.asarray(features)).float()
+    if x.ndim != 2 or x.shape[0] < 3:
+        raise ValueError(f"t-SNE needs at least 3 features of shape (R, C), got {tuple(x.shape)}")
+    feats = F.normalize(x, dim=-1).cpu().numpy()  # (R, C)
+    perp = min(perplexity, (feats.shape[0] - 1) / 3)
+    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed, max_iter=max_iter).fit_transform(feats)
 
 
 def mask_pooled_tsne(dense: torch.Tensor, masks: Sequence[torch.Tensor], seed: int = 0,
                      perplexity: float = 30.0, max_iter: int = 1000) -> np.ndarray:
     """t-SNE (2-D, sklearn, seeded) of mask-pooled features: ``dense (B, C, h, w)``, ``masks`` list of
     ``(K_b, h, w)`` -> ``(sum K_b, 2)`` in the order of the masks."""
-    from sklearn.manifold import TSNE
+    return tsne_embed(mask_pool(dense, masks), seed=seed, perplexity=perplexity, max_iter=max_iter)
 
-    feats = F.normalize(mask_pool(dense, masks).float(), dim=-1).cpu().numpy()  # (R, C)
-    if feats.shape[0] < 3:
-        raise ValueError(f"t-SNE needs at least 3 pooled features, got {feats.shape[0]}")
-    perp = min(perplexity, (feats.shape[0] - 1) / 3)
-    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed, max_iter=max_iter).fit_transform(feats)
+
+def refiner_dense_fn(refiner, mean: Sequence[float], std: Sequence[float]) -> Encode:
+    """``images (B, 3, H, W)`` in [0, 1] -> the Refiner's unit-norm dense map ``(B, C, h, w)``.
+
+    A square image is one whole-image region (:meth:`Refiner.dense`). An image ``W = T * H`` wide (e.g. the
+    side-by-side pair ``[X_A | X_B]`` of the coupling ratio) is cut into ``T`` square tiles, each refined as a
+    region of the *whole* image -- ``f_I^A`` sees every tile, the Refiner's blocks one tile -- exactly how the
+    Refiner produces the R-SCD targets of a region (Eq. 8); the tiles' maps are laid side by side.
+    """
+    from ovlib.eval._common import normalize_images
+
+    patch = int(refiner.adapter.patch_size[0])
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        x = normalize_images(images, mean, std)
+        B, _, H, W = x.shape
+        if H % patch or W % H:
+            raise ValueError(f"refiner_dense_fn needs H a multiple of the patch ({patch}) and W a multiple of H; "
+                             f"got {(H, W)}")
+        g, T = H // patch, W // H
+        boxes = [x.new_tensor([[t * H, 0.0, (t + 1) * H, H] for t in range(T)]) for _ in range(B)]
+        z = F.normalize(refiner(x, boxes, g), dim=-1)  # (B*T, g*g, C)
+        z = z.reshape(B, T, g, g, -1).permute(0, 4, 2, 1, 3)  # (B, C, g, T, g)
+        return z.reshape(B, z.shape[1], g, T * g)
+
+    return fn
+
+
+class ContextAggregate:
+    """Eq. 7 as a dense extractor: ``at(n)`` is a function ``target images (B, 3, th, tw) -> (B, C, h, w)``
+    returning, for each target, the mean of its sub-maps over the first ``n`` of ``contexts (N, 3, H, W)``
+    (:func:`context_aggregation`), so any dense-feature protocol (k-means mIoU, affinity maps) can sweep N.
+
+    Positions are drawn by a generator seeded with ``seed`` and the target's pixels (the same target gets the
+    same positions for every ``n``, so the sweep is nested); each target's full sweep is computed once and
+    cached, so ``at(1) .. at(N)`` over a dataset cost one pass of ``N`` composites per target.
+    """
+
+    def __init__(self, encode: Encode, contexts: torch.Tensor, patch: int, seed: int = 0, batch_size: int = 16):
+        if contexts.ndim != 4:
+            raise ValueError(f"contexts must be (N, 3, H, W), got {tuple(contexts.shape)}")
+        self.encode, self.contexts, self.patch = encode, contexts, int(patch)
+        self.seed, self.batch_size = int(seed), int(batch_size)
+        self.calls = 0  # targets swept (cache misses)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    @property
+    def n_max(self) -> int:
+        return int(self.contexts.shape[0])
+
+    def _key(self, target: torch.Tensor) -> int:
+        import hashlib
+
+        h = hashlib.sha256(target.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return int(h[:15], 16)
+
+    def sweep(self, target: torch.Tensor) -> torch.Tensor:
+        """``target (3, th, tw)`` -> ``(N, C, th/p, tw/p)``, row ``n-1`` = aggregate over ``n`` contexts."""
+        k = self._key(target)
+        if k not in self._cache:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + k) % (2 ** 63 - 1))
+            self._cache[k] = context_aggregation(self.encode, target, self.contexts, self.patch, g,
+                                                 batch_size=self.batch_size).cpu()
+            self.calls += 1
+        return self._cache[k]
+
+    def at(self, n: int) -> Encode:
+        if not 1 <= n <= self.n_max:
+            raise ValueError(f"n must be in [1, {self.n_max}], got {n}")
+
+        def fn(images: torch.Tensor) -> torch.Tensor:
+            return torch.stack([self.sweep(t)[n - 1] for t in images]).to(images.device)
+
+        return fn

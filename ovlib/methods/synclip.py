@@ -51,6 +51,7 @@ from ovlib.models import dense_features
 
 __all__ = [
     "READINGS",
+    "SEMANTIC_TYPES",
     "SEM_LOSSES",
     "SynCLIP",
     "cosine_maps",
@@ -64,6 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SEM_LOSSES = ("huber_kl", "l2")
+SEMANTIC_TYPES = ("semantic", "label", "definition", "synonym")
 READINGS: dict[str, dict[str, Any]] = {
     "code": {"sem_loss": "huber_kl", "topk": 7, "spa_ratio": 0.3, "sem_ratio": 0.7},
     "paper": {"sem_loss": "l2", "topk": 7, "spa_ratio": 0.5, "sem_ratio": 0.5},
@@ -71,8 +73,14 @@ READINGS: dict[str, dict[str, Any]] = {
 
 
 def semantic_texts(categories: list[Mapping], corpus: SynonymCorpus | None = None,
-                   exclude_heldout: bool = False) -> dict[int, tuple[str, str]]:
+                   exclude_heldout: bool = False, semantic_type: str = "semantic") -> dict[int, tuple[str, str]]:
     """``{category id: (label text, semantic text)}``: the raw name and ``"name, definition, syn_1, ..."``.
+
+    ``semantic_type`` (SynCLIP's ``--semantic-type``, ``Justlovesmile/SynCLIP:src/training/data.py``) chooses
+    the teacher-side text: ``"semantic"`` (default, the scripts) ``"name, definition, syn_1, ..."``;
+    ``"label"`` the name itself (no synonym enrichment: SAR on top of label-to-label alignment, the chapter's
+    "SAR only" ablation); ``"definition"`` the definition; ``"synonym"`` the synonyms joined by ``", "``. An
+    empty definition/synonym text falls back to the name.
 
     Synonyms/definition come from the category dict (micro world) or else from ``corpus`` (e.g. the WordNet
     corpus for COCO names); a class found in neither has the semantic text = its name (logged).
@@ -97,8 +105,20 @@ def semantic_texts(categories: list[Mapping], corpus: SynonymCorpus | None = Non
     if missing:
         log.warning("SynCLIP: %d class(es) have no synonyms/definition; their semantic text is the name: %s",
                     len(missing), missing[:10])
+    if semantic_type not in SEMANTIC_TYPES:
+        raise ValueError(f"semantic_type must be one of {SEMANTIC_TYPES}, got {semantic_type!r}")
     sc = SynonymCorpus(entries)
-    return {int(c["id"]): (c["name"], sc.semantic_text(c["name"])) for c in categories}
+
+    def teacher_text(name: str) -> str:
+        if semantic_type == "semantic":
+            return sc.semantic_text(name)
+        if semantic_type == "definition":
+            return sc.definition(name).rstrip(".") or name
+        if semantic_type == "synonym":
+            return ", ".join(sc.synonyms(name)) or name
+        return name
+
+    return {int(c["id"]): (c["name"], teacher_text(c["name"])) for c in categories}
 
 
 def cosine_maps(text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -180,7 +200,9 @@ class SynCLIP(DeCLIP):
 
     Options (``method_args``): ``reading`` ``"code"`` | ``"paper"`` (presets of the four below); ``sem_loss``
     ``"huber_kl"`` | ``"l2"``; ``topk`` (7); ``spa_ratio`` / ``sem_ratio`` (code 0.3 / 0.7, paper 0.5 / 0.5);
-    ``sar`` (True; False = SSA only, the target is ``A_sem``); ``max_semantic`` (20 texts per image);
+    ``sar`` (True; False = SSA only, the target is ``A_sem``); ``semantic_type`` (``"semantic"``; ``"label"``
+    = no synonym-enriched text: with ``sar`` the chapter's "SAR only" ablation, see :func:`semantic_texts`);
+    ``max_semantic`` (20 texts per image);
     ``mode`` (``"csa"``), ``scale`` (False); ``synonym_corpus`` (a :class:`SynonymCorpus` or a JSON path, for
     classes whose category dict has no synonyms, e.g. the WordNet corpus of COCO names); ``exclude_heldout``
     (False; True keeps the micro world's held-out synonyms out of the semantic texts). Batch keys: DeCLIP's
@@ -194,7 +216,8 @@ class SynCLIP(DeCLIP):
     def __init__(self, student, frozen, mode: str = "csa", scale: bool = False, reading: str = "code",
                  sem_loss: str | None = None, topk: int | None = None, spa_ratio: float | None = None,
                  sem_ratio: float | None = None, sar: bool = True, max_semantic: int = 20,
-                 synonym_corpus: Any = None, exclude_heldout: bool = False, **options: Any):
+                 synonym_corpus: Any = None, exclude_heldout: bool = False, semantic_type: str = "semantic",
+                 **options: Any):
         super().__init__(student, frozen, mode=mode, scale=scale, **options)
         if reading not in READINGS:
             raise ValueError(f"{self.name}: reading must be one of {sorted(READINGS)}, got {reading!r}")
@@ -216,7 +239,11 @@ class SynCLIP(DeCLIP):
             raise ValueError(f"{self.name} needs the dataset categories (id, name, synonyms, definition)")
         if isinstance(synonym_corpus, (str, bytes)) or hasattr(synonym_corpus, "__fspath__"):
             synonym_corpus = SynonymCorpus.from_json(synonym_corpus)
-        self.texts = semantic_texts(self.categories, synonym_corpus, exclude_heldout)  # {id: (label, semantic)}
+        if semantic_type not in SEMANTIC_TYPES:
+            raise ValueError(f"{self.name}: semantic_type must be one of {SEMANTIC_TYPES}, got {semantic_type!r}")
+        self.semantic_type = semantic_type
+        self.texts = semantic_texts(self.categories, synonym_corpus, exclude_heldout,
+                                    semantic_type)  # {id: (label, teacher-side text)}
         self._ids = sorted(self.texts)
         self._row = {c: i for i, c in enumerate(self._ids)}
         self._text_cache: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None

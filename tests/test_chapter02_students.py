@@ -1,0 +1,191 @@
+"""ovlib.eval.students: config-keyed runs, loading a trained student, evaluating it, and the comparisons behind
+a chapter's verdicts."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from ovlib import config
+from ovlib.eval.metrics import macc_from_counts
+from ovlib.eval.students import (
+    METRICS,
+    evaluate_student,
+    load_student,
+    mean_std,
+    paired_diff_ci,
+    run_key,
+    train_or_load,
+    verdict,
+    welch,
+)
+
+
+# --------------------------------------------------------------------------------------------- comparisons
+def test_paired_diff_ci_of_identical_models_is_exactly_zero():
+    rng = np.random.default_rng(0)
+    tot = rng.integers(1, 5, size=(20, 1, 4))
+    a = np.concatenate([tot, rng.binomial(tot, 0.5)], axis=1)  # (N, 2, C): totals, hits
+    stat = lambda s: macc_from_counts(s[1], s[0])
+    assert paired_diff_ci(a, a.copy(), stat, n_boot=200) == (0.0, 0.0, 0.0)
+
+
+def test_paired_diff_ci_point_and_sign():
+    rng = np.random.default_rng(1)
+    tot = rng.integers(2, 6, size=(30, 1, 3))
+    hits_a = rng.binomial(tot, 0.3)
+    hits_b = np.minimum(tot, hits_a + 1)  # b is never worse, per image and class
+    a, b = np.concatenate([tot, hits_a], 1), np.concatenate([tot, hits_b], 1)
+    stat = lambda s: macc_from_counts(s[1], s[0])
+    pt, lo, hi = paired_diff_ci(a, b, stat, n_boot=300, seed=2)
+    assert pt == pytest.approx(stat(b.sum(0)) - stat(a.sum(0)))
+    assert 0 < lo <= pt <= hi
+    with pytest.raises(ValueError, match="20 and 30 images"):
+        paired_diff_ci(a[:20], b, stat)
+
+
+def test_welch_matches_scipy_and_handles_small_samples():
+    a, b = [1.0, 2.0, 3.0], [2.5, 3.5, 5.0]
+    d, p = welch(a, b)
+    assert d == pytest.approx(np.mean(b) - np.mean(a))
+    assert p == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    d1, p1 = welch([1.0], [2.0])
+    assert d1 == 1.0 and math.isnan(p1)
+    assert welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+    assert welch([1.0, 1.0], [2.0, 2.0]) == (1.0, 0.0)
+    d2, p2 = welch([2.0], b, a_fixed=True)  # a deterministic reference: one-sample test
+    assert d2 == pytest.approx(np.mean(b) - 2.0) and p2 == pytest.approx(stats.ttest_1samp(b, 2.0).pvalue)
+    assert math.isnan(welch([2.0], [3.0], a_fixed=True)[1])
+    with pytest.raises(ValueError, match="exactly one"):
+        welch([1.0, 2.0], b, a_fixed=True)
+
+
+def test_verdict_rules():
+    assert verdict(2.0, p=0.01) == "holds"
+    assert verdict(-2.0, p=0.01) == "reversed"
+    assert verdict(-2.0, p=0.01, expected=-1) == "holds"
+    assert verdict(2.0, p=0.2) == "not resolved"
+    assert verdict(1.0, 0.2, 1.8) == "holds"
+    assert verdict(1.0, -0.2, 1.8) == "not resolved"
+    assert verdict(-1.0, -1.5, -0.5) == "reversed"
+    assert verdict(float("nan")) == "n/a"
+    assert verdict(1.0) == "not resolved"  # no interval, no p: nothing resolves it
+    assert verdict(1.0, 0.5, 1.5, n=2) == "not resolved"  # two images: a degenerate bootstrap
+    assert verdict(1.0, 0.5, 1.5, n=5) == "holds"
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)), 2)
+    m, s, n = mean_std([4.0, float("nan")])
+    assert (m, n) == (4.0, 1) and math.isnan(s)
+
+
+# --------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, repo_root):
+    """Smoke profile in a temp dir, a local micro CLIP file, a 3-image evaluation export."""
+    from ovlib.data import CocoPanoptic, ensure_microworld
+    from ovlib.eval import MICRO_TEMPLATES, class_name_sets, text_embeddings
+    from ovlib.eval.profiles import dense_eval_settings
+    from ovlib.models import load_clip
+
+    tmp = tmp_path_factory.mktemp("ch02")
+    clip, tok, _ = load_clip("micro-clip", seed=0)
+    torch.save(clip.state_dict(), tmp / "clip.pt")
+    params = config.resolve("smoke", [f"data_root={tmp / 'mw'}", f"cache_dir={tmp / 'cache'}"], root=repo_root)
+    ov = {"pretrained": str(tmp / "clip.pt"), "max_images": 4, "max_steps": 2}
+    root = ensure_microworld(tmp / "val", "val2017", n=3, size=160, seed=0, progress=False)
+    ds = CocoPanoptic(root, "val2017")
+    ids = [c["id"] for c in ds.categories]
+    text = text_embeddings(clip.eval(), tok, class_name_sets(ds.categories, "main"), MICRO_TEMPLATES,
+                           this_is_prefix=False)
+    return {"tmp": tmp, "params": params, "ov": ov, "ds": ds, "ids": ids, "text": text, "clip": clip.eval(),
+                "ev": dense_eval_settings("smoke", 3)}
+
+
+def test_run_key_covers_the_config_and_the_micro_clip(env, repo_root):
+    p = env["params"]
+    k = run_key(p, "clipself", env["ov"])
+    assert k == run_key(p, "clipself", dict(env["ov"]))
+    assert k != run_key(p, "clipself", {**env["ov"], "lr": 3e-4})
+    assert k != run_key(p, "sc-clipself", env["ov"])
+    # without a pretrained file the micro CLIP's pre-training config (profile seed) is part of the key
+    p1 = config.resolve("smoke", ["seed=1"], root=repo_root)
+    p0 = config.resolve("smoke", root=repo_root)
+    assert run_key(p0, "clipself", {"seed": 0}) != run_key(p1, "clipself", {"seed": 0})
+
+
+def test_train_or_load_then_load_student_and_evaluate(env):
+    from ovlib.io import safe_load
+    from ovlib.models.clip import load_clip
+
+    p, ov = env["params"], env["ov"]
+    root = env["tmp"] / "runs"
+    res = train_or_load(p, "clipself", ov, root, "CLIPSelf τ=0.2 s0")
+    assert res["trained_now"] and res["steps"] == 2 and res["train_s"] > 0
+    assert Path(res["out_dir"]).name.startswith("CLIPSelf_0.2_s0-")  # portable directory name
+    again = train_or_load(p, "clipself", ov, root, "CLIPSelf τ=0.2 s0")
+    assert not again["trained_now"] and again["out_dir"] == res["out_dir"]
+    assert again["train_s"] == pytest.approx(res["train_s"])  # the log of the run that trained it
+
+    student = load_student(p, res)
+    sd = safe_load(res["weights"])["model"]
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, sd["student." + k]), k
+    base = load_clip("micro-clip", seed=0)[0]
+    base.load_state_dict(torch.load(env["tmp"] / "clip.pt", weights_only=True))
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in student.state_dict().items()
+               if k.startswith("visual."))  # training moved the image tower
+    assert all(torch.allclose(v, base.state_dict()[k], atol=1e-6) for k, v in student.state_dict().items()
+               if k.startswith("transformer."))  # the text tower never trains (alpha ensemble of equal weights)
+
+    ev = evaluate_student(student, env["ds"], env["text"], env["ids"], env["ev"], name="clipself",
+                          region_images=3, seg_images=1)
+    assert set(ev.ci) == set(METRICS) and ev.n_regions > 0 and ev.seconds > 0
+    for m, (arr, stat) in ev.per_image.items():
+        pt = stat(np.asarray(arr, dtype=np.float64).sum(0))
+        assert (math.isnan(pt) and math.isnan(ev.point(m))) or pt == pytest.approx(ev.point(m)), m
+    same = paired_diff_ci(*(ev.per_image["boxes.top1"][0],) * 2, ev.per_image["boxes.top1"][1], n_boot=50)
+    assert same[0] == 0.0
+
+
+def test_evaluate_student_matches_the_chapter01_protocol_and_takes_a_dense_fn(env):
+    from ovlib.eval import extract_region_features, score_regions, summarize
+    from ovlib.eval._common import dense_fn_for_clip
+
+    clip, ds, ev_s = env["clip"], env["ds"], env["ev"]
+    ev = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, mode="x+v", region_images=3, ovss=False,
+                          kmeans=False)
+    rf = extract_region_features(clip, ds, ev_s.region, modes=("x+v",), n_images=3, progress=False)
+    want = summarize(score_regions(rf, env["text"], env["ids"]), n_boot=ev_s.n_boot)
+    assert ev.ci["boxes.top1"] == want["rois/x+v"]["thing.macc1"]
+    assert ev.ci["stuff.top5"] == want["maskpool/x+v"]["stuff.macc5"]
+    assert ev.ci["global.thing.top1"] == want["crops"]["thing.macc1"]
+    assert "ovss.miou" not in ev.ci and "kmeans.miou" not in ev.ci
+    # a dense extractor in place of the CLIP's mode gives the same numbers when it is the same map
+    ev2 = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, dense_fn=dense_fn_for_clip(clip, "x+v"),
+                           region_images=3, crops=False, ovss=False, seg_images=1)
+    assert ev2.ci["boxes.top1"] == ev.ci["boxes.top1"] and "global.thing.top1" not in ev2.ci
+    assert "kmeans.miou" in ev2.ci
+    ev3 = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, region=False, ovss=False, seg_images=1,
+                           keep_regions=True)
+    assert set(ev3.ci) == {"kmeans.miou"} and ev3.ci["kmeans.miou"] == ev2.ci["kmeans.miou"]
+    ev4 = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, region_images=2, crops=False, ovss=False,
+                           kmeans=False, keep_regions=True)
+    assert ev4.regions is not None and ev4.regions.features["maskpool/x+v"].shape[0] == ev4.n_regions
+
+
+def test_load_student_refuses_a_checkpoint_without_a_student(env, tmp_path):
+    import json
+
+    from ovlib.io import atomic_save
+
+    res = train_or_load(env["params"], "clipself", env["ov"], env["tmp"] / "runs", "CLIPSelf τ=0.2 s0")
+    assert not res["trained_now"]
+    atomic_save({"model": {"refiner.arch": torch.zeros(6)}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no 'student"):
+        load_student(env["params"], {"results": res["results"], "weights": str(tmp_path / "bad.pt")})
+    assert json.loads(Path(res["results"]).read_text())["config"]["method"] == "clipself"
