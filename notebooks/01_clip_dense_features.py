@@ -50,9 +50,8 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from IPython.display import Markdown, display
 
-from ovlib import config
+from ovlib.nb import ci, md, setup, table
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_name_sets, extract_region_features,
                         score_regions, summarize, text_embeddings)
@@ -63,31 +62,13 @@ from ovlib.train.pretrain import (clip_train_flops_per_sample, forward_flops, ma
                                   pretrain_configs, pretrain_vfm)
 
 # every contract key comes from the parameters cell above (``backbone``/``recipes`` are not used here)
-P = config.validate({key: globals()[key] for key in config.PARAMS})
-DEV = torch.device("cuda" if P["device"] == "auto" and torch.cuda.is_available() else
-                   ("cpu" if P["device"] == "auto" else P["device"]))
-torch.manual_seed(P["seed"])
+P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
 clip_cfg, vfm_cfg = pretrain_configs(P["profile"], P["steps_scale"], P["seed"])
 
 
-def md(text: str) -> None:
-    display(Markdown(text))
 
-
-def ci(t, digits=1) -> str:
-    """'pt [lo, hi]' of a (point, low, high) triple."""
-    pt, lo, hi = t
-    if not np.isfinite(pt):
-        return "–"
-    return f"{pt:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
-def table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; "

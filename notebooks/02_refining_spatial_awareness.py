@@ -57,10 +57,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from IPython.display import Markdown, display
 from sklearn.metrics import silhouette_score
 
-from ovlib import config
+from ovlib.nb import ci, md, setup, table
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.eval import (
     MICRO_TEMPLATES,
@@ -90,32 +89,14 @@ from ovlib.train.pretrain import image_mean_std
 from ovlib.train.recipes import distill_config
 
 # every contract key comes from the parameters cell above
-P = config.validate({key: globals()[key] for key in config.PARAMS})
-DEV = torch.device("cuda" if P["device"] == "auto" and torch.cuda.is_available() else
-                   ("cpu" if P["device"] == "auto" else P["device"]))
-torch.manual_seed(P["seed"])
+P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
 SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"
 SEEDS = list(range(P["seeds"]))
 
 
-def md(text: str) -> None:
-    display(Markdown(text))
 
-
-def ci(t, digits=1) -> str:
-    """'pt [lo, hi]' of a (point, low, high) triple."""
-    pt, lo, hi = t
-    if not np.isfinite(pt):
-        return "–"
-    return f"{pt:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
-def table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 # ---- the chapter's budget (one place; §2.9 prints what it cost) ---------------------------------------------

@@ -65,9 +65,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from IPython.display import Markdown, display
 
-from ovlib import config
+from ovlib.nb import ci_signed as ci, md, ms, setup, table  # this chapter's intervals are differences
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.eval import (
     MICRO_TEMPLATES,
@@ -95,10 +94,7 @@ from ovlib.train.launch import build_models
 from ovlib.train.recipes import distill_config
 
 # every contract key comes from the parameters cell above
-P = config.validate({key: globals()[key] for key in config.PARAMS})
-DEV = torch.device("cuda" if P["device"] == "auto" and torch.cuda.is_available() else
-                   ("cpu" if P["device"] == "auto" else P["device"]))
-torch.manual_seed(P["seed"])
+P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
 SEEDS = list(range(P["seeds"]))
@@ -124,32 +120,8 @@ else:
                  "extras": ("loss l2", "paper reading", "held-out synonyms excluded", "teacher text = synonyms only")}
 
 
-def md(text: str) -> None:
-    display(Markdown(text))
 
 
-def ci(t, digits=1) -> str:
-    """'pt [lo, hi]' of a (point, low, high) triple."""
-    pt, lo, hi = t
-    if not np.isfinite(pt):
-        return "–"
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return f"{pt:+.{digits}f}"
-    return f"{pt:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
-def ms(values, digits=1) -> str:
-    """'mean ± std' over seeds ('mean' alone for one value)."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if v.size > 1 else "")
-
-
-def table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; seeds {SEEDS}; "
