@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from scipy.spatial import ConvexHull
 
+from ovlib.data.nouns import plural
 from ovlib.io import atomic_write_text, config_hash
 
 __all__ = [
@@ -513,20 +514,8 @@ _TEMPLATES_STUFF = [
 ]
 
 
-def _plural(name: str) -> str:
-    words = name.split(" ")
-    w = words[-1]
-    if w.endswith("fish") or w in ("sheep", "deer"):
-        p = w
-    elif w.endswith("man"):
-        p = w[:-3] + "men"
-    elif re.search(r"(s|x|z|ch|sh)$", w):
-        p = w + "es"
-    elif re.search(r"[^aeiou]y$", w):
-        p = w[:-1] + "ies"
-    else:
-        p = w + "s"
-    return " ".join(words[:-1] + [p])
+# the plural rule lives with the caption parser that must invert it (ovlib.data.nouns.plural)
+_plural = plural
 
 
 def _article(word: str) -> str:
