@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -299,6 +299,72 @@ def _state_path(final: Path) -> Path:
     return final.with_name(final.name[: -len(".pt")] + ".state.pt")
 
 
+class _RunLog:
+    """The bookkeeping both pre-trainings share: the resumable state file next to the final cache file, the
+    step counter and per-step history, training time that excludes checkpoint writes, the progress bar,
+    numpy's BLAS held to one thread, and the final file (written atomically, state file removed)."""
+
+    def __init__(self, final: Path, cfg: Any, name: str, desc: str, progress: bool):
+        self.final, self.state_file, self.cfg, self.name = final, _state_path(final), cfg, name
+        self.step, self.history, self.train_seconds = 0, [], 0.0
+        self.desc, self.progress = desc, progress
+
+    def resume(self) -> dict | None:
+        """The saved state (and counters restored from it), or ``None`` when there is none."""
+        if not self.state_file.is_file():
+            return None
+        st = safe_load(self.state_file)
+        self.step, self.history, self.train_seconds = int(st["step"]), list(st["history"]), float(st["train_seconds"])
+        return st
+
+    def save(self, payload: dict) -> None:
+        atomic_save({**payload, "step": self.step, "history": self.history, "train_seconds": self.train_seconds,
+                     "config": asdict(self.cfg)}, self.state_file)
+
+    def start(self) -> None:
+        self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, **_quiet(self.progress))
+        self.blas = _blas_single_thread()
+        self.t_last = time.perf_counter()
+
+    def check(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            self.close()
+            raise FloatingPointError(f"{self.name}: non-finite loss at step {self.step}; last good state kept in "
+                                     f"{self.state_file if self.state_file.is_file() else '(none yet)'}")
+
+    def record(self, entry: dict, payload: Callable[[], dict]) -> None:
+        """Count one finished step (``entry``: its logged values), save the state every ``ckpt_every`` steps."""
+        self.step += 1
+        now = time.perf_counter()
+        self.train_seconds += now - self.t_last
+        self.t_last = now
+        self.history.append({"step": self.step, **entry, "seconds": self.train_seconds})
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        if self.step % self.cfg.ckpt_every == 0 and self.step < self.cfg.steps:
+            self.save(payload())
+            self.t_last = time.perf_counter()  # do not count checkpoint writes as training time
+
+    def close(self) -> None:
+        self.bar.close()
+        self.blas.restore_original_limits()
+
+    def finish(self, model: nn.Module, payload: Callable[[], dict], bf16: bool, peak: float) -> dict:
+        """Close the run; write the final file when all steps are done (else the resumable state). Returns
+        ``info`` with ``loaded=False`` and ``path``."""
+        self.close()
+        info = {"history": self.history, "train_seconds": self.train_seconds,
+                "samples_per_s": len(self.history) and self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9),
+                "bf16": bf16, "matmul_peak": peak, "config": asdict(self.cfg)}
+        if self.step < self.cfg.steps:
+            self.save(payload())
+            return dict(info, loaded=False, path=str(self.state_file))
+        atomic_save({"model": model.state_dict(), "info": info}, self.final)
+        if self.state_file.is_file():
+            self.state_file.unlink()
+        return dict(info, loaded=False, path=str(self.final))
+
+
 # --------------------------------------------------------------------------------------------------- CLIP
 def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | torch.device = "cpu",
                   progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, Callable, dict]:
@@ -313,7 +379,6 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
 
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
-    state_file = _state_path(final)
     model, tokenizer, _ = load_clip(cfg.model, device="cpu", seed=cfg.seed)
     if final.is_file():
         ck = safe_load(final)
@@ -326,30 +391,26 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, PRETRAIN_NO_DECAY), lr=cfg.lr, betas=cfg.betas,
                             eps=cfg.eps, **_fast_adam(device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
-    step, history, train_seconds = 0, [], 0.0
-    if state_file.is_file():
-        st = safe_load(state_file)
+    run = _RunLog(final, cfg, "pretrain_clip", f"pretrain {cfg.model}", progress)
+    st = run.resume()
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
-        step, history, train_seconds = int(st["step"]), list(st["history"]), float(st["train_seconds"])
 
-    def save_state():
-        atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "rng": torch.get_rng_state(), "step": step, "history": history,
-                     "train_seconds": train_seconds, "config": asdict(cfg)}, state_file)
+    def payload() -> dict:
+        return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "rng": torch.get_rng_state()}
 
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     use_bf16 = resolve_precision(cfg.precision, device)
     peak = _training_peak(use_bf16, device)
-    batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size, step * cfg.batch_size,
+    batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size, run.step * cfg.batch_size,
                              cfg.num_workers, object_views=cfg.object_views,
                              view_render_size=cfg.view_render_size, view_context=cfg.view_context)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.model}", **_quiet(progress))
-    blas = _blas_single_thread()
-    t_last = time.perf_counter()
-    while step < stop:
+    run.start()
+    while run.step < stop:
         batch = next(batches)
         images = _normalize(batch["image"].to(device), mean, std)  # (B, 3, S, S)
         tokens = tokenizer(batch["caption"]).to(device)  # (B, L)
@@ -357,40 +418,17 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
             img = F.normalize(model.encode_image(images), dim=-1)  # (B, D)
             txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, D)
         loss = clip_loss(img, txt, model.logit_scale)
-        if not torch.isfinite(loss):
-            bar.close()
-            blas.restore_original_limits()
-            raise FloatingPointError(f"pretrain_clip: non-finite loss at step {step}; last good state kept in "
-                                     f"{state_file if state_file.is_file() else '(none yet)'}")
+        run.check(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        now = time.perf_counter()
-        train_seconds += now - t_last
-        t_last = now
-        history.append({"step": step, "loss": loss.item(), "lr": float(sched.get_last_lr()[0]),
-                        "logit_scale": model.logit_scale.exp().item(), "seconds": train_seconds})
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-        if step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save_state()
-            t_last = time.perf_counter()  # do not count checkpoint writes as training time
-    bar.close()
-    blas.restore_original_limits()
-    info = {"history": history, "train_seconds": train_seconds,
-            "samples_per_s": len(history) and step * cfg.batch_size / max(train_seconds, 1e-9),
-            "bf16": use_bf16, "matmul_peak": peak, "config": asdict(cfg)}
-    if step < cfg.steps:
-        save_state()
-        return model.eval(), tokenizer, dict(info, loaded=False, path=str(state_file))
-    atomic_save({"model": model.state_dict(), "info": info}, final)
-    if state_file.is_file():
-        state_file.unlink()
-    return model.eval(), tokenizer, dict(info, loaded=False, path=str(final))
+        run.record({"loss": loss.item(), "lr": float(sched.get_last_lr()[0]),
+                    "logit_scale": model.logit_scale.exp().item()}, payload)
+    info = run.finish(model, payload, use_bf16, peak)
+    return model.eval(), tokenizer, info
 
 
 # ---------------------------------------------------------------------------------------------------- DINO
@@ -436,7 +474,6 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
 
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
-    state_file = _state_path(final)
     student = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
     if final.is_file():
         ck = safe_load(final)
@@ -455,32 +492,29 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
                             **_fast_adam(device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, history, train_seconds = 0, [], 0.0
-    if state_file.is_file():
-        st = safe_load(state_file)
+    run = _RunLog(final, cfg, "pretrain_vfm", f"pretrain {cfg.model} (DINO)", progress)
+    st = run.resume()
+    if st is not None:
         s_net.load_state_dict(st["student"])
         t_net.load_state_dict(st["teacher"])
         center.copy_(st["center"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         gen.set_state(st["gen"])
-        step, history, train_seconds = int(st["step"]), list(st["history"]), float(st["train_seconds"])
 
-    def save_state():
-        atomic_save({"student": s_net.state_dict(), "teacher": t_net.state_dict(), "center": center,
-                     "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
-                     "history": history, "train_seconds": train_seconds, "config": asdict(cfg)}, state_file)
+    def payload() -> dict:
+        return {"student": s_net.state_dict(), "teacher": t_net.state_dict(), "center": center,
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}
 
     mean, std = image_mean_std(student)
     use_bf16 = resolve_precision(cfg.precision, device)
     peak = _training_peak(use_bf16, device)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size,
-                             _VFM_STREAM_OFFSET + step * cfg.batch_size, cfg.num_workers)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.model} (DINO)", **_quiet(progress))
-    blas = _blas_single_thread()
-    t_last = time.perf_counter()
-    while step < stop:
+                             _VFM_STREAM_OFFSET + run.step * cfg.batch_size, cfg.num_workers)
+    run.start()
+    while run.step < stop:
+        step = run.step
         images = next(batches)["image"].to(device)  # (B, 3, S, S) in [0, 1]
         g = multicrop(images, 2, cfg.global_size, cfg.global_scale, gen)
         loc = multicrop(images, cfg.n_local, cfg.local_size, cfg.local_scale, gen) if cfg.n_local else []
@@ -494,11 +528,7 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
                 s_out += list(s_net["head"](_vfm_embed(s_net["backbone"], torch.cat(loc))).float()
                               .chunk(len(loc)))
         loss = dino_loss(s_out, list(t_out), center, cfg.student_temp, cfg.teacher_temp)
-        if not torch.isfinite(loss):
-            bar.close()
-            blas.restore_original_limits()
-            raise FloatingPointError(f"pretrain_vfm: non-finite loss at step {step}; last good state kept in "
-                                     f"{state_file if state_file.is_file() else '(none yet)'}")
+        run.check(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
@@ -513,30 +543,11 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
             center.mul_(cfg.center_momentum).add_(batch_center, alpha=1 - cfg.center_momentum)
             t_prob = F.softmax((torch.cat(t_out) - center) / cfg.teacher_temp, dim=-1)
             entropy = float(-(t_prob * t_prob.clamp_min(1e-12).log()).sum(-1).mean())
-        step += 1
-        now = time.perf_counter()
-        train_seconds += now - t_last
-        t_last = now
-        history.append({"step": step, "loss": loss.item(), "lr": float(sched.get_last_lr()[0]), "ema": m,
-                        "teacher_entropy": entropy, "seconds": train_seconds})
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-        if step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save_state()
-            t_last = time.perf_counter()
-    bar.close()
-    blas.restore_original_limits()
-    info = {"history": history, "train_seconds": train_seconds,
-            "samples_per_s": len(history) and step * cfg.batch_size / max(train_seconds, 1e-9),
-            "bf16": use_bf16, "matmul_peak": peak, "config": asdict(cfg)}
+        run.record({"loss": loss.item(), "lr": float(sched.get_last_lr()[0]), "ema": m, "teacher_entropy": entropy},
+                   payload)
     teacher = t_net["backbone"]
-    if step < cfg.steps:
-        save_state()
-        return teacher.eval(), dict(info, loaded=False, path=str(state_file))
-    atomic_save({"model": teacher.state_dict(), "info": info}, final)
-    if state_file.is_file():
-        state_file.unlink()
-    return teacher.eval(), dict(info, loaded=False, path=str(final))
+    info = run.finish(teacher, payload, use_bf16, peak)
+    return teacher.eval(), info
 
 
 # ------------------------------------------------------------------------------------------- measurement
