@@ -376,3 +376,16 @@ def test_denserc_trains_through_the_launcher(tmp_path, repo_root):
     student = load_clip("micro-clip", seed=0)[0]
     cons = load_constructor(res["weights"], student, construct="hsg", n_layers=3)
     assert cons.hsg.proj[0].weight.abs().sum() > 0  # the ensemble keeps the trained W_H
+
+
+def test_gate_lr_mult_puts_w_h_in_its_own_group(nets):
+    from ovlib.train.optim import param_groups
+
+    m = _method(nets, construct="hsg", gate_lr_mult=50.0)
+    groups = param_groups(m, 0.1, lr_mult=m.lr_multipliers(), base_lr=1e-4)
+    fast = {id(p) for g in groups if g.get("lr_mult") == 50.0 for p in g["params"]}
+    assert fast == {id(p) for p in m.constructor.hsg.parameters()}
+    assert all(g["lr"] == pytest.approx(5e-3) for g in groups if "lr_mult" in g)
+    assert _method(nets, construct="qq", gate_lr_mult=50.0).lr_multipliers() == {}  # no W_H without HSG
+    with pytest.raises(ValueError, match="gate_lr_mult"):
+        _method(nets, gate_lr_mult=0.0)

@@ -243,3 +243,20 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp
     moved = max(float((ref[k] - build(small_config(str(tmp_path / "x"))).method.state_dict()[k]).abs().max())
                 for k in ref if ref[k].is_floating_point())
     assert moved > 1e-3  # training changed the weights, so the comparison is not vacuous
+
+
+def test_param_groups_lr_multipliers():
+    m = torch.nn.Module()
+    m.body = torch.nn.Linear(3, 4)
+    m.head = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    groups = param_groups(m, 0.1, lr_mult={"head": 10.0}, base_lr=1e-4)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(groups[0]["params"]) == {id(m.body.weight)} and ids(groups[1]["params"]) == {id(m.body.bias)}
+    fast = [g for g in groups if g.get("lr_mult") == 10.0]
+    assert ids(p for g in fast for p in g["params"]) == {id(m.head[0].weight), id(m.head[0].bias)}
+    assert all(g["lr"] == pytest.approx(1e-3) for g in fast)
+    assert {g["weight_decay"] for g in fast} == {0.1, 0.0}  # decay rules still apply inside the fast groups
+    with pytest.raises(ValueError, match="match no trainable"):
+        param_groups(m, 0.1, lr_mult={"heads": 2.0}, base_lr=1e-4)  # a typo is not silently ignored
+    with pytest.raises(ValueError, match="base_lr"):
+        param_groups(m, 0.1, lr_mult={"head": 2.0})

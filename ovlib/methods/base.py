@@ -55,6 +55,11 @@ class Distiller(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """``{module prefix: multiplier}`` of the learning rate for parameters under that prefix (the trainer's
+        ``ovlib.train.optim.param_groups``); default: every parameter at the recipe's ``lr``."""
+        return {}
+
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """What the checkpoint's ``model`` entry holds: the student CLIP (and the method's extra modules)."""
         return self.state_dict()

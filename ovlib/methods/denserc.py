@@ -117,6 +117,8 @@ class DenseRCConfig:
     gate_bias_init: float = 0.0
     attn_scale: bool | None = None
     pool: str = "normalize_first"
+    gate_lr_mult: float = 1.0   # learning-rate multiplier of W_H (the paper trains it at the tower's lr: 1.0);
+    #                             the micro recipe raises it because its runs are ~1000x shorter than the paper's
 
     def __post_init__(self):
         for name, allowed in (("base", BASES), ("construct", CONSTRUCTS), ("projection", PROJECTIONS),
@@ -128,6 +130,8 @@ class DenseRCConfig:
             raise ValueError(f"denserc n_layers must be a positive int, 'all' or -1; got {n!r}")
         if self.base in ("v", "x+v") and n not in (None, 1):
             raise ValueError(f"denserc base {self.base!r} uses the last block only; n_layers must be 1, got {n!r}")
+        if not self.gate_lr_mult > 0:
+            raise ValueError(f"denserc gate_lr_mult must be > 0, got {self.gate_lr_mult!r}")
         if self.base == "x+v" and self.construct != "none":
             raise ValueError("denserc base 'x+v' (residual + FFN kept, no heads left) needs construct='none'; "
                              f"got {self.construct!r}")
@@ -384,6 +388,12 @@ class DenseRC(Distiller):
         self.constructor = DenseConstructor.for_model(cfg, student)
         for p in self.constructor.unused_tower_parameters(student):
             p.requires_grad_(False)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """``W_H`` at ``gate_lr_mult`` times the recipe's lr (HSG only)."""
+        if self.config.construct == "hsg" and self.config.gate_lr_mult != 1.0:
+            return {"constructor.hsg": self.config.gate_lr_mult}
+        return {}
 
     def student_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised ``X_dense`` ``(B, C, h, w)``."""

@@ -390,7 +390,9 @@ class Trainer:
             betas, eps = cfg.betas or betas, cfg.eps or eps
         else:
             betas, eps = cfg.betas, cfg.eps
-        self.opt = torch.optim.AdamW(param_groups(method, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=eps)
+        # a method may train new modules faster than the pretrained tower (Distiller.lr_multipliers)
+        groups = param_groups(method, cfg.weight_decay, lr_mult=method.lr_multipliers(), base_lr=cfg.lr)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=eps)
         self.unit = cfg.batch_size * cfg.grad_accum
         self.sampler = ResumableSampler(len(dataset), self.info.world, self.info.rank, cfg.seed, self.unit)
         self.steps_per_epoch = self.sampler.per_rank // self.unit
