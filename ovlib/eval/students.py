@@ -8,6 +8,9 @@ paired bootstrap over the evaluation images).
   re-trained micro CLIP never reuses a stale run; a finished run is loaded (the trainer resumes at its end).
 * :func:`load_student` -- the ``student.*`` weights of a run's ``ensemble-final.pt`` (the alpha ensemble the
   trainer saves, reference section 1.6) loaded into a fresh CLIP built like the trainer builds it.
+* :func:`student_dense_fn` -- the dense map a run distils: the CLIP's own dense mode (CLIPSelf family) or, for a
+  DenseRC run, the trained :class:`~ovlib.methods.denserc.DenseConstructor` (HSG gates) rebuilt from the run's
+  ``method_args``.
 * :func:`evaluate_student` -- region classification (boxes / thing masks / stuff masks, Top-1/Top-5 mean
   accuracy; the student's own crop CLS = its *global* zero-shot), sliding-window OVSS mIoU and k-means mIoU,
   on the dense mode the method distils (``x+v`` for the CLIPSelf family, reference section 2.2), or on any
@@ -41,6 +44,7 @@ __all__ = [
     "mean_std",
     "paired_diff_ci",
     "run_key",
+    "student_dense_fn",
     "train_or_load",
     "verdict",
     "welch",
@@ -124,6 +128,25 @@ def load_student(params: Mapping[str, Any], res: Mapping[str, Any], device: str 
                          f"{sorted({k.split('.')[0] for k in sd})[:6]})")
     student.load_state_dict(sub)
     return student.to(device).eval().requires_grad_(False)
+
+
+def student_dense_fn(res: Mapping[str, Any], student: Any, mode: str = "x+v"
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm dense map of a trained run's ``student`` (from
+    :func:`load_student`): for a ``denserc`` run its ``X_dense`` -- the constructor built from the run's
+    ``method_args`` (results.json) with the ``constructor.*`` weights of ``res["weights"]``
+    (:func:`ovlib.methods.denserc.load_constructor`); for any other method the CLIP's dense ``mode``."""
+    from ovlib.eval._common import dense_fn_for_clip
+
+    rec = json.loads(Path(res["results"]).read_text())
+    cfg = rec["config"]
+    if cfg["method"] != "denserc":
+        return dense_fn_for_clip(student, mode)
+    from ovlib.methods.denserc import denserc_dense_fn, load_constructor
+
+    cons = load_constructor(res["weights"], student, **dict(cfg.get("method_args") or {}))
+    cons = cons.to(next(student.parameters()).device)
+    return denserc_dense_fn(student, cons)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

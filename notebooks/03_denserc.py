@@ -1,0 +1,852 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3. DenseRC: reconstructing CLIP's dense features from multi-layer values
+#
+# Self-distillation (CLIPSelf, DeCLIP) pulls a student's dense features of a region towards the frozen
+# teacher's CLS embedding of the region's crop. DenseRC (CVPR'26, *Reconstructing CLIP for Open-Vocabulary
+# Dense Perception*) asks **which dense features** should be pulled, and **how they should be built**:
+#
+# 1. **What to extract.** Unrolling the CLS update `c^(l) = c^(l-1) + Proj(Attn^(l) v^(l))` over all blocks
+#    (Eqs. 1–2; equation numbers as in `ovlib.methods.denserc`), with the MLPs read as intra-token, the paper
+#    finds the final CLS token to be a sum of multi-layer *value* embeddings. The student's dense map is given
+#    the same form,
+#    `X_dense = Σ_l A_p^(l) v_p^(l)` (Eq. 3), with the values of the last three blocks.
+# 2. **How to construct it.** The paper argues that mixing tokens spatially (`qk` self-attention, DeCLIP's
+#    `qq` self-self attention) adds off-target values to each region: with an MSE surrogate the expected loss
+#    grows by `ΔL = Σ_{j∈U_r} S_rj² E‖P v_j‖² > 0` (Eq. 6) over a head-only model. DenseRC's **Head Selection
+#    Gating** re-weights heads token by token, `A_p = σ(W_H LN(x))` (Eq. 7), with no spatial mixing.
+# 3. **Coherence.** The same stream also matches the patch correlations of a frozen VFM (DINOv2; here the
+#    micro VFM): `L = L_semantics + λ L_coherence`, λ = 0.025 (Eq. 8).
+#
+# This chapter checks the two derivations numerically (§3.2–3.4), trains the paper's Table-5 ablation on the
+# micro world with several seeds (§3.5–3.6), sweeps the number of layers, λ, and the two choices the paper
+# leaves open (§3.7), measures whether HSG gates depend on the image (§3.8) and what an HSG step costs against
+# a CLIPSelf step (§3.9). Every number is computed when the notebook runs; every "holds / does not hold" is
+# computed from those numbers (§3.10). The paper's own numbers are quoted constants.
+
+# %% tags=["parameters"]
+profile = "micro"
+device = "cpu"
+gpus = 1
+seed = 0
+seeds = 3
+data_root = "data/microworld"
+cache_dir = "data/cache"
+steps_scale = 1.0
+eval_images = 400
+allow_download = False
+backbone = "micro-clip"
+recipes = []  # distillation recipes: injected from params/PROFILE.yaml (denserc)
+
+# %%
+import json
+import re
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+from scipy.stats import friedmanchisquare, norm
+
+from ovlib.data import CocoPanoptic, ensure_microworld
+from ovlib.data.regions import crop_regions, sample_grid_boxes
+from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, bootstrap_ci, class_name_sets, text_embeddings
+from ovlib.eval._common import category_index, normalize_images, student_image
+from ovlib.eval.profiles import dense_eval_settings
+from ovlib.eval.students import (
+    evaluate_student,
+    load_student,
+    paired_diff_ci,
+    student_dense_fn,
+    train_or_load,
+    verdict,
+    welch,
+)
+from ovlib.methods.denserc import DenseConstructor, DenseRCConfig, denserc_dense_fn, load_constructor
+from ovlib.methods.derivation import (
+    TermGroup,
+    cls_decomposition,
+    contribution_stats,
+    delta_l_closed_form,
+    gradient_stats,
+    head_attention_distance,
+    head_contributions,
+    joint_terms,
+    optimal_spatial_p,
+    patch_gradient_magnitudes,
+    random_delta_l_setup,
+    simulate_delta_l,
+    standard_groups,
+)
+from ovlib.models import vit_adapter
+from ovlib.nb import ci, ci_signed, md, ms, setup, table
+from ovlib.train.launch import build_models
+from ovlib.train.pretrain import image_mean_std
+from ovlib.train.recipes import distill_config
+
+# every contract key comes from the parameters cell above
+P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
+T0 = time.perf_counter()
+EV = dense_eval_settings(P["profile"], P["eval_images"])
+SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"
+SEEDS = list(range(P["seeds"]))
+RUNS_DIR = Path(P["cache_dir"]) / "runs" / "03"
+CFG = distill_config(P, "denserc")  # the recipe (params/PROFILE.yaml): multi-v, HSG, 3 layers, λ = 0.025
+LAMBDA = float(CFG.loss_weights.get("coherence", 0.025))
+
+# ---- the chapter's budget (one place; §3.11 prints what it cost) --------------------------------------------
+# micro: <= 25 min on 2 CPU cores. Pieces timed on this machine (OMP_NUM_THREADS=1, load average 4-5 from other
+# jobs): one STEPS = 30 DenseRC run (HSG, batch 4, <= 6 regions) trained and its student evaluated (REGION_N =
+# 200 images for boxes / thing / stuff, SEG_N = 50 for OVSS and k-means) in 40 s (a 40-step run: 28 s + 24 s).
+# Grid: 6 Table-5 rows x 3 seeds = 18 runs + 7 one-seed sweep runs (n in {1, 2, 4}, lambda in {0, 0.1},
+# final_each, last-layer gates) = 25 runs x ~42 s ~ 1050 s. Fixed parts: imports 10 s, models + two frozen
+# evaluations 40 s, derivation (200 crops) + random ViT-B/16 at 48 px 7 s, ΔL Monte Carlo (12 x 40,000 draws)
+# 8 s, gradients (16 images) 6 s, HSG gates of 2,000 images at GATE_SIZE = 96 px 27 s (at 160 px they cost ~75 ms
+# an image, 150 s: too much), step-time benchmark 14 s: ~110 s. Total ~1160 s ~ 19.5 min (a loaded machine; the
+# 25-min budget leaves ~20 % for slower moments). steps_scale multiplies STEPS.
+if PAPER:
+    TRAIN, STEPS = {}, None  # params/paper.yaml's recipe as it is
+    REGION_N, SEG_N = 0, EV.ovss_images
+    N_DECOMP, N_GRAD, N_GATE, GATE_SIZE = 200, 32, 2000, EV.region.image_size
+    VITB_SIZE = 224
+    LAYERS = [1, 2, 3, 4, "all"]
+    LAMBDAS = [0.0, 0.01, LAMBDA, 0.1]
+    EXTRAS = ("final_each", "last-layer gates", "one W_H per layer")
+    DL_DRAWS = 200_000
+else:
+    TRAIN = {} if SMOKE else {"batch_size": 4, "max_boxes": 6}
+    STEPS = max(1 if SMOKE else 2, round(30 * P["steps_scale"]))
+    REGION_N, SEG_N = (3, 1) if SMOKE else (200, 50)
+    N_DECOMP, N_GRAD, N_GATE = (2, 2, 8) if SMOKE else (200, 16, 2000)
+    GATE_SIZE = 96  # gate statistics on 96-px images (12 x 12 tokens): 2,000 images at 160 px cost ~150 s
+    VITB_SIZE = 32 if SMOKE else 48  # random ViT-B/16: a 2x2 / 3x3 token grid (the bookkeeping, not the weights)
+    LAYERS = [2, 3] if SMOKE else [1, 2, 3, 4]  # the micro CLIP has 4 blocks: n = 4 is "all"
+    LAMBDAS = [0.0, LAMBDA] if SMOKE else [0.0, LAMBDA, 0.1]
+    EXTRAS = ("final_each", "last-layer gates")
+    DL_DRAWS = 2_000 if SMOKE else 40_000
+MAIN_SEEDS = SEEDS  # every Table-5 row is trained for every seed
+# step-time benchmark (§3.9, on the CPU): image size, crop size, batch, boxes per image, alternating pairs
+BENCH = (64, 64, 2, 2, 1) if SMOKE else ((224, 224, 1, 4, 3) if PAPER else (160, 64, 4, 6, 3))
+
+
+def budget() -> dict:
+    return {} if STEPS is None else {**TRAIN, "max_steps": STEPS, "warmup_steps": max(1, STEPS // 10)}
+
+
+md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. DenseRC runs: "
+   f"{STEPS or 'recipe'} steps ({'batch ' + str(TRAIN.get('batch_size', CFG.batch_size))}), Table-5 rows × "
+   f"{len(MAIN_SEEDS)} seed(s), sweeps × 1 seed; students evaluated on {REGION_N or 'all'} images (regions) and "
+   f"{SEG_N} images (OVSS, k-means).")
+
+# %% [markdown]
+# ## 3.1 The frozen CLIP, the evaluation data and the protocols
+#
+# The teacher is the micro CLIP of chapter 1 (4 pre-LN blocks, width 128, 4 heads, patch 8, 64-px native
+# input), the VFM the micro VFM; both are loaded from the cache (or trained if missing), built exactly as the
+# trainer builds them. Every student is evaluated with the chapter-1 protocols on the same images:
+# **region classification** (Boxes = RoIAlign of GT thing boxes, Thing / Stuff masks = mask pooling, Top-1
+# mean per-class accuracy; the micro stand-in for the paper's OV-COCO detection), **OVSS** mIoU (sliding
+# windows; the stand-in for the paper's ADE / Pascal-Context segmentation) and **k-means** mIoU (text-free
+# feature coherence). A DenseRC student is evaluated on its own `X_dense` — the constructor it was trained
+# with, HSG gates included (`ovlib.eval.students.student_dense_fn`).
+
+# %%
+clip_model, _, vfm, tokenizer = build_models(CFG, P, frozenset({"vfm"}))
+clip_model = clip_model.to(DEV).eval().requires_grad_(False)
+vfm = vfm.to(DEV).eval()
+AD = vit_adapter(clip_model)
+MEAN, STD = image_mean_std(clip_model)
+L_BLOCKS, HEADS = AD.num_blocks, AD.num_heads
+if PAPER:
+    ds = CocoPanoptic(P["data_root"], "val2017")
+    templates, this_is = VILD_TEMPLATES, True
+else:
+    root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size, seed=P["seed"],
+                             progress=False)
+    ds = CocoPanoptic(root, "val2017")
+    templates, this_is = MICRO_TEMPLATES, False
+categories = ds.categories
+class_ids = [c["id"] for c in categories]
+CAT_ROW = category_index(class_ids)
+text = text_embeddings(clip_model, tokenizer, class_name_sets(categories, "main", seed=P["seed"]), templates,
+                       this_is_prefix=this_is, device=DEV).cpu()
+evals, runs = {}, {}
+
+
+def evaluate(name, model, dense_fn=None, kmeans=True):
+    """Region classification, OVSS and k-means of one model (no crop CLS: DenseRC changes the dense map)."""
+    evals[name] = evaluate_student(model, ds, text, class_ids, EV, mode="x+v", name=name, region_images=REGION_N,
+                                   seg_images=SEG_N, crops=False, kmeans=kmeans, dense_fn=dense_fn,
+                                   seed=P["seed"], device=DEV)
+    return evals[name]
+
+
+frozen_multi_v = DenseConstructor.for_model(DenseRCConfig(construct="none", n_layers=3), clip_model).eval()
+evaluate("CLIP x+v", clip_model)
+evaluate("CLIP multi-v", clip_model, dense_fn=denserc_dense_fn(clip_model, frozen_multi_v, MEAN, STD))
+md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {evals['CLIP x+v'].n_regions} regions in the first "
+   f"{REGION_N or len(ds)} images. The frozen CLIP before any training: " + "; ".join(
+       f"`{n[5:]}` Boxes Top-1 {ci(evals[n].ci['boxes.top1'])}, OVSS {ci(evals[n].ci['ovss.miou'])}"
+       for n in ("CLIP x+v", "CLIP multi-v")) + " (`multi-v` = the sum of the last three blocks' value terms, "
+   "no gates, §3.2).")
+
+# %% [markdown]
+# ## 3.2 What the CLS token is made of (Eqs. 1–2)
+#
+# A pre-LN block adds two terms to every token of the residual stream, `x^(l) = x^(l-1) + a^(l) + m^(l)`:
+# the attention path `a^(l) = O^(l)(softmax(q kᵀ/√d) v)` and the MLP `m^(l)`. At the CLS position this unrolls
+# **exactly** to `c^(L) = c^(0) + Σ_l a_cls^(l) + Σ_l m_cls^(l)`; the paper drops the MLP terms ("mainly
+# intra-token") and reads `a_cls^(l) = A^(l) v^(l)` as a weighted sum of value embeddings (Eq. 2).
+# `ovlib.methods.derivation.cls_decomposition` computes every term from the tower's pieces and, independently,
+# runs the model's own block code; the bookkeeping error must be ≤ 1e-4. With the final LayerNorm's σ of the
+# actual `c^(L)` held fixed the head is affine, so each term also has an exact image in the joint (text) space
+# (`joint_terms`), and the terms' *share* of the embedding `e`, `⟨e_S, e⟩/‖e‖²`, adds up to 1 over a
+# partition.
+#
+# Checked on the micro CLIP (GT thing crops of the evaluation images at the CLIP's native size) and on a
+# **random ViT-B/16** (open_clip config, random weights perturbed so every bias and LayerNorm is non-trivial)
+# at a tiny input — the bookkeeping does not depend on the weights or the size.
+
+# %%
+t = time.perf_counter()
+crops, labels = [], []
+for i in range(len(ds)):
+    item = ds[i]
+    things = [s for s in item["segments"] if s["isthing"] and int(s["category_id"]) in CAT_ROW]
+    if not things:
+        continue
+    boxes = torch.as_tensor(np.stack([np.asarray(s["box"], dtype=np.float32) for s in things]))
+    crops.append(crop_regions(item["image"], boxes, AD.native_grid[0] * AD.patch_size[0]))
+    labels += [CAT_ROW[int(s["category_id"])] for s in things]
+    if len(labels) >= N_DECOMP:
+        break
+crops = normalize_images(torch.cat(crops)[:N_DECOMP], MEAN, STD).to(DEV)
+labels = torch.tensor(labels[:N_DECOMP])
+dec = cls_decomposition(clip_model, crops, per_head=True)
+jt = joint_terms(clip_model, dec)
+stats = contribution_stats(jt, {**standard_groups(L_BLOCKS, 3),
+                                "attention values (no O-bias), all blocks": TermGroup(attn=tuple(range(L_BLOCKS)),
+                                                                                      attn_value=True)},
+                           text=text.to(jt.embedding), labels=labels)
+
+# a random ViT-B/16 (open_clip's "ViT-B-16" config, image tower only) at a tiny input: the same bookkeeping
+import open_clip
+from open_clip.model import _build_vision_tower
+
+with torch.random.fork_rng():
+    torch.manual_seed(P["seed"])
+    vb_cfg = open_clip.get_model_config("ViT-B-16")
+    vitb = _build_vision_tower(vb_cfg["embed_dim"], {**vb_cfg["vision_cfg"], "image_size": VITB_SIZE})
+    vitb = vitb.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(P["seed"])
+    with torch.no_grad():  # perturb: open_clip initialises biases to 0 and LayerNorms to 1
+        for p_ in vitb.parameters():
+            p_.add_(torch.randn(p_.shape, generator=g) * 0.02)
+xb = torch.randn(2, 3, VITB_SIZE, VITB_SIZE, generator=g)
+dec_b = cls_decomposition(vitb, xb, per_head=True)
+jt_b = joint_terms(vitb, dec_b)
+with torch.no_grad():
+    own_err_b = float((dec_b.embedding - vitb(xb)).abs().max())
+head_err_b = float((dec_b.heads.sum(2) + dec_b.attn_bias - dec_b.attn).abs().max())
+head_err = float((dec.heads.sum(2) + dec.attn_bias - dec.attn).abs().max())
+own_err = float((dec.embedding - clip_model.encode_image(crops)).abs().max())
+TOL = 1e-4
+rows = [["micro CLIP", f"{L_BLOCKS} × {HEADS}", f"{crops.shape[-1]} px, {len(crops)} crops", f"{dec.error():.1e}",
+         f"{head_err:.1e}", f"{jt.error():.1e}", f"{own_err:.1e}"],
+        ["random ViT-B/16", f"{dec_b.attn.shape[1]} × {dec_b.heads.shape[2]}", f"{VITB_SIZE} px, 2 images",
+         f"{dec_b.error():.1e}", f"{head_err_b:.1e}", f"{jt_b.error():.1e}",
+         f"{own_err_b:.1e}"]]
+exact = max(dec.error(), dec_b.error(), jt.error(), jt_b.error(), head_err, head_err_b) <= TOL
+md("**Bookkeeping errors** (max abs): `c^(0) + Σ a + Σ m` vs the model's own CLS stream; heads + O-bias vs the "
+   "attention term; joint-space terms vs the model's embedding; the decomposition's embedding vs "
+   "`encode_image`.\n\n" +
+   table(["tower", "blocks × heads", "input", "stream", "per-head split", "joint space", "vs encode_image"], rows) +
+   f"\n\nAll ≤ {TOL:g}: **{'yes' if exact else 'no'}** ({time.perf_counter() - t:.1f} s).")
+
+
+# %%
+def stat_ci(name, key, digits=2):
+    """Mean over crops of one per-crop statistic with a 95 % bootstrap interval over crops."""
+    v = np.asarray(stats[name][key], dtype=np.float64)
+    t_ = bootstrap_ci(np.stack([v, np.ones_like(v)], 1), lambda s: s[0] / s[1], n_boot=EV.n_boot, seed=P["seed"])
+    return ci(t_, digits) if key != "top1" else ci(tuple(100 * x for x in t_), 1)
+
+
+rows = [[name] + [stat_ci(name, k) for k in ("share", "norm_ratio", "cos_cls", "cos_text", "top1")]
+        for name in stats]
+md(f"**How much of the CLS embedding each group of terms carries** ({len(crops)} GT thing crops, micro CLIP; "
+   "mean [95 % bootstrap interval over crops]). *share* = ⟨e_S, e⟩/‖e‖² (the four rows *attention, last 3*, "
+   "*attention, first*, *MLP* and *c0 + offset* add up to 1); *norm ratio* = ‖e_S‖/‖e‖; *cos cls* = cos(e_S, e); "
+   "*cos text* = cosine to the crop's class text embedding; *Top-1* = zero-shot accuracy of e_S alone.\n\n" +
+   table(["terms", "share", "norm ratio", "cos cls", "cos text", "Top-1 (%)"], rows))
+
+CLAIMS = []  # (section, claim, measured, test, verdict)
+
+
+def per_crop_claim(section, text_, a, b, key, expected=+1):
+    """b − a of a per-crop statistic, paired bootstrap over crops."""
+    xa = np.asarray(stats[a][key], dtype=np.float64)
+    xb = np.asarray(stats[b][key], dtype=np.float64)
+    one = np.ones_like(xa)
+    d, lo, hi = paired_diff_ci(np.stack([xa, one], 1), np.stack([xb, one], 1), lambda s: s[0] / s[1],
+                               n_boot=EV.n_boot, seed=P["seed"])
+    CLAIMS.append((section, text_, ci_signed((d, lo, hi), 3), f"paired bootstrap over {len(xa)} crops",
+                   verdict(d, lo, hi, expected=expected, n=len(xa))))
+
+
+n_first = L_BLOCKS - min(3, L_BLOCKS)
+per_crop_claim("3.2", "the attention (value) terms carry more of the CLS embedding than the MLP terms (share)",
+               "MLP, all blocks", "attention, all blocks", "share")
+per_crop_claim("3.2", "the attention terms are closer to the class text than the MLP terms (cos text)",
+               "MLP, all blocks", "attention, all blocks", "cos_text")
+if n_first > 0:
+    per_crop_claim("3.2", "the last 3 blocks' attention terms carry more than the earlier blocks' (share)",
+                   f"attention, first {n_first} blocks", "attention, last 3 blocks", "share")
+
+# %% [markdown]
+# **Are the heads alike?** The paper motivates HSG by the heads' heterogeneity in their "cross-modal semantic
+# contribution to cls" and their locality. Here each head's attention term, mapped to the joint space, has a
+# share of the embedding and a cosine to the class text; each head also has a locality (mean attention distance
+# between patch tokens, in patches). Whether the heads' mean shares differ is tested with Friedman's rank test
+# (every crop ranks its heads).
+
+# %%
+hc = head_contributions(jt, text.to(jt.embedding), labels)
+with torch.no_grad():
+    x_loc = torch.stack([student_image(ds[i]["image"], EV.region.image_size)[0] for i in range(min(4, len(ds)))])
+    dist = head_attention_distance(clip_model, normalize_images(x_loc, MEAN, STD).to(DEV)).mean(0).cpu().numpy()
+fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
+for ax, (arr, title, cmap) in zip(axes, ((hc["share"].mean(0), "share of the embedding", "RdBu_r"),
+                                          (hc["cos_text"].mean(0), "cos to the class text", "RdBu_r"),
+                                          (dist, "mean attention distance (patches)", "viridis"))):
+    lim = float(np.abs(arr).max()) or 1.0
+    im = ax.imshow(arr, cmap=cmap, vmin=-lim if cmap == "RdBu_r" else None, vmax=lim if cmap == "RdBu_r" else None)
+    ax.set(title=title, xlabel="head", ylabel="block", xticks=range(arr.shape[1]), yticks=range(arr.shape[0]),
+           yticklabels=[str(b_ + 1) for b_ in range(arr.shape[0])])
+    for (r_, c_), v in np.ndenumerate(arr):
+        ax.text(c_, r_, f"{v:.2f}", ha="center", va="center", fontsize=6)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+fig.suptitle("per-head attention terms of the micro CLIP's CLS token (means over crops / images)", fontsize=9)
+plt.tight_layout()
+plt.show()
+sh = hc["share"].mean(0)
+hs = hc["share"].reshape(len(labels), -1).astype(np.float64)  # (crops, L*H)
+# equal mean shares for every head? Friedman's test (crops as blocks; needs >= 2 crops and >= 3 heads)
+p_heads = float(friedmanchisquare(*hs.T).pvalue) if hs.shape[0] >= 2 and hs.shape[1] >= 3 else float("nan")
+CLAIMS.append(("3.2", "the heads carry unequal shares of the CLS embedding",
+               f"head means {sh.min():+.3f} … {sh.max():+.3f}", f"Friedman test over {len(hs)} crops, p = {p_heads:.2g}",
+               verdict(float(np.ptp(sh)), p=p_heads, n=len(hs))))
+md(f"Per-head shares range from {sh.min():+.3f} to {sh.max():+.3f} (the {sh.size} heads' shares sum to the "
+   f"attention rows' share minus the O-bias term); cosines to the class text from {hc['cos_text'].mean(0).min():+.3f} "
+   f"to {hc['cos_text'].mean(0).max():+.3f}.")
+
+# %% [markdown]
+# ## 3.3 Spatial aggregation costs alignment: ΔL > 0 (Eqs. 4–6)
+#
+# Teacher target of region r: `c_r = M v_r + ε` (Eq. 4). Head-only model `W v_r`; spatial-head model
+# `Σ_j S_rj P v_j` (Eq. 5). For zero-mean off-target values `v_j` (j ∈ U_r) uncorrelated with each other, with
+# `v_r` and with ε, the expected squared-error gap is
+#
+# `ΔL(P) = E‖(M − S_rr P) v_r‖² + Σ_{j∈U_r} S_rj² E‖P v_j‖²`   (best head-only `W = M`),
+#
+# whose first (mismatch) term vanishes for `P = M/S_rr`, leaving the paper's Eq. (6). Below, random instances
+# (token counts, softmax temperatures, matched `P = M/S_rr` or a random `P`, and the best spatial `P*` for the
+# given weights, `optimal_spatial_p`): closed form (`delta_l_closed_form`) against a Monte-Carlo estimate with
+# Gaussian values (`simulate_delta_l`); *z* = (MC − closed form) / MC standard error. With `P = M/S_rr` and a
+# small on-target weight `S_rr` the interference term is large (P amplifies every off-target value by 1/S_rr).
+
+# %%
+t = time.perf_counter()
+gen = torch.Generator().manual_seed(P["seed"])
+rows, zs, deltas = [], [], []
+for J, d_, C_, temp in ((4, 8, 8, 1.0), (16, 8, 8, 0.5), (16, 16, 8, 2.0), (64, 8, 16, 1.0)):
+    for kind in ("P = M / S_rr", "random P", "best P*"):
+        s_ = random_delta_l_setup(J, d_, C_, gen, temperature=temp, matched=(kind == "P = M / S_rr"))
+        if kind == "best P*":
+            s_["P"] = optimal_spatial_p(s_["S_row"], s_["M"], s_["cov"])
+        cf = delta_l_closed_form(s_["S_row"], s_["P"], s_["M"], s_["cov"])
+        mc = simulate_delta_l(s_["S_row"], s_["P"], s_["M"], s_["cov"], noise_std=0.1, n=DL_DRAWS, generator=gen)
+        z = (mc["delta"] - cf["delta"]) / mc["se"]
+        zs.append(z)
+        deltas.append(cf["delta"])
+        off = float((s_["S_row"][1:] ** 2).sum())
+        rows.append([J, d_, temp, kind, f"{off:.3f}", f"{cf['interference']:.4f}", f"{cf['mismatch']:.4f}",
+                     f"{cf['delta']:.4f}", f"{mc['delta']:.4f} ± {mc['se']:.4f}", f"{z:+.2f}"])
+z_max = float(np.max(np.abs(zs)))
+md(table(["tokens J", "d", "temperature", "P", "Σ_U S²", "interference (Eq. 6)", "mismatch", "ΔL closed form",
+          f"ΔL Monte Carlo ({DL_DRAWS:,} draws)", "z"], rows) +
+   f"\n\nLargest |z| = {z_max:.2f} over {len(zs)} instances; smallest closed-form ΔL = {min(deltas):.4f} "
+   f"({time.perf_counter() - t:.1f} s).")
+# abs(z) < Z_OK for every instance: two-sided, family-wise 0.1 % over the instances (Bonferroni) if the formula is right
+Z_OK = float(norm.isf(0.001 / 2 / len(zs)))
+CLAIMS.append(("3.3", f"the closed form of ΔL matches the Monte-Carlo estimate (every z within ±{Z_OK:.2f})",
+               f"largest absolute z = {z_max:.2f}", f"{len(zs)} random instances, family-wise 0.1 %",
+               "holds" if z_max < Z_OK else "does not hold"))
+CLAIMS.append(("3.3", "ΔL > 0 for every spatial model, even the best P* for its weights",
+               f"min ΔL = {min(deltas):.4f}", "closed form", "holds" if min(deltas) > 0 else "does not hold"))
+
+# %% [markdown]
+# ## 3.4 Where the semantic loss's gradient goes (paper Fig. 3)
+#
+# The paper reports that under spatial aggregation a few patches take most of the gradient (peak ≈ 10,
+# mean 0.26) while without it the gradient spreads (mean 0.7). Here: `patch_gradient_magnitudes` — the
+# semantic loss (Eq. 8) of CLIPSelf-style grid regions (crops encoded by the frozen CLIP) on the micro CLIP's
+# `multi-v` map (3 blocks), back-propagated to the values of the used blocks with the attention maps / gates
+# held fixed; patch j gets `‖∂L/∂v_j‖` over layers and heads. Constructions: `qq` (DeCLIP), `qk`, none and HSG
+# at its initial gates (0.5 everywhere), i.e. at the start of training — where HSG scales every value alike, so
+# its distribution has the shape of "none" (half its scale): the comparison is aggregation vs no aggregation. Absolute magnitudes depend on the loss
+# normalisation (they are not comparable to the paper's); the shape of the distribution is: *peak / mean*, the
+# share of the gradient taken by the top 5 % of patches, the Gini coefficient (0 = uniform), and the fraction
+# of *starved* patches (< 0.1 × the mean). Statistics per image, intervals over images.
+
+# %%
+t = time.perf_counter()
+GRAD_CONS = {c: DenseConstructor.for_model(DenseRCConfig(construct=c, n_layers=3), clip_model).eval()
+             for c in ("qq", "qk", "none", "hsg")}
+size = EV.region.image_size
+crop_px = AD.native_grid[0] * AD.patch_size[0]
+imgs, boxes_l, teach = [], [], []
+for i in range(N_GRAD):
+    x_i, _ = student_image(ds[i]["image"], size)
+    b_i = sample_grid_boxes(size, size, generator=P["seed"] * 1000 + i, max_split=6, max_boxes=20)
+    imgs.append(x_i)
+    boxes_l.append(b_i.to(DEV))
+    with torch.no_grad():
+        teach.append(clip_model.encode_image(normalize_images(crop_regions(x_i, b_i, crop_px), MEAN, STD).to(DEV)))
+imgs = normalize_images(torch.stack(imgs), MEAN, STD).to(DEV)
+teach = torch.cat(teach)
+GRADS = {c: patch_gradient_magnitudes(clip_model, cons, imgs, boxes_l, teach).cpu() for c, cons in GRAD_CONS.items()}
+GSTAT = {c: [gradient_stats(g_[b]) for b in range(len(g_))] for c, g_ in GRADS.items()}
+GKEYS = ("peak_over_mean", "top_share", "gini", "starved")
+
+
+def gstat_arr(c, k):
+    v = np.array([s_[k] for s_ in GSTAT[c]], dtype=np.float64)
+    return np.stack([v, np.ones_like(v)], 1)
+
+
+def ratio(s):
+    return s[0] / s[1]
+
+
+rows = []
+for c, g_all in GRADS.items():
+    pooled = gradient_stats(g_all)
+    rows.append([c, f"{pooled['peak']:.3g}", f"{pooled['mean']:.3g}"] +
+                [ci(bootstrap_ci(gstat_arr(c, k), ratio, n_boot=EV.n_boot, seed=P["seed"]), 2) for k in GKEYS])
+md(f"**Per-patch gradient magnitude** on {N_GRAD} images ({size} px, {GRADS['qq'].shape[-1]}² patches), "
+   f"{len(teach)} grid regions. Paper (Fig. 3, ViT-B/16): spatial aggregation peak ≈ 10, mean 0.26; HSG mean "
+   "0.7.\n\n" + table(["construction", "peak (pooled)", "mean (pooled)", "peak / mean", "top-5 % share", "Gini",
+                       "starved"], rows))
+for k, txt in (("gini", "Gini"), ("top_share", "top-5 % share"), ("peak_over_mean", "peak / mean")):
+    d, lo, hi = paired_diff_ci(gstat_arr("qq", k), gstat_arr("hsg", k), ratio, n_boot=EV.n_boot, seed=P["seed"])
+    CLAIMS.append(("3.4", f"without spatial aggregation the gradient is spread more evenly: HSG − qq {txt} < 0",
+                   ci_signed((d, lo, hi), 3), f"paired bootstrap over {N_GRAD} images",
+                   verdict(d, lo, hi, expected=-1, n=N_GRAD)))
+
+fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
+for c in ("qq", "qk", "none", "hsg"):
+    v = GRADS[c].flatten().numpy()
+    axes[0].hist(v / v.mean(), bins=60, histtype="step", label=c, log=True)
+axes[0].set(title="per-patch |grad| / mean (all images)", xlabel="magnitude / mean", ylabel="patches")
+axes[0].legend(fontsize=7)
+for ax, c in zip(axes[1:], ("qq", "none", "hsg")):
+    g0 = GRADS[c][0].numpy()
+    im = ax.imshow(g0 / g0.mean(), cmap="magma")
+    ax.set_title(f"{c}: image 0, |grad| / mean", fontsize=8)
+    ax.axis("off")
+    plt.colorbar(im, ax=ax, fraction=0.046)
+plt.tight_layout()
+plt.show()
+md(f"({time.perf_counter() - t:.1f} s)")
+
+# %% [markdown]
+# ## 3.5 Training the Table-5 grid
+#
+# Every row is a DenseRC run (`ovlib.methods.denserc`, the recipe of `params/PROFILE.yaml`: semantic loss on
+# CLIPSelf grid regions, coherence to the micro VFM with λ = 0.025, AdamW, the trainer's α-ensemble), changing
+# only the base `v_p` and the construction `A_p` (the paper's Table 5):
+#
+# | row | `v_p` | `A_p` | what it is |
+# |---|---|---|---|
+# | x+v | last block's spatial output (value path + residual + FFN) | none | CLIPSelf's dense map |
+# | v | last block's values | none | the paper's "DeCLIP-style" base |
+# | multi-v | values of the last 3 blocks, each through its own output projection, summed | none | Eq. (3) |
+# | qk | multi-v | each block's own self-attention | vanilla CLIP mixing |
+# | qq | multi-v | self-self attention `softmax(q qᵀ)` (no scale) | DeCLIP's mixing |
+# | HSG | multi-v | `σ(W_H LN(x))` per token and head, one `W_H` shared by the 3 blocks | DenseRC |
+#
+# **Choices where the paper is silent** (stated here, ablated in §3.7): each layer's gated values go through
+# *that layer's* output projection (exactly the term the layer adds to the CLS stream in Eq. 2), the three
+# terms are summed in the residual basis and the sum goes **once** through the final LayerNorm and projection
+# (alternative `final_each`: each layer normalised and projected on its own, then summed); every layer's
+# gates come from **its own** `LN(x)` through the shared `W_H` (alternative: the last layer's gates applied to
+# all three). `W_H` starts at 0 with bias 0, so every gate starts at 0.5. `W_H` trains at `gate_lr_mult` times
+# the tower's learning rate (printed below): 1 in the paper profile (the paper gives one learning rate), raised
+# in `micro` because its runs are about a thousand times shorter than the paper's.
+#
+# Budget: the grid is run with a few dozen steps per run (see the budget comment of the first code cell;
+# `paper` runs the recipe) — these are short fine-tunings that show the direction each construction takes at
+# the start of training, not its converged effect.
+
+# %%
+md(f"`W_H` learning rate: {CFG.method_args.get('gate_lr_mult', 1.0):g} × the recipe's "
+   f"{CFG.lr:g}.")
+T5 = {  # row -> method_args (merged into the recipe's)
+    "x+v": {"base": "x+v", "construct": "none", "n_layers": 1},
+    "v": {"base": "v", "construct": "none", "n_layers": 1},
+    "multi-v": {"base": "multi-v", "construct": "none", "n_layers": 3},
+    "qk": {"base": "multi-v", "construct": "qk", "n_layers": 3},
+    "qq": {"base": "multi-v", "construct": "qq", "n_layers": 3},
+    "HSG": {"base": "multi-v", "construct": "hsg", "n_layers": 3},
+}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name.replace("λ", "lambda")).strip("-")
+
+
+def train_eval(name, seed, method_args, loss_weights=None, kmeans=True):
+    """Train (or load) one DenseRC run and evaluate its student on its own X_dense."""
+    t_ = time.perf_counter()
+    ov = {**budget(), "seed": seed, "method_args": method_args}
+    if loss_weights:
+        ov["loss_weights"] = loss_weights
+    res = train_or_load(P, "denserc", ov, RUNS_DIR, f"{slug(name)}-s{seed}")
+    student = load_student(P, res, DEV)
+    key = f"{name}-s{seed}"
+    evaluate(key, student, dense_fn=student_dense_fn(res, student), kmeans=kmeans)
+    runs[key] = {**res, "seed": seed, "steps": STEPS, "wall": time.perf_counter() - t_,
+                 "eval_s": evals[key].seconds}
+    return res
+
+
+t_grid = time.perf_counter()
+for row, args in T5.items():
+    for s in MAIN_SEEDS:
+        train_eval(row, s, args)
+t_grid = time.perf_counter() - t_grid
+md(f"{len(T5)} rows × {len(MAIN_SEEDS)} seed(s) in {t_grid:.0f} s.")
+
+# %% [markdown]
+# ## 3.6 Table 5: the dense base and the construction
+#
+# Ours: mean ± std over seeds. The paper's columns: mIoU on ADE-847, Pascal-Context-459, ADE-150 and OV-COCO
+# AP50 (novel) — downstream detectors and segmenters we do not train; OVSS mIoU is our segmentation signal and
+# Boxes Top-1 our detection stand-in. Differences between rows: Welch's t-test over seeds (p < 0.05 resolves
+# a direction).
+
+# %%
+PAPER_T5 = {  # DenseRC (CVPR'26) Table 5, ViT-B/16: A-847 / PC-459 / A-150 mIoU, OV-COCO AP50 novel
+    "x+v": (15.2, 21.7, 36.6, 41.3), "v": (15.4, 22.1, 36.7, 41.9), "multi-v": (15.7, 22.3, 37.2, 44.4),
+    "qk": (14.7, 21.3, 36.0, 39.1), "qq": (15.4, 21.9, 36.7, 42.3), "HSG": (15.9, 22.7, 37.6, 45.6)}
+# DenseRC's zero-shot region classification (ViT-B/16, COCO, Top-1: Boxes / Thing masks / Stuff masks) and
+# R-SC-CLIPSelf's as the paper quotes it.
+PAPER_RC = {"DenseRC": (76.7, 78.1, 55.8), "R-SC-CLIPSelf": (76.0, 76.2, 53.5)}
+M5 = ("boxes.top1", "thing.top1", "stuff.top1", "ovss.miou", "kmeans.miou")
+
+
+def vals(prefix, metric):
+    """Per-seed values of a row (``prefix``: run name without ``-sN``, or a frozen-model name)."""
+    if prefix in evals:
+        return [evals[prefix].point(metric)]
+    return [evals[n].point(metric) for n in evals if n.rsplit("-s", 1)[0] == prefix]
+
+
+def compare(a, b, metric, expected=+1):
+    """b − a with a verdict: Welch over seeds when both rows have >= 2 seeds, else a paired bootstrap over the
+    evaluation images of the seed-0 runs (evaluation noise only)."""
+    va, vb = vals(a, metric), vals(b, metric)
+    if len(va) >= 2 and len(vb) >= 2:
+        d, p = welch(va, vb)
+        return {"d": d, "lo": float("nan"), "hi": float("nan"), "p": p, "how": f"Welch, {len(va)} vs {len(vb)} seeds",
+                "verdict": verdict(d, p=p, expected=expected)}
+    ea = evals[a] if a in evals else evals[f"{a}-s0"]
+    eb = evals[b] if b in evals else evals[f"{b}-s0"]
+    (xa, stat), (xb, _) = ea.per_image[metric], eb.per_image[metric]
+    d, lo, hi = paired_diff_ci(xa, xb, stat, n_boot=EV.n_boot, seed=P["seed"])
+    return {"d": d, "lo": lo, "hi": hi, "p": float("nan"), "how": f"paired bootstrap over {len(xa)} images, 1 seed",
+            "verdict": verdict(d, lo, hi, expected=expected, n=len(xa))}
+
+
+def dstr(c) -> str:
+    if not np.isfinite(c["d"]):
+        return "–"
+    extra = f"p = {c['p']:.3f}" if np.isfinite(c["p"]) else f"[{c['lo']:+.1f}, {c['hi']:+.1f}]"
+    return f"{c['d']:+.1f} ({extra})"
+
+
+def claim(section, text_, a, b, metric, expected=+1):
+    c = compare(a, b, metric, expected)
+    CLAIMS.append((section, text_ + f" ({metric})", dstr(c), c["how"], c["verdict"]))
+    return c
+
+
+rows = [[n, "", *[ms(vals(n, m)) for m in M5], ""] for n in ("CLIP x+v", "CLIP multi-v")]
+rows += [[n, str(len(vals(n, "boxes.top1"))), *[ms(vals(n, m)) for m in M5],
+          " / ".join(f"{v:.1f}" for v in PAPER_T5[n])] for n in T5]
+md(f"**Table 5, micro analogue** ({STEPS or 'recipe'} steps; frozen rows: the CLIP before training, one "
+   "deterministic evaluation)\n\n" +
+   table(["row", "seeds", "Boxes T1", "Thing T1", "Stuff T1", "OVSS mIoU", "k-means mIoU",
+          "paper A-847 / PC-459 / A-150 / OV-COCO"], rows) +
+   "\n\nPaper, zero-shot region classification (Boxes / Thing / Stuff Top-1): DenseRC "
+   + " / ".join(map(str, PAPER_RC["DenseRC"])) + ", R-SC-CLIPSelf " + " / ".join(map(str, PAPER_RC["R-SC-CLIPSelf"]))
+   + " — compare with the HSG row's first three columns only as a direction.")
+
+T5_CLAIMS = [("multi-layer values are a better base than CLIPSelf's x+v", "x+v", "multi-v", +1),
+             ("multi-layer values are a better base than the last block's values", "v", "multi-v", +1),
+             ("the last block's values are a better base than x+v", "x+v", "v", +1),
+             ("qk self-attention on multi-v hurts (vs no aggregation)", "multi-v", "qk", -1),
+             ("qq self-self attention on multi-v hurts (vs no aggregation)", "multi-v", "qq", -1),
+             ("HSG improves on no construction", "multi-v", "HSG", +1),
+             ("HSG beats qq (DeCLIP's aggregation)", "qq", "HSG", +1)]
+rows = []
+for txt, a, b, e in T5_CLAIMS:
+    cs = [claim("3.6", txt, a, b, m, e) for m in ("ovss.miou", "boxes.top1")]
+    rows.append([txt, f"{b} − {a}"] + [f"{dstr(c)} → *{c['verdict']}*" for c in cs])
+md(table(["paper's claim", "difference", "OVSS mIoU", "Boxes Top-1"], rows))
+
+# %% [markdown]
+# ## 3.7 Sweeps: number of layers, λ, and the two unstated choices
+#
+# One seed each (seed 0), the same budget as Table 5, compared with the HSG run of seed 0 (n = 3, λ = 0.025,
+# own projection, own gates) by a paired bootstrap over the evaluation images — evaluation noise only; set
+# the intervals beside the seed standard deviations of Table 5. The paper: the last three layers are best
+# (earlier layers have a low signal-to-noise ratio) and λ = 0.025 is stable; it gives no numbers for either in
+# our copy. Our two choices (§3.5) have no paper direction: their rows say how much the choice matters here.
+
+# %%
+REF = "HSG"
+SWEEP = {}
+for n in LAYERS:
+    if n != 3:
+        SWEEP[f"n = {n}"] = ({**T5["HSG"], "n_layers": n}, None)
+for lam in LAMBDAS:
+    if lam != LAMBDA:
+        SWEEP[f"λ = {lam:g}"] = (T5["HSG"], {"coherence": lam})
+EXTRA_ARGS = {"final_each": {"projection": "final_each"}, "last-layer gates": {"gate_source": "last"},
+              "one W_H per layer": {"shared_gate": False}}
+for e_ in EXTRAS:
+    SWEEP[e_] = ({**T5["HSG"], **EXTRA_ARGS[e_]}, None)
+t_sw = time.perf_counter()
+for name, (args, lw) in SWEEP.items():
+    train_eval(name, SEEDS[0], args, lw)
+t_sw = time.perf_counter() - t_sw
+MS = ("boxes.top1", "stuff.top1", "ovss.miou", "kmeans.miou")
+
+
+def sweep_rows(names, labels_=None):
+    out = []
+    for name, lab in zip(names, labels_ or names):
+        if name == REF:
+            e = evals[f"{REF}-s0"]
+            out.append([lab + " (reference)"] + [ci(e.ci[m]) for m in MS] + [""])
+            continue
+        e = evals[f"{name}-s0"]
+        diffs = [compare(REF, name, m) for m in MS]
+        out.append([lab] + [ci(e.ci[m]) for m in MS] + [" / ".join(dstr(c) for c in diffs)])
+    return out
+
+
+hdr = ["variant", "Boxes T1", "Stuff T1", "OVSS mIoU", "k-means mIoU", "Δ vs reference (Boxes / Stuff / OVSS / k-means)"]
+lay = [REF if n == 3 else f"n = {n}" for n in LAYERS]
+lab = [f"n = {n}" + (" = all" if n == L_BLOCKS else "") for n in LAYERS]
+md(f"**Number of layers n** (multi-v + HSG, the last n of {L_BLOCKS} blocks)\n\n" + table(hdr, sweep_rows(lay, lab)))
+lam_names = [REF if lam == LAMBDA else f"λ = {lam:g}" for lam in LAMBDAS]
+md("**λ (coherence weight)**\n\n" + table(hdr, sweep_rows(lam_names, [f"λ = {lam:g}" for lam in LAMBDAS])))
+md("**Unstated choices** (reference: own output projection, then one final norm + projection; gates from each "
+   "layer's own LN(x), one shared W_H)\n\n" + table(hdr, sweep_rows([REF] + list(EXTRAS))))
+for n in LAYERS:
+    if n != 3:
+        claim("3.7", f"three layers beat n = {n}", f"n = {n}", REF, "ovss.miou")
+if 0.0 in LAMBDAS:
+    for m in ("kmeans.miou", "ovss.miou"):
+        claim("3.7", "the coherence loss (λ = 0.025 vs 0) helps", "λ = 0", REF, m)
+for e_ in EXTRAS:
+    claim("3.7", f"(book's choice, not a paper claim) the default beats {e_}", e_, REF, "ovss.miou")
+md(f"{len(SWEEP)} sweep runs in {t_sw:.0f} s.")
+
+# %% [markdown]
+# ## 3.8 Are HSG gates image-independent?
+#
+# The paper: HSG weights are consistent across 2,000 samples — they capture the heads' roles, not the image.
+# The gates `σ(W_H LN(x))` of the seed-0 HSG student on up to 2,000 training images (at 96 px in the micro
+# profile, 12 × 12 tokens, to fit the budget; the students train at 160 px): per image, the
+# mean gate of every (layer, head) over its patch tokens. **Image-independence** is measured by the share of
+# the variance of these per-image means that the (layer, head) identity explains,
+# `η² = Var_heads(mean over images) / (that + mean over heads of Var_images)`, with a bootstrap interval over
+# images; the claim is taken to hold when the whole interval is ≥ 0.9 (a threshold of ours: heads differ far
+# more than images do). Also shown: how far the gates moved from their initial 0.5 (a gate map that never
+# moved is trivially image-independent), and the spread of the gates over the tokens of one image.
+
+# %%
+t = time.perf_counter()
+hsg_res = runs["HSG-s0"]
+hsg_student = load_student(P, hsg_res, DEV)
+hsg_args = json.loads(Path(hsg_res["results"]).read_text())["config"]["method_args"]
+hsg_cons = load_constructor(hsg_res["weights"], hsg_student, **hsg_args).to(DEV)
+train_dir = Path(P["data_root"]) / "train2017"
+files = sorted([p_ for p_ in train_dir.iterdir() if p_.suffix.lower() in (".png", ".jpg", ".jpeg")])[:N_GATE]
+G_MEAN, G_TOK = [], []
+for k0 in range(0, len(files), 50):
+    x_ = torch.stack([student_image(np.asarray(Image.open(f_).convert("RGB")), GATE_SIZE)[0]
+                      for f_ in files[k0:k0 + 50]])
+    gm = hsg_cons.gate_maps(hsg_student, normalize_images(x_, MEAN, STD).to(DEV)).cpu().double()  # (B, n, N, H)
+    G_MEAN.append(gm.mean(2))
+    G_TOK.append(gm.std(2))
+G_MEAN = torch.cat(G_MEAN).numpy()  # (I, n_used, H)
+G_TOK = torch.cat(G_TOK).numpy()
+I_, NL, NH = G_MEAN.shape
+flat = G_MEAN.reshape(I_, -1)
+per_img = np.concatenate([flat, flat ** 2, np.ones((I_, 1))], 1)  # sums of these give means and variances
+
+
+def eta2(s):
+    n = s[-1]
+    k = (len(s) - 1) // 2
+    mu, m2 = s[:k] / n, s[k:2 * k] / n
+    within = float(np.mean(np.maximum(m2 - mu ** 2, 0.0)))
+    between = float(np.var(mu))
+    return between / (between + within) if between + within > 0 else float("nan")
+
+
+# the same η² straight from the per-image means (pins the sums-based statistic the bootstrap resamples)
+_direct = float(np.var(flat.mean(0)) / (np.var(flat.mean(0)) + np.mean(flat.var(0))))
+assert abs(eta2(per_img.sum(0)) - _direct) < 1e-9, (eta2(per_img.sum(0)), _direct)
+eta = bootstrap_ci(per_img, eta2, n_boot=EV.n_boot, seed=P["seed"])
+mu = flat.mean(0).reshape(NL, NH)
+sd_img = flat.std(0).reshape(NL, NH)
+tok = G_TOK.mean(0)
+moved = float(np.abs(mu - 0.5).mean())
+fig, axes = plt.subplots(1, 3, figsize=(11, 2.6))
+for ax, (arr, title) in zip(axes, ((mu, "mean gate over images"), (sd_img, "std of the per-image mean across images"),
+                                   (tok, "std over the tokens of an image (mean)"))):
+    im = ax.imshow(arr, cmap="viridis")
+    ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(NH), yticks=range(NL),
+           yticklabels=[str(l_ + 1) for l_ in hsg_cons.used])
+    for (r_, c_), v in np.ndenumerate(arr):
+        ax.text(c_, r_, f"{v:.4f}", ha="center", va="center", fontsize=6, color="w")
+    plt.colorbar(im, ax=ax, fraction=0.046)
+fig.suptitle(f"HSG gates of the seed-0 student on {I_} training images at {GATE_SIZE} px (layers = blocks used, "
+             "1-based)", fontsize=9)
+plt.tight_layout()
+plt.show()
+dv = {"d": eta[0] - 0.9, "lo": eta[1] - 0.9, "hi": eta[2] - 0.9}
+v_eta = verdict(dv["d"], dv["lo"], dv["hi"], expected=+1, n=I_)
+CLAIMS.append(("3.8", "HSG gates are image-independent (η² of (layer, head) identity ≥ 0.9)", f"η² = {ci(eta, 3)}",
+               f"bootstrap over {I_} images", v_eta))
+md(f"η² = **{ci(eta, 3)}** ({I_} images, {NL} layers × {NH} heads) → *{v_eta}*. Gates moved on average "
+   f"{moved:.4f} from their initial 0.5 (head means from {mu.min():.4f} to {mu.max():.4f}); the mean std across "
+   f"images {sd_img.mean():.4f}, within an image across tokens {tok.mean():.4f}. ({time.perf_counter() - t:.0f} s)" +
+   ("\n\nThe gates have barely left their initial 0.5 at this budget (mean move < 0.01): η² describes the "
+    "first steps of training, not trained gates." if moved < 0.01 else ""))
+
+# %% [markdown]
+# ## 3.9 What an HSG step costs (issue target: ≤ 1.05 × a CLIPSelf step)
+#
+# `benchmarks/bench_denserc.py` times a DenseRC step (multi-v, HSG, semantics + λ·coherence, backward, AdamW)
+# and a CLIPSelf step on the same batch and the same random student, in alternating pairs; *semantics only*
+# isolates the construction (no VFM), and the VFM's correlation target alone is shown as a fraction of a
+# CLIPSelf step. The numbers below are measured now, on this machine's CPU (the benchmark builds its models on
+# the CPU, fp32, with the kernel's torch threads, whatever the chapter's device); the verdict uses the CPU-time
+# ratio, steadier than wall time when other jobs share the cores.
+
+# %%
+import importlib.util
+import sys
+
+import ovlib
+
+# benchmarks/ sits beside the ovlib package in the repository (an editable install); elsewhere it may be absent
+BENCH_DIR = next((d for d in (Path(ovlib.__file__).resolve().parents[1] / "benchmarks", Path("benchmarks").resolve())
+                  if (d / "bench_denserc.py").is_file()), None)
+t = time.perf_counter()
+if BENCH_DIR is None:
+    md("`benchmarks/bench_denserc.py` is not available next to this `ovlib`: the step-time measurement is skipped.")
+else:
+    sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location("bench_denserc", BENCH_DIR / "bench_denserc.py")
+    bench_denserc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_denserc)
+    from _common import machine_info
+    from _common import verdict as bench_verdict
+
+    S_, CROP_, B_, K_, PAIRS_ = BENCH
+    bench_rows = bench_denserc.run("micro CLIP" if not PAPER else "ViT-B/16",
+                                   "micro-clip" if not PAPER else "ViT-B-16", S_, CROP_, B_, K_, PAIRS_)
+    mi = machine_info()
+    md(f"Machine: {mi['cpu']} ({mi['cores']} cores), torch {mi['torch']} with {mi['torch_threads']} thread(s), "
+       f"load {mi['loadavg_start']:.2f}; {PAIRS_} alternating pair(s) per case after a warm-up.\n\n" +
+       table(["setting", "case", "wall ratio (median)", "min–max", "CPU-time ratio (median)", "min–max", "step ms",
+              "CLIPSelf ms", "target (wall / CPU)"],
+             [[r["setting"], r["case"], f"{r['ratio']['median']:.3f}",
+               f"{r['ratio']['min']:.3f}–{r['ratio']['max']:.3f}", f"{r['cpu_ratio']['median']:.3f}",
+               f"{r['cpu_ratio']['min']:.3f}–{r['cpu_ratio']['max']:.3f}", f"{r['case_ms']:.0f}",
+               f"{r['clipself_ms']:.0f}",
+               f"{r['verdict']} / {bench_verdict(r['cpu_ratio'], bench_denserc.TARGET)}" if r["verdict"] else ""]
+              for r in bench_rows]) + f"\n\n({time.perf_counter() - t:.0f} s)")
+    full = next(r for r in bench_rows if r["case"].startswith("denserc /"))
+    # the benchmark runs on the CPU; with other jobs on the cores the process's CPU time is the steadier clock
+    ratio_used = full["cpu_ratio"]
+    # the benchmark's target verdict (whole min-max range / median on either side) in the chapter's words
+    BENCH_VERDICT = {"met": "holds", "met at median": "not resolved (met at the median only)",
+                     "missed": "does not hold", "missed at median": "not resolved (missed at the median)"}
+    CLAIMS.append(("3.9", f"an HSG step costs ≤ {bench_denserc.TARGET} × a CLIPSelf step (issue target)",
+                   (f"CPU-time ratio median {ratio_used['median']:.3f} [{ratio_used['min']:.3f}, "
+                    f"{ratio_used['max']:.3f}]"), f"{PAIRS_} paired step(s), {mi['cpu']}",
+                   BENCH_VERDICT.get(bench_verdict(ratio_used, bench_denserc.TARGET), "n/a")))
+
+# %% [markdown]
+# ## 3.10 Which of the paper's claims hold at micro scale
+#
+# *holds*: the measured difference has the paper's sign and is resolved (Welch's t-test over seeds, p < 0.05,
+# where both rows have several seeds; otherwise a 95 % bootstrap interval — over crops, images or gradient
+# maps — that excludes 0; fewer than 5 resampled units resolve nothing); *reversed*: resolved with the other
+# sign; *not resolved*: this budget cannot tell. The derivation checks (§3.2 exactness, §3.3) are numerical
+# identities, not statistical tests.
+
+# %%
+md(f"Bookkeeping exact to ≤ {TOL:g} on both towers: **{'holds' if exact else 'does not hold'}**.\n\n" +
+   table(["§", "claim (paper's direction)", "measured", "test", "verdict"],
+         [[s_, t_, m_, h_, f"**{v_}**"] for s_, t_, m_, h_, v_ in CLAIMS]))
+tally = {v_: sum(c_[4].startswith(v_) for c_ in CLAIMS)
+         for v_ in ("holds", "reversed", "does not hold", "not resolved")}
+held = [c_[1] for c_ in CLAIMS if c_[4].startswith("holds")]
+rev = [c_[1] for c_ in CLAIMS if c_[4].startswith(("reversed", "does not hold"))]
+md(f"Of {len(CLAIMS)} claims, **{tally['holds']} hold**, **{tally['reversed'] + tally['does not hold']} are "
+   f"reversed or do not hold** and **{tally['not resolved']} are not resolved** at this budget ({P['profile']} profile, {STEPS or 'recipe'} "
+   f"distillation steps, {len(MAIN_SEEDS)} seed(s) for Table 5).\n\n" +
+   ("Hold: " + "; ".join(held) + ".\n\n" if held else "No claim holds at this budget.\n\n") +
+   ("Reversed / not holding: " + "; ".join(rev) + "." if rev else "None is reversed."))
+
+# %% [markdown]
+# **Reading the verdicts.** The derivations are exact identities and hold at any scale; what they say about
+# *training* is an empirical matter. The micro CLIP has 4 blocks and 4 heads, the students are fine-tuned for
+# a few dozen steps rather than 6 COCO epochs, and OVSS / box classification stand in for the paper's
+# detectors: a *not resolved* verdict says this budget cannot separate the rows, not that the paper is wrong;
+# a *reversed* one says the mechanism does not transfer to this scale as configured. The `paper` profile runs
+# the same cells with ViT-B/16 and the paper's recipe.
+#
+# ## 3.11 Budget: what every run cost
+
+# %%
+rows = [[k, r["seed"], r["steps"] if r["steps"] is not None else "recipe", f"{r['train_s']:.0f}",
+         "trained" if r["trained_now"] else "cache", f"{r['eval_s']:.0f}"] for k, r in runs.items()]
+tot_train = sum(r["train_s"] for r in runs.values() if np.isfinite(r["train_s"]))
+md(table(["run", "seed", "steps", "train s", "this execution", "eval s"], rows) +
+   f"\n\n{len(runs)} runs, {tot_train:.0f} s of training when trained; "
+   f"{sum(e.seconds for e in evals.values()):.0f} s of evaluation in this execution. Chapter executed in "
+   f"{time.perf_counter() - T0:.0f} s (profile {P['profile']}).")
