@@ -472,7 +472,7 @@ plt.show()
 # protocol). The rendered book shows each explorer's initial view; the static figure under each one shows a
 # few more selections for readers without a kernel.
 
-# %%
+# %% tags=["hide-input"]
 import torch.nn.functional as F
 
 from ovlib.eval._common import normalize_images
@@ -490,7 +490,7 @@ aff = AffinityExplorer(ex_images, {**{m: dense_fn_for_clip(clip_model, m) for m 
                                    "micro VFM": dense_fn_for_vfm(vfm)}, device=DEV)
 aff.select(point=((fx0 + fx1) / 2, (fy0 + fy1) / 2)).show()
 
-# %%
+# %% tags=["hide-input"]
 att = AttentionExplorer(
     ex_images, {m: dense_fn_for_clip(clip_model, m) for m in ex_modes},
     embed_text=lambda t: text_embeddings(clip_model, tokenizer, t, templates, this_is_prefix=this_is, device=DEV).cpu(),
@@ -498,7 +498,7 @@ att = AttentionExplorer(
     classes=categories, class_name=cat_by_id[ex_meta[0]["category_id"][first]]["name"], device=DEV)
 att.show()
 
-# %%
+# %% tags=["hide-input"]
 MEAN_, STD_ = image_mean_std(clip_model)
 reg = RegionExplorer(
     ex_images, {m: dense_fn_for_clip(clip_model, m) for m in ex_modes}, text["main"],

@@ -787,6 +787,23 @@ for ax in axes:
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# **Explore.** The same maps for any image and token (`ovlib.viz.AffinityExplorer`: sliders, or the token's
+# index), and each model's Top-5 classes for any box (`RegionExplorer`: RoIAlign of its `x+v` map, the *Boxes*
+# predictor of the tables above; pick a ground-truth box or move the sliders). The book shows the initial view
+# and, below each explorer, a static figure with a few more selections.
+
+# %% tags=["hide-input"]
+from ovlib.viz import AffinityExplorer, RegionExplorer, images_from_dataset
+
+ex_images, ex_meta = images_from_dataset(ds, range(min(2 if SMOKE else 6, len(ds))), EV.region.image_size)
+AffinityExplorer(ex_images, show, device=DEV).select(point=px).show()
+
+# %% tags=["hide-input"]
+RegionExplorer(ex_images, {k_: v_ for k_, v_ in show.items() if k_ not in ("Refiner", "micro VFM")}, text,
+               [cat_name[c_] for c_ in class_ids], boxes=[m_["boxes"] for m_ in ex_meta],
+               box_labels=[[cat_name[c_] for c_ in m_["category_id"]] for m_ in ex_meta], device=DEV).show()
+
 # %%
 t = time.perf_counter()
 tsne_models = {"CLIP": "CLIP", "CLIPSelf": "CLIPSelf-s0", "R-SC-CLIPSelf": "R-SC-CLIPSelf-s0"}

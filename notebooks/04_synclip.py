@@ -903,6 +903,26 @@ show_maps(rows_, obj_names, f"'{obj_cat['name']}' under its names: CLIP, DeCLIP,
           deviations=True)
 
 
+# %% [markdown]
+# **Explore.** Any class, any of its synonyms, or any typed text on the evaluation images: the text-to-patch
+# maps (the cosine maps above, `csa` block) of the teacher (micro CLIP), the baseline (DeCLIP) and the student
+# (SynCLIP), seed 0 (`ovlib.viz.AttentionExplorer`). The book shows the initial view (the object above under
+# its main name) and a static figure of the main name and two synonyms.
+
+# %% tags=["hide-input"]
+from ovlib.viz import AttentionExplorer, images_from_dataset
+
+ex_idx = [obj_i] + [i_ for i_ in range(min(len(ds), 3 if P["profile"] == "smoke" else 6)) if i_ != obj_i]
+ex_images, _ = images_from_dataset(ds, ex_idx, EV.region.image_size)
+ex_fns = {"micro CLIP (teacher)": csa_fn(clip_model)}
+for name_, label_ in (("DeCLIP", "DeCLIP (baseline)"), ("SSA+SAR", "SynCLIP (student)")):
+    ex_fns[label_] = csa_fn(load_student(P, RUNS[(name_, "main", SEEDS[0])]["res"], device=DEV))
+AttentionExplorer(
+    ex_images, ex_fns, classes=categories, class_name=obj_cat["name"], device=DEV,
+    embed_text=lambda t_: text_embeddings(clip_model, tokenizer, t_, templates, this_is_prefix=this_is, device=DEV).cpu(),
+    embed_free=lambda t_: text_embeddings(clip_model, tokenizer, t_, ("{}",), device=DEV).cpu()).show()
+
+# %%
 def cons_runs(name, key, split=None):
     return [obj_array(e["cons"], key, split) for e in evs(name)]
 

@@ -1,4 +1,4 @@
-"""The book runner: ``python -m ovlib.book {run,build,list}``.
+"""The book runner: ``python -m ovlib.book {run,build,vendor,list}``.
 
 ``run`` executes every chapter listed in ``_toc.yml`` (or ``--only NN ...``):
 
@@ -15,6 +15,12 @@
 
 ``build`` runs ``jupyter-book build .`` and fails when Sphinx reports broken content (missing documents or
 images, bad references or citations), printing those warnings.
+
+``vendor DIR`` puts the JavaScript the built pages load from a CDN by default -- MathJax 3, require.js and the
+ipywidgets HTML manager that renders the explorers' saved widget state -- into ``DIR`` (``npm pack`` of pinned
+versions, nothing else from npm). ``build --vendor DIR`` (or ``$OVBOOK_VENDOR``; a missing ``DIR`` is filled
+first) builds a book that serves them from its own ``_static/ovbook-vendor/``: a browser without internet (CI's)
+reads it whole. Without it the pages load them from public CDNs, as any Jupyter Book does.
 """
 
 from __future__ import annotations
@@ -327,19 +333,149 @@ def broken_content(log: str) -> list[str]:
     return [ln for ln in log.splitlines() if ("WARNING" in ln or "ERROR" in ln) and pat.search(ln)]
 
 
-def build(root: Path | str = ".", out=sys.stdout) -> int:
-    """``jupyter-book build .``; non-zero when it fails or reports broken content."""
+#: npm packages served by a vendored build (``vendor``): pinned, the versions myst-nb / Sphinx load from CDNs
+VENDOR_ENV = "OVBOOK_VENDOR"
+VENDOR_LAYOUT = 2  # bump when the layout of a vendored directory changes
+VENDOR_PACKAGES = {"mathjax": "3.2.2", "requirejs": "2.3.7", "@jupyter-widgets/html-manager": "1.0.6"}
+#: paths inside ``_build/html/_static`` (relative paths in ``mathjax_path`` / ``add_js_file`` are under _static);
+#: the HTML manager keeps its npm path under ``npm/``, the "CDN" it is told to load other widget modules from
+#: (pages with widgets are chapters, one level below the root)
+VENDOR_JS = {"shim": "ovbook-vendor/ovbook-shim.js", "mathjax": "ovbook-vendor/mathjax/tex-chtml.js",
+             "require": "ovbook-vendor/require.js",
+             "widgets": "ovbook-vendor/npm/@jupyter-widgets/html-manager/dist/embed-amd.js"}
+WIDGETS_CDN = "../_static/ovbook-vendor/npm/"
+
+#: Loaded after require.js, before the HTML manager. (1) The manager's webpack public path (its fonts) is the
+#: require.js URL of its module, by default relative to the page: map it to the vendored copy. (2) It typesets
+#: widget labels with MathJax 2's API (``MathJax.Hub.Queue``, @jupyter-widgets/base ``typeset``); the book loads
+#: MathJax 3, where that call throws on every widget: forward it to MathJax 3's ``typesetPromise``.
+MATHJAX2_SHIM = """// ovbook: vendored widget manager paths; MathJax.Hub.Queue(['Typeset', Hub, el]) -> MathJax 3
+(function () {
+  var me = document.currentScript && document.currentScript.src;
+  if (me && window.require && typeof window.require.config === 'function') {
+    window.require.config({paths: {'@jupyter-widgets/html-manager/dist':
+      new URL('npm/@jupyter-widgets/html-manager/dist', me).href}});
+  }
+})();
+(function () {
+  var pending = [];
+  function flush() {
+    var mj = current;
+    if (mj && typeof mj.typesetPromise === 'function' && pending.length) {
+      mj.typesetPromise(pending.splice(0)).catch(function (e) { console.warn('MathJax typeset', e); });
+    }
+  }
+  function addHub(mj) {
+    if (mj && typeof mj === 'object' && !mj.Hub) {
+      Object.defineProperty(mj, 'Hub', {enumerable: false, configurable: true, value: {Queue: function () {
+        for (var i = 0; i < arguments.length; i++) {
+          var a = arguments[i];
+          if (Array.isArray(a) && a[0] === 'Typeset' && a[2]) pending.push(a[2]);
+        }
+        flush();
+      }}});
+    }
+  }
+  var current = window.MathJax;
+  addHub(current);
+  Object.defineProperty(window, 'MathJax', {configurable: true, get: function () { return current; },
+    set: function (v) { current = v; addHub(v); }});
+  window.addEventListener('load', function () {
+    var n = 0, t = setInterval(function () { flush(); if (++n > 100) clearInterval(t); }, 100);
+  });
+})();
+"""
+
+
+def vendor(dest: Path | str, out=sys.stdout) -> Path:
+    """``npm pack`` the pinned :data:`VENDOR_PACKAGES` and unpack what the pages load into ``dest``:
+    ``mathjax/`` (MathJax's ``es5`` build), ``require.js``, ``npm/@jupyter-widgets/html-manager/dist/``. Skipped when
+    ``dest`` already holds these versions."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    dest = Path(dest).resolve()
+    stamp = dest / "VERSIONS.json"
+    want = {**VENDOR_PACKAGES, "layout": VENDOR_LAYOUT}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return dest
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BookError(f"vendoring the book's JavaScript into {dest} needs npm (Debian: apt-get install npm), or "
+                        f"unset {VENDOR_ENV} to build pages that load MathJax and the widget manager from CDNs")
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [f"{k}@{v}" for k, v in VENDOR_PACKAGES.items()]
+        proc = subprocess.run([npm, "pack", "--silent", *specs], cwd=tmp, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BookError(f"npm pack {' '.join(specs)} failed:\n{proc.stdout}{proc.stderr}")
+        tgz = {t.name.split("-")[0]: t for t in Path(tmp).glob("*.tgz")}  # mathjax / requirejs / jupyter
+        parts = {"mathjax": ("package/es5/", "mathjax"), "requirejs": ("package/require.js", "require.js"),
+                 "jupyter": ("package/dist/", "npm/@jupyter-widgets/html-manager/dist")}
+        new = Path(tmp) / "out"
+        for key, (prefix, target) in parts.items():
+            if key not in tgz:
+                raise BookError(f"npm pack did not produce the {key} package in {tmp}: {sorted(tgz)}")
+            with tarfile.open(tgz[key]) as tf:
+                for m in tf.getmembers():
+                    if not m.isfile() or not m.name.startswith(prefix):
+                        continue
+                    rel = m.name[len(prefix):] if prefix.endswith("/") else ""
+                    path = new / target / rel if rel else new / target
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(tf.extractfile(m).read())
+        (new / "VERSIONS.json").write_text(json.dumps(want))
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(new, dest)
+    pkgs = ", ".join(f"{k}@{v}" for k, v in VENDOR_PACKAGES.items())
+    print(f"vendored {pkgs} into {dest}", file=out, flush=True)
+    return dest
+
+
+def _vendored_config(root: Path, vendor_dir: Path) -> Path:
+    """``_config.yml`` plus the Sphinx settings that load MathJax / require.js / the widget manager from
+    ``_static/ovbook-vendor`` (written under ``_build/``, passed to ``jupyter-book build --config``)."""
+    cfg = yaml.safe_load((root / "_config.yml").read_text()) or {}
+    sphinx_cfg = cfg.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx_cfg["mathjax_path"] = VENDOR_JS["mathjax"]
+    # myst-nb adds these to pages with widget state; the "CDN" is the book itself: a non-standard widget module
+    # would 404 here (visible in the browser test) instead of silently coming from the internet
+    sphinx_cfg["nb_ipywidgets_js"] = {VENDOR_JS["require"]: {}, VENDOR_JS["shim"]: {},
+                                      VENDOR_JS["widgets"]: {"data-jupyter-widgets-cdn": WIDGETS_CDN}}
+    path = root / "_build" / ".ovbook" / "_config.vendored.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(yaml.safe_dump(cfg, sort_keys=False), path)
+    return path
+
+
+def build(root: Path | str = ".", out=sys.stdout, vendor_dir: Path | str | None = None) -> int:
+    """``jupyter-book build .``; non-zero when it fails or reports broken content.
+
+    ``vendor_dir`` (default ``$OVBOOK_VENDOR``): serve MathJax and the widget manager from the built book
+    (:func:`vendor` fills a missing directory)."""
+    import shutil
+
     root = Path(root).resolve()
     exe = Path(sys.executable).parent / "jupyter-book"
     if not exe.is_file():
         raise BookError(f"jupyter-book not found next to {sys.executable}; install the book extra: pip install -e '.[book]'")
     cmd = [str(exe), "build", str(root), "--path-output", str(root)]
+    vendor_dir = vendor_dir or os.environ.get(VENDOR_ENV) or None
+    if vendor_dir:
+        vendor_dir = vendor(vendor_dir, out=out)
+        cmd += ["--config", str(_vendored_config(root, vendor_dir))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     dt = time.perf_counter() - t0
     bad = broken_content(log)
     index = root / "_build" / "html" / "index.html"
+    if vendor_dir and index.is_file():
+        static = root / "_build" / "html" / "_static" / "ovbook-vendor"
+        shutil.copytree(vendor_dir, static, dirs_exist_ok=True)
+        (static / Path(VENDOR_JS["shim"]).name).write_text(MATHJAX2_SHIM)
     if proc.returncode != 0 or bad or not index.is_file():
         print(log[-20000:], file=out)
         if bad:
@@ -364,7 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--only", nargs="+", metavar="NN", help="chapter numbers or name prefixes")
     r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     r.add_argument("--force", action="store_true", help="re-execute even when inputs are unchanged")
-    sub.add_parser("build", help="jupyter-book build . (fails on broken content)")
+    b = sub.add_parser("build", help="jupyter-book build . (fails on broken content)")
+    b.add_argument("--vendor", metavar="DIR", default=None,
+                   help=f"serve MathJax and the widget manager from the book (default ${VENDOR_ENV}; "
+                        "filled if missing)")
+    v = sub.add_parser("vendor", help="npm pack MathJax, require.js and the ipywidgets HTML manager into DIR")
+    v.add_argument("dir")
     sub.add_parser("list", help="list the executable chapters of _toc.yml")
     args = ap.parse_args(argv)
     try:
@@ -373,7 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(ch.name)
             return 0
         if args.cmd == "build":
-            return build(args.root)
+            return build(args.root, vendor_dir=args.vendor)
+        if args.cmd == "vendor":
+            vendor(args.dir)
+            return 0
         results = run(args.root, args.profile, args.only, args.param, args.force)
     except (params_lib.ParamError, BookError) as e:
         print(f"error: {e}", file=sys.stderr)

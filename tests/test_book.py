@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from ovlib import book
+from tests.helpers import smoke_book
 
 FIXTURES = Path(__file__).parent / "fixtures" / "project"
 
@@ -155,3 +156,4 @@ def test_every_toc_chapter_executes_with_smoke_profile_and_the_book_builds(tmp_p
     assert (html / "index.html").is_file()
     for ch in book.chapters(root):
         assert (html / "book" / f"{ch.name}.html").is_file()
+    smoke_book.record(root)  # tests/test_browser.py reads this build in a real browser
