@@ -114,3 +114,9 @@ def config_hash(cfg: Any, length: int = 12) -> str:
 def cache_path(cache_dir: str | os.PathLike, kind: str, cfg: Any, suffix: str = ".pt") -> Path:
     """``cache_dir/kind/<kind>-<hash(cfg)><suffix>``: where an artefact built from ``cfg`` lives."""
     return Path(cache_dir) / kind / f"{kind}-{config_hash(cfg)}{suffix}"
+
+
+def tqdm_disabled() -> bool:
+    """``TQDM_DISABLE`` is set to a true value. Read explicitly because ``tqdm.auto`` in a notebook is
+    ``tqdm.notebook``, whose own ``disable=False`` default shadows tqdm's environment defaults."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovlib.train import distill
 from ovlib.train.distill import (DistillConfig, NonFiniteLoss, ResumableSampler, default_betas, lock_visual,
                                  param_groups, warmup_cosine, weight_ensemble)
 from tests.helpers.synthetic_distill import build, small_config

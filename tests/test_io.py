@@ -69,3 +69,15 @@ def test_config_hash_is_stable_and_sensitive():
     assert io.config_hash({"a": 1}) != io.config_hash({"a": 1.0})
     p = io.cache_path("data/cache", "micro-clip", Cfg())
     assert p.parent.name == "micro-clip" and p.name == f"micro-clip-{io.config_hash(Cfg())}.pt"
+
+
+@pytest.mark.parametrize("value, disabled", [("", False), ("0", False), ("false", False), ("1", True),
+                                             ("True", True), ("yes", True)])
+def test_tqdm_disabled_reads_the_environment(monkeypatch, value, disabled):
+    from ovlib.io import tqdm_disabled
+    from ovlib.train.pretrain import _quiet
+
+    monkeypatch.setenv("TQDM_DISABLE", value)
+    assert tqdm_disabled() is disabled
+    assert _quiet(True) == ({"disable": True} if disabled else {})  # explicit: tqdm.notebook ignores the env
+    assert _quiet(False) == {"disable": True}

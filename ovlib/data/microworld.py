@@ -47,7 +47,7 @@ import numpy as np
 from scipy.spatial import ConvexHull
 
 from ovlib.data.nouns import plural
-from ovlib.io import atomic_write_text, config_hash
+from ovlib.io import atomic_write_text, config_hash, tqdm_disabled
 
 __all__ = [
     "ClassInfo",
@@ -1436,7 +1436,7 @@ class MicroWorld:
         thing_cats = [c for c in cats if c["isthing"]]
         images, inst, pan, caps = [], [], [], []
         ann_id = cap_id = 1
-        for i in tqdm(range(start, start + n), desc=f"micro world {split}", disable=not progress):
+        for i in tqdm(range(start, start + n), desc=f"micro world {split}", disable=not progress or tqdm_disabled()):
             sc = self.sample(i, size)
             image_id = i + 1
             fname = f"{image_id:012d}.png"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -35,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from ovlib.io import atomic_save, atomic_write_text, safe_load
+from ovlib.io import atomic_save, atomic_write_text, safe_load, tqdm_disabled
 from ovlib.train.optim import param_groups, warmup_cosine
 
 __all__ = [
@@ -503,7 +502,7 @@ class Trainer:
             torch.manual_seed(cfg.seed * 7919 + info.rank)
         self.method.train()
         t0, seen, steps_here = time.perf_counter(), 0, 0
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not info.is_main or _tqdm_disabled(),
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not info.is_main or tqdm_disabled(),
                    desc=f"{cfg.method}")
         while self.step < self.total_steps and (stop_after is None or steps_here < stop_after):
             if hasattr(self.dataset, "set_epoch"):
@@ -568,10 +567,6 @@ class Trainer:
             rec["train"] = summary
             atomic_write_text(json.dumps(rec, indent=2, default=str), self.out / "results.json")
         return summary
-
-
-def _tqdm_disabled() -> bool:
-    return os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
 
 
 class _nullcontext:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ovlib.io import atomic_save, cache_path, safe_load
+from ovlib.io import atomic_save, cache_path, safe_load, tqdm_disabled
 from ovlib.train.optim import param_groups, warmup_cosine
 
 __all__ = [
@@ -274,9 +274,10 @@ def _blas_single_thread():
 
 
 def _quiet(progress: bool) -> dict:
-    """tqdm kwargs: ``progress=False`` silences the bar; otherwise the ``TQDM_DISABLE`` environment variable
-    decides (an explicit ``disable=False`` would override it)."""
-    return {} if progress else {"disable": True}
+    """tqdm kwargs: ``progress=False`` or a true ``TQDM_DISABLE`` environment variable silences the bar. The
+    variable is read here because ``tqdm.auto`` in a notebook is ``tqdm.notebook``, whose own ``disable=False``
+    default shadows tqdm's environment defaults (:func:`ovlib.io.tqdm_disabled`)."""
+    return {"disable": True} if not progress or tqdm_disabled() else {}
 
 
 def _autocast(enabled: bool, device: torch.device):
