@@ -78,6 +78,7 @@ __all__ = [
     "DIAGONAL_MODES",
     "SIM_EPS",
     "SIM_MAPS",
+    "X_SOURCES",
     "SynSeg",
     "SynSegConfig",
     "SynSegEvalConfig",
@@ -86,6 +87,8 @@ __all__ = [
     "bound",
     "bounded_cosine",
     "cont_loss",
+    "dense_score_fn",
+    "evaluate_protocols",
     "evaluate_synseg",
     "five_views",
     "label_map",
@@ -96,6 +99,7 @@ __all__ = [
     "predict_probs",
     "sep_loss",
     "synergy_vectors",
+    "synseg_score_fn",
     "total_loss",
     "train_step",
 ]
@@ -111,6 +115,8 @@ CONT_THRESHOLD = 0.1  # App. D3: L_cont only for fg/bg pairs with cosine > 0.1
 SIM_MAPS = ("clamp", "affine")
 CLAMP_GRADS = ("zero", "straight")
 DIAGONAL_MODES = ("exclude", "include")
+#: Where the features ``X`` of the synergy vectors come from (:class:`SynSegConfig.x_source`).
+X_SOURCES = ("conditional", "image", "clip")
 TEMPLATE_SETS = ("micro", "vild", "bare")
 
 
@@ -269,6 +275,24 @@ class SynSegConfig:
     heads: int = 4
     film_hidden: int = 256  # 0 = linear FiLM (CLIPSeg)
     proj_kernel: int = 3  # the FSS projector's convolution
+    # features X of the synergy vectors: "conditional" (the paper: projector(text-conditioned decoder map)) |
+    # "image" (projector(the same decoder run unconditioned) -- text-free, trainable) | "clip" (the frozen
+    # CLIP's dense map of mode ``x_mode``, unit norm, no projector -- text-free, fixed); see X_SOURCES
+    x_source: str = "conditional"
+    x_mode: str = "x+v"
+    # our substitute for the CLIPSeg initialisation (not in the paper; None = off): an extra loss term "prior",
+    # BCE between the activation maps of EVERY category and the training-free map of the frozen CLIP of dense
+    # mode ``prior`` (softmax over the categories of prior_tau * cos, chapter 01's MaskCLIP-style OVSS); no mask
+    prior: str | None = None
+    prior_tau: float = 40.0
+    prior_target: str = "soft"  # "soft": the softmax probabilities | "hard": one-hot of their argmax (pseudo-mask)
+    prior_classes: int = 0  # categories per image in the prior term: 0 = all; n = the n with the largest mean prior
+    # our second stand-in for the CLIPSeg initialisation (not in the paper; None = off): a fixed skip path adding
+    # the frozen CLIP's training-free log-probability log softmax_k(skip_tau * cos(D_p, t_k)) of dense mode
+    # ``skip`` (over the vocabulary: the text bank in training, the queried classes at inference) to the
+    # decoder's logits, so the maps start at the training-free segmentation and the decoder learns a correction
+    skip: str | None = None
+    skip_tau: float = 40.0
     eps: float = SIM_EPS
     sim_map: str = "clamp"
     clamp_grad: str = "zero"  # "zero": torch.clamp's gradient | "straight": straight-through (see bound)
@@ -289,6 +313,22 @@ class SynSegConfig:
             raise ValueError(f"clamp_grad must be one of {CLAMP_GRADS}, got {self.clamp_grad!r}")
         if self.diagonal not in DIAGONAL_MODES:
             raise ValueError(f"diagonal must be one of {DIAGONAL_MODES}, got {self.diagonal!r}")
+        if self.x_source not in X_SOURCES:
+            raise ValueError(f"x_source must be one of {X_SOURCES}, got {self.x_source!r}")
+        if self.skip is not None:
+            from ovlib.models.dense import DENSE_MODES
+
+            if self.skip not in DENSE_MODES:
+                raise ValueError(f"skip must be None or a dense mode {DENSE_MODES}, got {self.skip!r}")
+        if self.prior is not None:
+            from ovlib.models.dense import DENSE_MODES
+
+            if self.prior not in DENSE_MODES:
+                raise ValueError(f"prior must be None or a dense mode {DENSE_MODES}, got {self.prior!r}")
+        if self.prior_target not in ("soft", "hard"):
+            raise ValueError(f"prior_target must be 'soft' or 'hard', got {self.prior_target!r}")
+        if self.prior_classes < 0:
+            raise ValueError(f"prior_classes must be >= 0, got {self.prior_classes}")
         if self.templates not in TEMPLATE_SETS:
             raise ValueError(f"templates must be one of {TEMPLATE_SETS}, got {self.templates!r}")
         if not 0.0 < self.eps < 0.5:
@@ -410,6 +450,21 @@ class SynSeg(Distiller):
         ``(P, s, s)`` and projected conditional features ``X (P, D, h, w)`` (None without ``project``)."""
         return self.decoder(acts, text.to(acts[0].dtype), grid, owner=owner, project=project)
 
+    def image_features(self, images: torch.Tensor, acts: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """The text-free ``X (B, D, h, w)`` of ``x_source`` ``"image"`` (the projector over the decoder run with the
+        identity FiLM, once per image) or ``"clip"`` (the frozen CLIP's unit-norm dense map, mode ``x_mode``)."""
+        if self.cfg.x_source == "image":
+            return self.decoder.image_features(acts, grid)
+        if self.cfg.x_source == "clip":
+            from ovlib.models import dense_features
+
+            with torch.no_grad():
+                X = dense_features(self.adapter, images, self.cfg.x_mode, normalize=True)  # (B, D, h, w)
+            if tuple(X.shape[-2:]) != tuple(grid):
+                raise ValueError(f"CLIP dense map {tuple(X.shape[-2:])} is not on the decoder grid {grid}")
+            return X.float()
+        raise ValueError(f"image_features: x_source {self.cfg.x_source!r} is the text-conditioned projector")
+
     # ------------------------------------------------------------------------------------------- training
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         labels = batch.get("category_ids", batch.get("image_labels"))
@@ -422,15 +477,55 @@ class SynSeg(Distiller):
         owner, rows = self.pairs(labels)  # (P,), (P,)
         if owner.numel() == 0:  # no image of the batch has a category: nothing to learn
             zero = sum(p.sum() for p in self.decoder.parameters()) * 0.0
-            return {k: zero for k in self.loss_names}
+            out = {k: zero for k in self.loss_names}
+            if self.cfg.prior is not None:
+                out["prior"] = self.prior_loss(images, *clip_block_activations(self.adapter, images, self.layers))
+            return out
         acts, grid = clip_block_activations(self.adapter, images, self.layers)  # [(B, L, W)]
         text = self.text_bank[rows]  # (P, D)
-        logits, X = self.decode(acts, grid, owner, text)  # (P, s, s), (P, D, h, w)
+        c = self.cfg
+        logits, X = self.decode(acts, grid, owner, text, project=c.x_source == "conditional")  # (P, s, s)
+        logits = self.add_skip(logits, images, self.text_bank, owner, rows)
+        X = X if X is not None else self.image_features(images, acts, grid)[owner]  # (P, D, h, w)
         A = pool_to_grid(torch.sigmoid(logits.float()), grid)  # (P, h, w)
         f, fbar = synergy_vectors(A, X)  # (P, D), (P, D)
-        c = self.cfg
-        return mccl_losses(f, fbar, text.float(), owner, c.cont_threshold, c.diagonal, eps=c.eps,
-                           sim_map=c.sim_map, clamp_grad=c.clamp_grad)
+        terms = mccl_losses(f, fbar, text.float(), owner, c.cont_threshold, c.diagonal, eps=c.eps,
+                            sim_map=c.sim_map, clamp_grad=c.clamp_grad)
+        if c.prior is not None:
+            terms["prior"] = self.prior_loss(images, acts, grid)
+        return terms
+
+    def prior_target(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, K, h, w)`` training-free class probabilities of every category (text bank row) per token:
+        ``softmax_k(prior_tau * cos(D_p, t_k))`` over the frozen CLIP's unit-norm dense map ``D`` of mode
+        ``prior`` (the MaskCLIP-style OVSS of chapter 01, here on the training image)."""
+        from ovlib.models import dense_features
+
+        with torch.no_grad():
+            D = dense_features(self.adapter, images, self.cfg.prior, normalize=True).float()  # (B, D, h, w)
+            cos = torch.einsum("bdhw,kd->bkhw", D, self.text_bank.float())
+            return torch.softmax(self.cfg.prior_tau * cos, dim=1)
+
+    def prior_loss(self, images: torch.Tensor, acts: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """Our CLIPSeg-initialisation substitute (``cfg.prior``): mean BCE between ``sigmoid`` of the decoder's
+        logits of every (image, category) pair, average-pooled to the token grid, and :meth:`prior_target`.
+        Unlike MCCL it also sees the categories absent from the caption (their target is low)."""
+        B, K = images.shape[0], self.text_bank.shape[0]
+        soft = self.prior_target(images)  # (B, K, h, w)
+        if tuple(soft.shape[-2:]) != tuple(grid):
+            raise ValueError(f"prior map {tuple(soft.shape[-2:])} is not on the decoder grid {grid}")
+        q = F.one_hot(soft.argmax(1), K).permute(0, 3, 1, 2).float() if self.cfg.prior_target == "hard" else soft
+        n = K if self.cfg.prior_classes in (0, None) else min(K, int(self.cfg.prior_classes))
+        if n < K:  # the n categories with the largest mean prior (present ones and the hardest negatives)
+            keep = soft.mean((2, 3)).topk(n, dim=1).indices  # (B, n)
+        else:
+            keep = torch.arange(K, device=images.device).expand(B, K)
+        owner = torch.arange(B, device=images.device).repeat_interleave(n)  # (B*n,)
+        rows = keep.reshape(-1)
+        logits, _ = self.decode(acts, grid, owner, self.text_bank[rows], project=False)  # (B*n, s, s)
+        logits = self.add_skip(logits, images, self.text_bank, owner, rows)
+        A = pool_to_grid(torch.sigmoid(logits.float()), grid).clamp(1e-6, 1 - 1e-6)  # (B*n, h, w)
+        return F.binary_cross_entropy(A, q[owner, rows])
 
     # ------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -443,11 +538,38 @@ class SynSeg(Distiller):
         text = text.to(images.device)
         owner = torch.arange(B, device=images.device).repeat_interleave(C)  # (B*C,)
         rows = torch.arange(C, device=images.device).repeat(B)
+        lp = self.skip_logprobs(images, text)  # (B, C, h, w) or None
         out = []
         for s in range(0, B * C, self.cfg.chunk):
             o, r = owner[s:s + self.cfg.chunk], rows[s:s + self.cfg.chunk]
-            out.append(self.decode(acts, grid, o, text[r], project=False)[0].float())
+            lg = self.decode(acts, grid, o, text[r], project=False)[0].float()
+            out.append(lg if lp is None else lg + self._skip_map(lp, o, r))
         return torch.cat(out).reshape(B, C, self.input_size, self.input_size)
+
+    # ------------------------------------------------------------------------------------------- skip path
+    def skip_logprobs(self, images: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor | None:
+        """``(B, V, h, w)`` ``log softmax_k(skip_tau * cos(D_p, vocab_k))`` of the frozen CLIP's unit-norm dense
+        map ``D`` (mode ``cfg.skip``) against the ``vocab (V, D)`` anchors; ``None`` when ``cfg.skip`` is off."""
+        if self.cfg.skip is None:
+            return None
+        from ovlib.models import dense_features
+
+        with torch.no_grad():
+            D = dense_features(self.adapter, images, self.cfg.skip, normalize=True).float()  # (B, D, h, w)
+            cos = torch.einsum("bdhw,kd->bkhw", D, vocab.float().to(D.device))
+            return torch.log_softmax(self.cfg.skip_tau * cos, dim=1)
+
+    def _skip_map(self, lp: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The skip log-probabilities of pairs ``(owner, rows)``, bilinearly upsampled to ``(P, s, s)``."""
+        return F.interpolate(lp[owner, rows][:, None], size=(self.input_size, self.input_size), mode="bilinear",
+                             align_corners=False)[:, 0]
+
+    def add_skip(self, logits: torch.Tensor, images: torch.Tensor, vocab: torch.Tensor, owner: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+        """``logits (P, s, s)`` + the skip path of pairs ``(owner, rows)`` (rows index ``vocab``); unchanged when
+        ``cfg.skip`` is off."""
+        lp = self.skip_logprobs(images, vocab)
+        return logits if lp is None else logits.float() + self._skip_map(lp, owner, rows)
 
 
 def train_step(model: SynSeg, batch: dict[str, Any], opt: torch.optim.Optimizer,
@@ -621,3 +743,89 @@ def evaluate_synseg(model: SynSeg, dataset: Sequence, text: torch.Tensor, class_
     if thresholds is None:
         return summary(confs[thr[0]])
     return {t: summary(cs) for t, cs in confs.items()}
+
+
+# --------------------------------------------------------------------------------------------- all protocols
+def _protocol_summary(cs: list[np.ndarray], C: int, n_boot: int, seed: int) -> dict[str, Any]:
+    from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion, miou_from_confusion
+
+    arr = np.stack(cs) if cs else np.zeros((0, C, C), np.int64)
+    return {"miou": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
+            "macc": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[1], n_boot=n_boot, seed=seed),
+            "confusion": arr, "iou": iou_acc_from_confusion(arr.sum(0))[0] if len(arr) else None}
+
+
+@torch.no_grad()
+def evaluate_protocols(score_fn, dataset: Sequence, class_ids: Sequence[int], fg_ids: Sequence[int],
+                       thresholds: Sequence[float], image_size: int = 160, n_images: int = 0, n_boot: int = 1000,
+                       seed: int = 0, present_only: bool = False, bg_scores: str = "probs",
+                       fg_logit_scale: float = 40.0) -> dict[str, Any]:
+    """Both OVSS protocols of the chapter from **one** inference pass per image (SynSeg or a training-free
+    baseline, the same images and targets):
+
+    * ``"all"``: every class of ``class_ids`` (things + stuff), no background, argmax (Context / Stuff-like);
+    * ``"bg"``: the classes ``fg_ids`` (things) + a background class = every pixel of any other segment
+      (VOC / COCO-Object-like); a pixel is background when its best foreground score is below the threshold;
+      ``{threshold: summary}`` for each of ``thresholds``.
+
+    ``score_fn(image (3, h, w) in [0, 1]) -> (C, h, w)`` scores of the ``class_ids`` rows. ``bg_scores``:
+    ``"probs"`` -- the scores are per-class probabilities already (SynSeg's sigmoid maps: foreground rows used
+    as they are); ``"cosine"`` -- cosine logits (a training-free CLIP): foreground probabilities are
+    ``softmax(fg_logit_scale * cos)`` over the foreground rows only (chapter 01's MaskCLIP-style rule).
+    ``present_only``: the ``"all"`` argmax only among the classes of the image's ground truth (an oracle that
+    separates localisation from recognition; also reported as ``"oracle"``). Summaries as evaluate_ovss's."""
+    from ovlib.eval._common import category_index, dataset_indices
+    from ovlib.eval.metrics import confusion_matrix
+    from ovlib.eval.segmentation import _resized, semantic_target
+
+    if bg_scores not in ("probs", "cosine"):
+        raise ValueError(f"bg_scores must be 'probs' or 'cosine', got {bg_scores!r}")
+    cidx = category_index(class_ids)
+    fidx = category_index(fg_ids)
+    missing = [c for c in fidx if c not in cidx]
+    if missing:
+        raise ValueError(f"foreground ids {missing} are not among class_ids")
+    rows = torch.tensor([cidx[c] for c in fg_ids], dtype=torch.long)
+    C, Cf = len(class_ids), len(fg_ids) + 1
+    confs: dict[str, list[np.ndarray]] = {"all": [], "oracle": []}
+    bconfs: dict[float, list[np.ndarray]] = {float(t): [] for t in thresholds}
+    for i in dataset_indices(dataset, n_images):
+        it = dataset[i]
+        image = np.asarray(it["image"])
+        H, W = image.shape[:2]
+        s = score_fn(_resized(image, image_size)).float()  # (C, h, w)
+        s = F.interpolate(s[None], size=(H, W), mode="bilinear", align_corners=False)[0].cpu()
+        gt = semantic_target(it["segments"], (H, W), cidx)
+        confs["all"].append(confusion_matrix(s.argmax(0), gt, C))
+        if present_only:
+            keep = torch.zeros(C, dtype=torch.bool)
+            keep[[cidx[int(g["category_id"])] for g in it["segments"]]] = True
+            confs["oracle"].append(confusion_matrix(torch.where(keep[:, None, None], s, s.min() - 1.0).argmax(0),
+                                                    gt, C))
+        fs = s[rows]  # (Cf-1, H, W)
+        prob = fs if bg_scores == "probs" else torch.softmax(fg_logit_scale * fs, dim=0)
+        gtb = _target(it["segments"], (H, W), fidx, background=True)
+        for t, cs in bconfs.items():
+            cs.append(confusion_matrix(label_map(prob, t, len(fg_ids)), gtb, Cf))
+    out = {"all": _protocol_summary(confs["all"], C, n_boot, seed),
+           "bg": {t: _protocol_summary(cs, Cf, n_boot, seed) for t, cs in bconfs.items()}}
+    if present_only:
+        out["oracle"] = _protocol_summary(confs["oracle"], C, n_boot, seed)
+    return out
+
+
+def synseg_score_fn(model: SynSeg, text: torch.Tensor, views: int = 5):
+    """``image (3, h, w) in [0, 1] -> (C, h, w)`` SynSeg activation probabilities (:func:`predict_probs`)."""
+    def fn(image: torch.Tensor) -> torch.Tensor:
+        return predict_probs(model, image, text, views)
+    return fn
+
+
+def dense_score_fn(dense_fn, text: torch.Tensor, crop: int, stride: int):
+    """``image (3, h, w) in [0, 1] -> (C, h, w)`` sliding-window cosine logits of a training-free dense CLIP
+    (:func:`ovlib.eval.segmentation.sliding_logits`, chapter 01's OVSS)."""
+    from ovlib.eval.segmentation import sliding_logits
+
+    def fn(image: torch.Tensor) -> torch.Tensor:
+        return sliding_logits(dense_fn, image, text, crop, stride)
+    return fn

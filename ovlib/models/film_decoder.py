@@ -123,6 +123,17 @@ class CLIPSegDecoder(nn.Module):
         (``None``: ``B = P``, pair p = image p) -> ``logits (P, h*ph, w*pw)`` and ``X (P, proj_dim, h, w)``
         (``None`` when ``project=False``, e.g. at inference). Each level is reduced once per image, then
         gathered per pair (``reduce`` is linear, so this equals reducing the gathered tokens)."""
+        fmap = self._fmap(acts, text, grid, owner)  # (P, C, h, w)
+        logits = self.upsample(fmap)[:, 0]  # (P, h*ph, w*pw)
+        return logits, (self.projector(fmap) if project else None)  # (P, proj_dim, h, w)
+
+    def image_features(self, acts: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """The projector over the *unconditioned* decoder map (FiLM skipped = its identity), one per image:
+        ``acts (B, L, W)`` -> ``(B, proj_dim, h, w)`` (SynSeg ``x_source="image"``: text-free synergy features)."""
+        return self.projector(self._fmap(acts, None, grid, None))
+
+    def _fmap(self, acts: Sequence[torch.Tensor], text: torch.Tensor | None, grid: tuple[int, int],
+              owner: torch.Tensor | None) -> torch.Tensor:
         if len(acts) != len(self.reduces):
             raise ValueError(f"decoder expects {len(self.reduces)} activation levels, got {len(acts)}")
         h, w = grid
@@ -130,11 +141,12 @@ class CLIPSegDecoder(nn.Module):
         for act, reduce, block in zip(reversed(acts), self.reduces, self.blocks):
             r = reduce(act)  # (B, L, C)
             r = r if owner is None else r[owner]  # (P, L, C)
-            a = self.film(r, text) if a is None else a + r  # the deepest level is conditioned (cond_layer = 0)
+            if a is None:  # the deepest level is conditioned (cond_layer = 0); text None = identity FiLM
+                a = r if text is None else self.film(r, text)
+            else:
+                a = a + r
             a = block(a)  # (P, L, C)
         tokens = a[:, self.n_prefix:]  # (P, h*w, C)
         if tokens.shape[1] != h * w:
             raise ValueError(f"{tokens.shape[1]} patch tokens do not form the {h}x{w} grid")
-        fmap = tokens.transpose(1, 2).reshape(a.shape[0], -1, h, w)  # (P, C, h, w)
-        logits = self.upsample(fmap)[:, 0]  # (P, h*ph, w*pw)
-        return logits, (self.projector(fmap) if project else None)  # (P, proj_dim, h, w)
+        return tokens.transpose(1, 2).reshape(a.shape[0], -1, h, w)  # (P, C, h, w)
