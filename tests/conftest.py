@@ -21,3 +21,13 @@ def shared_dir() -> Path | None:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def clip_and_cats():
+    """A random micro CLIP, its tokenizer and the micro world's categories (SynSeg tests)."""
+    from ovlib.data.microworld import MicroWorld
+    from ovlib.models import load_clip
+
+    clip, tok, _ = load_clip("micro-clip", seed=0)
+    return clip, tok, MicroWorld(seed=0).categories()

@@ -3,8 +3,6 @@ substitute for the CLIPSeg initialisation), and the one-pass evaluation of both 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -22,21 +20,7 @@ from ovlib.methods.synseg import (
     total_loss,
 )
 from ovlib.models.film_decoder import CLIPSegDecoder
-
-
-@pytest.fixture(scope="module")
-def clip_and_cats():
-    from ovlib.data.microworld import MicroWorld
-    from ovlib.models import load_clip
-
-    clip, tok, _ = load_clip("micro-clip", seed=0)
-    return clip, tok, MicroWorld(seed=0).categories()
-
-
-def _model(clip_and_cats, **opts):
-    clip, tok, cats = clip_and_cats
-    torch.manual_seed(0)
-    return SynSeg(copy.deepcopy(clip), {}, tokenizer=tok, categories=cats, **opts)
+from tests.helpers.synseg import synseg_model as _model
 
 
 def _batch(B=2, size=64, seed=0):

@@ -35,6 +35,7 @@ from ovlib.methods.synseg import (
     train_step,
 )
 from ovlib.models.film_decoder import CLIPSegDecoder, FiLM, default_extract_layers
+from tests.helpers.synseg import synseg_model as _model
 
 LO, HI = -math.log(0.005), -math.log(0.995)  # -log of the two clamp bounds: 5.2983, 0.0050
 R2 = 1 / math.sqrt(2)
@@ -243,21 +244,6 @@ def test_label_map_with_and_without_background():
 
 
 # ------------------------------------------------------------------------------------------------ the model
-@pytest.fixture(scope="module")
-def clip_and_cats():
-    from ovlib.data.microworld import MicroWorld
-    from ovlib.models import load_clip
-
-    clip, tok, _ = load_clip("micro-clip", seed=0)
-    return clip, tok, MicroWorld(seed=0).categories()
-
-
-def _model(clip_and_cats, **opts):
-    clip, tok, cats = clip_and_cats
-    torch.manual_seed(0)
-    return SynSeg(copy.deepcopy(clip), {}, tokenizer=tok, categories=cats, **opts)
-
-
 def _batch(B=3, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = [torch.tensor([1, 5, 29]), torch.tensor([2]), torch.tensor([3, 4, 30])][:B]
