@@ -476,6 +476,15 @@ def build(root: Path | str = ".", out=sys.stdout, vendor_dir: Path | str | None 
         static = root / "_build" / "html" / "_static" / "ovbook-vendor"
         shutil.copytree(vendor_dir, static, dirs_exist_ok=True)
         (static / Path(VENDOR_JS["shim"]).name).write_text(MATHJAX2_SHIM)
+        # The manager's font CSS is sometimes resolved against the chapter page (`book/@jupyter-widgets/<hash>`)
+        # before the shim's require path applies (seen once in three CI runs, a 404 in the browser test): serve
+        # the fonts at that path too, so the race cannot break a page.
+        dist = static / "npm" / "@jupyter-widgets" / "html-manager" / "dist"
+        fonts = root / "_build" / "html" / "book" / "@jupyter-widgets"
+        fonts.mkdir(parents=True, exist_ok=True)
+        for f in dist.iterdir() if dist.is_dir() else ():
+            if f.suffix in (".woff", ".woff2", ".ttf", ".eot", ".svg"):
+                shutil.copy2(f, fonts / f.name)
     if proc.returncode != 0 or bad or not index.is_file():
         print(log[-20000:], file=out)
         if bad:
