@@ -1,5 +1,7 @@
 """Region classification / OVSS / k-means pipelines end to end on a micro-world export and real COCO files."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,95 @@ def test_region_classification_real_coco_random_vitb16():
         assert np.isnan(v[0]) or 0 <= v[0] <= 100
     emb = text_embeddings(model, tok, [["person"]], templates=VILD_TEMPLATES[:2], this_is_prefix=True)
     assert emb.shape == (1, 512)
+
+
+# ------------------------------------------------------------------ issue 18: pooling convention and grid masks
+def test_pooling_conventions_hand_case():
+    """Two tokens of norms 10 and 1: normalise-then-pool (CLIPSelf) averages the unit tokens, pool-then-normalise
+    (DeCLIP / SynCLIP) is dominated by the long token."""
+    from ovlib.eval.region_cls import pool_regions
+
+    dense = torch.tensor([[10.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # (B=1, C=2, h=1, w=2): a=[10,0], b=[0,1]
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 8.0]])]  # the whole 1x2 grid of an 8x16 image
+    masks = [torch.ones(1, 1, 2, dtype=torch.bool)]
+    r_cs, m_cs = pool_regions(dense, "normalize-then-pool", (8, 16), boxes, masks)
+    r_dc, m_dc = pool_regions(dense, "pool-then-normalize", (8, 16), boxes, masks)
+    s2 = 2 ** -0.5
+    want_cs = torch.tensor([[s2, s2]])                                  # mean([1,0],[0,1]) = [.5,.5] -> unit
+    want_dc = torch.tensor([[10.0, 1.0]]) / math.sqrt(101.0)            # mean = [5, .5] -> unit
+    torch.testing.assert_close(m_cs, want_cs)
+    torch.testing.assert_close(m_dc, want_dc)
+    # RoIAlign of the whole grid with aligned=True samples both cells equally: the same two averages
+    torch.testing.assert_close(r_cs, want_cs)
+    torch.testing.assert_close(r_dc, want_dc)
+    assert (m_cs - m_dc).abs().max() > 0.5
+    with pytest.raises(ValueError, match="pooling"):
+        pool_regions(dense, "pool-first", (8, 16), boxes, masks)
+
+
+def test_mask_quarter_cell_resize_vs_coverage():
+    """A segment covering a quarter of a cell: CLIPSelf's resized mask (> 0) includes that cell, our coverage
+    rule (>= 0.5) does not; a fully covered cell is in both."""
+    m = torch.zeros(1, 16, 16, dtype=torch.bool)  # 2x2 grid of 8-px cells
+    m[0, :4, :4] = True                           # a quarter of cell (0, 0)
+    m[0, 8:, 8:] = True                           # all of cell (1, 1)
+    cov, nf = region_masks_at_grid(m, 1.0, 16, (2, 2), 0.5, "coverage")
+    res, nf2 = region_masks_at_grid(m, 1.0, 16, (2, 2), method="resize")
+    assert cov[0].tolist() == [[False, False], [False, True]] and nf == 0
+    assert res[0].tolist() == [[True, False], [False, True]] and nf2 == 0
+    with pytest.raises(ValueError, match="mask grid method"):
+        region_masks_at_grid(m, 1.0, 16, (2, 2), method="nearest")
+
+
+def test_mask_resize_matches_clipself_resize_longest():
+    """The resize rule equals CLIPSelf's ``ResizeLongest(grid, fill=0)`` on the float mask (torchvision resize,
+    bicubic, then bottom/right pad) thresholded > 0, for a 2:1 image in a padded square; antialias as asked."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    g = torch.Generator().manual_seed(0)
+    H, W, S, grid = 40, 80, 160, 20              # original 40x80 -> student 80x160 in a 160 square (scale 2)
+    masks = torch.zeros(3, H, W, dtype=torch.bool)
+    masks[0, 5:17, 10:31] = True
+    masks[1, 30:, 60:] = True
+    masks[2] = torch.rand(H, W, generator=g) > 0.7
+    for aa in (False, True):
+        ours, _ = region_masks_at_grid(masks, 2.0, S, (grid, grid), method="resize", antialias=aa)
+        for i in range(3):
+            scale = grid / max(H, W)
+            r = TF.resize(masks[i][None].float(), [round(H * scale), round(W * scale)], InterpolationMode.BICUBIC,
+                          antialias=aa)
+            r = TF.pad(r, [0, 0, grid - r.shape[-1], grid - r.shape[-2]], fill=0)
+            assert torch.equal(ours[i], r[0] > 0), (aa, i)
+
+
+def test_region_config_validates_and_records():
+    with pytest.raises(ValueError, match="pooling"):
+        RegionClsConfig(pooling="normalise-first")
+    with pytest.raises(ValueError, match="mask_grid"):
+        RegionClsConfig(mask_grid="area")
+    p = RegionClsConfig().protocol()
+    assert p["pooling"] == "normalize-then-pool" and p["mask_grid"] == "resize" and p["mask_antialias"] is False
+    assert RegionClsConfig(mask_grid="coverage").protocol()["mask_threshold"] == 0.5
+
+
+def test_pooling_convention_end_to_end(micro_export, micro_clip):
+    """On the micro CLIP, the two conventions give different region features (raw tokens have unequal norms),
+    the features of a unit-norm extractor do not depend on the convention, and the protocol is recorded."""
+    from ovlib.eval._common import dense_fn_for_clip
+
+    model, _ = micro_clip
+    kw = dict(modes=("sclip",), predictors=("rois", "maskpool"), n_images=3, progress=False)
+    a = extract_region_features(model, micro_export, RegionClsConfig(batch_size=8), **kw)
+    b = extract_region_features(model, micro_export, RegionClsConfig(batch_size=8, pooling="pool-then-normalize"), **kw)
+    assert a.protocol["pooling"] == "normalize-then-pool" and b.protocol["pooling"] == "pool-then-normalize"
+    assert a.protocol["dense"]["sclip"] == {"mode": "csa", "scale": True, "residual": True, "ffn": True,
+                                            "rope": False, "pos_interp": "scale-factor"}
+    for k in ("rois/sclip", "maskpool/sclip"):
+        assert (a.features[k] - b.features[k]).abs().max() > 1e-4, k
+    unit = {"u": dense_fn_for_clip(model, "sclip")}  # unit tokens: both conventions pool the same thing
+    kw.update(modes=(), dense_fns=unit)
+    c = extract_region_features(model, micro_export, RegionClsConfig(batch_size=8), **kw)
+    d = extract_region_features(model, micro_export, RegionClsConfig(batch_size=8, pooling="pool-then-normalize"), **kw)
+    torch.testing.assert_close(c.features["maskpool/u"], d.features["maskpool/u"])
+    torch.testing.assert_close(c.features["maskpool/u"], a.features["maskpool/sclip"])

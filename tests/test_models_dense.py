@@ -597,3 +597,116 @@ def test_eva_at_another_grid_matches_timm_dynamic_path(eva64):
         want = timm_t.forward_features(x)
     assert grid == (6, 8)
     torch.testing.assert_close(t.norm(tokens), want, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ issue 18: published switches, pos-emb interpolation
+#: the switches of each method's released code (reference/implementations.md §8, §9, §3.2, §4.2), written out
+#: independently of ``PRESETS``: (mode, scale, residual, FFN, RoPE, pos-emb interpolation)
+PUBLISHED = {
+    "maskclip": ("x+v", None, True, True, None, "size"),        # chongzhou96/MaskCLIP vit.py; resize_pos_embed(size=)
+    "clipself": ("x+v", None, True, True, None, "size"),        # wusize/CLIPSelf forward_without_attn
+    "declip-qq": ("qq", False, False, False, False, "size"),    # xiaomoguhz/DeCLIP main ss_attn (scale commented out)
+    "declip-csa": ("csa", False, False, False, False, "size"),
+    "synclip": ("csa", False, False, False, False, "size"),     # Justlovesmile/SynCLIP csa_vfm_distill
+    "sclip": ("csa", True, True, True, False, "scale-factor"),  # wangf3014/SCLIP custom_attn + residual + mlp
+    "clearclip": ("qq", True, False, False, False, "scale-factor"),  # mc-lan/ClearCLIP ignore_residual=True
+    "naclip": ("naclip", True, False, False, False, "scale-factor"),  # sinahmr/NACLIP arch='reduced'
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_preset_carries_its_published_switches(micro, name):
+    from ovlib.models import dense_facts, dense_spec
+
+    mode, scale, res, ffn, rope, interp = PUBLISHED[name]
+    spec = dense_spec(name)
+    f = dense_facts(spec)
+    assert (spec["mode"], f["scale"], f["residual"], f["ffn"], f["rope"], f["pos_interp"]) == \
+        (mode, scale, res, ffn, rope, interp)
+    if name == "naclip":
+        assert spec["gaussian_std"] == 5.0
+    # and the preset computes what the explicit switches compute, off the native grid (8x8 -> 12x10)
+    x = _images(micro, seed=13, size=(96, 80))
+    explicit = {"pos_interp": interp}
+    if mode in ("qq", "kk", "csa", "naclip"):
+        explicit.update(scale=scale, residual=res, ffn=ffn, rope=rope)
+    with torch.no_grad():
+        torch.testing.assert_close(dense_features(micro, x, **PRESETS[name]),
+                                   dense_features(micro, x, mode, **explicit))
+
+
+def test_dense_spec_presets_win_and_errors():
+    from ovlib.models import dense_spec
+
+    assert dense_spec("csa") == {"mode": "csa", "scale": True, "residual": False, "ffn": False, "rope": False,
+                                 "pos_interp": "size"}  # the bare mode is none of the methods
+    assert dense_spec("naclip")["pos_interp"] == "scale-factor"  # the preset, not the bare mode
+    assert dense_spec("sclip", pos_interp="size")["pos_interp"] == "size"
+    with pytest.raises(ValueError, match="unknown dense mode or preset"):
+        dense_spec("sclip2")
+    with pytest.raises(TypeError, match="has no switches"):
+        dense_spec("maskclip", scale=True)
+    with pytest.raises(ValueError, match="pos_interp"):
+        dense_spec("x+v", pos_interp="nearest")
+
+
+def _keys_cubic_matrix(n_in: int, n_out: int, inv_scale: float, a: float = -0.75) -> torch.Tensor:
+    """(n_out, n_in) weights of PyTorch's bicubic resampling (Keys kernel, a = -0.75, align_corners=False: source
+    ``(i + 0.5) * inv_scale - 0.5``, taps floor-1 .. floor+2 clamped to the border), written out by hand."""
+    def k(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        if t < 2:
+            return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+        return 0.0
+
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) * inv_scale - 0.5
+        f = math.floor(src)
+        for j in range(f - 1, f + 3):
+            w[i, min(max(j, 0), n_in - 1)] += k(src - j)
+    return w
+
+
+def test_pos_interp_scale_factor_against_hand_kernel():
+    """``scale-factor`` samples the native grid at ``(i + 0.5) h0 / (h + 0.1) - 0.5`` (SCLIP/ClearCLIP/NACLIP's
+    ``+0.1`` trick, scale not recomputed), ``size`` at ``(i + 0.5) h0 / h - 0.5`` (CLIPSelf)."""
+    g = torch.Generator().manual_seed(0)
+    h0, w0, h, w, D = 4, 5, 9, 7, 3
+    pos = torch.randn(1 + h0 * w0, D, generator=g, dtype=torch.float64)
+    grid = pos[1:].reshape(h0, w0, D)
+    for method, (ih, iw) in (("size", (h0 / h, w0 / w)), ("scale-factor", (h0 / (h + 0.1), w0 / (w + 0.1)))):
+        Wr, Wc = _keys_cubic_matrix(h0, h, ih), _keys_cubic_matrix(w0, w, iw)
+        want = torch.einsum("ia,abd,jb->ijd", Wr, grid, Wc).reshape(h * w, D)
+        out = interpolate_pos_embed(pos, 1, (h0, w0), (h, w), method)
+        torch.testing.assert_close(out[0], pos[0])
+        torch.testing.assert_close(out[1:], want.to(out.dtype), atol=1e-5, rtol=1e-5)  # float32 inside
+    with pytest.raises(ValueError, match="pos_interp"):
+        interpolate_pos_embed(pos, 1, (h0, w0), (h, w), "bilinear")
+
+
+def test_pos_interp_adapter_option(micro):
+    """On the native grid the two interpolations give identical tokens; off it they differ slightly."""
+    ad_size, ad_sf = vit_adapter(micro), vit_adapter(micro, pos_interp="scale-factor")
+    assert ad_size.pos_interp == "size" and ad_sf.pos_interp == "scale-factor"
+    assert ad_size.with_pos_interp("scale-factor").pos_interp == "scale-factor" and ad_size.pos_interp == "size"
+    with pytest.raises(ValueError, match="pos_interp"):
+        vit_adapter(micro, pos_interp="area")
+    with torch.no_grad():
+        x = _images(micro, seed=14)  # 64 px: the native 8x8 grid
+        assert torch.equal(ad_size.embed(x)[0], ad_sf.embed(x)[0])
+        assert torch.equal(dense_features(micro, x, "csa", pos_interp="size"),
+                           dense_features(micro, x, "csa", pos_interp="scale-factor"))
+        x = _images(micro, seed=14, size=(160, 160))  # 20x20 grid
+        pos = micro.visual.positional_embedding
+        d_pos = (interpolate_pos_embed(pos, 1, (8, 8), (20, 20), "size")
+                 - interpolate_pos_embed(pos, 1, (8, 8), (20, 20), "scale-factor")).abs()
+        assert 0 < d_pos.mean() < 0.1 * pos[1:].abs().mean()  # a small resampling shift, not another embedding
+        a = dense_features(micro, x, "csa", pos_interp="size")
+        b = dense_features(micro, x, "csa", pos_interp="scale-factor")
+        c = dense_features(ad_sf, x, "csa")  # the adapter's own option
+    torch.testing.assert_close(b, c)
+    diff = (a - b).abs()
+    assert diff.max() > 1e-5 and diff.mean() < 0.05

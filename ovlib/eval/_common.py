@@ -42,17 +42,23 @@ def category_index(class_ids: Sequence[int]) -> dict[int, int]:
     return idx
 
 
-def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, **switches) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm dense CLIP features of ``mode``."""
-    from ovlib.models import dense_features
+def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, normalize: bool = True,
+                      **switches) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` dense CLIP features of ``mode``: a dense mode or a
+    preset name (``ovlib.models.PRESETS``, e.g. ``"sclip"``; ``switches`` override its entries), unit-norm
+    tokens unless ``normalize=False``. The function carries ``.dense_spec``, the complete keyword set
+    (``ovlib.models.dense_spec``) that results record."""
+    from ovlib.models import dense_features, dense_spec
     from ovlib.train.pretrain import image_mean_std
 
     if mean is None or std is None:
         mean, std = image_mean_std(model)
+    spec = dense_spec(mode, **switches)
 
     def fn(images: torch.Tensor) -> torch.Tensor:
-        return dense_features(model, normalize_images(images, mean, std), mode, normalize=True, **switches)
+        return dense_features(model, normalize_images(images, mean, std), normalize=normalize, **spec)
 
+    fn.dense_spec = spec
     return fn
 
 

@@ -14,7 +14,10 @@ paired bootstrap over the evaluation images).
 * :func:`evaluate_student` -- region classification (boxes / thing masks / stuff masks, Top-1/Top-5 mean
   accuracy; the student's own crop CLS = its *global* zero-shot), sliding-window OVSS mIoU and k-means mIoU,
   on the dense mode the method distils (``x+v`` for the CLIPSelf family, reference section 2.2), or on any
-  dense extractor (e.g. a Refiner).
+  dense extractor (e.g. a Refiner). The region pooling convention (``pooling``: CLIPSelf's normalise-then-pool
+  or DeCLIP / SynCLIP's pool-then-normalise, :data:`ovlib.eval.region_cls.POOLINGS`) is a typed field of the
+  region config; :func:`student_pooling` gives a run's own (its method's ``Distiller.eval_pooling``), and the
+  result records it (``StudentEval.protocol``).
 * :func:`paired_diff_ci`, :func:`welch`, :func:`verdict` -- the comparisons behind a chapter's "holds / does not
   hold" statements.
 """
@@ -45,6 +48,7 @@ __all__ = [
     "paired_diff_ci",
     "run_key",
     "student_dense_fn",
+    "student_pooling",
     "train_or_load",
     "verdict",
     "welch",
@@ -130,18 +134,28 @@ def load_student(params: Mapping[str, Any], res: Mapping[str, Any], device: str 
     return student.to(device).eval().requires_grad_(False)
 
 
-def student_dense_fn(res: Mapping[str, Any], student: Any, mode: str = "x+v"
+def student_pooling(res: Mapping[str, Any]) -> str:
+    """The region pooling convention of a trained run's method (``Distiller.eval_pooling``, read from the run's
+    results.json): ``"pool-then-normalize"`` for DeCLIP / SynCLIP, ``"normalize-then-pool"`` otherwise."""
+    from ovlib.methods import get_method
+
+    rec = json.loads(Path(res["results"]).read_text())
+    return get_method(rec["config"]["method"]).eval_pooling
+
+
+def student_dense_fn(res: Mapping[str, Any], student: Any, mode: str = "x+v", normalize: bool = True
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm dense map of a trained run's ``student`` (from
+    """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` dense map of a trained run's ``student`` (from
     :func:`load_student`): for a ``denserc`` run its ``X_dense`` -- the constructor built from the run's
     ``method_args`` (results.json) with the ``constructor.*`` weights of ``res["weights"]``
-    (:func:`ovlib.methods.denserc.load_constructor`); for any other method the CLIP's dense ``mode``."""
+    (:func:`ovlib.methods.denserc.load_constructor`, unit-norm tokens); for any other method the CLIP's dense
+    ``mode`` (a mode or preset name; unit-norm tokens unless ``normalize=False``)."""
     from ovlib.eval._common import dense_fn_for_clip
 
     rec = json.loads(Path(res["results"]).read_text())
     cfg = rec["config"]
     if cfg["method"] != "denserc":
-        return dense_fn_for_clip(student, mode)
+        return dense_fn_for_clip(student, mode, normalize=normalize)
     from ovlib.methods.denserc import denserc_dense_fn, load_constructor
 
     cons = load_constructor(res["weights"], student, **dict(cfg.get("method_args") or {}))
@@ -170,6 +184,7 @@ class StudentEval:
     seconds: float = 0.0
     n_regions: int = 0
     regions: Any = None  # the RegionFeatures, when evaluate_student(keep_regions=True)
+    protocol: dict[str, Any] = field(default_factory=dict)  # region conventions + dense spec (RegionFeatures)
 
     def point(self, metric: str) -> float:
         return self.ci[metric][0] if metric in self.ci else float("nan")
@@ -181,7 +196,7 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
                      region: bool = True, crops: bool = True, ovss: bool = True, kmeans: bool = True,
                      dense_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
                      device: str | torch.device = "cpu", keep_regions: bool = False,
-                     progress: bool = False) -> StudentEval:
+                     progress: bool = False, pooling: str | None = None) -> StudentEval:
     """The chapter-01 protocols on one model.
 
     ``model``: a CLIP (its dense mode ``mode`` and its own crop CLS are evaluated); ``dense_fn`` (images in
@@ -190,6 +205,9 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
     ``region_images`` / ``seg_images``: first images of ``dataset`` used (0: the settings' defaults).
     ``region`` / ``crops`` / ``ovss`` / ``kmeans`` switch the protocols (``crops`` needs ``region``);
     ``keep_regions`` keeps the region features (e.g. mask-pooled features for a t-SNE) in ``.regions``.
+    ``pooling``: the region pooling convention (``None``: ``settings.region.pooling``; a run's own is
+    :func:`student_pooling`); it matters only for a ``dense_fn`` that returns unnormalised tokens (the CLIP's
+    own dense mode is extracted unnormalised). Recorded in ``.protocol``.
     """
     from ovlib.eval._common import dense_fn_for_clip
     from ovlib.eval.region_cls import extract_region_features, score_regions, summarize
@@ -200,17 +218,20 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
     n_reg = region_images or len(dataset)
     n_seg = seg_images or settings.ovss_images
     key = "dense" if dense_fn is not None else mode
-    fn = dense_fn if dense_fn is not None else dense_fn_for_clip(model, mode)
+    fn = dense_fn if dense_fn is not None else dense_fn_for_clip(model, mode, normalize=False)
+    rcfg = settings.region if pooling is None else dataclasses.replace(settings.region, pooling=pooling)
     ev = StudentEval(name=name or key)
+    ev.protocol = {**rcfg.protocol(), "dense": {key: getattr(fn, "dense_spec", None)}}
     cols: dict[str, tuple[str, str]] = {}
     if region:
         preds = ("rois", "maskpool") + (("crops",) if crops else ())
-        rf = extract_region_features(model, dataset, settings.region, modes=(), predictors=preds, n_images=n_reg,
+        rf = extract_region_features(model, dataset, rcfg, modes=(), predictors=preds, n_images=n_reg,
                                      device=device, dense_fns={key: fn}, progress=progress)
         scores = score_regions(rf, text, class_ids)
         summ = summarize(scores, n_boot=settings.n_boot, seed=seed)
         ev.n_regions = len(rf.category_id)
         ev.regions = rf if keep_regions else None
+        ev.protocol = dict(rf.protocol)
         cols = {"boxes": (f"rois/{key}", "thing"), "thing": (f"maskpool/{key}", "thing"),
                 "stuff": (f"maskpool/{key}", "stuff")}
         if crops:

@@ -30,6 +30,9 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     loss_names: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
+    #: region pooling convention of the method's own evaluation (``ovlib.eval.region_cls.POOLINGS``):
+    #: CLIPSelf's, unless a method pools unnormalised tokens (DeCLIP / SynCLIP)
+    eval_pooling: ClassVar[str] = "normalize-then-pool"
 
     def __init__(self, student: nn.Module, frozen: dict[str, nn.Module], tokenizer: Any = None,
                  categories: Optional[list[dict]] = None, **options: Any):

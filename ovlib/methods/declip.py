@@ -140,6 +140,7 @@ class DeCLIP(Distiller):
     name = "declip"
     loss_names = ("content", "context")
     needs = frozenset({"teacher", "vfm"})
+    eval_pooling = "pool-then-normalize"  # xiaomoguhz/DeCLIP zero_shot.py (reference §3.5); SynCLIP inherits it
 
     def __init__(self, student, frozen, mode: str = "qq", scale: bool = False, **options: Any):
         super().__init__(student, frozen, **options)

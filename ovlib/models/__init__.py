@@ -1,6 +1,6 @@
 """CLIP / VFM loading, the ViT adapter, dense feature modes and region pooling."""
 
-from .adapter import UnsupportedTower, ViTAdapter, interpolate_pos_embed, vit_adapter
+from .adapter import POS_INTERPOLATIONS, UnsupportedTower, ViTAdapter, interpolate_pos_embed, vit_adapter
 from .clip import (
     MICRO_CLIP_CONFIGS,
     CheckpointMismatch,
@@ -9,7 +9,16 @@ from .clip import (
     load_clip,
     register_micro_clip,
 )
-from .dense import ATTENTION_MODES, DENSE_MODES, PRESETS, dense_features, naclip_bias
+from .dense import (
+    ATTENTION_MODES,
+    DENSE_MODES,
+    PRESET_SOURCES,
+    PRESETS,
+    dense_facts,
+    dense_features,
+    dense_spec,
+    naclip_bias,
+)
 from .pool import mask_pool, roi_features
 from .vfm import (
     MICRO_VFM_CONFIGS,
@@ -24,7 +33,8 @@ from .vfm import (
 __all__ = [
     "load_clip", "MicroClipConfig", "MICRO_CLIP_CONFIGS", "register_micro_clip", "CheckpointMismatch",
     "WeightsUnavailable", "ViTAdapter", "vit_adapter", "UnsupportedTower", "interpolate_pos_embed",
-    "dense_features", "DENSE_MODES", "ATTENTION_MODES", "PRESETS", "naclip_bias", "roi_features", "mask_pool",
+    "dense_features", "DENSE_MODES", "ATTENTION_MODES", "PRESETS", "naclip_bias", "PRESET_SOURCES", "dense_spec",
+    "dense_facts", "POS_INTERPOLATIONS", "roi_features", "mask_pool",
     "load_vfm", "MicroVfmConfig", "MICRO_VFM_CONFIGS", "register_micro_vfm", "vfm_patch_features",
     "patch_correlation", "renormalize",
 ]

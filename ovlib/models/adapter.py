@@ -22,9 +22,21 @@ installed open_clip / timm (no model is edited or forked); open_clip name first,
 
 Conventions: tokens are batch first ``(B, P + N, D)`` with ``P`` prefix tokens (cls, then registers) followed
 by ``N = h * w`` patch tokens in row-major order; per-head tensors are ``(B, H, P + N, d)``.
-The absolute position embedding is bicubically interpolated to the actual grid with the prefix positions kept
-(as ``wusize/CLIPSelf:src/open_clip/transformer.py`` ``rescale_positional_embedding`` and
-``.../eva_clip/eva_vit_model.py``), and is the identity at the native grid. EVA's RoPE is recomputed for the
+The absolute position embedding is bicubically interpolated to the actual grid with the prefix positions kept,
+and is the identity at the native grid. Two published variants (:data:`POS_INTERPOLATIONS`, the adapter's
+``pos_interp`` option, :func:`interpolate_pos_embed`):
+
+* ``"size"`` (default) -- ``F.interpolate(size=(h, w), mode="bicubic", align_corners=False)``, as
+  ``wusize/CLIPSelf:src/open_clip/transformer.py`` ``rescale_positional_embedding`` (and its EVA copy in
+  ``.../eva_clip/eva_vit_model.py``), DeCLIP/SynCLIP (forks of it) and MaskCLIP
+  (``chongzhou96/MaskCLIP:mmseg/models/backbones/vit.py`` ``resize_pos_embed``);
+* ``"scale-factor"`` -- ``F.interpolate(scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic",
+  align_corners=False)`` without recomputing the scale (the output is still ``h x w``, but source coordinates
+  are ``(i + 0.5) h0 / (h + 0.1) - 0.5`` instead of ``(i + 0.5) h0 / h - 0.5``): DINO's ``+0.1`` trick as
+  used by ``wangf3014/SCLIP:clip/model.py``, ``mc-lan/ClearCLIP:open_clip/transformer.py`` and
+  ``sinahmr/NACLIP:clip/model.py`` (``interpolate_pos_encoding``; identity at the native grid in all three).
+  Off the native grid the two differ slightly (a fraction of the embedding's scale), which matters only to
+  reproduce those repositories' numbers. EVA's RoPE is recomputed for the
 actual grid with the tower's own ``RotaryEmbeddingCat`` (positions rescaled to ``ref_feat_shape``, the
 timm analogue of CLIPSelf's ``rope.py`` ``recalculate``); it applies to the patch tokens only.
 Patch dropout is never applied by the adapter (a dense map needs every token); run the tower in eval mode.
@@ -32,13 +44,17 @@ Patch dropout is never applied by the adapter (a dense map needs every token); r
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ViTAdapter", "vit_adapter", "UnsupportedTower", "interpolate_pos_embed"]
+__all__ = ["ViTAdapter", "vit_adapter", "UnsupportedTower", "interpolate_pos_embed", "POS_INTERPOLATIONS"]
+
+#: Position-embedding interpolations of the adapter (``pos_interp``); see the module docstring.
+POS_INTERPOLATIONS = ("size", "scale-factor")
 
 
 class UnsupportedTower(TypeError):
@@ -46,17 +62,28 @@ class UnsupportedTower(TypeError):
 
 
 def interpolate_pos_embed(pos: torch.Tensor, num_prefix: int, old_grid: tuple[int, int],
-                          new_grid: tuple[int, int]) -> torch.Tensor:
+                          new_grid: tuple[int, int], method: str = "size") -> torch.Tensor:
     """Bicubic interpolation of an absolute position embedding ``(P + h0*w0, D)`` to ``(P + h*w, D)``.
 
-    Prefix rows (cls / registers) are kept unchanged; the identity (same tensor) at the native grid.
+    ``method`` (:data:`POS_INTERPOLATIONS`): ``"size"`` (CLIPSelf, MaskCLIP) or ``"scale-factor"`` (SCLIP,
+    ClearCLIP, NACLIP: ``scale_factor = (h + 0.1) / h0``, not recomputed). Prefix rows (cls / registers) are
+    kept unchanged; the identity (same tensor) at the native grid for both.
     """
+    if method not in POS_INTERPOLATIONS:
+        raise ValueError(f"pos_interp must be one of {POS_INTERPOLATIONS}, got {method!r}")
     if tuple(old_grid) == tuple(new_grid):
         return pos
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     D = pos.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    if method == "size":
+        grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    else:
+        sf = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
+        grid = F.interpolate(grid.float(), scale_factor=sf, mode="bicubic", align_corners=False,
+                             recompute_scale_factor=False)
+        if tuple(grid.shape[-2:]) != tuple(new_grid):  # floor(h0 * (h + 0.1) / h0) = h, as the repos assert
+            raise RuntimeError(f"scale-factor interpolation gave {tuple(grid.shape[-2:])}, not {tuple(new_grid)}")
     grid = grid.permute(0, 2, 3, 1).reshape(-1, D).to(pos.dtype)  # (h*w, D)
     return torch.cat([prefix, grid], dim=0)
 
@@ -75,13 +102,17 @@ class ViTAdapter:
     """Pieces of a CLIP ViT image tower (open_clip native or EVA02 via timm) behind one interface.
 
     Build it with :func:`vit_adapter` from an open_clip model or its ``.visual``. All methods are plain
-    differentiable torch code over the tower's own parameters (gradients reach the model).
+    differentiable torch code over the tower's own parameters (gradients reach the model). ``pos_interp``:
+    how :meth:`embed` resamples the absolute position embedding off the native grid (:data:`POS_INTERPOLATIONS`).
     """
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, pos_interp: str = "size"):
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
+        if pos_interp not in POS_INTERPOLATIONS:
+            raise ValueError(f"pos_interp must be one of {POS_INTERPOLATIONS}, got {pos_interp!r}")
+        self.pos_interp = pos_interp
         self.visual = visual
         if isinstance(visual, VisionTransformer):
             self.family = "open_clip"
@@ -158,6 +189,16 @@ class ViTAdapter:
             if isinstance(m, nn.Linear):
                 self.out_dim = m.out_features
 
+    def with_pos_interp(self, pos_interp: str) -> ViTAdapter:
+        """This adapter (same tower, no copy of weights) with another position-embedding interpolation."""
+        if pos_interp == self.pos_interp:
+            return self
+        if pos_interp not in POS_INTERPOLATIONS:
+            raise ValueError(f"pos_interp must be one of {POS_INTERPOLATIONS}, got {pos_interp!r}")
+        other = copy.copy(self)
+        other.pos_interp = pos_interp
+        return other
+
     # ------------------------------------------------------------------------------------------- info
     @property
     def num_blocks(self) -> int:
@@ -186,7 +227,8 @@ class ViTAdapter:
             x = x.flatten(2).transpose(1, 2)  # (B, N, D)
             cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
-            pos = interpolate_pos_embed(v.positional_embedding, 1, self.native_grid, (h, w))
+            pos = interpolate_pos_embed(v.positional_embedding, 1, self.native_grid, (h, w),
+                                        self.pos_interp)
             x = x + pos.to(x.dtype)
             x = v.ln_pre(x)
         else:
@@ -201,10 +243,11 @@ class ViTAdapter:
                 prefix.append(t.reg_token.expand(x.shape[0], -1, -1))
             if t.pos_embed is not None:
                 if t.no_embed_class:
-                    pos = interpolate_pos_embed(t.pos_embed[0], 0, self.native_grid, (h, w))
+                    pos = interpolate_pos_embed(t.pos_embed[0], 0, self.native_grid, (h, w), self.pos_interp)
                     x = torch.cat(prefix + [x + pos.to(x.dtype)], dim=1)
                 else:
-                    pos = interpolate_pos_embed(t.pos_embed[0], self.num_prefix, self.native_grid, (h, w))
+                    pos = interpolate_pos_embed(t.pos_embed[0], self.num_prefix, self.native_grid, (h, w),
+                                                self.pos_interp)
                     x = torch.cat(prefix + [x], dim=1) + pos.to(x.dtype)
             else:
                 x = torch.cat(prefix + [x], dim=1)
@@ -386,7 +429,7 @@ class ViTAdapter:
         return x, grid
 
 
-def vit_adapter(model_or_visual: nn.Module) -> ViTAdapter:
+def vit_adapter(model_or_visual: nn.Module, pos_interp: str = "size") -> ViTAdapter:
     """A :class:`ViTAdapter` for an open_clip model (its ``.visual`` is used) or an image tower."""
     visual = getattr(model_or_visual, "visual", model_or_visual)
-    return ViTAdapter(visual)
+    return ViTAdapter(visual, pos_interp)

@@ -55,6 +55,11 @@ preset            mode      scale  residual  FFN   RoPE  source (``reference/imp
 ``denserc-base``  multi-v   --     --        --    --    DenseRC base, last 3 layers (our reading, below)
 ================  ========  =====  ========  ====  ====  ===================================================
 
+Each preset also names the position-embedding interpolation of its code off the native grid (``pos_interp``,
+:mod:`ovlib.models.adapter`): ``"scale-factor"`` (the ``+0.1`` trick) for ``sclip``, ``clearclip``,
+``naclip``; ``"size"`` for the others. :func:`dense_spec` resolves a preset name or a bare mode into the
+complete keyword set (what results record), :data:`PRESET_SOURCES` names the code behind each preset.
+
 ``multi-v`` choice (DenseRC has no code): each of the last ``n_layers`` blocks (default 3) contributes the
 value path of its own input, through its own output projection (and layer scale), like ``v`` for one block;
 the sum goes through the final norm and projection once.
@@ -74,24 +79,89 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import ViTAdapter, vit_adapter
+from .adapter import POS_INTERPOLATIONS, ViTAdapter, vit_adapter
 
-__all__ = ["DENSE_MODES", "ATTENTION_MODES", "PRESETS", "dense_features", "naclip_bias", "custom_attention"]
+__all__ = ["DENSE_MODES", "ATTENTION_MODES", "PRESETS", "PRESET_SOURCES", "dense_features", "dense_spec", "dense_facts",
+           "naclip_bias", "custom_attention"]
 
 DENSE_MODES = ("vanilla", "x+v", "v", "qq", "kk", "csa", "naclip", "multi-v")
 ATTENTION_MODES = ("qq", "kk", "csa", "naclip")
 
 PRESETS: dict[str, dict] = {
-    "maskclip": dict(mode="x+v"),
-    "clipself": dict(mode="x+v"),
-    "declip-qq": dict(mode="qq", scale=False, residual=False, ffn=False, rope=False),
-    "declip-csa": dict(mode="csa", scale=False, residual=False, ffn=False, rope=False),
-    "synclip": dict(mode="csa", scale=False, residual=False, ffn=False, rope=False),
-    "sclip": dict(mode="csa", scale=True, residual=True, ffn=True, rope=False),
-    "clearclip": dict(mode="qq", scale=True, residual=False, ffn=False, rope=False),
-    "naclip": dict(mode="naclip", scale=True, residual=False, ffn=False, rope=False, gaussian_std=5.0),
-    "denserc-base": dict(mode="multi-v", n_layers=3),
+    "maskclip": dict(mode="x+v", pos_interp="size"),
+    "clipself": dict(mode="x+v", pos_interp="size"),
+    "declip-qq": dict(mode="qq", scale=False, residual=False, ffn=False, rope=False, pos_interp="size"),
+    "declip-csa": dict(mode="csa", scale=False, residual=False, ffn=False, rope=False, pos_interp="size"),
+    "synclip": dict(mode="csa", scale=False, residual=False, ffn=False, rope=False, pos_interp="size"),
+    "sclip": dict(mode="csa", scale=True, residual=True, ffn=True, rope=False, pos_interp="scale-factor"),
+    "clearclip": dict(mode="qq", scale=True, residual=False, ffn=False, rope=False, pos_interp="scale-factor"),
+    "naclip": dict(mode="naclip", scale=True, residual=False, ffn=False, rope=False, gaussian_std=5.0,
+                   pos_interp="scale-factor"),
+    "denserc-base": dict(mode="multi-v", n_layers=3, pos_interp="size"),
 }
+
+#: Where each preset's switches come from (``reference/implementations.md`` §2, §3, §4, §5, §8, §9).
+PRESET_SOURCES: dict[str, str] = {
+    "maskclip": "chongzhou96/MaskCLIP: mmseg/models/backbones/vit.py (last layer, resize_pos_embed)",
+    "clipself": "wusize/CLIPSelf: eva_vit_model.py forward_without_attn, rescale_positional_embedding",
+    "declip-qq": "xiaomoguhz/DeCLIP main: eva_vit_model.py ss_attn (no scale) + forward_without_rcffn",
+    "declip-csa": "xiaomoguhz/DeCLIP released csa checkpoints: ss_attn mode csa",
+    "synclip": "Justlovesmile/SynCLIP: csa_vfm_distill / eval mode csa (DeCLIP's ss_attn)",
+    "sclip": "wangf3014/SCLIP: clip/model.py custom_attn, interpolate_pos_encoding",
+    "clearclip": "mc-lan/ClearCLIP: open_clip/transformer.py model_type='ClearCLIP', ignore_residual",
+    "naclip": "sinahmr/NACLIP: clip/model.py arch='reduced', attn_strategy='naclip', gaussian_std=5",
+    "denserc-base": "DenseRC (no public code): multi-layer values, last 3 blocks (our reading)",
+}
+
+
+def dense_spec(name: str, **overrides) -> dict:
+    """The complete keyword set of :func:`dense_features` for a preset name (:data:`PRESETS`, taking precedence)
+    or a bare mode (:data:`DENSE_MODES`), with every default filled in, ``overrides`` applied: what a result
+    records about its dense map. Value modes (``x+v``, ``v``, ``vanilla``, ``multi-v``) carry their fixed
+    residual / FFN facts (``residual``, ``ffn``; ``scale``/``rope`` ``None`` = not applicable)."""
+    if name in PRESETS:
+        spec = dict(PRESETS[name])
+    elif name in DENSE_MODES:
+        spec = {"mode": name}
+    else:
+        raise ValueError(f"unknown dense mode or preset {name!r}; modes {DENSE_MODES}, presets {tuple(PRESETS)}")
+    spec.update(overrides)
+    mode = spec["mode"]
+    if mode not in DENSE_MODES:
+        raise ValueError(f"unknown dense mode {mode!r}; expected one of {DENSE_MODES}")
+    spec.setdefault("pos_interp", "size")
+    if spec["pos_interp"] not in POS_INTERPOLATIONS:
+        raise ValueError(f"pos_interp must be one of {POS_INTERPOLATIONS}, got {spec['pos_interp']!r}")
+    if mode in ATTENTION_MODES:
+        for k, v in (("scale", True), ("residual", False), ("ffn", False), ("rope", False)):
+            if spec.get(k) is None:
+                spec[k] = v
+        if mode == "naclip":
+            spec.setdefault("gaussian_std", 5.0)
+    else:
+        bad = sorted(k for k in ("scale", "residual", "ffn", "rope") if spec.get(k) is not None)
+        if bad:
+            raise TypeError(f"mode {mode!r} has no switches (got {bad}); they apply to {ATTENTION_MODES}")
+        if mode == "multi-v":
+            spec.setdefault("n_layers", 3)
+    return spec
+
+
+def dense_facts(spec: dict) -> dict:
+    """What the last block of a :func:`dense_spec` does, for tables: ``attention`` (text), ``scale``,
+    ``residual``, ``ffn``, ``rope`` (True / False / ``None`` = not applicable), ``pos_interp``."""
+    mode = spec["mode"]
+    att = {"vanilla": "softmax(q kᵀ)", "x+v": "none (value path)", "v": "none (value path)",
+           "qq": "softmax(q qᵀ)", "kk": "softmax(k kᵀ)", "csa": "softmax(q qᵀ) + softmax(k kᵀ)",
+           "naclip": f"softmax(k kᵀ + Gaussian, std {spec.get('gaussian_std', 5.0):g})",
+           "multi-v": f"none (values of the last {spec.get('n_layers', 3)} blocks)"}[mode]
+    fixed = {"vanilla": (True, True), "x+v": (True, True), "v": (False, False), "multi-v": (False, False)}
+    if mode in ATTENTION_MODES:
+        res, ffn, scale, rope = spec["residual"], spec["ffn"], spec["scale"], spec["rope"]
+    else:
+        (res, ffn), scale, rope = fixed[mode], (True if mode == "vanilla" else None), None
+    return {"attention": att, "scale": scale, "residual": res, "ffn": ffn, "rope": rope,
+            "pos_interp": spec.get("pos_interp", "size")}
 
 
 def naclip_bias(grid: tuple[int, int], num_prefix: int, std: float, device=None, dtype=None) -> torch.Tensor:
@@ -159,6 +229,7 @@ def dense_features(
     rope: Optional[bool] = None,
     gaussian_std: float = 5.0,
     n_layers: int = 3,
+    pos_interp: Optional[str] = None,
     return_qkv: bool = False,
 ):
     """Dense projected features ``(B, C, h, w)`` of ``images (B, 3, H, W)`` (see the module table).
@@ -171,6 +242,8 @@ def dense_features(
         scale, residual, ffn, rope: switches of the attention modes (defaults True, False, False, False).
         gaussian_std: NACLIP's Gaussian std in patch units.
         n_layers: number of last blocks whose values ``multi-v`` sums.
+        pos_interp: position-embedding interpolation off the native grid (``ovlib.models.adapter``
+            ``POS_INTERPOLATIONS``; ``None`` = the adapter's own, ``"size"`` for a model).
         return_qkv: also return the last block's per-head ``{"q", "k", "v"}`` of the patch tokens
             ``(B, H, N, d)``, prefix tokens dropped, e.g. DeCLIP's context features. RoPE (EVA) is applied to
             them in ``vanilla`` (as the model does) and in attention modes with ``rope=True``, else not.
@@ -185,6 +258,8 @@ def dense_features(
         given = {k: v for k, v in switches.items() if v is not None}
         raise TypeError(f"mode {mode!r} has no switches (got {given}); they apply to {ATTENTION_MODES}")
     ad = model if isinstance(model, ViTAdapter) else vit_adapter(model)
+    if pos_interp is not None:
+        ad = ad.with_pos_interp(pos_interp)
     L = ad.num_blocks
     x, grid = ad.embed(images)  # (B, P+N, D)
     rope_table = ad.rope(grid)  # EVA: (N, 2d) or None
