@@ -256,30 +256,49 @@ md(f"{len(ds)} evaluation images, {len(class_ids)} classes. Templates ({len(temp
 # ## 1.4 Region features for every dense mode
 #
 # For each panoptic segment (§1.7 of the reference notes; CLIPSelf's `zero_shot.py`): a **box** RoI (thing:
-# GT box; stuff: tight box of the mask) pooled by RoIAlign from the unit-norm dense map of the whole 160-px
-# image, the **mask** average of that map over the segment (the mask at the 20×20 grid = cells covered at
-# least half), and the **crop** CLS embedding of the region cut from the image (things expanded 1.5×) resized
-# to 64 px — the upper reference: what CLIP knows about the region when it sees it alone. The last block of
-# the image tower is modified per mode (`ovlib.models.dense_features`):
+# GT box; stuff: tight box of the mask) pooled by RoIAlign from the dense map of the whole 160-px image, the
+# **mask** average of that map over the segment, and the **crop** CLS embedding of the region cut from the
+# image (things expanded 1.5×) resized to 64 px — the upper reference: what CLIP knows about the region when it
+# sees it alone. Two conventions of CLIPSelf's protocol matter for numbers set beside its table: tokens are
+# L2-normalised *before* pooling (DeCLIP and SynCLIP pool first and normalise after, chapter 4), and the mask
+# at the 20×20 grid is the segment mask resized to the grid (bicubic) and thresholded `> 0`, which keeps a
+# cell the segment only grazes (our stricter alternative, "cells covered at least half", is the
+# `mask_grid="coverage"` option of `RegionClsConfig`). The protocol of this run is printed under the table.
 #
-# | mode | last block | from |
-# |---|---|---|
-# | `vanilla` | unchanged | CLIP |
-# | `x+v` | attention replaced by the value path, residual and FFN kept | MaskCLIP, CLIPSelf |
-# | `v` | value path only | ClearCLIP's "MaskCLIP" option |
-# | `qq` | softmax(q qᵀ/√d) attention, no residual/FFN | ClearCLIP, DeCLIP |
-# | `kk` | softmax(k kᵀ/√d) | DeCLIP |
-# | `csa` | softmax(q qᵀ/√d) + softmax(k kᵀ/√d) | SCLIP, DeCLIP/SynCLIP |
-# | `naclip` | softmax(k kᵀ/√d + Gaussian neighbourhood) | NACLIP |
+# The last block of the image tower is modified per **method**, each with the switches of its released code
+# (`ovlib.models.PRESETS`; the table is generated from that data): which attention replaces the last one, whether
+# its logits are scaled by $d^{-1/2}$, whether the residual and the FFN are kept, and how the position
+# embedding is interpolated off the CLIP's native grid (`size`: CLIPSelf's `F.interpolate(size=…)`;
+# `scale-factor`: SCLIP/ClearCLIP/NACLIP's `scale_factor=(h + 0.1)/h₀`, a small resampling shift). The bare
+# mode of a row (e.g. `csa` with the default scale and neither residual nor FFN) is none of the methods:
+# SCLIP keeps residual and FFN, DeCLIP and SynCLIP drop the scale.
+
+# %%
+from ovlib.models import PRESET_SOURCES, PRESETS, dense_facts, dense_spec
+
+
+def _yn(v):
+    return "—" if v is None else ("yes" if v else "no")
+
+
+md(table(["preset", "row here", "mode", "last-block attention", "scale d^-½", "residual", "FFN", "RoPE (EVA)",
+          "pos-emb interpolation", "released code"],
+         [[f"`{n}`", "✔" if n in EV.modes else "", f"`{dense_spec(n)['mode']}`", f["attention"], _yn(f["scale"]),
+           _yn(f["residual"]), _yn(f["ffn"]), _yn(f["rope"]), f"`{f['pos_interp']}`", PRESET_SOURCES.get(n, "")]
+          for n in PRESETS for f in [dense_facts(dense_spec(n))]])
+   + "\n\n`vanilla` is CLIP's own last block. `clipself` is MaskCLIP's block (the dense map of CLIPSelf's "
+   "distillation, chapter 2); `declip-csa` and `synclip` share their switches (chapter 4); `denserc-base` is "
+   "chapter 3's.")
 
 # %%
 t_eval = time.perf_counter()
 rf = extract_region_features(clip_model, ds, EV.region, modes=EV.modes, n_images=P["eval_images"], device=DEV)
 t_region = time.perf_counter() - t_eval
+PROTOCOL = {k: v for k, v in rf.protocol.items() if k != "dense"}
 md(f"{len(rf.category_id)} regions ({int(rf.isthing.sum())} things, {int((~rf.isthing).sum())} stuff) from "
    f"{rf.n_images} images in {t_region:.0f} s; {rf.skipped_size} segments skipped by the size filter "
    f"(box area < {EV.region.min_size:g}² px); {rf.mask_fallbacks} masks too small for the grid fell back to "
-   "their most covered cell.")
+   "their most covered cell. Protocol: " + ", ".join(f"{k} `{v}`" for k, v in PROTOCOL.items()) + ".")
 
 # %% [markdown]
 # ## 1.5 Global zero-shot: main names vs synonyms
@@ -371,8 +390,9 @@ for m in EV.modes:
 c = summ["crops"]
 rows.append(["crop CLS (reference)", ci(c["thing.macc1"]), ci(c["thing.macc5"]), "", "", ci(c["stuff.macc1"]),
              ci(c["stuff.macc5"])])
-md(table(["mode", "Boxes Top-1", "Boxes Top-5", "Thing masks Top-1", "Thing masks Top-5", "Stuff masks Top-1",
-          "Stuff masks Top-5"], rows))
+md(table(["dense map", "Boxes Top-1", "Boxes Top-5", "Thing masks Top-1", "Thing masks Top-5", "Stuff masks Top-1",
+          "Stuff masks Top-5"], rows)
+   + f"\n\nPooling `{PROTOCOL['pooling']}`, grid masks `{PROTOCOL['mask_grid']}` (CLIPSelf's conventions).")
 
 # %%
 # The papers' own numbers (COCO panoptic val2017, ViT-B/16, Top-1 / Top-5 mean accuracy), quoted from
@@ -481,7 +501,7 @@ from ovlib.viz import AffinityExplorer, AttentionExplorer, RegionExplorer, image
 
 ex_images, ex_meta = images_from_dataset(ds, range(min(2 if P["profile"] == "smoke" else 6, len(ds))),
                                          EV.region.image_size)
-ex_modes = [m for m in ("vanilla", "x+v", "csa", "naclip") if m in EV.modes]
+ex_modes = [m for m in ("vanilla", "maskclip", "sclip", "naclip") if m in EV.modes]
 cat_by_id = {c["id"]: c for c in categories}
 first = max(range(len(ex_meta[0]["boxes"])), key=lambda j: (ex_meta[0]["isthing"][j], float(
     (ex_meta[0]["boxes"][j, 2:] - ex_meta[0]["boxes"][j, :2]).prod())))  # the largest thing of image 0

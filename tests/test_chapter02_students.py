@@ -178,6 +178,33 @@ def test_evaluate_student_matches_the_chapter01_protocol_and_takes_a_dense_fn(en
     assert ev4.regions is not None and ev4.regions.features["maskpool/x+v"].shape[0] == ev4.n_regions
 
 
+def test_evaluate_student_pooling_convention_is_a_field_and_recorded(env):
+    """DeCLIP / SynCLIP students are scored pool-then-normalise (their own protocol), the CLIPSelf family
+    normalise-then-pool; the result records the convention, the grid-mask rule and the dense spec."""
+    import dataclasses
+
+    from ovlib.eval import extract_region_features, score_regions, summarize
+    from ovlib.eval.students import student_pooling
+    from ovlib.methods import get_method
+
+    assert get_method("declip").eval_pooling == get_method("synclip").eval_pooling == "pool-then-normalize"
+    assert get_method("clipself").eval_pooling == get_method("denserc").eval_pooling == "normalize-then-pool"
+    res = train_or_load(env["params"], "clipself", env["ov"], env["tmp"] / "runs", "CLIPSelf τ=0.2 s0")
+    assert student_pooling(res) == "normalize-then-pool"
+    clip, ds, ev_s = env["clip"], env["ds"], env["ev"]
+    kw = dict(mode="synclip", region_images=3, crops=False, ovss=False, kmeans=False)
+    a = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, **kw)
+    b = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, pooling="pool-then-normalize", **kw)
+    assert a.protocol["pooling"] == "normalize-then-pool" and b.protocol["pooling"] == "pool-then-normalize"
+    assert b.protocol["mask_grid"] == "resize" and b.protocol["dense"]["synclip"]["scale"] is False
+    cfg = dataclasses.replace(ev_s.region, pooling="pool-then-normalize")
+    rf = extract_region_features(clip, ds, cfg, modes=("synclip",), predictors=("rois", "maskpool"), n_images=3,
+                                 progress=False)
+    want = summarize(score_regions(rf, env["text"], env["ids"]), n_boot=ev_s.n_boot)
+    assert b.ci["boxes.top1"] == want["rois/synclip"]["thing.macc1"]
+    assert b.ci["stuff.top1"] == want["maskpool/synclip"]["stuff.macc1"]
+
+
 def test_load_student_refuses_a_checkpoint_without_a_student(env, tmp_path):
     import json
 

@@ -277,3 +277,15 @@ def test_pooling_convention_end_to_end(micro_export, micro_clip):
     d = extract_region_features(model, micro_export, RegionClsConfig(batch_size=8, pooling="pool-then-normalize"), **kw)
     torch.testing.assert_close(c.features["maskpool/u"], d.features["maskpool/u"])
     torch.testing.assert_close(c.features["maskpool/u"], a.features["maskpool/sclip"])
+
+
+def test_chapter01_rows_are_vanilla_or_presets():
+    """Every training-free row of chapters 01 / 05 is named after a method and runs that method's preset (a bare
+    ``csa`` row is none of SCLIP, DeCLIP or SynCLIP)."""
+    from ovlib.eval.profiles import dense_eval_settings
+    from ovlib.models import PRESETS
+
+    for profile in ("smoke", "micro", "paper"):
+        ev = dense_eval_settings(profile, 0)
+        assert all(m == "vanilla" or m in PRESETS for m in ev.modes), (profile, ev.modes)
+        assert ev.region.pooling == "normalize-then-pool" and ev.region.mask_grid == "resize"

@@ -9,8 +9,9 @@ from ovlib.eval.segmentation import OVSSConfig
 
 __all__ = ["DenseEvalSettings", "dense_eval_settings", "CHAPTER01_MODES"]
 
-#: Dense modes compared in chapter 01 (``ovlib.models.DENSE_MODES`` minus DenseRC's ``multi-v``).
-CHAPTER01_MODES = ("vanilla", "x+v", "v", "qq", "kk", "csa", "naclip")
+#: Dense maps compared in chapter 01: CLIP's own last block and every training-free method by its preset name
+#: (``ovlib.models.PRESETS``: each row named after a method carries that method's published switches).
+CHAPTER01_MODES = ("vanilla", "maskclip", "clearclip", "declip-qq", "sclip", "synclip", "naclip")
 
 
 @dataclass(frozen=True)
@@ -20,18 +21,20 @@ class DenseEvalSettings:
     ovss: OVSSConfig
     ovss_images: int            # images for OVSS and k-means (a subset of the evaluation images)
     n_boot: int                 # bootstrap resamples for the 95 % intervals
-    modes: tuple[str, ...] = field(default=CHAPTER01_MODES)
+    modes: tuple[str, ...] = field(default=CHAPTER01_MODES)  # dense modes or preset names
 
 
 def dense_eval_settings(profile: str, eval_images: int) -> DenseEvalSettings:
-    """``smoke``: everything tiny, three dense modes; ``micro``: 160-px scenes (20x20 grid of the patch-8 micro CLIP), 64-px
+    """Region classification follows CLIPSelf's conventions by default (``RegionClsConfig``: normalise-then-pool,
+    masks resized to the grid ``> 0``); a chapter scoring DeCLIP / SynCLIP students replaces ``pooling``.
+    ``smoke``: everything tiny, three dense maps; ``micro``: 160-px scenes (20x20 grid of the patch-8 micro CLIP), 64-px
     teacher crops, sliding 64-px windows with stride 32 (the CLIP's native size, as SCLIP slides 224-px
     windows); ``paper``: ViT-B/16 on COCO, 1024-px student images and 224-px crops (CLIPSelf), 448-px short
     side with 224/112 windows (SCLIP-style OVSS)."""
     if profile == "smoke":
         return DenseEvalSettings(160, RegionClsConfig(image_size=160, crop_size=64, min_size=2.0),
                                  OVSSConfig(image_size=160, crop=64, stride=48), ovss_images=min(eval_images, 2),
-                                 n_boot=50, modes=("vanilla", "x+v", "csa"))
+                                 n_boot=50, modes=("vanilla", "maskclip", "sclip"))
     if profile == "micro":
         n = eval_images if eval_images > 0 else 400
         return DenseEvalSettings(160, RegionClsConfig(image_size=160, crop_size=64, min_size=2.0),
