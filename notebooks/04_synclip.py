@@ -231,8 +231,8 @@ if hasattr(tokenizer, "encode"):
 PRE = PRESETS["synclip"]  # csa, no scale / residual / FFN / RoPE: SynCLIP's training and evaluation block
 
 
-def csa_fn(model):
-    return dense_fn_for_clip(model, PRE["mode"], **{k: v for k, v in PRE.items() if k != "mode"})
+def csa_fn(model, normalize=True):
+    return dense_fn_for_clip(model, "synclip", normalize=normalize)  # the preset PRE, by name
 
 
 def pick_object():
@@ -543,16 +543,28 @@ plt.show()
 # * every number under the **original names** and under each synonym protocol (`ovlib.eval.synonyms`);
 #   only the text changes, the features are extracted once.
 #
+# Region features follow DeCLIP's and SynCLIP's own evaluation (reference §3.5): the *unnormalised* projected
+# tokens are RoIAlign'ed / mask-pooled and the pooled feature is normalised (CLIPSelf, chapters 1–3, normalises
+# every token first; `RegionClsConfig.pooling`, each method's `Distiller.eval_pooling`). Every row here, the
+# CLIP's included, is scored that way; masks at the grid are CLIPSelf's resized masks `> 0`, as in their code.
+#
 # The students of the main rows are evaluated on the first half of the evaluation images (the CLIP row
 # too, so every row sees the same images), the sweep students on the first quarter, without crops and
 # without the map statistics. The text tower never trains, so every model shares the teacher's class
 # embeddings.
 
 # %%
+import dataclasses
+
+from ovlib.methods import get_method
+
+REGION_CFG = dataclasses.replace(EV.region, pooling=get_method("synclip").eval_pooling)  # pool-then-normalize
+
+
 def evaluate(model, full: bool, cons=None):
-    fn = csa_fn(model)
+    fn = csa_fn(model, normalize=False)  # raw tokens: the region protocol normalises after pooling
     preds = ("rois", "maskpool", "crops") if full else ("rois", "maskpool")
-    rf = extract_region_features(model, ds, EV.region, modes=(), dense_fns={"dense": fn}, predictors=preds,
+    rf = extract_region_features(model, ds, REGION_CFG, modes=(), dense_fns={"dense": fn}, predictors=preds,
                                  n_images=BUDGET["n_region" if full else "n_region_sweep"], device=DEV,
                                  progress=False)
     region = {pk: score_regions(rf, TEXT[pk], class_ids, ks=(1,)) for pk in TEXT}
@@ -563,7 +575,7 @@ def evaluate(model, full: bool, cons=None):
     if full and cons is None:
         cons = consistency(model)
     return {"region": region, "ovss": ov["confusion"], "cons": cons if full else None,
-            "n_regions": len(rf.category_id)}
+            "n_regions": len(rf.category_id), "protocol": rf.protocol}
 
 
 t_eval = time.perf_counter()
@@ -573,8 +585,11 @@ for key_, rec in RUNS.items():
     EVALS[key_] = evaluate(model, rec["kind"] == "main")
     del model
 t_eval = time.perf_counter() - t_eval
+_proto = EVALS[("micro CLIP", "main", SEEDS[0])]["protocol"]
 md(f"{len(EVALS)} models evaluated in {t_eval:.0f} s "
-   f"({EVALS[('micro CLIP', 'main', SEEDS[0])]['n_regions']} regions for the main rows).")
+   f"({EVALS[('micro CLIP', 'main', SEEDS[0])]['n_regions']} regions for the main rows). Region protocol: "
+   + ", ".join(f"{k} `{v}`" for k, v in _proto.items() if k != "dense")
+   + "; dense map: " + ", ".join(f"{k} `{v}`" for k, v in _proto["dense"]["dense"].items()) + ".")
 
 # %% [markdown]
 # **Metrics.** A metric is a statistic of per-image arrays summed over images, so one bootstrap serves

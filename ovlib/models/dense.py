@@ -67,6 +67,7 @@ the sum goes through the final norm and projection once.
 Pooling order (``normalize``): CLIPSelf L2-normalises dense tokens before RoIAlign/mask pooling
 (``normalize=True`` here, then :func:`~ovlib.models.pool.roi_features`); DeCLIP/SynCLIP pool the
 unnormalised projected tokens and normalise afterwards (``normalize=False``, then normalise the pooled rows).
+Region classification takes the convention as ``ovlib.eval.region_cls.RegionClsConfig.pooling``.
 
 Cost: blocks ``0 .. L-2`` are run once by the model's own code; a last-block mode costs about one block.
 """
