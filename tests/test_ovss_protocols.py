@@ -112,7 +112,7 @@ def test_cli_prints_card_and_number(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "ovlib.eval.ovss", "--benchmark", "voc21", "--root", str(tmp_path / "voc"),
            "--method", "sclip", "--backbone", "micro-clip", "--pretrained", "none", "--device", "cpu",
-           "--set", "short_side=64", "--set", "slide_crop=64", "--set", "slide_stride=32", "--n-boot", "10",
+           "--set", "short_side=64", "--set", "slide_crop=64", "--set", "slide_stride=32", "--set", "templates=micro", "--n-boot", "10",
            "--out", str(out)]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_cli_prints_card_and_number(tmp_path):
     pt, lo, hi = rec["miou"]
     assert 0.0 <= lo <= pt <= hi <= 100.0 and rec["n_images"] == 2
     assert rec["card"]["short_side"] == 64 and rec["overrides"] == {"short_side": 64, "slide_crop": 64,
-                                                                    "slide_stride": 32}
+                                                                    "slide_stride": 32, "templates": "micro"}
     assert rec["card"]["prob_threshold"] == 0.1 and rec["ovss_config"]["resize"] == "short"
     assert set(rec["per_class_iou"]) == {c[0] for c in BENCHMARKS["voc21"].classes}
 
@@ -134,7 +134,7 @@ def test_cli_proxyclip_in_process(tmp_path, capsys):
     rec = main(["--benchmark", "voc20", "--root", str(tmp_path), "--method", "proxyclip", "--backbone",
                 "micro-clip", "--pretrained", "none", "--vfm", "micro-vfm", "--vfm-pretrained", "none",
                 "--device", "cpu", "--set", "short_side=48", "--set", "slide_crop=48", "--set", "slide_stride=48",
-                "--n-boot", "5"])
+                "--set", "templates=micro", "--n-boot", "5"])
     text = capsys.readouterr().out
     assert "voc20 / proxyclip" in text and "mIoU" in text
     assert rec["card"]["protocol"] == "proxyclip" and rec["card"]["extra"] == {"beta": 1.2, "gamma": 3.0}
