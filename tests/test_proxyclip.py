@@ -56,9 +56,9 @@ def _proxyclip_brute_force(model, images, ex_feats, beta, gamma):
     nh = attn.num_heads
     hd = D // nh
     y = blk.ln_1(x)
-    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    _q, _k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     v = v.transpose(0, 1).contiguous().view(-1, B * nh, hd).transpose(0, 1)  # (B*nh, 1+N, hd), as LND there
-    _, C, Hf, Wf = ex_feats.shape
+    _, _, Hf, Wf = ex_feats.shape
     qk = F.normalize(ex_feats.flatten(2, 3), dim=1)
     sim = torch.einsum("bcm,bcn->bmn", qk, qk)
     sim = (sim - torch.mean(sim) * beta) * gamma

@@ -82,8 +82,8 @@ class ProtocolCard:
                           resize="short", max_long=self.max_long, area_threshold=self.area_threshold)
 
     def replace(self, **changes: Any) -> ProtocolCard:
-        """A copy with ``changes`` (e.g. a smaller short side for a test); the result records them in
-        ``as_dict()["overrides"]`` through the caller."""
+        """A copy with ``changes`` (e.g. a smaller short side for a quick check); the CLI records such changes
+        as ``overrides`` next to the card in ``results.json``."""
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:

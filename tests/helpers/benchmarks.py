@@ -1,11 +1,12 @@
 """Write a tiny dataset in each benchmark's MMSeg layout, with the labels a loader must read back.
 
 ``write_benchmark(name, root, n=2, seed=0) -> list of (image (H, W, 3) uint8 RGB as written, expected (H, W)
-int64 label map)`` (class index, 255 = ignore; JPEG images come back only approximately). The expected map is drawn first; the file stores what the dataset's own tools store (stated here
-independently of the loader): VOC a palette PNG of the class index (255 boundaries), Context an 8-bit PNG
-with 0 = background, COCO ``_instanceTrainIds`` / ``_labelTrainIds`` PNGs (or, with ``raw_coco=True``, the
-COCO-Stuff164k maps: category id - 1, 255 unlabeled), Cityscapes ``_gtFine_labelTrainIds.png``, ADE 0 = "other"
-and 1..150. Images: smooth RGB with R > G > B (JPEG, PNG for Cityscapes).
+int64 label map)`` (class index, 255 = ignore; JPEG images come back only approximately). The expected map is
+drawn first; the file stores what the dataset's own tools store (stated here independently of the loader):
+VOC a palette PNG of the class index (255 boundaries), Context an 8-bit PNG with 0 = background, COCO
+``_instanceTrainIds`` / ``_labelTrainIds`` PNGs (or, with ``raw_coco=True``, the COCO-Stuff164k maps:
+category id - 1, 255 unlabeled), Cityscapes ``_gtFine_labelTrainIds.png``, ADE 0 = "other" and 1..150.
+Images: smooth RGB with R > G > B (JPEG, PNG for Cityscapes).
 """
 
 from __future__ import annotations
