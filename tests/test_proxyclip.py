@@ -130,3 +130,18 @@ def test_dense_fn_for_proxyclip_uses_the_vfm():
     vfm2 = load_vfm("micro-vfm", seed=1)
     with torch.no_grad():
         assert not torch.allclose(dense_fn_for_proxyclip(clip, vfm2)(img), out)
+
+
+def test_mixed_patch_sizes_follow_the_vfm_grid():
+    """As ViT-B/16 with DINOv2 (/14): the output lies on the VFM's grid, CLIP's values resized to it."""
+    from ovlib.models.vfm import MicroVfmConfig
+
+    clip, _, _ = load_clip("micro-clip", seed=0)  # patch 8
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vfm = MicroVfmConfig(img_size=56, patch_size=14).build().eval()
+    img = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = dense_fn_for_proxyclip(clip, vfm)(img)
+    assert out.shape[-2:] == (8, 8)  # 112 / 14; the CLIP grid is 14 x 14
+    assert torch.isfinite(out).all()
