@@ -55,7 +55,7 @@ from ovlib.nb import ci, md, setup, table
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_name_sets, extract_region_features,
                         score_regions, summarize, text_embeddings)
-from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
+from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_proxyclip, dense_fn_for_vfm, student_image
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.segmentation import evaluate_kmeans, evaluate_ovss
 from ovlib.eval.zeroshot import isolated_objects, zero_shot_hits, zero_shot_summary
@@ -424,6 +424,13 @@ md(table(["paper row", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1
 # **k-means**: per image, k-means on the unit-norm dense map of the whole image with K = number of GT
 # segments, clusters matched one-to-one to segments by the Hungarian algorithm, mean IoU over segments — how
 # well the tokens group, independent of text. The micro VFM is the reference.
+#
+# **ProxyCLIP** (Lan et al. 2024; training-free, VFM-assisted; dense mode `proxy`): the last block's attention
+# is replaced by the VFM's patch affinities — `A = softmax(γ (S − β·mean S))` with `S` the cosine similarities
+# of the VFM's patch features, entries below zero masked (β = 1.2, γ = 3) — applied to CLIP's own values
+# (resized to the VFM's grid), then CLIP's output projection, final norm and projection; no residual, no FFN
+# (`mc-lan/ProxyCLIP`, checked against a brute-force statement of its code in `tests/test_proxyclip.py`). The
+# VFM sees the same window: the micro VFM here, DINOv2 in the paper profile.
 
 # %%
 t_seg = time.perf_counter()
@@ -440,6 +447,14 @@ for m in EV.modes:
     km[m] = evaluate_kmeans(fn, ds, image_size=EV.region.image_size, n_images=EV.ovss_images, seed=P["seed"],
                             n_boot=EV.n_boot, patch=clip_patch)
     seg_rows.append([f"`{m}`", ci(ov["miou"]), ci(ov["macc"]), ci(km[m]["miou"])])
+vfm_name = "DINOv2" if P["profile"] == "paper" else "micro VFM"
+fn = dense_fn_for_proxyclip(clip_model, vfm)  # ProxyCLIP: CLIP's values, the VFM's affinities (beta 1.2, gamma 3)
+ov = evaluate_ovss(fn, ds, text["main"], class_ids, EV.ovss, n_images=EV.ovss_images, n_boot=EV.n_boot,
+                   seed=P["seed"])
+km["proxyclip"] = evaluate_kmeans(fn, ds, image_size=EV.region.image_size, n_images=EV.ovss_images,
+                                  seed=P["seed"], n_boot=EV.n_boot, patch=math.lcm(clip_patch, vfm_patch))
+seg_rows.append([f"ProxyCLIP (`proxy`, {vfm_name})", ci(ov["miou"]), ci(ov["macc"]),
+                 ci(km["proxyclip"]["miou"])])
 km["vfm"] = evaluate_kmeans(dense_fn_for_vfm(vfm), ds, image_size=EV.region.image_size, n_images=EV.ovss_images,
                             seed=P["seed"], n_boot=EV.n_boot, patch=vfm_patch)
 seg_rows.append(["micro VFM (DINO)", "", "", ci(km["vfm"]["miou"])])

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 __all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
-           "dense_fn_for_vfm"]
+           "dense_fn_for_vfm", "dense_fn_for_proxyclip"]
 
 
 def dataset_indices(dataset: Sequence, n_images: int) -> list[int]:
@@ -76,5 +76,28 @@ def dense_fn_for_vfm(vfm: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         return F.normalize(vfm_patch_features(vfm, normalize_images(images, mean, std), grid), dim=1)
+
+    return fn
+
+
+def dense_fn_for_proxyclip(model: Any, vfm: Any, beta: float = 1.2, gamma: float = 3.0
+                           ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, 3, H, W) in [0, 1] -> (B, C, h', w')`` unit-norm ProxyCLIP features (dense mode ``proxy``):
+    the VFM sees the same pixels with its own normalisation (ProxyCLIP's ``norm(unnorm(img))``) on its own grid
+    ``(H // p, W // p)``; CLIP's values are aggregated with the VFM's patch affinities on that grid
+    (:func:`ovlib.models.dense.proxy_attention`)."""
+    from ovlib.models import dense_features, vfm_patch_features
+    from ovlib.train.pretrain import image_mean_std
+
+    mean, std = image_mean_std(model)
+    vmean, vstd = image_mean_std(vfm)
+    p = vfm.patch_embed.patch_size
+    p = p[0] if isinstance(p, (tuple, list)) else int(p)
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        feats = vfm_patch_features(vfm, normalize_images(images, vmean, vstd), grid)  # (B, C', h', w')
+        return dense_features(model, normalize_images(images, mean, std), "proxy", normalize=True,
+                              vfm_features=feats, beta=beta, gamma=gamma)
 
     return fn

@@ -29,19 +29,23 @@ def dense_eval_settings(profile: str, eval_images: int) -> DenseEvalSettings:
     masks resized to the grid ``> 0``); a chapter scoring DeCLIP / SynCLIP students replaces ``pooling``.
     ``smoke``: everything tiny, three dense maps; ``micro``: 160-px scenes (20x20 grid of the patch-8 micro CLIP), 64-px
     teacher crops, sliding 64-px windows with stride 32 (the CLIP's native size, as SCLIP slides 224-px
-    windows); ``paper``: ViT-B/16 on COCO, 1024-px student images and 224-px crops (CLIPSelf), 448-px short
-    side with 224/112 windows (SCLIP-style OVSS)."""
+    windows; the longest side is the scene's 160 px, ``resize="long"``); ``paper``: ViT-B/16 on COCO, 1024-px
+    student images and 224-px crops (CLIPSelf), 448-px short side (``resize="short"``, SCLIP's
+    ``Resize(scale=(2048, 448))``) with 224/112 windows (SCLIP-style OVSS)."""
     if profile == "smoke":
         return DenseEvalSettings(160, RegionClsConfig(image_size=160, crop_size=64, min_size=2.0),
-                                 OVSSConfig(image_size=160, crop=64, stride=48), ovss_images=min(eval_images, 2),
+                                 OVSSConfig(image_size=160, crop=64, stride=48, resize="long"),
+                                 ovss_images=min(eval_images, 2),
                                  n_boot=50, modes=("vanilla", "maskclip", "sclip"))
     if profile == "micro":
         n = eval_images if eval_images > 0 else 400
         return DenseEvalSettings(160, RegionClsConfig(image_size=160, crop_size=64, min_size=2.0),
-                                 OVSSConfig(image_size=160, crop=64, stride=32), ovss_images=min(n, 100),
+                                 OVSSConfig(image_size=160, crop=64, stride=32, resize="long"),
+                                 ovss_images=min(n, 100),
                                  n_boot=1000)
     if profile == "paper":
         return DenseEvalSettings(0, RegionClsConfig(image_size=1024, crop_size=224, min_size=8.0, batch_size=2,
                                                     crop_batch=64),
-                                 OVSSConfig(image_size=448, crop=224, stride=112), ovss_images=500, n_boot=1000)
+                                 OVSSConfig(image_size=448, crop=224, stride=112, resize="short"),
+                                 ovss_images=500, n_boot=1000)
     raise ValueError(f"unknown profile {profile!r}")

@@ -2,19 +2,26 @@
 over a COCO-format panoptic dataset.
 
 OVSS protocol (``reference/implementations.md`` section 8.5; SCLIP/ClearCLIP/NACLIP segmentors, conventions
-only): the image is resized so its longest side is ``image_size`` (aspect kept); a ``crop x crop`` window
+only): the image is resized, aspect kept, so that its longest side (``resize="long"``, the micro profile's
+choice) or its short side (``resize="short"``, SCLIP's ``Resize(scale=(2048, S), keep_ratio=True)``, the
+paper profile's) is ``image_size`` (:func:`resized_size`); a ``crop x crop`` window
 slides with ``stride`` (the last window is aligned to the border; an image smaller than a crop is
 zero-padded); each window's unit-norm dense map gives cosine logits against unit class embeddings, bilinearly
 upsampled to the window; overlapping logits are averaged; the map is upsampled to the original image size;
 ``softmax(logit_scale * cos)``; argmax; with ``prob_threshold`` pixels whose max probability is lower go to
-``background_index`` (datasets with a background class only). Ground truth: every pixel of a panoptic segment
-takes its category; pixels of no segment are ignored. mIoU / mAcc from the summed confusion matrix; a class
+``background_index`` (datasets with a background class only). Classes with several names (``query_class``):
+the softmax runs over all names and a class takes the max probability of its names (SCLIP/ProxyCLIP
+``postprocess_result``); ``area_threshold`` (SCLIP's ``area_thd``, VOC21) zeroes the probabilities of
+foreground classes predicted on fewer than that fraction of the foreground-predicted pixels before the
+argmax. Ground truth: every pixel of a panoptic segment takes its category; pixels of no segment are
+ignored; or, for the standard benchmarks (:mod:`ovlib.data.benchmarks`), an item's ``label (H, W)`` map with
+255 = ignore. mIoU / mAcc from the summed confusion matrix; a class
 absent from both ground truth and prediction is excluded from the mean (mmseg ``IoUMetric``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,18 +34,49 @@ from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_conf
 from ovlib.eval.unsupervised import hungarian_miou, kmeans_labels
 from ovlib.train.pretrain import _quiet
 
-__all__ = ["OVSSConfig", "window_starts", "sliding_logits", "predict_labels", "semantic_target",
-           "evaluate_ovss", "evaluate_kmeans"]
+__all__ = ["OVSSConfig", "RESIZE_SIDES", "resized_size", "window_starts", "sliding_logits", "predict_labels",
+           "semantic_target", "label_target", "evaluate_ovss", "evaluate_kmeans"]
+
+#: ``"long"``: the longest side becomes ``image_size``; ``"short"``: the short side does (SCLIP-style).
+RESIZE_SIDES = ("long", "short")
 
 
 @dataclass(frozen=True)
 class OVSSConfig:
+    """Settings of :func:`evaluate_ovss` (see the module docstring).
+
+    ``resize`` names which side becomes ``image_size``; with ``"short"`` the longest side is also capped at
+    ``max_long`` (mmseg's ``scale=(max_long, image_size)``). ``area_threshold``: SCLIP's ``area_thd``."""
+
     image_size: int = 160
     crop: int = 64
     stride: int = 32
     logit_scale: float = 40.0
     prob_threshold: float | None = None
     background_index: int | None = None
+    resize: str = "long"
+    max_long: int = 2048
+    area_threshold: float | None = None
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_SIDES:
+            raise ValueError(f"OVSSConfig.resize must be one of {RESIZE_SIDES}, got {self.resize!r}")
+
+
+def resized_size(H: int, W: int, size: int, side: str = "long", max_long: int = 2048) -> tuple[int, int]:
+    """``(h, w)`` of an ``H x W`` image resized with its aspect kept.
+
+    ``side="long"``: the longest side becomes ``size`` (``round``). ``side="short"``: mmcv's ``rescale_size``
+    for ``scale=(max_long, size)``, as SCLIP/ClearCLIP/NACLIP/ProxyCLIP's ``Resize(scale=(2048, S),
+    keep_ratio=True)``: factor ``min(max_long / max(H, W), size / min(H, W))``, sides ``int(x * f + 0.5)``
+    (``open-mmlab/mmcv:mmcv/image/geometric.py`` ``rescale_size``/``_scale_size``)."""
+    if side == "long":
+        s = size / max(H, W)
+        return max(1, round(H * s)), max(1, round(W * s))
+    if side == "short":
+        f = min(max(max_long, size) / max(H, W), min(max_long, size) / min(H, W))
+        return max(1, int(H * f + 0.5)), max(1, int(W * f + 0.5))
+    raise ValueError(f"side must be one of {RESIZE_SIDES}, got {side!r}")
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -78,10 +116,34 @@ def sliding_logits(dense_fn: Callable[[torch.Tensor], torch.Tensor], image: torc
 
 
 def predict_labels(logits: torch.Tensor, logit_scale: float, prob_threshold: float | None = None,
-                   background_index: int | None = None) -> torch.Tensor:
-    """``(C, H, W)`` cosine logits -> ``(H, W)`` labels: argmax of ``softmax(logit_scale * logits)``; with a
-    ``prob_threshold``, pixels whose max probability is below it get ``background_index``."""
-    prob = F.softmax(logit_scale * logits.float(), dim=0)
+                   background_index: int | None = None, query_class: Sequence[int] | torch.Tensor | None = None,
+                   area_threshold: float | None = None) -> torch.Tensor:
+    """``(Q, H, W)`` cosine logits -> ``(H, W)`` labels: argmax of ``softmax(logit_scale * logits)``.
+
+    ``query_class (Q,)``: the class of each text row (several names per class); the softmax runs over all
+    ``Q`` rows and a class's probability is the max over its rows (SCLIP ``clip_segmentor.py``
+    ``postprocess_result``). ``area_threshold`` (SCLIP ``area_thd``; needs ``background_index``): a
+    non-background class predicted on at most that fraction of the non-background-predicted pixels gets
+    probability 0. With a ``prob_threshold``, pixels whose max probability is below it get
+    ``background_index``."""
+    prob = F.softmax(logit_scale * logits.float(), dim=0)  # (Q, H, W)
+    if query_class is not None:
+        qc = torch.as_tensor(query_class, dtype=torch.long, device=prob.device)
+        if qc.shape != (prob.shape[0],):
+            raise ValueError(f"query_class must have one entry per text row ({prob.shape[0]}), got {tuple(qc.shape)}")
+        n_cls = int(qc.max()) + 1
+        if set(qc.tolist()) != set(range(n_cls)):
+            raise ValueError(f"query_class must cover every class 0..{n_cls - 1}, got {sorted(set(qc.tolist()))}")
+        prob = torch.stack([prob[qc == c].amax(0) for c in range(n_cls)])  # (C, H, W)
+    if area_threshold is not None:
+        if background_index is None:
+            raise ValueError("predict_labels: area_threshold needs a background_index")
+        C = prob.shape[0]
+        counts = torch.bincount(prob.argmax(0).reshape(-1), minlength=C).to(prob.dtype)  # (C,)
+        fg = torch.ones(C, dtype=torch.bool, device=prob.device)
+        fg[background_index] = False
+        keep = (counts > area_threshold * counts[fg].sum()) | ~fg
+        prob = prob * keep.to(prob.dtype)[:, None, None]
     conf, lab = prob.max(0)
     if prob_threshold is not None:
         if background_index is None:
@@ -102,13 +164,14 @@ def semantic_target(segments: Sequence[dict], shape: tuple[int, int], cidx: dict
     return gt
 
 
-def _resized(image: np.ndarray, size: int, multiple: int = 1) -> torch.Tensor:
-    """``(H, W, 3) uint8`` -> ``(3, h, w)`` float [0, 1] with the longest side ``size`` (aspect kept), both
-    sides rounded to a multiple of ``multiple`` (the patch size, where a whole image is one forward)."""
+def _resized(image: np.ndarray, size: int, multiple: int = 1, side: str = "long",
+             max_long: int = 2048) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, h, w)`` float [0, 1] resized by :func:`resized_size` (``side="long"``: the
+    longest side ``size``; ``"short"``: the short side ``size``, SCLIP-style), bilinear with antialiasing;
+    both sides rounded to a multiple of ``multiple`` (the patch size, where a whole image is one forward)."""
     t = torch.from_numpy(np.array(image, dtype=np.float32, copy=True)).permute(2, 0, 1) / 255.0
     H, W = t.shape[-2:]
-    s = size / max(H, W)
-    h, w = max(1, round(H * s)), max(1, round(W * s))
+    h, w = resized_size(H, W, size, side, max_long)
     if multiple > 1:
         h, w = max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple)
     if (h, w) == (H, W):
@@ -116,32 +179,61 @@ def _resized(image: np.ndarray, size: int, multiple: int = 1) -> torch.Tensor:
     return F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
+def label_target(label: np.ndarray | torch.Tensor, num_classes: int, ignore_label: int = 255,
+                 name: str = "label") -> torch.Tensor:
+    """A benchmark label map ``(H, W)`` (``ignore_label`` = ignore) -> ``(H, W)`` long with -1 = ignore; a
+    value outside ``[0, num_classes)`` is an error naming ``name``."""
+    gt = torch.as_tensor(np.asarray(label)).long()
+    bad = (gt != ignore_label) & ((gt < 0) | (gt >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"{name}: label value {int(gt[bad][0])} outside [0, {num_classes}) and not the ignore "
+                         f"label {ignore_label}")
+    return torch.where(gt == ignore_label, torch.full_like(gt, -1), gt)
+
+
 @torch.no_grad()
 def evaluate_ovss(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, text: torch.Tensor,
                   class_ids: Sequence[int], cfg: OVSSConfig = OVSSConfig(), n_images: int = 0,
-                  n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  n_boot: int = 1000, seed: int = 0, progress: bool = True,
+                  query_class: Sequence[int] | None = None) -> dict[str, Any]:
     """mIoU / mAcc (percent, with bootstrap intervals over images) of sliding-window OVSS.
 
-    Returns ``{"miou": (pt, lo, hi), "macc": (pt, lo, hi), "confusion": (N, C', C') per-image, "iou": per-class}``
-    where ``C' = C`` (+1 with a background class beyond the text rows)."""
+    Items are ``{"image", "segments"}`` (COCO-format panoptic; ``class_ids`` = the category ids, one per class)
+    or ``{"image", "label"}`` (a benchmark of :mod:`ovlib.data.benchmarks`: ``label (H, W)`` class indices,
+    255 = ignore; ``class_ids`` = ``range(num_classes)``). ``text (Q, D)``: one row per class, or one per name
+    with ``query_class (Q,)`` giving each row's class.
+
+    Returns ``{"miou": (pt, lo, hi), "macc": (pt, lo, hi), "confusion": (N, C', C') per-image, "iou": per-class,
+    "protocol": the settings as a dict}`` where ``C' = C`` (+1 with a background class beyond the classes)."""
     cidx = category_index(class_ids)
-    C = len(class_ids) + (1 if cfg.background_index is not None and cfg.background_index >= len(class_ids) else 0)
+    n_cls = len(class_ids)
+    if query_class is None and text.shape[0] != n_cls:
+        raise ValueError(f"evaluate_ovss: text has {text.shape[0]} rows for {n_cls} classes; pass query_class")
+    if query_class is not None and (len(query_class) != text.shape[0] or set(query_class) != set(range(n_cls))):
+        raise ValueError(f"evaluate_ovss: query_class must give each of the {text.shape[0]} text rows a class in "
+                         f"[0, {n_cls}) and cover every class")
+    C = n_cls + (1 if cfg.background_index is not None and cfg.background_index >= n_cls else 0)
     idx = dataset_indices(dataset, n_images)
     confs = []
     for i in tqdm(idx, desc="OVSS", **_quiet(progress)):
         it = dataset[i]
         image = np.asarray(it["image"])
         H, W = image.shape[:2]
-        x = _resized(image, cfg.image_size)
-        logits = sliding_logits(dense_fn, x, text, cfg.crop, cfg.stride)  # (C, h, w)
+        x = _resized(image, cfg.image_size, side=cfg.resize, max_long=cfg.max_long)
+        logits = sliding_logits(dense_fn, x, text, cfg.crop, cfg.stride)  # (Q, h, w)
         logits = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        pred = predict_labels(logits, cfg.logit_scale, cfg.prob_threshold, cfg.background_index)
-        gt = semantic_target(it["segments"], (H, W), cidx)
+        pred = predict_labels(logits, cfg.logit_scale, cfg.prob_threshold, cfg.background_index, query_class,
+                              cfg.area_threshold)
+        if "label" in it:
+            gt = label_target(it["label"], n_cls, name=str(it.get("label_path", f"item {i}")))
+        else:
+            gt = semantic_target(it["segments"], (H, W), cidx)
         confs.append(confusion_matrix(pred, gt, C))
     confs = np.stack(confs) if confs else np.zeros((0, C, C), np.int64)
     return {"miou": bootstrap_ci(confs, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
             "macc": bootstrap_ci(confs, lambda s: miou_from_confusion(s)[1], n_boot=n_boot, seed=seed),
-            "confusion": confs, "iou": iou_acc_from_confusion(confs.sum(0))[0] if len(confs) else None}
+            "confusion": confs, "iou": iou_acc_from_confusion(confs.sum(0))[0] if len(confs) else None,
+            "protocol": asdict(cfg)}
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ mode           last block output
                (std ``gaussian_std`` patches), 0 on prefix rows/columns
 ``multi-v``    ``sum over the last n blocks l of ls1_l(O_l(v_l))``, each ``v_l`` from block l's own
                input, through block l's own ``O_l``; no residual, no FFN
+``proxy``      ProxyCLIP: ``ls1(O(A v'))`` on the VFM's grid, ``v'`` = the patch values bilinearly
+               resized to that grid, ``A`` from the VFM's patch features (:func:`proxy_attention`)
 =============  ==================================================================
 
 Where each comes from (``reference/implementations.md`` §1, §2, §3, §8, §9):
@@ -34,6 +36,8 @@ Where each comes from (``reference/implementations.md`` §1, §2, §3, §8, §9)
   (``mc-lan/ClearCLIP:open_clip/transformer.py``).
 * ``naclip`` -- NACLIP ``gaussian_window``/``custom_attn`` (``sinahmr/NACLIP:clip/model.py``).
 * ``multi-v`` -- DenseRC's "multi-layer value embeddings" (no public code; our reading, see below).
+* ``proxy`` -- ProxyCLIP ``VisionTransformer.custom_attn`` (``mc-lan/ProxyCLIP:open_clip/transformer.py``) with
+  the VFM features of ``proxyclip_segmentor.py`` ``forward_feature`` (see :func:`proxy_attention`).
 
 Attention modes (``qq, kk, csa, naclip``) output ``O(A v)`` and take explicit switches (defaults in brackets):
 ``scale`` [True] multiply logits by ``d ** -0.5``; ``residual`` [False] ``y = x + ls1(O(A v))`` instead of
@@ -83,9 +87,11 @@ from torch import nn
 from .adapter import POS_INTERPOLATIONS, ViTAdapter, vit_adapter
 
 __all__ = ["DENSE_MODES", "ATTENTION_MODES", "PRESETS", "PRESET_SOURCES", "dense_features", "dense_spec", "dense_facts",
-           "naclip_bias", "custom_attention"]
+           "naclip_bias", "custom_attention", "proxy_attention", "VFM_MODES"]
 
 DENSE_MODES = ("vanilla", "x+v", "v", "qq", "kk", "csa", "naclip", "multi-v")
+#: Modes that also need a VFM's patch features of the same images (``vfm_features=``).
+VFM_MODES = ("proxy",)
 ATTENTION_MODES = ("qq", "kk", "csa", "naclip")
 
 PRESETS: dict[str, dict] = {
@@ -210,6 +216,51 @@ def custom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: st
     return attn @ v  # (B, H, N, d)
 
 
+def proxy_attention(v: torch.Tensor, grid: tuple[int, int], vfm_features: torch.Tensor, beta: float = 1.2,
+                    gamma: float = 3.0) -> torch.Tensor:
+    """ProxyCLIP's proxy attention: CLIP's patch values aggregated with the VFM's patch affinities.
+
+    ``v (B, H, N, d)``: per-head values of the CLIP's ``N = h * w`` patch tokens (prefix tokens dropped),
+    ``grid = (h, w)``; ``vfm_features (B, C, h', w')``: the VFM's patch features (ProxyCLIP: the last block's
+    normalised output, ``get_intermediate_layers(...)[0]``, prefix tokens dropped). Returns ``(B, H, M, d)`` on
+    the VFM grid, ``M = h' * w'``:
+
+    ``S = f f^T`` with ``f`` the L2-normalised VFM features ``(B, M, M)``; ``L = gamma * (S - beta * mean(S))``;
+    entries ``L < 0`` masked (``-inf``); ``A = softmax(L)`` (the same for every head); ``v'`` = the values as an
+    ``(h, w)`` map bilinearly resized to ``(h', w')`` (``align_corners=False``); output ``A v'``
+    (``mc-lan/ProxyCLIP:open_clip/transformer.py`` ``custom_attn``; defaults ``beta=1.2, gamma=3.0`` of
+    ``proxyclip_segmentor.py``).
+
+    Differences, both invisible in ProxyCLIP's own setting (one square window per batch): ``mean(S)`` is taken
+    per image (the public code takes it over the whole batch, which holds one window there); the values are
+    laid out as ``(h, w)`` (the public code reshapes them as ``(w, h)``, the same on square windows). Guard of
+    ours: a row with every entry masked (only when ``beta * mean(S) >= 1``; the public code gives NaN there)
+    attends to its own token alone.
+    """
+    B, Hh, N, d = v.shape
+    h, w = grid
+    if N != h * w:
+        raise ValueError(f"proxy_attention: {N} value tokens for a {h}x{w} grid")
+    if vfm_features.ndim != 4 or vfm_features.shape[0] != B:
+        raise ValueError(f"vfm_features must be (B={B}, C, h', w'), got {tuple(vfm_features.shape)}")
+    hp, wp = vfm_features.shape[-2:]
+    dt = torch.promote_types(torch.promote_types(vfm_features.dtype, v.dtype), torch.float32)  # fp32 or fp64
+    f = F.normalize(vfm_features.flatten(2).to(dt), dim=1)  # (B, C, M)
+    sim = torch.einsum("bcm,bcn->bmn", f, f)  # (B, M, M)
+    logits = (sim - sim.mean(dim=(1, 2), keepdim=True) * beta) * gamma
+    logits = logits.masked_fill(logits < 0, float("-inf"))
+    dead = torch.isneginf(logits).all(-1)  # (B, M) rows with nothing left
+    if bool(dead.any()):
+        eye = torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        logits = torch.where(dead[..., None] & eye, torch.zeros_like(logits), logits)
+    attn = logits.softmax(-1).to(v.dtype)  # (B, M, M)
+    vmap = v.reshape(B * Hh, h, w, d).permute(0, 3, 1, 2)  # (B*H, d, h, w)
+    if (hp, wp) != (h, w):
+        vmap = F.interpolate(vmap, size=(hp, wp), mode="bilinear", align_corners=False)
+    vv = vmap.permute(0, 2, 3, 1).reshape(B, Hh, hp * wp, d)  # (B, H, M, d)
+    return attn[:, None] @ vv  # (B, H, M, d)
+
+
 def _finish(ad: ViTAdapter, tokens: torch.Tensor, grid: tuple[int, int], normalize: bool) -> torch.Tensor:
     x = ad.final(tokens[:, ad.num_prefix:])  # (B, N, C)
     if normalize:
@@ -231,6 +282,9 @@ def dense_features(
     gaussian_std: float = 5.0,
     n_layers: int = 3,
     pos_interp: Optional[str] = None,
+    vfm_features: Optional[torch.Tensor] = None,
+    beta: float = 1.2,
+    gamma: float = 3.0,
     return_qkv: bool = False,
 ):
     """Dense projected features ``(B, C, h, w)`` of ``images (B, 3, H, W)`` (see the module table).
@@ -245,6 +299,9 @@ def dense_features(
         n_layers: number of last blocks whose values ``multi-v`` sums.
         pos_interp: position-embedding interpolation off the native grid (``ovlib.models.adapter``
             ``POS_INTERPOLATIONS``; ``None`` = the adapter's own, ``"size"`` for a model).
+        vfm_features, beta, gamma: ``proxy`` only: the VFM's patch features ``(B, C', h', w')`` of the same
+            images and ProxyCLIP's similarity shift/scale (:func:`proxy_attention`); the output is on the
+            VFM's grid ``(h', w')``. The values come from the last block's input; no residual, no FFN.
         return_qkv: also return the last block's per-head ``{"q", "k", "v"}`` of the patch tokens
             ``(B, H, N, d)``, prefix tokens dropped, e.g. DeCLIP's context features. RoPE (EVA) is applied to
             them in ``vanilla`` (as the model does) and in attention modes with ``rope=True``, else not.
@@ -252,8 +309,10 @@ def dense_features(
     Returns:
         ``(B, C, h, w)`` or, with ``return_qkv``, ``((B, C, h, w), dict)``.
     """
-    if mode not in DENSE_MODES:
-        raise ValueError(f"unknown dense mode {mode!r}; expected one of {DENSE_MODES}")
+    if mode not in DENSE_MODES + VFM_MODES:
+        raise ValueError(f"unknown dense mode {mode!r}; expected one of {DENSE_MODES + VFM_MODES}")
+    if vfm_features is not None and mode not in VFM_MODES:
+        raise TypeError(f"vfm_features applies to the modes {VFM_MODES}, not {mode!r}")
     switches = dict(scale=scale, residual=residual, ffn=ffn, rope=rope)
     if mode not in ATTENTION_MODES and any(v is not None for v in switches.values()):
         given = {k: v for k, v in switches.items() if v is not None}
@@ -287,6 +346,16 @@ def dense_features(
 
     x = ad.run_blocks(x, 0, L - 1, rope_table)
     i = L - 1
+    if mode == "proxy":
+        if vfm_features is None:
+            raise ValueError("mode 'proxy' needs vfm_features (the VFM's patch features of the same images)")
+        parts = ad.qkv(i, ad.ln1(i, x), which="qkv" if return_qkv else "v")
+        o = proxy_attention(parts["v"][:, :, P:], grid, vfm_features, beta, gamma)  # (B, H, M, d)
+        y = ad.final(ad.ls1(i, ad.attn_out(i, o)))  # (B, M, C)
+        if normalize:
+            y = F.normalize(y, dim=-1)
+        out = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], *vfm_features.shape[-2:])  # (B, C, h', w')
+        return (out, _strip(parts, P)) if return_qkv else out
     if mode == "vanilla":
         y = ad.block_forward(i, x, rope_table)
         if return_qkv:
