@@ -53,11 +53,8 @@ def method_dense_fn(method: str, model: Any, vfm: Any = None, card: ProtocolCard
             raise ValueError("method 'proxyclip' needs a VFM (--vfm)")
         extra = dict(card.extra) if card is not None and card.protocol == "proxyclip" else {}
         return dense_fn_for_proxyclip(model, vfm, beta=extra.get("beta", 1.2), gamma=extra.get("gamma", 3.0))
-    if method in PRESETS:
-        sw = dict(PRESETS[method])
-        return dense_fn_for_clip(model, sw.pop("mode"), **sw)
-    if method in DENSE_MODES:
-        return dense_fn_for_clip(model, method)
+    if method in PRESETS or method in DENSE_MODES:
+        return dense_fn_for_clip(model, method)  # a preset carries all its switches (dense_spec)
     raise ValueError(f"unknown method {method!r}; expected one of {TRAINING_FREE} or a dense mode {DENSE_MODES}")
 
 
@@ -135,8 +132,6 @@ def _pretrained(v: str | None) -> str | None:
 def _load_student(run_dir: Path, profile: str, method: str, device: str):
     from ovlib.config import resolve
     from ovlib.eval.students import load_student, student_dense_fn
-    from ovlib.models.dense import PRESETS
-
     res = {"results": str(run_dir / "results.json"), "weights": str(run_dir / "ensemble-final.pt")}
     for p in res.values():
         if not Path(p).is_file():
@@ -145,10 +140,8 @@ def _load_student(run_dir: Path, profile: str, method: str, device: str):
     params = resolve(profile, root=Path(__file__).resolve().parents[2])
     cfg = json.loads(Path(res["results"]).read_text())["config"]
     model = load_student(params, res, device)
-    mode = dict(PRESETS[method])["mode"] if method in PRESETS else method
-    if method in PRESETS and len(PRESETS[method]) > 1:
-        raise ValueError(f"--student with preset {method!r}: students take a plain dense mode (x+v, csa, ...)")
-    return model, _tokenizer_for(model, cfg["backbone"]), student_dense_fn(res, model, mode), cfg
+    # a preset name (its switches, incl. the position-embedding interpolation) or a bare dense mode
+    return model, _tokenizer_for(model, cfg["backbone"]), student_dense_fn(res, model, method), cfg
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
