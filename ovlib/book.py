@@ -305,8 +305,10 @@ def package_versions() -> dict[str, str]:
 
 
 def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{seconds:.1f} s"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{seconds:.1f} s"
 
 
 def provenance_markdown(chapter: Chapter, info: dict[str, Any]) -> str:
@@ -326,8 +328,8 @@ def provenance_markdown(chapter: Chapter, info: dict[str, Any]) -> str:
             precision += ", autocast per recipe (amp 'auto': bf16 where supported)"
         else:
             precision += ", no autocast"
-        machine = (f"{probe['cpu']} ({probe['machine']}, {probe['cores']} cores), {probe['threads']} torch "
-                   f"threads, device {dev}")
+        threads = f"{probe['threads']} torch thread" + ("s" if probe["threads"] != 1 else "")
+        machine = f"{probe['cpu']} ({probe['machine']}, {probe['cores']} cores), {threads}, device {dev}"
     else:
         machine, precision = "unknown (the probe cell did not report)", "unknown"
     overrides = " ".join(f"-p {o}" for o in info.get("overrides", ()))
@@ -337,7 +339,8 @@ def provenance_markdown(chapter: Chapter, info: dict[str, Any]) -> str:
              f".venv/bin/papermill /tmp/{chapter.name}.ipynb {chapter.name}.paper.ipynb -f params/paper.yaml --cwd .")
     rows = [
         ("profile", f"`{info['profile']}`" + (f" with `{overrides}`" if overrides else "")),
-        ("commit", commit_txt),
+        ("commit", commit_txt + (f"; inputs `{info['input_hash'][:12]}` (sha256 of notebook, parameters, ovlib)"
+                                 if info.get("input_hash") else "")),
         ("packages", versions),
         ("machine", machine),
         ("precision", precision),
@@ -396,7 +399,15 @@ def add_provenance(chapter: Chapter, info: dict[str, Any]) -> None:
     nb.cells = [c for c in nb.cells if PROVENANCE_TAG not in c.get("metadata", {}).get("tags", [])]
     box = nbformat.v4.new_markdown_cell(provenance_markdown(chapter, info))
     box.metadata["tags"] = [PROVENANCE_TAG]
-    nb.cells.insert(_title_index(nb.cells), box)
+    i = _title_index(nb.cells)
+    if i:  # right under the heading: the rest of the title cell moves to a cell of its own, after the box
+        title = nb.cells[i - 1]
+        head = re.search(r"^# .*$", title.source, re.MULTILINE)
+        rest = title.source[head.end():].strip("\n")
+        if rest.strip():
+            title.source = title.source[:head.end()]
+            nb.cells.insert(i, nbformat.v4.new_markdown_cell(rest))
+    nb.cells.insert(i, box)
     atomic_write_text(nbformat.writes(nb), chapter.output)
 
 
@@ -689,9 +700,11 @@ def fix_launch_links(root: Path, html_dir: Path) -> list[str]:
             continue  # reported by the build itself
         text = page.read_text()
         want = launch_targets(root, ch)
-        new = text.replace(f"urlpath=lab/tree/{BOOK_DIR}/{ch.name}.ipynb", f"urlpath=lab/tree/{want['binder']}")
+        # the theme writes `<path_to_book>/book/NN_name.ipynb` (path_to_book "." gives "./book/...")
+        new = re.sub(rf'urlpath=lab/tree/[^"?&]*?{BOOK_DIR}/{re.escape(ch.name)}\.ipynb',
+                     f"urlpath=lab/tree/{want['binder']}", text)
         new = re.sub(rf'https://colab\.research\.google\.com/github/[^"]*?/blob/{re.escape(branch)}/'
-                     rf'{BOOK_DIR}/{re.escape(ch.name)}\.ipynb', want["colab"], new)
+                     rf'[^"]*?{BOOK_DIR}/{re.escape(ch.name)}\.ipynb', want["colab"], new)
         if f"lab/tree/{want['binder']}" not in new or want["colab"] not in new:
             problems.append(f"{page}: no Binder/Colab button to point at {want['binder']} / {want['colab']}")
         if new != text:

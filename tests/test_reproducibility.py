@@ -6,6 +6,7 @@ The smoke book itself (executed, built, every launch/download target checked) is
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,7 +41,7 @@ def test_provenance_box_names_profile_commit_versions_machine_time_and_both_comm
     assert md.startswith(":::{admonition} How this page was made") and md.rstrip().endswith(":::")
     for needle in ("`micro` with `-p seed=1`", "`0123456789ab`", "torch 2.14.1", "open_clip_torch 3.3.0",
                    "Some CPU (x86_64, 2 cores), 2 torch threads, device cpu", "float32, no autocast",
-                   "12 min 34 s", "--profile micro --only 03 --force", "make install-locked",
+                   "12 min 34 s", "inputs `ffffffffffff`", "--profile micro --only 03 --force", "make install-locked",
                    "papermill /tmp/03_denserc.ipynb 03_denserc.paper.ipynb -f params/paper.yaml"):
         assert needle in md, needle
     md = book.provenance_markdown(ch, _info(dirty=True, probe={**_info()["probe"], "bf16_autocast": ["cpu"]}))
@@ -118,8 +119,9 @@ def test_fix_launch_links_points_binder_at_the_paired_notebook_and_colab_at_the_
     org_repo = url.split("github.com/", 1)[1]
     page = root / "_build" / "html" / "book" / "01_first.html"
     page.parent.mkdir(parents=True)
-    theme = (f'<a href="https://mybinder.org/v2/gh/{org_repo}/{branch}?urlpath=lab/tree/book/01_first.ipynb">'
-             f'<a href="https://colab.research.google.com/github/{org_repo}/blob/{branch}/book/01_first.ipynb">')
+    # as sphinx-book-theme writes them with path_to_book "."
+    theme = (f'<a href="https://mybinder.org/v2/gh/{org_repo}/{branch}?urlpath=lab/tree/./book/01_first.ipynb">'
+             f'<a href="https://colab.research.google.com/github/{org_repo}/blob/{branch}/./book/01_first.ipynb">')
     page.write_text(theme)
     assert book.fix_launch_links(root, root / "_build" / "html") == []
     text = page.read_text()
@@ -192,3 +194,22 @@ def test_workflows_pass_actionlint():
     assert files
     proc = subprocess.run([_actionlint(), "-no-color", *files], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"actionlint:\n{proc.stdout}{proc.stderr}"
+
+
+def test_add_provenance_puts_the_box_right_under_the_heading_and_removes_the_probe(tmp_path):
+    import nbformat
+
+    ch = book.Chapter("01_first", tmp_path)
+    ch.output.parent.mkdir(parents=True)
+    probe = nbformat.v4.new_code_cell(book.PROBE_SOURCE, metadata={"tags": [book.PROBE_TAG]})
+    probe.outputs = [nbformat.v4.new_output("stream", name="stdout", text=book.PROBE_MARK + json.dumps(
+        _info()["probe"]) + "\n")]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 1. First\n\nIntro text."),
+                                         nbformat.v4.new_code_cell("x = 1"), probe])
+    nbformat.write(nb, ch.output)
+    book.add_provenance(ch, {k: v for k, v in _info().items() if k != "probe"})
+    cells = nbformat.read(ch.output, as_version=4).cells
+    assert [c.source.splitlines()[0] for c in cells] == [
+        "# 1. First", ":::{admonition} How this page was made", "Intro text.", "x = 1"]
+    assert cells[1].metadata["tags"] == [book.PROVENANCE_TAG] and "Some CPU" in cells[1].source
+    assert "2 torch threads" in cells[1].source
