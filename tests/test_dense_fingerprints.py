@@ -51,7 +51,8 @@ def test_dense_features_match_their_fingerprints(fixture_doc, computed):
 
 def test_every_case_ran_on_every_tower(computed):
     errors = {k: v["error"] for k, v in computed.items() if "error" in v}
-    assert not errors, f"dense_features raised on a fingerprint case: {errors}"
+    assert not errors, (f"dense_features raised on a fingerprint case: {errors}; a mode that needs more inputs "
+                        "gets them in tests/helpers/dense_fingerprints.py:cases(), then `make fingerprints`")
 
 
 def test_fingerprints_tell_every_two_configurations_apart(fixture_doc):
