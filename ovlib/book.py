@@ -225,7 +225,8 @@ PROBE_SOURCE = f"""import json as _json, os as _os, platform as _platform
 import torch as _torch
 _cpu = _platform.processor() or _platform.machine()
 if _os.path.isfile("/proc/cpuinfo"):
-    _names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+    with open("/proc/cpuinfo") as _f:
+        _names = [l.split(":", 1)[1].strip() for l in _f if l.startswith("model name")]
     _cpu = _names[0] if _names else _cpu
 try:
     from ovlib.nb import resolve_device as _resolve
