@@ -12,6 +12,10 @@
 * On failure the exit status is non-zero; the chapter, the failing cell's source and the traceback are printed and
   the partial executed notebook is kept in ``book/``.
 * It ends with a table: chapter, status, wall time.
+* Every executed notebook gets, under its title, a box saying how it was made (:func:`provenance_markdown`: profile
+  and overrides, commit, package versions, machine, CPU threads, precision, wall time, the commands that reproduce
+  it) and a hidden cell that, in Google Colab only, clones the repository at that commit and installs it
+  (:func:`colab_setup_source`); elsewhere that cell does nothing.
 
 ``build`` runs ``jupyter-book build .`` and fails when Sphinx reports broken content (missing documents or
 images, bad references or citations), printing those warnings.
@@ -21,6 +25,12 @@ ipywidgets HTML manager that renders the explorers' saved widget state -- into `
 versions, nothing else from npm). ``build --vendor DIR`` (or ``$OVBOOK_VENDOR``; a missing ``DIR`` is filled
 first) builds a book that serves them from its own ``_static/ovbook-vendor/``: a browser without internet (CI's)
 reads it whole. Without it the pages load them from public CDNs, as any Jupyter Book does.
+
+``build`` also points each chapter's launch buttons at notebooks that exist (:func:`fix_launch_links`): Binder
+opens ``notebooks/NN_name.ipynb``, which ``binder/postBuild`` pairs from ``notebooks/NN_name.py`` with jupytext;
+Colab opens the executed notebook on the :data:`NOTEBOOKS_BRANCH` branch, to which the Pages workflow pushes the
+published ``_sources/`` (Colab opens notebooks from GitHub only); the download button serves the executed
+``.ipynb`` from ``_sources/``.
 """
 
 from __future__ import annotations
@@ -201,6 +211,207 @@ def _tag_injected_parameters(path: Path) -> None:
         atomic_write_text(nbformat.writes(nb), path)
 
 
+# --------------------------------------------------------------------------------------------- provenance
+
+PROVENANCE_TAG = "ovbook-provenance"  # the box under the title (markdown, written after execution)
+PROBE_TAG = "ovbook-probe"  # the last cell while executing: reports the kernel's machine; removed afterwards
+COLAB_TAG = "ovbook-colab"  # Colab-only setup cell (hidden in the book)
+PROBE_MARK = "OVBOOK-PROBE "
+#: packages the box names (distribution names)
+PROVENANCE_PACKAGES = ("torch", "open_clip_torch", "timm", "numpy", "jupyter-book", "papermill", "ovlib")
+
+#: Runs in the chapter's kernel as its last cell: what ran it (the runner's own process may differ).
+PROBE_SOURCE = f"""import json as _json, os as _os, platform as _platform
+import torch as _torch
+_cpu = _platform.processor() or _platform.machine()
+if _os.path.isfile("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as _f:
+        _names = [l.split(":", 1)[1].strip() for l in _f if l.startswith("model name")]
+    _cpu = _names[0] if _names else _cpu
+try:
+    from ovlib.nb import resolve_device as _resolve
+    _dev = _resolve(globals().get("device", "cpu"))
+except Exception:
+    _dev = _torch.device("cpu")
+try:  # bf16 autocast that "auto" precision chose (measured) in this kernel, per device type
+    from ovlib.train.pretrain import _BF16_FASTER as _bf16
+    _bf16 = sorted(k for k, v in _bf16.items() if v)
+except Exception:
+    _bf16 = []
+print({PROBE_MARK!r} + _json.dumps(dict(
+    cpu=_cpu, machine=_platform.machine(), cores=_os.cpu_count(), threads=_torch.get_num_threads(),
+    device=str(_dev), gpu=_torch.cuda.get_device_name(_dev) if _dev.type == "cuda" else None,
+    gpus=_torch.cuda.device_count() if _dev.type == "cuda" else 0, default_dtype=str(_torch.get_default_dtype()),
+    bf16_autocast=_bf16)))
+"""
+
+
+def colab_setup_source(repo_url: str, ref: str) -> str:
+    """The Colab-only first code cell: clone ``repo_url`` at ``ref`` (a commit or branch), install it with the book
+    extra, and work from its root (the chapters use paths relative to the project root, as papermill runs them)."""
+    return f"""# Google Colab only (elsewhere this cell does nothing): fetch the book's repository at the commit this
+# notebook was made from, install it, and work from its root, as the book's runner does.
+import os, subprocess, sys
+try:
+    import google.colab  # noqa: F401
+except ImportError:
+    pass
+else:
+    _repo = "/content/ovbook"
+    if not os.path.isdir(_repo):
+        subprocess.run(["git", "clone", "--quiet", {repo_url!r}, _repo], check=True)
+        subprocess.run(["git", "-C", _repo, "checkout", "--quiet", {ref!r}], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", _repo + "[book]"], check=True)
+    os.chdir(_repo)
+    sys.path.insert(0, _repo)
+"""
+
+
+def repository(root: Path) -> tuple[str, str]:
+    """``(url, branch)`` of ``repository:`` in ``_config.yml``."""
+    cfg = yaml.safe_load((root / "_config.yml").read_text()) or {}
+    repo = cfg.get("repository") or {}
+    if not repo.get("url"):
+        raise BookError(f"{root / '_config.yml'} has no repository.url (launch buttons and Colab need it)")
+    return str(repo["url"]).rstrip("/"), str(repo.get("branch") or "main")
+
+
+def git_commit(root: Path) -> tuple[str | None, bool]:
+    """``(commit, has_local_changes)`` of the checkout at ``root``; ``(None, False)`` outside git."""
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=20)
+        if sha.returncode != 0:
+            return None, False
+        if subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                          text=True, timeout=20).stdout.strip() != str(root.resolve()):
+            return None, False  # root is a folder inside another repository (e.g. a test's temporary copy)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+        return sha.stdout.strip(), bool(dirty)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, False
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{seconds:.1f} s"
+
+
+def provenance_markdown(chapter: Chapter, info: dict[str, Any]) -> str:
+    """The box under a chapter's title. ``info``: profile, overrides, commit, dirty, versions, probe (the
+    kernel's machine), seconds, finished (UTC ISO time), input_hash."""
+    probe = info.get("probe") or {}
+    commit = info.get("commit")
+    commit_txt = (f"`{commit[:12]}`" + (" with local changes" if info.get("dirty") else "")) if commit \
+        else "unknown (not run from a git checkout)"
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    if probe:
+        dev = probe["device"] + (f" ({probe['gpu']}, {probe['gpus']} visible)" if probe.get("gpu") else "")
+        precision = probe.get("default_dtype", "torch.float32").replace("torch.", "")
+        if probe.get("bf16_autocast"):
+            precision += f", bf16 autocast on {', '.join(probe['bf16_autocast'])} (precision/amp 'auto' chose it)"
+        elif probe["device"].startswith("cuda"):
+            precision += ", autocast per recipe (amp 'auto': bf16 where supported)"
+        else:
+            precision += ", no autocast"
+        threads = f"{probe['threads']} torch thread" + ("s" if probe["threads"] != 1 else "")
+        machine = f"{probe['cpu']} ({probe['machine']}, {probe['cores']} cores), {threads}, device {dev}"
+    else:
+        machine, precision = "unknown (the probe cell did not report)", "unknown"
+    overrides = " ".join(f"-p {o}" for o in info.get("overrides", ()))
+    n = chapter.number
+    micro = f"make install-locked && .venv/bin/python -m ovlib.book run --profile micro --only {n} --force"
+    paper = (f".venv/bin/jupytext --to ipynb notebooks/{chapter.name}.py -o /tmp/{chapter.name}.ipynb && "
+             f".venv/bin/papermill /tmp/{chapter.name}.ipynb {chapter.name}.paper.ipynb -f params/paper.yaml --cwd .")
+    rows = [
+        ("profile", f"`{info['profile']}`" + (f" with `{overrides}`" if overrides else "")),
+        ("commit", commit_txt + (f"; inputs `{info['input_hash'][:12]}` (sha256 of notebook, parameters, ovlib)"
+                                 if info.get("input_hash") else "")),
+        ("packages", versions),
+        ("machine", machine),
+        ("precision", precision),
+        ("wall time", f"{_duration(info['seconds'])} (finished {info['finished']})"),
+        ("reproduce, micro", f"`{micro}`"),
+        ("reproduce, paper", f"`{paper}` (GPU machines, COCO under `data/coco`)"),
+    ]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (":::{admonition} How this page was made\n:class: note ovbook-provenance\n"
+            "Written by the book's runner (`python -m ovlib.book run`) when it executed this chapter.\n\n"
+            f"| | |\n|---|---|\n{body}\n:::")
+
+
+def _title_index(cells: list) -> int:
+    """Index after the first markdown cell holding a level-1 heading (0 when there is none)."""
+    for i, c in enumerate(cells):
+        if c.cell_type == "markdown" and re.search(r"^# ", c.source, re.MULTILINE):
+            return i + 1
+    return 0
+
+
+def _prepare(nb, repo_url: str, ref: str) -> None:
+    """Before execution: the Colab cell under the title, the probe cell at the end."""
+    import nbformat
+
+    colab = nbformat.v4.new_code_cell(colab_setup_source(repo_url, ref))
+    colab.metadata["tags"] = [COLAB_TAG, "remove-cell"]
+    nb.cells.insert(_title_index(nb.cells), colab)
+    probe = nbformat.v4.new_code_cell(PROBE_SOURCE)
+    probe.metadata["tags"] = [PROBE_TAG, "remove-cell"]
+    nb.cells.append(probe)
+
+
+def _pop_probe(nb) -> dict[str, Any]:
+    """Remove the probe cell; its report (empty when it did not print one)."""
+    found: dict[str, Any] = {}
+    keep = []
+    for c in nb.cells:
+        if PROBE_TAG in c.get("metadata", {}).get("tags", []):
+            for o in c.get("outputs", []):
+                for line in str(o.get("text", "")).splitlines():
+                    if line.startswith(PROBE_MARK):
+                        found = json.loads(line[len(PROBE_MARK):])
+            continue
+        keep.append(c)
+    nb.cells = keep
+    return found
+
+
+def add_provenance(chapter: Chapter, info: dict[str, Any]) -> None:
+    """Replace the executed notebook's probe cell by the provenance box under its title."""
+    import nbformat
+
+    nb = nbformat.read(chapter.output, as_version=4)
+    info = {**info, "probe": _pop_probe(nb)}
+    nb.cells = [c for c in nb.cells if PROVENANCE_TAG not in c.get("metadata", {}).get("tags", [])]
+    box = nbformat.v4.new_markdown_cell(provenance_markdown(chapter, info))
+    box.metadata["tags"] = [PROVENANCE_TAG]
+    i = _title_index(nb.cells)
+    if i:  # right under the heading: the rest of the title cell moves to a cell of its own, after the box
+        title = nb.cells[i - 1]
+        head = re.search(r"^# .*$", title.source, re.MULTILINE)
+        rest = title.source[head.end():].strip("\n")
+        if rest.strip():
+            title.source = title.source[:head.end()]
+            nb.cells.insert(i, nbformat.v4.new_markdown_cell(rest))
+    nb.cells.insert(i, box)
+    atomic_write_text(nbformat.writes(nb), chapter.output)
+
+
 def _failure_report(chapter: Chapter, err: Exception) -> str:
     """Chapter, failing cell source and traceback (from the partial notebook when papermill wrote one)."""
     lines = [f"chapter {chapter.name} failed: {type(err).__name__}"]
@@ -232,8 +443,11 @@ def _failure_report(chapter: Chapter, err: Exception) -> str:
     return "\n".join(lines)
 
 
-def execute(chapter: Chapter, params: dict[str, Any], kernel: str = "python3") -> None:
-    """Convert with jupytext and execute with papermill into ``book/NN_name.ipynb`` (cwd = project root)."""
+def execute(chapter: Chapter, params: dict[str, Any], kernel: str = "python3", ref: str | None = None) -> None:
+    """Convert with jupytext and execute with papermill into ``book/NN_name.ipynb`` (cwd = project root).
+
+    The notebook gets the Colab cell (cloning at ``ref``, default the configured branch) and the probe cell that
+    :func:`add_provenance` turns into the provenance box."""
     import jupytext
     import nbformat
     import papermill as pm
@@ -241,6 +455,8 @@ def execute(chapter: Chapter, params: dict[str, Any], kernel: str = "python3") -
     nb = jupytext.read(chapter.source)
     if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
         raise BookError(f"{chapter.source} has no cell tagged 'parameters' (# %% tags=[\"parameters\"])")
+    repo_url, branch = repository(chapter.root)
+    _prepare(nb, repo_url, ref or branch)
     work = chapter.root / BOOK_DIR / "_work"
     work.mkdir(parents=True, exist_ok=True)
     src_ipynb = work / f"{chapter.name}.ipynb"
@@ -272,6 +488,8 @@ def run(
     root = Path(root).resolve()
     params = params_lib.resolve(profile, list(overrides), root=root)
     todo = select(chapters(root), only)
+    commit, dirty = git_commit(root)
+    versions = package_versions()
     results: list[Result] = []
     print(f"ovbook: profile {profile}, {len(todo)} chapter(s)", file=out, flush=True)
     for i, ch in enumerate(todo, 1):
@@ -283,14 +501,17 @@ def run(
         print(f"[{i}/{len(todo)}] {ch.name}: running ...", file=out, flush=True)
         t0 = time.perf_counter()
         try:
-            execute(ch, params)
+            execute(ch, params, ref=commit)
+            dt = time.perf_counter() - t0
+            add_provenance(ch, dict(profile=profile, overrides=list(overrides), commit=commit, dirty=dirty,
+                                    versions=versions, seconds=dt, input_hash=digest,
+                                    finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
         except Exception as e:  # papermill.PapermillExecutionError, kernel death, BookError
             dt = time.perf_counter() - t0
             results.append(Result(ch.name, "failed", dt, f"{type(e).__name__}"))
             print(_failure_report(ch, e), file=out, flush=True)
             ch.stamp.unlink(missing_ok=True)
             break
-        dt = time.perf_counter() - t0
         atomic_write_text(json.dumps({"hash": digest, "profile": profile, "seconds": round(dt, 2)}), ch.stamp)
         results.append(Result(ch.name, "ok", dt))
         print(f"[{i}/{len(todo)}] {ch.name}: ok in {dt:.1f} s", file=out, flush=True)
@@ -450,6 +671,48 @@ def _vendored_config(root: Path, vendor_dir: Path) -> Path:
     return path
 
 
+#: The branch the Pages workflow (.github/workflows/book.yml) pushes the published ``_sources/`` to: Colab opens
+#: notebooks from GitHub only, so its button opens the executed notebook there.
+NOTEBOOKS_BRANCH = "executed-notebooks"
+
+
+def launch_targets(root: Path, chapter: Chapter) -> dict[str, str]:
+    """Where each launch / download button of ``chapter``'s page must lead (paths relative to the repository
+    after ``binder/postBuild``, to the :data:`NOTEBOOKS_BRANCH` tree, and to ``_build/html``)."""
+    repo_url, _ = repository(root)
+    org_repo = repo_url.split("github.com/", 1)[-1]
+    return {
+        "binder": f"{NOTEBOOK_DIR}/{chapter.name}.ipynb",
+        "colab": f"https://colab.research.google.com/github/{org_repo}/blob/{NOTEBOOKS_BRANCH}/"
+                 f"{BOOK_DIR}/{chapter.name}.ipynb",
+        "download": f"_sources/{BOOK_DIR}/{chapter.name}.ipynb",
+    }
+
+
+def fix_launch_links(root: Path, html_dir: Path) -> list[str]:
+    """Point each chapter page's Binder button at ``notebooks/NN_name.ipynb`` (the theme points it at the executed
+    ``book/NN_name.ipynb``, which git ignores) and its Colab button at :data:`NOTEBOOKS_BRANCH`. Returns the
+    problems: a chapter page whose buttons were not where the theme puts them."""
+    _, branch = repository(root)
+    problems = []
+    for ch in chapters(root):
+        page = html_dir / BOOK_DIR / f"{ch.name}.html"
+        if not page.is_file():
+            continue  # reported by the build itself
+        text = page.read_text()
+        want = launch_targets(root, ch)
+        # the theme writes `<path_to_book>/book/NN_name.ipynb` (path_to_book "." gives "./book/...")
+        new = re.sub(rf'urlpath=lab/tree/[^"?&]*?{BOOK_DIR}/{re.escape(ch.name)}\.ipynb',
+                     f"urlpath=lab/tree/{want['binder']}", text)
+        new = re.sub(rf'https://colab\.research\.google\.com/github/[^"]*?/blob/{re.escape(branch)}/'
+                     rf'[^"]*?{BOOK_DIR}/{re.escape(ch.name)}\.ipynb', want["colab"], new)
+        if f"lab/tree/{want['binder']}" not in new or want["colab"] not in new:
+            problems.append(f"{page}: no Binder/Colab button to point at {want['binder']} / {want['colab']}")
+        if new != text:
+            atomic_write_text(new, page)
+    return problems
+
+
 def build(root: Path | str = ".", out=sys.stdout, vendor_dir: Path | str | None = None) -> int:
     """``jupyter-book build .``; non-zero when it fails or reports broken content.
 
@@ -485,6 +748,8 @@ def build(root: Path | str = ".", out=sys.stdout, vendor_dir: Path | str | None 
         for f in dist.iterdir() if dist.is_dir() else ():
             if f.suffix in (".woff", ".woff2", ".ttf", ".eot", ".svg"):
                 shutil.copy2(f, fonts / f.name)
+    if index.is_file():
+        bad += fix_launch_links(root, root / "_build" / "html")
     if proc.returncode != 0 or bad or not index.is_file():
         print(log[-20000:], file=out)
         if bad:

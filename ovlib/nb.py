@@ -9,6 +9,8 @@ Plain functions, no state; a chapter imports them instead of re-defining them::
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 
 from ovlib import config
 
-__all__ = ["setup", "resolve_device", "md", "table", "ci", "ci_signed", "ms"]
+__all__ = ["setup", "to_project_root", "resolve_device", "md", "table", "ci", "ci_signed", "ms"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -26,9 +28,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def to_project_root() -> Path | None:
+    """A chapter opened from ``notebooks/`` (JupyterLab, Binder) runs there, but its paths (``data_root``,
+    ``cache_dir``, ``params/``) are relative to the project root, where the book's runner executes it: change to
+    that root. Returns the new working directory, or ``None`` when nothing changed."""
+    cwd = Path.cwd()
+    root = cwd.parent
+    if cwd.name == "notebooks" and (root / "_toc.yml").is_file() and (root / "params").is_dir():
+        os.chdir(root)
+        return root
+    return None
+
+
 def setup(namespace: Mapping[str, Any]) -> tuple[dict, torch.device]:
     """Validate the contract keys of a notebook's parameters cell (``globals()``), seed torch with ``P["seed"]``
-    and resolve the device. A missing key is a :class:`ovlib.config.ParamError` naming it."""
+    and resolve the device. A missing key is a :class:`ovlib.config.ParamError` naming it. A chapter opened from
+    ``notebooks/`` works from the project root (:func:`to_project_root`)."""
+    moved = to_project_root()
+    if moved is not None:
+        print(f"working directory: {moved} (the project root, as the book's runner uses)")
     missing = [k for k in config.PARAMS if k not in namespace]
     if missing:
         raise config.ParamError(f"the parameters cell lacks the contract key(s) {missing}")

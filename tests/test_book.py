@@ -157,3 +157,55 @@ def test_every_toc_chapter_executes_with_smoke_profile_and_the_book_builds(tmp_p
     for ch in book.chapters(root):
         assert (html / "book" / f"{ch.name}.html").is_file()
     smoke_book.record(root)  # tests/test_browser.py reads this build in a real browser
+
+
+@pytest.mark.book
+def test_chapter_pages_launch_and_download_notebooks_that_exist(tmp_path, repo_root):
+    """Every chapter page of the smoke book built above: its Binder button opens a notebook that exists in the
+    repository after binder/postBuild (run here on a copy of notebooks/), its Colab button the executed notebook
+    the Pages workflow publishes (``_sources/`` of the built site, pushed to book.NOTEBOOKS_BRANCH), its download
+    button the executed .ipynb in _build/html; and its provenance box is under the title."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from urllib.parse import urljoin
+
+    root = smoke_book.built_root()
+    if root is None:
+        pytest.skip("no smoke book built in this session (run with test_every_toc_chapter_executes_...)")
+    # binder/postBuild's jupytext step, as repo2docker runs it (in the repository root)
+    repo = tmp_path / "repo"
+    shutil.copytree(repo_root / "notebooks", repo / "notebooks")
+    steps = [ln for ln in (repo_root / "binder" / "postBuild").read_text().splitlines() if ln.startswith("jupytext ")]
+    assert steps, "binder/postBuild no longer pairs the notebooks with jupytext"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for step in steps:
+        subprocess.run(["bash", "-c", step], cwd=repo, env=env, check=True, capture_output=True)
+    html = root / "_build" / "html"
+    for ch in book.chapters(root):
+        page = html / "book" / f"{ch.name}.html"
+        text = page.read_text()
+        binder = re.findall(r'href="(https://mybinder\.org/v2/gh/[^"]+)"', text)
+        colab = re.findall(r'href="(https://colab\.research\.google\.com/github/[^"]+)"', text)
+        download = re.findall(r'href="([^"]*_sources/[^"]+\.ipynb)"', text)
+        assert len(binder) == 1 and len(colab) == 1 and len(download) == 1, (ch.name, binder, colab, download)
+        target = binder[0].split("?urlpath=lab/tree/", 1)[1]
+        assert (repo / target).is_file(), f"{ch.name}: Binder opens {target}, absent after binder/postBuild"
+        assert nbformat.read(repo / target, as_version=4).cells, target
+        published = colab[0].split(f"/blob/{book.NOTEBOOKS_BRANCH}/", 1)[1]
+        assert (html / "_sources" / published).is_file(), f"{ch.name}: Colab opens {published}, not published"
+        local = Path(urljoin(page.as_uri(), download[0]).removeprefix("file://"))
+        assert local.is_file(), f"{ch.name}: download {download[0]} -> {local} missing"
+        executed = nbformat.read(local, as_version=4)
+        assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), f"{local} not executed"
+        # the provenance box and the Colab cell, where the runner put them
+        tags = [c.metadata.get("tags", []) for c in executed.cells]
+        box = [i for i, t in enumerate(tags) if book.PROVENANCE_TAG in t]
+        colab_cells = [i for i, t in enumerate(tags) if book.COLAB_TAG in t]
+        assert len(box) == 1 and len(colab_cells) == 1 and box[0] < colab_cells[0], (ch.name, box, colab_cells)
+        assert not any(book.PROBE_TAG in t for t in tags), f"{ch.name}: the probe cell was left in"
+        shown = re.sub(r"<[^>]+>", "", text)  # the page's text
+        assert "How this page was made" in shown, f"{ch.name}: no provenance box"
+        assert f"--profile micro --only {ch.number} --force" in shown and "-f params/paper.yaml" in shown
+        assert re.search(r"wall time\s*\d", shown), f"{ch.name}: no wall time in the box"

@@ -51,11 +51,10 @@ def missing() -> str | None:
     try:
         import playwright  # noqa: F401
     except ImportError:
-        return (
-            "the Python package 'playwright' is not installed (.ci/run installs it: pip install playwright)"
-        )
+        return "the Python package 'playwright' is not installed (the test extra has it: pip install -e '.[test]')"
     if chromium() is None:
-        return "no Chromium executable (.ci/run installs Debian's: apt-get install chromium)"
+        return ("no Chromium executable: install Debian's (apt-get install chromium; .ci/run does) or set "
+                "OVBOOK_CHROMIUM to a Chromium binary")
     return None
 
 

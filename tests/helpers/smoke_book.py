@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 BUILT: dict[str, Path] = {}
+#: why the session fixture ``book_vendor`` (tests/conftest.py) could not vendor the book's JavaScript
+VENDOR_PROBLEM: list[str] = []
 
 
 def record(root: Path) -> None:
