@@ -137,12 +137,19 @@ def checksum(out: torch.Tensor) -> dict[str, Any]:
 
 def cases() -> dict[str, dict[str, Any]]:
     """``key -> dense_features kwargs`` for the modes and presets present in ovlib now."""
-    from ovlib.models.dense import DENSE_MODES, PRESETS
+    from ovlib.models.dense import DENSE_MODES, PRESETS, VFM_MODES
 
     out: dict[str, dict[str, Any]] = {m: {"mode": m} for m in DENSE_MODES}
     out.update({f"preset:{k}": dict(v) for k, v in PRESETS.items()})
     out[f"x+v@{INTERP_SIZE}px"] = {"mode": "x+v", "_size": INTERP_SIZE}
+    # VFM-assisted modes (ProxyCLIP) take fixed VFM patch features on a grid of their own
+    out.update({m: {"mode": m, "_vfm": True} for m in VFM_MODES})
     return out
+
+
+def fixed_vfm_features() -> torch.Tensor:
+    g = torch.Generator().manual_seed(20261204)
+    return torch.randn(BATCH, 16, 4, 4, generator=g)  # (B, C', h', w'): a VFM grid unlike the CLIP's
 
 
 def compute(towers: dict[str, tuple[Callable[[], nn.Module], int]] | None = None) -> dict[str, Any]:
@@ -156,6 +163,8 @@ def compute(towers: dict[str, tuple[Callable[[], nn.Module], int]] | None = None
         for cname, kwargs in cases().items():
             kw = dict(kwargs)
             size = kw.pop("_size", IMAGE_SIZE)
+            if kw.pop("_vfm", False):
+                kw["vfm_features"] = fixed_vfm_features()
             try:
                 with torch.no_grad():
                     out = dense_features(visual, fixed_images(size), normalize=False, **kw)
