@@ -1,6 +1,6 @@
 """Evaluation protocols, one function per protocol, usable on the micro world and on real COCO.
 
-* :mod:`ovlib.eval.metrics` -- mean per-class accuracy, confusion-matrix mIoU/mAcc, bootstrap intervals;
+* :mod:`ovlib.eval.metrics` -- mean per-class accuracy, confusion-matrix mIoU/mAcc (intervals: :mod:`ovlib.stats`);
 * :mod:`ovlib.eval.text` -- prompt templates (ViLD's 63, the micro world's) and class embeddings, synonyms;
 * :mod:`ovlib.eval.region_cls` -- zero-shot region classification (rois / maskpool / crops; CLIPSelf);
 * :mod:`ovlib.eval.segmentation` -- MaskCLIP-style sliding-window OVSS and the k-means diagnostic;
@@ -8,7 +8,7 @@
 """
 
 from .affinity import affinity_map, pixel_to_cell
-from .metrics import (bootstrap_ci, confusion_matrix, iou_acc_from_confusion, macc_from_counts,
+from .metrics import (confusion_matrix, iou_acc_from_confusion, macc_from_counts,
                       mean_class_accuracy, miou_from_confusion, topk_hits)
 from .region_cls import RegionClsConfig, RegionFeatures, extract_region_features, score_regions, summarize
 from .segmentation import OVSSConfig, evaluate_kmeans, evaluate_ovss, sliding_logits
@@ -16,7 +16,7 @@ from .text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_templat
 from .unsupervised import hungarian_miou, kmeans_labels
 
 __all__ = [
-    "affinity_map", "pixel_to_cell", "bootstrap_ci", "confusion_matrix", "iou_acc_from_confusion",
+    "affinity_map", "pixel_to_cell", "confusion_matrix", "iou_acc_from_confusion",
     "macc_from_counts", "mean_class_accuracy", "miou_from_confusion", "topk_hits", "RegionClsConfig",
     "RegionFeatures", "extract_region_features", "score_regions", "summarize", "OVSSConfig", "evaluate_kmeans",
     "evaluate_ovss", "sliding_logits", "MICRO_TEMPLATES", "VILD_TEMPLATES", "class_name_sets", "fill_template",

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ovlib.eval._common import category_index, dataset_indices, normalize_images, student_image
-from ovlib.eval.metrics import bootstrap_ci, macc_from_counts, per_class_counts, topk_hits
+from ovlib.eval.metrics import macc_from_counts, per_class_counts, topk_hits
 from ovlib.train.pretrain import _quiet
+from ovlib.stats import bootstrap_ci
 
 __all__ = ["RegionClsConfig", "RegionFeatures", "region_masks_at_grid", "extract_region_features",
            "score_regions", "summarize", "PREDICTORS"]

@@ -28,9 +28,8 @@ counts as 0 under the protocol that predicts it; ``n_classes`` then differs betw
 
 Also here (chapter 4): :func:`synonym_map_stats` / :func:`synonym_attention_consistency` measure the
 phenomenon SynCLIP starts from -- how much an object's cosine map ("attention") changes when its name is
-replaced by a synonym; :func:`bootstrap_diff` gives the interval of a difference between two trained
-variants, resampling the evaluation images (paired) and each variant's training seeds (with one run per
-variant it equals :func:`ovlib.eval.students.paired_diff_ci`; :func:`ovlib.eval.students.verdict` reads it).
+replaced by a synonym; the differences between trained variants are judged by
+:func:`ovlib.stats.compare` (seeds, then images).
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ __all__ = [
     "EXTRA_PROTOCOLS",
     "PROTOCOLS",
     "SEEDED",
-    "bootstrap_diff",
     "class_ids",
     "class_splits",
     "drop_table",
@@ -358,48 +356,3 @@ def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tenso
     out: dict[str, Any] = {k: (np.asarray(v) if k != "split" else list(v)) for k, v in rec.items()}
     out["class_text"] = class_text
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Comparing two trained variants over seeds and evaluation images
-# ---------------------------------------------------------------------------------------------------------
-def bootstrap_diff(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray],
-                   statistic: Callable[[np.ndarray], float], n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float, float]:
-    """``(point, low, high)`` of ``mean_r statistic(b_r) - mean_r statistic(a_r)`` over runs (training seeds).
-
-    ``a_runs``/``b_runs``: one ``(N, ...)`` per-image array per run (e.g. region counts ``(N, 1 + K, C)`` or
-    confusion matrices ``(N, C, C)``), the **same N images** for every run; ``statistic`` maps a sum over
-    images to a number (as :func:`ovlib.eval.metrics.bootstrap_ci`). Each bootstrap replicate draws the images
-    once with replacement (paired: the same draw for every run of both variants) and, independently for each
-    variant, its runs with replacement; the interval is the percentile interval of the replicate differences
-    (replicates with a ``nan`` statistic are dropped). With one run per variant this is the paired image
-    bootstrap; with several it also carries the seed-to-seed variation (crudely, for 3 seeds).
-    """
-    if not a_runs or not b_runs:
-        raise ValueError("bootstrap_diff needs at least one run per variant")
-    runs = [np.asarray(x, dtype=np.float64) for x in list(a_runs) + list(b_runs)]
-    n = runs[0].shape[0]
-    if any(r.shape != runs[0].shape for r in runs):
-        raise ValueError(f"bootstrap_diff: every run needs the same per-image shape; got {[r.shape for r in runs]}")
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    na = len(a_runs)
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (n_boot, N)
-    point_stats = np.array([statistic(r.sum(0)) for r in runs])
-    boot = np.empty((len(runs), n_boot))
-    for i, r in enumerate(runs):
-        sums = (w @ r.reshape(n, -1)).reshape((n_boot,) + r.shape[1:])
-        boot[i] = [statistic(x) for x in sums]
-    cols = np.arange(n_boot)[:, None]
-    ia = rng.integers(0, na, size=(n_boot, na))
-    ib = na + rng.integers(0, len(runs) - na, size=(n_boot, len(runs) - na))
-    diff = boot[ib, cols].mean(1) - boot[ia, cols].mean(1)  # (n_boot,)
-    point = float(point_stats[na:].mean() - point_stats[:na].mean())
-    diff = diff[np.isfinite(diff)]
-    if diff.size == 0:
-        return point, float("nan"), float("nan")
-    q = (1.0 - level) / 2.0
-    lo, hi = np.quantile(diff, [q, 1.0 - q])
-    return point, float(lo), float(hi)

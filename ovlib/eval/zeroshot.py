@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ovlib.eval._common import category_index, normalize_images
-from ovlib.eval.metrics import bootstrap_ci, macc_from_counts, topk_hits
+from ovlib.eval.metrics import macc_from_counts, topk_hits
+from ovlib.stats import bootstrap_ci
 
 __all__ = ["isolated_objects", "zero_shot_hits", "zero_shot_summary"]
 

@@ -707,7 +707,8 @@ def evaluate_synseg(model: SynSeg, dataset: Sequence, text: torch.Tensor, class_
     of :mod:`ovlib.eval.segmentation`. Returns evaluate_ovss's dict (``miou``, ``macc``, ``confusion``,
     ``iou``); with ``thresholds`` (background mode), ``{threshold: that dict}`` from one inference pass."""
     from ovlib.eval._common import category_index, dataset_indices
-    from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_confusion, miou_from_confusion
+    from ovlib.eval.metrics import confusion_matrix, iou_acc_from_confusion, miou_from_confusion
+    from ovlib.stats import bootstrap_ci
     from ovlib.eval.segmentation import _resized
     from ovlib.train.pretrain import _quiet
 
@@ -747,7 +748,8 @@ def evaluate_synseg(model: SynSeg, dataset: Sequence, text: torch.Tensor, class_
 
 # --------------------------------------------------------------------------------------------- all protocols
 def _protocol_summary(cs: list[np.ndarray], C: int, n_boot: int, seed: int) -> dict[str, Any]:
-    from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion, miou_from_confusion
+    from ovlib.eval.metrics import iou_acc_from_confusion, miou_from_confusion
+    from ovlib.stats import bootstrap_ci
 
     arr = np.stack(cs) if cs else np.zeros((0, C, C), np.int64)
     return {"miou": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
