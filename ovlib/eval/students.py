@@ -50,9 +50,11 @@ METRICS = ("boxes.top1", "boxes.top5", "thing.top1", "thing.top5", "stuff.top1",
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = ()) -> str:
+def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = (),
+            extra: Mapping[str, Any] | None = None) -> str:
     """Hash of everything a run's weights depend on: the resolved DistillConfig (minus bookkeeping fields) and,
-    for a micro backbone without a ``pretrained`` file, the micro CLIP pre-training config of the profile."""
+    for a micro backbone without a ``pretrained`` file, the micro CLIP pre-training config of the profile;
+    ``extra`` (e.g. the backbone checkpoint's hash and the data manifest, :mod:`ovlib.study`) joins the key."""
     from ovlib.io import config_hash
     from ovlib.models import MICRO_CLIP_CONFIGS
     from ovlib.train.recipes import distill_config
@@ -67,6 +69,8 @@ def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any]
         key["_clip_pretrain"] = dataclasses.asdict(clip_cfg)
         if cfg.vfm:
             key["_vfm_pretrain"] = dataclasses.asdict(vfm_cfg)
+    if extra:
+        key["_extra"] = dict(extra)
     return config_hash(key)
 
 
@@ -86,7 +90,7 @@ def _train_seconds(out_dir: Path) -> float:
 
 
 def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any], root: str | Path,
-                  name: str) -> dict[str, Any]:
+                  name: str, key_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train ``method`` with ``overrides`` into ``root/<name>-<run_key>`` (``name`` with characters other than
     letters, digits, ``.``, ``_``, ``-`` replaced by ``_``) or load the finished run there.
 
@@ -95,7 +99,7 @@ def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str
     from ovlib.train.launch import launch
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or method  # a portable directory name
-    out = Path(root) / f"{safe}-{run_key(params, method, overrides)}"
+    out = Path(root) / f"{safe}-{run_key(params, method, overrides, key_extra)}"
     done = (out / "results.json").is_file() and (out / "ensemble-final.pt").is_file()
     res = launch(params, method, overrides, out_dir=str(out))
     return {**res, "name": name, "method": method, "train_s": _train_seconds(out), "trained_now": not done}
