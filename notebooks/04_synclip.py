@@ -77,11 +77,10 @@ from ovlib.eval import (
     text_embeddings,
 )
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
-from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion, macc_from_counts
+from ovlib.eval.metrics import iou_acc_from_confusion, macc_from_counts
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.students import load_student, train_or_load, verdict
+from ovlib.eval.students import load_student, train_or_load
 from ovlib.eval.synonyms import (
-    bootstrap_diff,
     class_splits,
     drop_table,
     ovss_synonym_robustness,
@@ -91,6 +90,8 @@ from ovlib.eval.synonyms import (
 from ovlib.methods.synclip import READINGS, huber_kl_loss, l2_row_loss, sar_aggregate, semantic_texts
 from ovlib.models import patch_correlation
 from ovlib.models.dense import PRESETS
+from ovlib.stats import Comparison, Sample, bootstrap_ci
+from ovlib.study import Study
 from ovlib.train.launch import build_models
 from ovlib.train.recipes import distill_config
 
@@ -98,7 +99,8 @@ from ovlib.train.recipes import distill_config
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
-SEEDS = list(range(P["seeds"]))
+study = Study(P, "04", device=DEV)  # claims, verdicts and the ledger (book/claims/04.json)
+SEEDS = study.seeds
 RUN_ROOT = Path(P["cache_dir"]) / "runs" / "04_synclip"
 
 # Profile-dependent sizes of this chapter (the micro budget is 25 min on 2 CPU cores, see 4.4).
@@ -579,12 +581,12 @@ md(f"{len(EVALS)} models evaluated in {t_eval:.0f} s "
 
 # %% [markdown]
 # **Metrics.** A metric is a statistic of per-image arrays summed over images, so one bootstrap serves
-# every table: the *per-seed* value is the statistic of the full sum, tables show mean ± std over seeds,
-# and comparisons (`ovlib.eval.synonyms.bootstrap_diff`) resample the evaluation images (paired across
-# models) and each variant's seeds, giving a 95 % interval of the difference. A **verdict** "holds" when
-# that interval lies on the claimed side of 0, "reversed" when it lies on the other, else "not resolved"
-# (also when fewer than 5 images or objects were resampled: `ovlib.eval.students.verdict`); a resolved
-# difference smaller than 0.5 points (0.01 for the map statistics) is flagged negligible.
+# every table: the *per-seed* value is the statistic of the full sum, tables show mean ± std over seeds.
+# Comparisons follow the book's one rule (`ovlib.stats.compare`): with >= 2 seeds per side the seeds decide
+# (paired t-test, the interval a hierarchical bootstrap over seeds, then images); with one seed the
+# comparison is *indicative* (image noise only: shown, not counted); the headline claims are
+# Holm–Bonferroni corrected. A resolved difference smaller than 0.5 points (0.01 for the map statistics) is
+# flagged negligible.
 
 # %%
 ALL = np.ones(len(class_ids), dtype=bool)
@@ -664,17 +666,29 @@ def evs(name, kind="main"):
     return [EVALS[k] for k in EVALS if k[0] == name and k[1] == kind]
 
 
+def seed_sample(name, arrays, f, seeds=None):
+    """One side of a comparison: per-seed arrays of a trained row, or the frozen micro CLIP (fixed)."""
+    if name == "micro CLIP":
+        return Sample((arrays[0],), f, fixed=True)
+    return Sample(tuple(arrays), f, tuple(seeds if seeds is not None else SEEDS[:len(arrays)]), order="eval")
+
+
 def compare(a, b, metric, protocol=None, kind_a="main", kind_b="main"):
-    """(b - a, low, high, n images): the metric's difference (protocol None) or its synonym drop's, with the
-    interval of ``bootstrap_diff`` (images paired, seeds resampled)."""
-    ra, rb = [], []
-    for ev_list, out in ((evs(a, kind_a), ra), (evs(b, kind_b), rb)):
-        for ev in ev_list:
-            arr, f = per_image(ev, metric) if protocol is None else drop_array(ev, metric, protocol)
+    """The two sides of ``b - a`` on the metric (protocol None) or on its synonym drop, as ``ovlib.stats``
+    Samples (None when a side was not evaluated); :func:`claim` judges them (seeds decide)."""
+    sides = []
+    for name, kind in ((a, kind_a), (b, kind_b)):
+        keys = [k for k in EVALS if k[0] == name and k[1] == kind]
+        arrs, f = [], None
+        for k in keys:
+            arr, f = per_image(EVALS[k], metric) if protocol is None else drop_array(EVALS[k], metric, protocol)
             if arr is None:
-                return (float("nan"),) * 3 + (0,)
-            out.append(arr)
-    return (*bootstrap_diff(ra, rb, f, n_boot=EV.n_boot, seed=P["seed"]), len(ra[0]))
+                return None
+            arrs.append(np.asarray(arr, dtype=np.float64))
+        if not arrs:
+            return None
+        sides.append(seed_sample(name, arrs, f, [k[2] for k in keys]))
+    return tuple(sides)
 
 
 VERDICTS = []
@@ -682,14 +696,24 @@ DISPLAY = {"SSA+SAR": "SynCLIP (SSA+SAR)"}
 NEGLIGIBLE = 0.5  # points of accuracy / IoU: a resolved difference smaller than this is flagged negligible
 
 
-def claim(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE):
-    """One verdict row from ``(diff, low, high, n units)`` (``ovlib.eval.students.verdict``: fewer than 5
-    resampled units resolve nothing)."""
-    pt, lo, hi, n = res
-    v = verdict(pt, lo, hi, expected=1 if expected == "higher" else -1, n=n)
-    if v in ("holds", "reversed") and abs(pt) < negligible:
+def claim(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE, headline=False, paper_ref=None):
+    """One verdict row: ``res`` = the two Samples of :func:`compare` (judged by ``ovlib.stats.compare``) or a
+    ready :class:`ovlib.stats.Comparison`; recorded in the chapter's ledger."""
+    cid = f"4-{len(study.claims)}-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70]
+    sign = 1 if expected == "higher" else -1
+    if res is None:
+        VERDICTS.append([text, paper, "–", "not evaluated"])
+        return None
+    if isinstance(res, Comparison):
+        c = study.add_claim(cid, text, res, headline=headline, paper_ref=paper_ref)
+    else:
+        c = study.claim(cid, text, res[0], res[1], "", sign, headline=headline, paper_ref=paper_ref)
+    k = c.comparison
+    v = f"indicative ({k.indication})" if k.kind == "indicative" else c.verdict
+    if v in ("holds", "reversed") and abs(k.delta) < negligible:
         v += f" (|Δ| < {negligible:g}: negligible)"
-    VERDICTS.append([text, paper, ci((pt, lo, hi), digits), v])
+    VERDICTS.append([text, paper, k.describe(digits), v])
+    return c
 
 # %% [markdown]
 # ## 4.6 Main table: CLIP, DeCLIP, SynCLIP
@@ -714,10 +738,12 @@ for a, b, metric, txt, paper in (
         ("micro CLIP", "DeCLIP", "boxes novel", "DeCLIP distillation improves novel boxes over the CLIP",
          "— (the premise of the method family)"),
         ("DeCLIP", "SSA+SAR", "boxes novel", "SynCLIP > DeCLIP on novel boxes (original names)", "+2.5 AP50 novel"),
+        # (headline: the paper's main result; book/paper_numbers.yaml synclip.main.ssa_sar)
         ("DeCLIP", "SSA+SAR", "boxes base", "SynCLIP > DeCLIP on base boxes", "—"),
         ("DeCLIP", "SSA+SAR", "stuff masks", "SynCLIP > DeCLIP on stuff masks", "—"),
         ("DeCLIP", "SSA+SAR", "OVSS mIoU", "SynCLIP > DeCLIP on OVSS mIoU", "— (not reported)")):
-    claim(txt, paper, compare(a, b, metric))
+    claim(txt, paper, compare(a, b, metric), headline=(a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel"),
+          paper_ref="synclip.main.ssa_sar" if (a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel") else None)
 claim("the student's global zero-shot is lower than the CLIP's (SynCLIP)", "— (teacher kept for image level)",
       compare("micro CLIP", "SSA+SAR", "global zero-shot"), expected="lower")
 claim("the student's global zero-shot is lower than the CLIP's (DeCLIP)", "—",
@@ -759,7 +785,8 @@ HEAD = [p for p in ("synonym_ensemble", "heldout_synonym", "random_synonym") if 
 n0 = len(VERDICTS)
 for p in HEAD:
     claim(f"SynCLIP's novel-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's",
-          "−4.4 vs −9.5 (AP50 novel)", compare("DeCLIP", "SSA+SAR", "boxes novel", p))
+          "−4.4 vs −9.5 (AP50 novel)", compare("DeCLIP", "SSA+SAR", "boxes novel", p),
+          headline=p == HEAD[0], paper_ref="synclip.syn.drop" if p == HEAD[0] else None)
     claim(f"SynCLIP's base-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "−0.6 vs −2.2",
           compare("DeCLIP", "SSA+SAR", "boxes base", p))
     if any(k[0] == p for k in OVSS_KEYS):
@@ -767,8 +794,10 @@ for p in HEAD:
               compare("DeCLIP", "SSA+SAR", "OVSS mIoU", p))
 for p in HEAD:
     arr, f = drop_array(evs("micro CLIP")[0], "boxes novel", p)
+    pt, lo, hi = bootstrap_ci(arr, f, n_boot=EV.n_boot, seed=P["seed"])  # the frozen CLIP: images are the units
     claim(f"the CLIP's own novel-box accuracy drops under {PROTO_LABEL[p]} (the premise)",
-          "−8.8 (CLIPSelf), −9.5 (DeCLIP)", (*bootstrap_ci(arr, f, n_boot=EV.n_boot, seed=P["seed"]), len(arr)),
+          "−8.8 (CLIPSelf), −9.5 (DeCLIP)",
+          Comparison(pt, lo, hi, float("nan"), "claim", f"deterministic model: bootstrap over {len(arr)} images", -1),
           expected="lower")
 md("Differences of drops (SynCLIP − DeCLIP; positive = SynCLIP loses less), and the CLIP's own drop:\n\n" +
    table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
@@ -942,12 +971,10 @@ for a, b in (("DeCLIP", "SSA+SAR"), ("micro CLIP", "SSA+SAR"), ("DeCLIP", "SSA o
     da, db = DISPLAY.get(a, a), DISPLAY.get(b, b)
     ra, rb = cons_runs(a, "rel_spread"), cons_runs(b, "rel_spread")
     claim(f"{db}'s maps vary less across synonyms than {da}'s (relative spread)", "qualitative (figures)",
-          (*bootstrap_diff(ra, rb, ratio, n_boot=EV.n_boot, seed=P["seed"]), len(ra[0])), expected="lower",
-          digits=3, negligible=0.01)
+          (seed_sample(a, ra, ratio), seed_sample(b, rb, ratio)), expected="lower", digits=3, negligible=0.01)
     ra, rb = cons_runs(a, "corr"), cons_runs(b, "corr")
     claim(f"{db}'s maps correlate more across synonyms than {da}'s", "qualitative",
-          (*bootstrap_diff(ra, rb, ratio, n_boot=EV.n_boot, seed=P["seed"]), len(ra[0])), digits=3,
-          negligible=0.01)
+          (seed_sample(a, ra, ratio), seed_sample(b, rb, ratio)), digits=3, negligible=0.01)
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 
 # %% [markdown]
@@ -958,10 +985,17 @@ md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 # resolve the claim — which is not evidence against it.
 
 # %%
+study.finalize()  # Holm across the headline claims: re-read the verdicts
+VERDICTS = [[c.text, r[1], c.comparison.describe(), (f"indicative ({c.comparison.indication})"
+             if c.comparison.kind == "indicative" else c.verdict)] for c, r in
+            zip(study.claims, [r for r in VERDICTS if r[3] != "not evaluated"])]
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS))
-counts = {v: sum(r[3].startswith(v) for r in VERDICTS) for v in ("holds", "reversed", "not resolved")}
-n_small = sum("negligible" in r[3] for r in VERDICTS)
-md(f"**{counts['holds']} hold, {counts['reversed']} reversed, {counts['not resolved']} not resolved** "
+counts = study.tally()
+n_small = sum(c.comparison.kind == "claim" and c.verdict != "not resolved" and abs(c.comparison.delta) < NEGLIGIBLE
+              for c in study.claims)
+study.ledger()  # book/claims/04.json
+md(f"**{counts['holds']} hold, {counts['reversed']} reversed, {counts['not resolved']} not resolved**; "
+   f"{counts['indicative']} indicative (one seed: shown, not counted) "
    f"({n_small} of the resolved ones negligible in size) "
    f"(of {len(VERDICTS)}), with {len(SEEDS)} seed(s) × {BUDGET['main_steps']} steps for the main rows "
    f"and 1 seed × {BUDGET['sweep_steps']} steps for the sweeps.")

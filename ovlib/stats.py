@@ -14,7 +14,9 @@ and ``statistic(per_image.sum(0)) -> float``. A *row* of a table is one such arr
 * :func:`compare` -- the one decision rule of the book. A comparison with >= 2 seeds on each side (or a
   deterministic frozen model on one side and >= 2 seeds on the other) is a **claim**: its p comes from the
   seeds (paired t when both sides share the seeds and the evaluation images, Welch otherwise, one-sample
-  against a frozen model) and its interval from the hierarchical bootstrap. A comparison with one seed on
+  against a frozen model) and its interval from the hierarchical bootstrap. Two deterministic models (no
+  training randomness, e.g. two term groups of the frozen CLIP over crops) are a claim judged by the paired
+  bootstrap interval over the units. A comparison with one seed on
   either side is **indicative**: shown with its image-bootstrap interval, never counted as holding or
   reversed (image noise says nothing about how another training run would come out).
 * :func:`check` -- identities and numerical checks (a derivation's equality, ΔL >= 0): kind ``check``,
@@ -320,7 +322,7 @@ class Comparison:
         if self.kind == "indicative":
             return "not resolved"
         p = self.p_adjusted if math.isfinite(self.p_adjusted) else self.p
-        return verdict(self.delta, self.expect, p=p, alpha=self.alpha)
+        return verdict(self.delta, self.expect, p=p, lo=self.ci_low, hi=self.ci_high, alpha=self.alpha)
 
     def describe(self, digits: int = 1) -> str:
         """``+1.2 [-0.3, +2.5], p = 0.040`` (the numbers a chapter prints beside a claim)."""
@@ -365,6 +367,10 @@ def compare(a: Sample, b: Sample, expect: int = 1, n_boot: int = 1000, seed: int
         d, lo, hi = hierarchical_bootstrap_diff(a.runs, b.runs, a.statistic, paired=paired, n_boot=n_boot,
                                                 seed=seed, level=level)
         return Comparison(d, lo, hi, p, "claim", test + "; hierarchical bootstrap (seeds, then images)", **common)
+    if a.fixed and b.fixed:  # two deterministic models (no training randomness): the units' bootstrap is all there is
+        d, lo, hi = paired_bootstrap_diff(a.runs[0], b.runs[0], a.statistic, n_boot=n_boot, seed=seed, level=level)
+        return Comparison(d, lo, hi, float("nan"), "claim",
+                          f"deterministic models: paired bootstrap over {a.runs[0].shape[0]} units", **common)
     # one seed on a side: the image noise of one training run, shown but never counted
     if a.runs[0].shape[0] == b.runs[0].shape[0] and a.order == b.order:
         d, lo, hi = paired_bootstrap_diff(a.runs[0], b.runs[0], a.statistic, n_boot=n_boot, seed=seed, level=level)

@@ -209,19 +209,25 @@ class Study:
         return ov
 
     # ------------------------------------------------------------------------------------------- backbones
-    def backbones(self, method: str = "clipself", vfm: bool = False) -> Backbones:
+    def backbones(self, method: str | None = None, vfm: bool = False) -> Backbones:
         """The frozen CLIP of ``method``'s recipe (and its VFM when ``vfm``), the evaluation split, its categories
-        and class embeddings; loaded once per (backbone, vfm)."""
+        and class embeddings; loaded once per (backbone, vfm). ``method=None``: the ones the chapter loaded first
+        (CLIPSelf's recipe when none was loaded)."""
         from ovlib.data import CocoPanoptic, ensure_microworld
         from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
         from ovlib.eval.profiles import dense_eval_settings
         from ovlib.train.launch import MICRO_PROFILES, build_models
         from ovlib.train.recipes import distill_config
 
+        if method is None:  # the chapter's backbones: the first loaded, else the CLIPSelf recipe's
+            if self._backbones:
+                return next(iter(self._backbones.values()))
+            method = "clipself"
         cfg = distill_config(self.params, method, {}, out_dir="unused")
         key = (cfg.backbone, cfg.pretrained, cfg.vfm if vfm else None)
-        if key in self._backbones:
-            return self._backbones[key]
+        for (bk, pr, v), bb in self._backbones.items():  # one with the VFM also serves a request without it
+            if (bk, pr) == key[:2] and (not vfm or v == key[2]):
+                return bb
         P = self.params
         clip, _, vfm_model, tok = build_models(cfg, P, frozenset({"vfm"}) if vfm else frozenset())
         clip = clip.to(self.device).eval().requires_grad_(False)
@@ -294,8 +300,12 @@ class Study:
         t = time.perf_counter()
         ov = {**self.train_budget(budget), "seed": seed, **overrides}
         cfg = distill_config(self.params, method, ov, out_dir="unused")
-        self.backbones(method)  # the backbone checkpoint exists before it is hashed
-        extra = {"checkpoint": self._checkpoint_hash(cfg), "data": self._data_manifest(cfg)}
+        try:
+            ck = self._checkpoint_hash(cfg)
+        except FileNotFoundError:  # the micro CLIP is not pre-trained yet: loading the backbones trains it
+            self.backbones(method)
+            ck = self._checkpoint_hash(cfg)
+        extra = {"checkpoint": ck, "data": self._data_manifest(cfg)}
         res = train_or_load(self.params, method, ov, self.runs_dir, method, key_extra=extra)
         r = Run(method, seed, row or method, res, trained_now=bool(res.get("trained_now")),
                 train_s=float(res.get("train_s", float("nan"))))
@@ -365,6 +375,14 @@ class Study:
             return None
         return self.rows[side].sample(metric)
 
+    def compare(self, a: str | stats.Sample, b: str | stats.Sample, metric: str, expect: int = 1
+                ) -> stats.Comparison | None:
+        """:func:`ovlib.stats.compare` of two rows without recording a claim (``None`` when a row is absent)."""
+        sa, sb = self._sample(a, metric), self._sample(b, metric)
+        if sa is None or sb is None:
+            return None
+        return stats.compare(sa, sb, expect=expect, n_boot=self.n_boot, seed=int(self.params["seed"]))
+
     def claim(self, id: str, text: str, a: str | stats.Sample, b: str | stats.Sample, metric: str, expect: int = 1,
               headline: bool = False, paper_ref: str | None = None, section: str = "",
               paper: str | None = None) -> Claim | None:
@@ -375,14 +393,23 @@ class Study:
         across them in :meth:`ledger`). ``paper_ref``: key of ``book/paper_numbers.yaml``."""
         if any(c.id == id for c in self.claims):
             raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
-        sa, sb = self._sample(a, metric), self._sample(b, metric)
-        if sa is None or sb is None:
+        cmp_ = self.compare(a, b, metric, expect)
+        if cmp_ is None:
             return None
-        n_boot = self.n_boot
-        cmp_ = stats.compare(sa, sb, expect=expect, n_boot=n_boot, seed=int(self.params["seed"]))
         pp, ref, val = self._paper(paper_ref)
         c = Claim(id, text, metric, cmp_, headline, paper or pp, ref, val, section,
                   (a if isinstance(a, str) else "", b if isinstance(b, str) else ""))
+        self.claims.append(c)
+        return c
+
+    def add_claim(self, id: str, text: str, comparison: stats.Comparison, metric: str = "", headline: bool = False,
+                  paper_ref: str | None = None, section: str = "", paper: str | None = None) -> Claim:
+        """Record a comparison made outside :meth:`claim` (a rank test over heads, a threshold on a bootstrap
+        interval, a timing): the caller states its kind in ``comparison.kind``."""
+        if any(c.id == id for c in self.claims):
+            raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
+        pp, ref, val = self._paper(paper_ref)
+        c = Claim(id, text, metric, comparison, headline, paper or pp, ref, val, section)
         self.claims.append(c)
         return c
 

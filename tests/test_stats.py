@@ -171,6 +171,9 @@ def test_compare_kinds_and_tests():
     assert claim_.verdict == "not resolved"
     with pytest.raises(ValueError, match="expect"):
         compare(three_a, three_b, expect=2)
+    fa, fb = Sample((three_a.runs[0],), ratio_stat, fixed=True), Sample((three_b.runs[0],), ratio_stat, fixed=True)
+    c = compare(fa, fb, n_boot=100)  # two deterministic models: the units' interval decides
+    assert c.kind == "claim" and math.isnan(c.p) and c.ci_low > 0 and c.verdict == "holds"
 
 
 def test_checks_pass_and_fail():
