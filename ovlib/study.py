@@ -358,10 +358,12 @@ class Study:
 
     # ------------------------------------------------------------------------------------------- claims
     def _paper(self, paper_ref: str | None) -> tuple[str, str, Any]:
-        if not paper_ref:
-            return "", "", None
+        """``(paper, table/figure, value)`` of a reported number; without one, the chapter's own paper."""
         if self._numbers is None:
             self._numbers = paper_numbers(self.root)
+        if not paper_ref:
+            own = [k for k, v in self._numbers["papers"].items() if str(v.get("chapter")) == self.chapter]
+            return (own[0] if own else ""), "", None
         nums = self._numbers["numbers"]
         if paper_ref not in nums:
             raise KeyError(f"{self.root / PAPER_NUMBERS}: no reported number {paper_ref!r}")
