@@ -789,10 +789,4 @@ study.ledger()  # book/claims/03.json
 # ## 3.11 Budget: what every run cost
 
 # %%
-rows = [[k, r["seed"], r["steps"] if r["steps"] is not None else "recipe", f"{r['train_s']:.0f}",
-         "trained" if r["trained_now"] else "cache", f"{r['eval_s']:.0f}"] for k, r in runs.items()]
-tot_train = sum(r["train_s"] for r in runs.values() if np.isfinite(r["train_s"]))
-md(table(["run", "seed", "steps", "train s", "this execution", "eval s"], rows) +
-   f"\n\n{len(runs)} runs, {tot_train:.0f} s of training when trained; "
-   f"{sum(e.seconds for e in evals.values()):.0f} s of evaluation in this execution. Chapter executed in "
-   f"{time.perf_counter() - T0:.0f} s (profile {P['profile']}).")
+md(study.cost_table() + f" Chapter executed in {time.perf_counter() - T0:.0f} s (profile {P['profile']}).")

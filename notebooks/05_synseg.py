@@ -73,14 +73,13 @@ from ovlib.eval.segmentation import _resized
 from ovlib.eval.students import train_or_load
 from ovlib.stats import Comparison, Sample, one_sample_t
 from ovlib.study import Study
+from ovlib.eval.synseg import dense_score_fn, evaluate_protocols, synseg_score_fn
 from ovlib.methods.synseg import (
     DEFAULT_LOSS_WEIGHTS,
     SIM_EPS,
     align_loss,
     back_loss,
     cont_loss,
-    dense_score_fn,
-    evaluate_protocols,
     five_views,
     label_map,
     load_synseg,
@@ -88,7 +87,6 @@ from ovlib.methods.synseg import (
     predict_probs,
     sep_loss,
     synergy_vectors,
-    synseg_score_fn,
 )
 from ovlib.models.film_decoder import FiLM
 from ovlib.train.launch import build_models

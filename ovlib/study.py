@@ -272,22 +272,17 @@ class Study:
         return self._hashes[k]
 
     def _data_manifest(self, cfg: Any) -> dict[str, Any]:
-        """What the training data is: the micro world's generator (its source) and export arguments, or the
-        COCO annotation file of the split (name and size)."""
+        """What the training data is: the micro world export's content key (world config, split, images, size,
+        start: :func:`ovlib.data.microworld.export_hash`, what the export's manifest stores), or the COCO
+        annotation file of the split (name and size)."""
+        from ovlib.data.microworld import export_hash
         from ovlib.train.launch import MICRO_PROFILES
 
-        d: dict[str, Any] = {"split": cfg.split, "max_images": cfg.max_images}
         if self.params["profile"] in MICRO_PROFILES:
-            import ovlib.data.microworld as mw
-
-            src = Path(mw.__file__)
-            if str(src) not in self._hashes:
-                self._hashes[str(src)] = _sha256_file(src)
-            d.update(generator=self._hashes[str(src)], size=cfg.student_size, seed=self.params["seed"])
-        else:
-            ann = Path(cfg.data_root) / "annotations" / f"instances_{cfg.split}.json"
-            d.update(annotations=ann.name, bytes=ann.stat().st_size if ann.is_file() else None)
-        return d
+            return {"microworld": export_hash(cfg.split, cfg.max_images, cfg.student_size, int(self.params["seed"]))}
+        ann = Path(cfg.data_root) / "annotations" / f"instances_{cfg.split}.json"
+        return {"annotations": ann.name, "bytes": ann.stat().st_size if ann.is_file() else None,
+                "max_images": cfg.max_images}
 
     # ------------------------------------------------------------------------------------------- runs
     def run(self, method: str, seed: int = 0, budget: str = "main", row: str | None = None,

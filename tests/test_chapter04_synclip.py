@@ -20,7 +20,7 @@ from ovlib.eval.synonyms import (
     synonym_attention_consistency,
     synonym_map_stats,
 )
-from ovlib.eval.text import MICRO_TEMPLATES
+from ovlib.models.text import MICRO_TEMPLATES
 from ovlib.stats import hierarchical_bootstrap_diff
 from ovlib.methods.synclip import SEMANTIC_TYPES, SynCLIP, sar_aggregate, semantic_texts
 from tests.helpers.method_batches import micro_nets, synthetic_method_batch

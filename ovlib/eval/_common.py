@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ovlib.models.images import image_mean_std, normalize_images
+
 __all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
            "dense_fn_for_vfm"]
 
@@ -27,13 +29,6 @@ def student_image(image: np.ndarray, size: int) -> tuple[torch.Tensor, float]:
     return t.contiguous(), float(scale)
 
 
-def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(B, 3, H, W)`` in [0, 1] -> normalised with per-channel ``mean`` / ``std``."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
 def category_index(class_ids: Sequence[int]) -> dict[int, int]:
     """Category id -> row of the class-embedding matrix; duplicate ids are an error."""
     idx = {int(c): i for i, c in enumerate(class_ids)}
@@ -45,8 +40,6 @@ def category_index(class_ids: Sequence[int]) -> dict[int, int]:
 def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, **switches) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm dense CLIP features of ``mode``."""
     from ovlib.models import dense_features
-    from ovlib.train.pretrain import image_mean_std
-
     if mean is None or std is None:
         mean, std = image_mean_std(model)
 
@@ -61,8 +54,6 @@ def dense_fn_for_vfm(vfm: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch.nn.functional as F
 
     from ovlib.models import vfm_patch_features
-    from ovlib.train.pretrain import image_mean_std
-
     mean, std = image_mean_std(vfm)
     p = vfm.patch_embed.patch_size
     p = p[0] if isinstance(p, (tuple, list)) else int(p)

@@ -8,7 +8,7 @@ for region classification. We run the same protocols on zero-shot region classif
 (:mod:`ovlib.eval.region_cls`) and OVSS (:mod:`ovlib.eval.segmentation`):
 
 ==================  =======================================================================================
-protocol            name(s) standing for each class (:func:`ovlib.eval.text.class_name_sets`)
+protocol            name(s) standing for each class (:func:`ovlib.models.text.class_name_sets`)
 ==================  =======================================================================================
 ``original``        the class name
 ``first_synonym``   its first synonym (SynCLIP ``v1``)
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovlib.eval.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.models.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
 
 __all__ = [
     "EXTRA_PROTOCOLS",
@@ -114,7 +114,7 @@ def protocol_text_embeddings(model: Any, tokenizer: Callable, categories: Sequen
                              templates: Sequence[str] = MICRO_TEMPLATES, this_is_prefix: bool = False,
                              device: str | torch.device = "cpu") -> dict[tuple[str, int], torch.Tensor]:
     """``{(protocol, seed): (C, D)}`` unit-norm class embeddings (rows in ``categories`` order), via
-    :func:`ovlib.eval.text.text_embeddings` (template ensemble; an ensemble of names for ``synonym_ensemble``)."""
+    :func:`ovlib.models.text.text_embeddings` (template ensemble; an ensemble of names for ``synonym_ensemble``)."""
     out = {}
     for p, s in protocol_runs(protocols, seeds):
         out[(p, s)] = text_embeddings(model, tokenizer, protocol_names(categories, p, s), templates,

@@ -74,6 +74,7 @@ from ovlib.methods.clipself import rla_loss
 from ovlib.methods.declip import resize_tokens
 from ovlib.models import dense_features, patch_correlation, roi_features, vfm_patch_features
 from ovlib.models.adapter import ViTAdapter, vit_adapter
+from ovlib.models.images import image_mean_std, normalize_images
 
 __all__ = [
     "BASES",
@@ -437,9 +438,6 @@ def load_constructor(source: str | os.PathLike | dict, model: nn.Module, **metho
 def denserc_dense_fn(model: nn.Module, constructor: DenseConstructor, mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm ``X_dense`` (for :mod:`ovlib.eval`)."""
-    from ovlib.eval._common import normalize_images
-    from ovlib.train.pretrain import image_mean_std
-
     if mean is None or std is None:
         mean, std = image_mean_std(model)
     ad = vit_adapter(model)

@@ -72,7 +72,7 @@ def point_to_cell(
     point_xy: Sequence[float], grid: Sequence[int], image_size: Sequence[int]
 ) -> tuple[int, int]:
     """Pixel ``(x, y)`` of an image of ``(H, W)`` -> the ``(row, col)`` that contains it on ``grid``."""
-    from ovlib.eval.affinity import pixel_to_cell
+    from ovlib.models.affinity import pixel_to_cell
 
     cell = pixel_to_cell(torch.tensor([list(point_xy)], dtype=torch.float64), tuple(image_size), _grid(grid))[
         0
@@ -121,7 +121,7 @@ def affinity_maps(
     """Point affinity of one query token across models: ``dense {name: (C, h, w)}``, ``cell=(row, col)`` on
     the query ``grid`` -> ``{name: ((h, w) cosine map, the query cell on that model's grid)}``
     (:func:`ovlib.eval.affinity_map`; a model on another grid gets the cell containing the query's centre)."""
-    from ovlib.eval.affinity import affinity_map
+    from ovlib.models.affinity import affinity_map
 
     out = {}
     for name, d in dense.items():
