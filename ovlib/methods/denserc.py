@@ -378,6 +378,8 @@ class DenseRC(Distiller):
     loss_names = ("semantics", "coherence")
     needs = frozenset({"teacher", "vfm"})
 
+    option_types = (DenseRCConfig,)
+
     def __init__(self, student, frozen, **options: Any):
         cfg = DenseRCConfig.take(options)
         unknown = sorted(set(options) - {"tokenizer", "categories"})

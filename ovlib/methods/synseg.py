@@ -359,6 +359,7 @@ class SynSeg(Distiller):
     """
 
     name = "synseg"
+    option_types = (SynSegConfig,)
     loss_names = ("align", "cont", "back", "sep")
     needs = frozenset()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
+from ovlib.methods import METHODS
 from ovlib.train.distill import DistillConfig
 
 SELECTORS = ("method", "backbone")
@@ -78,6 +79,8 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
         d[k] = {**d.get(k, {}), **v} if k in MERGED and isinstance(v, Mapping) else v
     d.setdefault("out_dir", "")
     cfg = DistillConfig.from_dict(d)
+    if cfg.method in METHODS:  # an unknown method is the launcher's error (it lists the implemented ones)
+        METHODS[cfg.method].check_options(dict(cfg.method_args or {}))
     if out_dir:
         cfg.out_dir = out_dir
     elif not cfg.out_dir:
