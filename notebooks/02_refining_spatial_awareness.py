@@ -146,7 +146,7 @@ cat_name = {c["id"]: c["name"] for c in categories}
 evals, models, runs = {}, {}, {}
 
 
-def evaluate(name, model, main=True, dense_fn=None, region=True, keep=False):
+def evaluate_model(name, model, main=True, dense_fn=None, region=True, keep=False):
     """The chapter-1 protocols on one model; ``main``: also the global zero-shot (crop CLS) and OVSS."""
     m = re.fullmatch(r"(.+)-s(\d+)", name)  # "<row>-s<seed>": a trained run; "CLIP": the frozen model
     row, seed = (m.group(1), int(m.group(2))) if m else (name, None if name == "CLIP" else 0)
@@ -156,7 +156,7 @@ def evaluate(name, model, main=True, dense_fn=None, region=True, keep=False):
 
 
 t = time.perf_counter()
-evaluate("CLIP", clip_model, keep=True)
+evaluate_model("CLIP", clip_model, keep=True)
 models["CLIP"] = clip_model
 km_vfm = evaluate_kmeans(dense_fn_for_vfm(vfm), ds, image_size=EV.region.image_size, n_images=SEG_N,
                          seed=P["seed"], n_boot=EV.n_boot, patch=int(vfm.patch_embed.patch_size[0]), progress=False)
@@ -189,7 +189,7 @@ def run(name, method, seed=0, steps=MAIN_STEPS, **over):
 def train_eval(name, method, seed=0, steps=MAIN_STEPS, main=True, keep_model=False, **over):
     res = run(name, method, seed, steps, **over)
     student = load_student(P, res, DEV)
-    evaluate(name, student, main=main, keep=keep_model)
+    evaluate_model(name, student, main=main, keep=keep_model)
     if keep_model:
         models[name] = student
     return student
@@ -204,10 +204,7 @@ for s in TEXT_SEEDS:
 pm = study.pm  # mean ± std over a row's seeds
 
 
-def claim(section, text_, a, b, metric, expected=+1, headline=False, paper_ref=None):
-    """``study.claim`` with an id made of the section and the claim (a row not trained at this budget: None)."""
-    cid = f"{section}-" + re.sub(r"[^a-z0-9]+", "-", f"{text_} {metric}".lower()).strip("-")[:80]
-    return study.claim(cid, text_, a, b, metric, expected, headline=headline, paper_ref=paper_ref, section=section)
+claim = study.claim_in  # (section, claim, a, b, metric, expected sign): one ledger entry
 
 
 rows = []
@@ -339,7 +336,7 @@ def refiner_eval(name, res):
     ref = load_refiner(res["weights"], clip_model).to(DEV)
     fn = refiner_dense_fn(ref, MEAN, STD)
     models[name] = fn
-    evaluate(name, clip_model, main=False, dense_fn=fn, region=False)
+    evaluate_model(name, clip_model, main=False, dense_fn=fn, region=False)
     runs[name]["eval_s"] = evals[name].seconds
     return ref, fn
 

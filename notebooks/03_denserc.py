@@ -52,7 +52,6 @@ budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read t
 
 # %%
 import json
-import re
 import time
 from pathlib import Path
 
@@ -98,10 +97,7 @@ B = study.budget  # params/PROFILE.yaml: budgets["03"]
 SEEDS = study.seeds
 
 
-def claim(section, text_, a, b, metric, expected=+1, headline=False, paper_ref=None):
-    """``study.claim`` with an id made of the section and the claim."""
-    cid = f"{section}-" + re.sub(r"[^a-z0-9]+", "-", f"{text_} {metric}".lower()).strip("-")[:80]
-    return study.claim(cid, text_, a, b, metric, expected, headline=headline, paper_ref=paper_ref, section=section)
+claim = study.claim_in  # (section, claim, a, b, metric, expected sign): one ledger entry
 
 
 CFG = distill_config(P, "denserc")  # the recipe (params/PROFILE.yaml): multi-v, HSG, 3 layers, λ = 0.025
@@ -160,15 +156,15 @@ CAT_ROW = category_index(class_ids)
 evals, runs = {}, {}
 
 
-def evaluate(name, model, dense_fn=None, kmeans=True):
+def evaluate_frozen(name, model, dense_fn=None, kmeans=True):
     """Region classification, OVSS and k-means of one model (no crop CLS: DenseRC changes the dense map)."""
     evals[name] = study.evaluate(name, model, fixed=True, dense_fn=dense_fn, crops=False, kmeans=kmeans)
     return evals[name]
 
 
 frozen_multi_v = DenseConstructor.for_model(DenseRCConfig(construct="none", n_layers=3), clip_model).eval()
-evaluate("CLIP x+v", clip_model)
-evaluate("CLIP multi-v", clip_model, dense_fn=denserc_dense_fn(clip_model, frozen_multi_v, MEAN, STD))
+evaluate_frozen("CLIP x+v", clip_model)
+evaluate_frozen("CLIP multi-v", clip_model, dense_fn=denserc_dense_fn(clip_model, frozen_multi_v, MEAN, STD))
 md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {evals['CLIP x+v'].n_regions} regions in the first "
    f"{REGION_N or len(ds)} images. The frozen CLIP before any training: " + "; ".join(
        f"`{n[5:]}` Boxes Top-1 {ci(evals[n].ci['boxes.top1'])}, OVSS {ci(evals[n].ci['ovss.miou'])}"
@@ -481,7 +477,7 @@ T5 = {  # row -> method_args (merged into the recipe's)
 }
 
 
-def train_eval(name, seed, method_args, loss_weights=None, kmeans=True):
+def train_denserc(name, seed, method_args, loss_weights=None, kmeans=True):
     """Train (or load, from the shared run cache) one DenseRC run and evaluate its student on its own X_dense."""
     ov = {"method_args": method_args} | ({"loss_weights": loss_weights} if loss_weights else {})
     r = study.run("denserc", seed=seed, budget="denserc", row=name, eval_kw={"crops": False, "kmeans": kmeans}, **ov)
@@ -493,7 +489,7 @@ def train_eval(name, seed, method_args, loss_weights=None, kmeans=True):
 t_grid = time.perf_counter()
 for row, args in T5.items():
     for s in MAIN_SEEDS:
-        train_eval(row, s, args)
+        train_denserc(row, s, args)
 # the CLIPSelf baseline (RLA distillation) with chapter 02's main budget: loaded from the shared run cache when
 # chapter 02 trained it
 for s in MAIN_SEEDS:
@@ -579,7 +575,7 @@ for e_ in EXTRAS:
     SWEEP[e_] = ({**T5["HSG"], **EXTRA_ARGS[e_]}, None)
 t_sw = time.perf_counter()
 for name, (args, lw) in SWEEP.items():
-    train_eval(name, SEEDS[0], args, lw)
+    train_denserc(name, SEEDS[0], args, lw)
 t_sw = time.perf_counter() - t_sw
 MS = ("boxes.top1", "stuff.top1", "ovss.miou", "kmeans.miou")
 

@@ -57,8 +57,6 @@ recipes = []  # distillation recipes: injected from params/PROFILE.yaml (declip,
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 
 # %%
-import json
-import re
 import time
 from pathlib import Path
 
@@ -77,9 +75,9 @@ from ovlib.eval import (
     text_embeddings,
 )
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
-from ovlib.eval.metrics import iou_acc_from_confusion, macc_from_counts
+from ovlib.eval.metrics import macc_from_counts, miou_statistic
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.students import load_student, train_or_load
+from ovlib.eval.students import load_student
 from ovlib.eval.synonyms import (
     class_splits,
     drop_table,
@@ -101,7 +99,6 @@ T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
 study = Study(P, "04", device=DEV)  # claims, verdicts and the ledger (book/claims/04.json)
 SEEDS = study.seeds
-RUN_ROOT = Path(P["cache_dir"]) / "runs" / "04_synclip"
 
 # Profile-dependent sizes of this chapter (the micro budget is 25 min on 2 CPU cores, see 4.4).
 R_STEPS = distill_config(P, "synclip").max_steps  # the recipe's steps, already scaled by steps_scale
@@ -470,38 +467,14 @@ EXTRAS = {
 SWEEP.update({k: EXTRAS[k] for k in SWEEP_SET["extras"]})
 
 
-def step_overrides(kind: str) -> dict:
-    n = BUDGET[f"{kind}_steps"]
-    if n is None:  # paper profile: the recipe for the main rows, one epoch for sweeps
-        return {} if kind == "main" else {"epochs": BUDGET["sweep_epochs"]}
-    return {"max_steps": n, "warmup_steps": max(1, n // 10)}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-RUNS = {}  # (name, kind, seed) -> record
-
-
-def train(name, method, overrides, seed, kind):
-    """Train or load one run (``ovlib.eval.students.train_or_load``: the run directory is keyed by the resolved
-    config and the micro CLIP / VFM pre-training configs, so a re-trained backbone never reuses stale runs)."""
-    ov = {**overrides, **step_overrides(kind), "seed": seed}
-    res = train_or_load(P, method, ov, RUN_ROOT, name=f"{slug(name)}-s{seed}")
-    hist = [json.loads(x) for x in (Path(res["out_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rec = {"name": name, "kind": kind, "seed": seed, "method": method, "steps": res["steps"], "res": res,
-           "cached": not res["trained_now"], "train_s": res["train_s"], "history": hist}
-    RUNS[(name, kind, seed)] = rec
-    return rec
-
-
+RUNS = {}  # (name, kind, seed) -> record (ovlib.study.Run.record)
+# train or load from the shared run cache (ovlib.study): the named training budgets synclip_main / synclip_sweep
 t_train = time.perf_counter()
-for name, (method, ov) in MAIN.items():
-    for s in SEEDS:
-        train(name, method, ov, s, "main")
-for name, (method, ov) in SWEEP.items():
-    train(name, method, ov, SEEDS[0], "sweep")
+for kind, group, seeds_ in (("main", MAIN, SEEDS), ("sweep", SWEEP, SEEDS[:1])):
+    for name, (method, ov) in group.items():
+        for s in seeds_:
+            RUNS[(name, kind, s)] = study.run(method, seed=s, budget=f"synclip_{kind}", row=name, evaluate=False,
+                                              **ov).record(kind=kind)
 t_train = time.perf_counter() - t_train
 
 rows = [[r["name"], r["kind"], r["seed"], r["steps"], f"{r['train_s']:.0f}",
@@ -605,15 +578,6 @@ def macc_stat(sel):
     return lambda s: macc_from_counts(s[1][sel], s[0][sel])
 
 
-def miou_stat(sel):
-    def f(conf):
-        iou, _ = iou_acc_from_confusion(conf)
-        x = iou[: len(sel)][sel]
-        x = x[np.isfinite(x)]
-        return float(x.mean()) if x.size else float("nan")
-    return f
-
-
 def per_image(ev, metric, pk=("original", 0)):
     """(per-image array, statistic) of ``metric`` under protocol key ``pk``."""
     if metric in REGION_METRICS:
@@ -621,7 +585,7 @@ def per_image(ev, metric, pk=("original", 0)):
         if key not in ev["region"][pk]:
             return None, None
         return ev["region"][pk][key][part], macc_stat(SEL[sel])
-    return ev["ovss"][pk], miou_stat(SEL[OVSS_METRICS[metric]])
+    return ev["ovss"][pk], miou_statistic(SEL[OVSS_METRICS[metric]])
 
 
 def proto_keys(protocol):
@@ -696,18 +660,14 @@ DISPLAY = {"SSA+SAR": "SynCLIP (SSA+SAR)"}
 NEGLIGIBLE = 0.5  # points of accuracy / IoU: a resolved difference smaller than this is flagged negligible
 
 
-def claim(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE, headline=False, paper_ref=None):
-    """One verdict row: ``res`` = the two Samples of :func:`compare` (judged by ``ovlib.stats.compare``) or a
-    ready :class:`ovlib.stats.Comparison`; recorded in the chapter's ledger."""
-    cid = f"4-{len(study.claims)}-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70]
-    sign = 1 if expected == "higher" else -1
+def verdict_row(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE, headline=False,
+                paper_ref=None):
+    """One row of the chapter's verdict tables: ``res`` (two Samples of :func:`compare` or a Comparison) judged
+    and recorded by ``study.judge``; a resolved difference below ``negligible`` is flagged."""
     if res is None:
         VERDICTS.append([text, paper, "–", "not evaluated"])
         return None
-    if isinstance(res, Comparison):
-        c = study.add_claim(cid, text, res, headline=headline, paper_ref=paper_ref)
-    else:
-        c = study.claim(cid, text, res[0], res[1], "", sign, headline=headline, paper_ref=paper_ref)
+    c = study.judge(text, res, 1 if expected == "higher" else -1, headline=headline, paper_ref=paper_ref)
     k = c.comparison
     v = f"indicative ({k.indication})" if k.kind == "indicative" else c.verdict
     if v in ("holds", "reversed") and abs(k.delta) < negligible:
@@ -742,11 +702,11 @@ for a, b, metric, txt, paper in (
         ("DeCLIP", "SSA+SAR", "boxes base", "SynCLIP > DeCLIP on base boxes", "—"),
         ("DeCLIP", "SSA+SAR", "stuff masks", "SynCLIP > DeCLIP on stuff masks", "—"),
         ("DeCLIP", "SSA+SAR", "OVSS mIoU", "SynCLIP > DeCLIP on OVSS mIoU", "— (not reported)")):
-    claim(txt, paper, compare(a, b, metric), headline=(a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel"),
+    verdict_row(txt, paper, compare(a, b, metric), headline=(a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel"),
           paper_ref="synclip.main.ssa_sar" if (a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel") else None)
-claim("the student's global zero-shot is lower than the CLIP's (SynCLIP)", "— (teacher kept for image level)",
+verdict_row("the student's global zero-shot is lower than the CLIP's (SynCLIP)", "— (teacher kept for image level)",
       compare("micro CLIP", "SSA+SAR", "global zero-shot"), expected="lower")
-claim("the student's global zero-shot is lower than the CLIP's (DeCLIP)", "—",
+verdict_row("the student's global zero-shot is lower than the CLIP's (DeCLIP)", "—",
       compare("micro CLIP", "DeCLIP", "global zero-shot"), expected="lower")
 md("Differences (b − a, 95 % interval over images and seeds):\n\n" +
    table(["claim", "paper", "measured difference", "verdict"], VERDICTS))
@@ -784,18 +744,18 @@ md("Paper (OV-COCO AP50 novel, original / synonyms / drop): " +
 HEAD = [p for p in ("synonym_ensemble", "heldout_synonym", "random_synonym") if p in syn_protocols]
 n0 = len(VERDICTS)
 for p in HEAD:
-    claim(f"SynCLIP's novel-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's",
+    verdict_row(f"SynCLIP's novel-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's",
           "−4.4 vs −9.5 (AP50 novel)", compare("DeCLIP", "SSA+SAR", "boxes novel", p),
           headline=p == HEAD[0], paper_ref="synclip.syn.drop" if p == HEAD[0] else None)
-    claim(f"SynCLIP's base-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "−0.6 vs −2.2",
+    verdict_row(f"SynCLIP's base-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "−0.6 vs −2.2",
           compare("DeCLIP", "SSA+SAR", "boxes base", p))
     if any(k[0] == p for k in OVSS_KEYS):
-        claim(f"SynCLIP's OVSS-mIoU drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "— (not reported)",
+        verdict_row(f"SynCLIP's OVSS-mIoU drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "— (not reported)",
               compare("DeCLIP", "SSA+SAR", "OVSS mIoU", p))
 for p in HEAD:
     arr, f = drop_array(evs("micro CLIP")[0], "boxes novel", p)
     pt, lo, hi = bootstrap_ci(arr, f, n_boot=EV.n_boot, seed=P["seed"])  # the frozen CLIP: images are the units
-    claim(f"the CLIP's own novel-box accuracy drops under {PROTO_LABEL[p]} (the premise)",
+    verdict_row(f"the CLIP's own novel-box accuracy drops under {PROTO_LABEL[p]} (the premise)",
           "−8.8 (CLIPSelf), −9.5 (DeCLIP)",
           Comparison(pt, lo, hi, float("nan"), "claim", f"deterministic model: bootstrap over {len(arr)} images", -1),
           expected="lower")
@@ -836,12 +796,12 @@ for name, (ssa, sar, paper) in PAPER_ABL.items():
 md(table(["SSA", "SAR", "boxes novel", "boxes novel (synonyms)", "drop", "OVSS mIoU", "stuff masks",
           "paper AP50 novel"], rows))
 n0 = len(VERDICTS)
-claim("SAR only > DeCLIP (novel boxes)", "+1.2", compare("DeCLIP", "SAR only", "boxes novel"))
-claim("SSA only > DeCLIP (novel boxes)", "+0.1 (negligible)", compare("DeCLIP", "SSA only", "boxes novel"))
-claim("SSA+SAR > SAR only (novel boxes): the parts are complementary", "+1.4",
+verdict_row("SAR only > DeCLIP (novel boxes)", "+1.2", compare("DeCLIP", "SAR only", "boxes novel"))
+verdict_row("SSA only > DeCLIP (novel boxes)", "+0.1 (negligible)", compare("DeCLIP", "SSA only", "boxes novel"))
+verdict_row("SSA+SAR > SAR only (novel boxes): the parts are complementary", "+1.4",
       compare("SAR only", "SSA+SAR", "boxes novel"))
-claim("SSA+SAR > SSA only (novel boxes)", "+2.5", compare("SSA only", "SSA+SAR", "boxes novel"))
-claim("SSA only: smaller synonym drop than DeCLIP (novel, ensemble)", "—",
+verdict_row("SSA+SAR > SSA only (novel boxes)", "+2.5", compare("SSA only", "SSA+SAR", "boxes novel"))
+verdict_row("SSA only: smaller synonym drop than DeCLIP (novel, ensemble)", "—",
       compare("DeCLIP", "SSA only", "boxes novel", "synonym_ensemble"))
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 
@@ -859,7 +819,7 @@ sw_metrics = ("boxes novel", "boxes base", "stuff masks", "OVSS mIoU")
 K_NAME = {k: base_name if k == READINGS["code"]["topk"] else f"k={k}" for k in KS}
 
 
-def sweep_rows(pairs):
+def sweep_table_rows(pairs):
     """Table rows for the (label, run name) pairs that this profile trained."""
     rows_ = []
     for label, name in pairs:
@@ -876,7 +836,7 @@ def sweep_rows(pairs):
 
 hdr = ["run"] + list(sw_metrics) + ["novel drop (synonyms)", "Δ novel boxes vs the code's SynCLIP [95 %]"]
 md("**k sweep** (paper: AP50 novel peaks at 43.6 with k = 7 and drops at k = 10 and 20; no other numbers "
-   "in our copy of the paper).\n\n" + table(hdr, sweep_rows([(f"k = {k}", K_NAME[k]) for k in KS])))
+   "in our copy of the paper).\n\n" + table(hdr, sweep_table_rows([(f"k = {k}", K_NAME[k]) for k in KS])))
 fig, ax = plt.subplots(figsize=(4.5, 2.8))
 ax.plot(KS, [value(evs(K_NAME[k], "sweep")[0], "boxes novel") for k in KS], "o-", label="SynCLIP: boxes novel")
 ax.axhline(value(evs("DeCLIP", "sweep")[0], "boxes novel"), ls="--", c="grey", lw=0.8, label="DeCLIP")
@@ -888,10 +848,10 @@ plt.tight_layout()
 plt.show()
 
 md("**α/β (spatial / semantic)** (no numbers in the paper; the paper's default 0.5/0.5, the scripts' 0.3/0.7)."
-   "\n\n" + table(["α / β"] + hdr[1:], sweep_rows(
+   "\n\n" + table(["α / β"] + hdr[1:], sweep_table_rows(
        [("0.3 / 0.7 (code)", base_name)] + [(f"{a} / {b}" + (" (paper)" if (a, b) == (0.5, 0.5) else ""),
                                              f"α/β={a}/{b}") for a, b in SWEEP_SET["ab"]])))
-md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_rows([
+md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_table_rows([
     ("code: huber_kl, 0.3/0.7, semantic 0.1", base_name), ("l2 loss (otherwise code)", "loss l2"),
     ("paper: l2, 0.5/0.5, semantic 0.05", "paper reading"),
     ("code, held-out synonyms kept out of the teacher text", "held-out synonyms excluded"),
@@ -910,7 +870,7 @@ for name, text, paper in (("k=20", "k = 7 beats k = 20 (novel boxes, 1 seed)", "
                            "— (the paper reports its own reading only)"),
                           ("loss l2", "huber_kl beats l2 (novel boxes, 1 seed)", "—")):
     if name in SWEEP:
-        claim(text, paper, compare(name, base_name, "boxes novel", kind_a="sweep", kind_b="sweep"))
+        verdict_row(text, paper, compare(name, base_name, "boxes novel", kind_a="sweep", kind_b="sweep"))
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 
 # %% [markdown]
@@ -970,10 +930,10 @@ n0 = len(VERDICTS)
 for a, b in (("DeCLIP", "SSA+SAR"), ("micro CLIP", "SSA+SAR"), ("DeCLIP", "SSA only")):
     da, db = DISPLAY.get(a, a), DISPLAY.get(b, b)
     ra, rb = cons_runs(a, "rel_spread"), cons_runs(b, "rel_spread")
-    claim(f"{db}'s maps vary less across synonyms than {da}'s (relative spread)", "qualitative (figures)",
+    verdict_row(f"{db}'s maps vary less across synonyms than {da}'s (relative spread)", "qualitative (figures)",
           (seed_sample(a, ra, ratio), seed_sample(b, rb, ratio)), expected="lower", digits=3, negligible=0.01)
     ra, rb = cons_runs(a, "corr"), cons_runs(b, "corr")
-    claim(f"{db}'s maps correlate more across synonyms than {da}'s", "qualitative",
+    verdict_row(f"{db}'s maps correlate more across synonyms than {da}'s", "qualitative",
           (seed_sample(a, ra, ratio), seed_sample(b, rb, ratio)), digits=3, negligible=0.01)
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 

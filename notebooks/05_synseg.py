@@ -54,7 +54,6 @@ budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read t
 # %%
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -67,10 +66,9 @@ from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabeler, NounVocabulary, excluded_vocabulary
 from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 from ovlib.eval._common import dense_fn_for_clip
-from ovlib.eval.metrics import miou_from_confusion
+from ovlib.eval.metrics import miou_statistic
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.segmentation import _resized
-from ovlib.eval.students import train_or_load
 from ovlib.stats import Comparison, Sample, one_sample_t
 from ovlib.study import Study
 from ovlib.eval.synseg import dense_score_fn, evaluate_protocols, synseg_score_fn
@@ -98,7 +96,6 @@ T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
 study = Study(P, "05", device=DEV)  # claims, verdicts and the ledger (book/claims/05.json)
 SEEDS = study.seeds
-RUN_ROOT = Path(P["cache_dir"]) / "runs" / "05_synseg"
 R = distill_config(P, "synseg")  # the profile's recipe (steps already scaled by steps_scale)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # Fig. 3 of the paper: robust "nearly from 0.1 to 0.6"
 
@@ -314,13 +311,6 @@ BEST_BASE_BG = max(BASE, key=lambda m: best_bg(BASE[m])[1]["miou"][0])
 PRIOR = {"prior": "csa", "prior_target": "hard", "prior_classes": 8}
 
 
-def step_overrides(kind: str) -> dict:
-    n = BUDGET[f"{kind}_steps"]
-    if n is None:  # paper profile: the recipe
-        return {}
-    return {"max_steps": n, "warmup_steps": max(1, n // 10)}
-
-
 def with_args(base: dict, **args) -> dict:
     return {**base, "method_args": {**base.get("method_args", R.method_args), **args}}
 
@@ -345,32 +335,17 @@ if P["profile"] == "smoke":  # every code path, fewer runs
     SWEEP = dict(list(SWEEP.items())[:1])
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+RUNS = {}  # (name, kind, seed) -> record (ovlib.study.Run.record)
 
 
-RUNS = {}
-
-
-def train(name, overrides, seed, kind):
-    """Train or load one run (ovlib.eval.students.train_or_load: keyed by the resolved config and the micro
-    CLIP's pre-training config)."""
-    ov = {**overrides, **step_overrides("main" if kind == "main" else "sweep"), "seed": seed}
-    res = train_or_load(P, "synseg", ov, RUN_ROOT, name=f"{slug(name)}-s{seed}")
-    hist = [json.loads(x) for x in (Path(res["out_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rec = {"name": name, "kind": kind, "seed": seed, "ov": ov, "res": res, "steps": res["steps"],
-           "cached": not res["trained_now"], "train_s": res["train_s"], "history": hist}
-    RUNS[(name, kind, seed)] = rec
-    return rec
-
-
+# train or load from the shared run cache (ovlib.study): the named training budgets synseg_main / synseg_sweep
 t_train = time.perf_counter()
-for name, ov in MAIN.items():
-    for s in SEEDS:
-        train(name, ov, s, "main")
-for group, kind in ((ABLATION, "ablation"), (SWEEP, "sweep"), (DIAG, "diag")):
+for group, kind, seeds_ in ((MAIN, "main", SEEDS), (ABLATION, "ablation", SEEDS[:1]), (SWEEP, "sweep", SEEDS[:1]),
+                            (DIAG, "diag", SEEDS[:1])):
     for name, ov in group.items():
-        train(name, ov, SEEDS[0], kind)
+        for s in seeds_:
+            RUNS[(name, kind, s)] = study.run("synseg", seed=s, budget="synseg_main" if kind == "main" else
+                                              "synseg_sweep", row=name, evaluate=False, **ov).record(kind=kind, ov=ov)
 t_train = time.perf_counter() - t_train
 LOSS_KEYS = ("align", "cont", "back", "sep", "prior")
 rows = [[r["name"], r["kind"], r["seed"], r["steps"], f"{r['train_s']:.0f}", "cache" if r["cached"] else "this run",
@@ -550,8 +525,7 @@ ThresholdExplorer(thr_images, lambda i: predict_probs(m0, thr_images[i], text, 5
 VERDICTS = []
 
 
-def miou_stat(s):
-    return miou_from_confusion(s)[0]
+miou_stat = miou_statistic()  # conf -> mIoU over the classes with a defined IoU
 
 
 def conf_sample(keys, views="5", n=None, fixed_conf=None):
@@ -563,14 +537,10 @@ def conf_sample(keys, views="5", n=None, fixed_conf=None):
                   miou_stat, tuple(k[2] for k in keys))
 
 
-def verdict_row(text, source, res, expected=1, headline=False, paper_ref=None):
-    """Judge ``res`` (two Samples, or a ready Comparison) with ``ovlib.stats``, record it in the chapter's ledger
+def record_verdict(text, source, res, expected=1, headline=False, paper_ref=None):
+    """Judge ``res`` (two Samples, or a ready Comparison) with ``study.judge`` (recorded in the chapter's ledger)
     and add a row to VERDICTS; returns the Claim."""
-    cid = f"5-{len(study.claims)}-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70]
-    if isinstance(res, Comparison):
-        c = study.add_claim(cid, text, res, "mIoU", headline=headline, paper_ref=paper_ref)
-    else:
-        c = study.claim(cid, text, res[0], res[1], "mIoU", expected, headline=headline, paper_ref=paper_ref)
+    c = study.judge(text, res, expected, metric="mIoU", headline=headline, paper_ref=paper_ref)
     VERDICTS.append([text, source, c.comparison.describe(),
                      f"indicative ({c.comparison.indication})" if c.comparison.kind == "indicative" else c.verdict])
     return c
@@ -589,7 +559,7 @@ for name in MAIN:
     d1 = [point((name, "main", s), views="1") for s in SEEDS]
     d5 = [point((name, "main", s), views="5") for s in SEEDS]
     keys = [(name, "main", s) for s in SEEDS]
-    c = verdict_row(f"5 views > 1 view ({name})", "App. B", (conf_sample(keys, "1"), conf_sample(keys, "5")))
+    c = record_verdict(f"5 views > 1 view ({name})", "App. B", (conf_sample(keys, "1"), conf_sample(keys, "5")))
     rows.append([name, ms(d1), ms(d5), c.comparison.describe()])
 md(table(["model", "1 view", "5 views", "5 − 1 [95 % interval] (seeds paired; one seed: indicative)"], rows))
 
@@ -615,7 +585,7 @@ rows = [[f"all four (recipe, seed {SEEDS[0]}, short schedule)", ci(EVAL[full]["5
 for name in list(ABLATION)[1:]:
     key = (name, "ablation", SEEDS[0])
     if name.startswith("− L_"):
-        c = verdict_row(f"removing {name[2:]} lowers mIoU", "Table III", vs_full(key), expected=-1).comparison
+        c = record_verdict(f"removing {name[2:]} lowers mIoU", "Table III", vs_full(key), expected=-1).comparison
     else:
         c = study.compare(*vs_full(key), "mIoU", expect=-1)
     rows.append([name, ci(EVAL[key]["5"]["all"]["miou"]), c.describe()])
@@ -744,25 +714,25 @@ md(table(["model", "device", "params (total / trainable)", "latency", "FPS"],
 for name in MAIN:
     vals = [point((name, "main", s)) for s in SEEDS]
     b = BASE[BEST_BASE]["all"]["miou"][0]
-    verdict_row(f"SynSeg ({name}) > best training-free `{BEST_BASE}`, things+stuff", "§IV-B (vs its baselines)",
+    record_verdict(f"SynSeg ({name}) > best training-free `{BEST_BASE}`, things+stuff", "§IV-B (vs its baselines)",
                 vs_fixed(b, vals), headline=name == next(iter(MAIN)))
     vals = [point((name, "main", s), "bg") for s in SEEDS]
     b = best_bg(BASE[BEST_BASE_BG])[1]["miou"][0]
-    verdict_row(f"SynSeg ({name}) @ {THR0} > best training-free `{BEST_BASE_BG}` at its best threshold, things+bg",
+    record_verdict(f"SynSeg ({name}) @ {THR0} > best training-free `{BEST_BASE_BG}` at its best threshold, things+bg",
                 "§IV-B", vs_fixed(b, vals))
     sp = SPREAD[name]
     mean_bg = float(np.mean([point((name, "main", s), "bg") for s in SEEDS]))
-    verdict_row(f"threshold-robust 0.1–0.6 ({name}): spread ≤ 10 % of the mean (spread {sp:.1f} of mean "
+    record_verdict(f"threshold-robust 0.1–0.6 ({name}): spread ≤ 10 % of the mean (spread {sp:.1f} of mean "
                 f"{mean_bg:.1f})", "Fig. 3",
                 Comparison(sp - 0.1 * mean_bg, float("nan"), float("nan"), float("nan"), "indicative",
                            "threshold rule on the seeds' mean (no test)", -1, ours_a=0.1 * mean_bg, ours_b=sp))
 for name in [n for n in DIAG if "ours" in n]:
     k = (name, "diag", SEEDS[0])
-    verdict_row(f"{name} > best training-free `{BEST_BASE}` (things+stuff, seed {SEEDS[0]}, short schedule)",
+    record_verdict(f"{name} > best training-free `{BEST_BASE}` (things+stuff, seed {SEEDS[0]}, short schedule)",
                 "ours (5.4)", (conf_sample([], n=n_sw, fixed_conf=BASE[BEST_BASE]["all"]["confusion"]),
                                conf_sample([k], n=n_sw)))
 for name in DIAG:
-    verdict_row(f"{name} improves on the recipe (things+stuff, seed {SEEDS[0]}, short schedule)", "ours (5.4)",
+    record_verdict(f"{name} improves on the recipe (things+stuff, seed {SEEDS[0]}, short schedule)", "ours (5.4)",
                 vs_full((name, "diag", SEEDS[0])))
 study.finalize()  # Holm across the headline claims
 VERDICTS = [[c.text, r[1], c.comparison.describe(), f"indicative ({c.comparison.indication})"

@@ -110,6 +110,18 @@ class Run:
     train_s: float = float("nan")
     wall_s: float = float("nan")
 
+    @property
+    def history(self) -> list[dict]:
+        """The run's logged training records (``metrics.jsonl``)."""
+        path = Path(self.res["out_dir"]) / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """The run as a plain dict (name, seed, method, steps, res, cached, train_s, history) plus ``extra``."""
+        return {"name": self.row, "seed": self.seed, "method": self.method, "steps": self.res.get("steps"),
+                "res": self.res, "cached": not self.trained_now, "train_s": self.train_s, "history": self.history,
+                **extra}
+
 
 @dataclass
 class Row:
@@ -409,6 +421,24 @@ class Study:
         c = Claim(id, text, metric, comparison, headline, paper or pp, ref, val, section)
         self.claims.append(c)
         return c
+
+    def judge(self, text: str, res: tuple[stats.Sample, stats.Sample] | stats.Comparison, expect: int = 1,
+              metric: str = "", headline: bool = False, paper_ref: str | None = None, section: str = "") -> Claim:
+        """A claim from two :class:`ovlib.stats.Sample` s (judged by :meth:`claim`) or a ready comparison
+        (:meth:`add_claim`), its id made of the chapter, its rank and the text."""
+        cid = f"{self.chapter}-{len(self.claims)}-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70]
+        if isinstance(res, stats.Comparison):
+            return self.add_claim(cid, text, res, metric, headline=headline, paper_ref=paper_ref, section=section)
+        c = self.claim(cid, text, res[0], res[1], metric, expect, headline=headline, paper_ref=paper_ref,
+                       section=section)
+        assert c is not None  # two Samples always compare
+        return c
+
+    def claim_in(self, section: str, text: str, a: str | stats.Sample, b: str | stats.Sample, metric: str,
+                 expected: int = 1, headline: bool = False, paper_ref: str | None = None) -> Claim | None:
+        """:meth:`claim` with the id made of the section, the text and the metric (``expected``: the sign)."""
+        cid = f"{section}-" + re.sub(r"[^a-z0-9]+", "-", f"{text} {metric}".lower()).strip("-")[:80]
+        return self.claim(cid, text, a, b, metric, expected, headline=headline, paper_ref=paper_ref, section=section)
 
     def check(self, id: str, text: str, value: float, target: float = 0.0, tol: float = 1e-6,
               relation: str = "==", section: str = "", paper_ref: str | None = None,

@@ -21,6 +21,7 @@ __all__ = [
     "confusion_matrix",
     "iou_acc_from_confusion",
     "miou_from_confusion",
+    "miou_statistic",
 ]
 
 
@@ -111,3 +112,16 @@ def miou_from_confusion(conf: np.ndarray) -> tuple[float, float]:
     m1 = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
     m2 = float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
     return m1, m2
+
+
+def miou_statistic(selection: np.ndarray | None = None):
+    """``conf (C, C) -> mIoU`` (percent) over the classes of the boolean ``selection`` (all when ``None``) with a
+    defined IoU (mmseg's nan classes excluded): the statistic a bootstrap over per-image confusions resamples."""
+
+    def f(conf: np.ndarray) -> float:
+        iou, _ = iou_acc_from_confusion(conf)
+        x = iou if selection is None else iou[: len(selection)][np.asarray(selection, dtype=bool)]
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if x.size else float("nan")
+
+    return f
