@@ -764,11 +764,13 @@ md(study.cost_table())
 # %% [markdown]
 # ## 2.10 Which of the paper's claims hold at micro scale
 #
-# Each claim is tested on the numbers above. *holds*: the difference has the paper's sign and is resolved
-# (Welch / one-sample t-test over seeds, p < 0.05, where a row has several seeds; otherwise a 95 % paired
-# bootstrap interval over the evaluation images, targets or pairs that excludes 0 — evaluation noise only, one
-# seed; fewer than 5 images resolve nothing);
-# *reversed*: resolved with the opposite sign; *not resolved*: the budget cannot tell.
+# Each claim is judged by the book's one rule (`ovlib.stats.compare`). With >= 2 seeds per row the seeds
+# decide: paired t-test when both rows share the seeds (Welch otherwise, one-sample against the frozen CLIP),
+# the interval a hierarchical bootstrap (seeds, then images); the headline claims (★ in the Claims ledger) are
+# Holm–Bonferroni corrected. Two deterministic models (the frozen CLIP's Eq. 7 aggregates, its coupling ratio)
+# are judged by the paired bootstrap over targets or pairs. A row with one seed is *indicative*: its
+# image-bootstrap interval is shown, never counted as holding or reversed. *holds*: resolved with the paper's
+# sign; *reversed*: resolved with the opposite sign; *not resolved*: the budget cannot tell.
 
 # %%
 md(study.claims_table())

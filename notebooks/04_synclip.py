@@ -940,9 +940,10 @@ md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 # %% [markdown]
 # ## 4.11 Verdicts
 #
-# Every comparison of the chapter in one table. "Holds" / "reversed" need the 95 % interval (over
-# evaluation images and training seeds) to exclude 0; otherwise the micro world at this budget does not
-# resolve the claim — which is not evidence against it.
+# Every comparison of the chapter in one table. "Holds" / "reversed" need the seeds to resolve the difference
+# (paired t-test over >= 2 seeds, Holm–Bonferroni across the headline claims); one-seed comparisons are
+# *indicative*; otherwise the micro world at this budget does not resolve the claim — which is not evidence
+# against it.
 
 # %%
 study.finalize()  # Holm across the headline claims: re-read the verdicts

@@ -707,8 +707,9 @@ md(table(["model", "device", "params (total / trainable)", "latency", "FPS"],
 # ## 5.12 Verdicts
 #
 # Claims of the paper (or of this chapter's method section) checked on the micro world. Against the
-# deterministic baselines: one-sample t-test of the seeds' mIoU; paired comparisons: bootstrap over scenes.
-# "Holds" / "reversed" need the test or interval to exclude no difference; otherwise "not resolved".
+# deterministic baselines: one-sample t-test of the seeds' mIoU (>= 2 seeds); paired comparisons: the seeds
+# decide (paired t-test, hierarchical bootstrap interval); one-seed comparisons are *indicative* (bootstrap over
+# scenes: shown, not counted). "Holds" / "reversed" need the test to resolve the difference; else "not resolved".
 
 # %%
 for name in MAIN:
