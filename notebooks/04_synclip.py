@@ -331,7 +331,7 @@ def consistency(model):
 
 
 def obj_array(cons, key, split=None):
-    """Per-object ``(N, 2)`` [value, valid] for :func:`bootstrap_diff` / intervals (nan -> invalid)."""
+    """Per-object ``(N, 2)`` [value, valid] for the comparisons and intervals of ``ovlib.stats`` (nan -> invalid)."""
     v = np.asarray(cons[key], dtype=np.float64)
     if split is not None:
         v = np.where(np.asarray(cons["split"]) == split, v, np.nan)
