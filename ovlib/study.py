@@ -42,9 +42,17 @@ import yaml
 
 from ovlib import stats
 from ovlib.config import BUDGET_KEYS, ParamError
+from ovlib.data import CocoPanoptic, ensure_microworld
+from ovlib.data.microworld import export_hash
+from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.students import evaluate_student, load_student, student_dense_fn, train_or_load
-from ovlib.io import atomic_write_text
+from ovlib.io import atomic_write_text, cache_path
+from ovlib.models import MICRO_CLIP_CONFIGS
 from ovlib.nb import ms, table
+from ovlib.train.launch import MICRO_PROFILES, build_models
+from ovlib.train.pretrain import pretrain_configs
+from ovlib.train.recipes import distill_config
 
 __all__ = ["Backbones", "Claim", "Row", "Run", "Study", "paper_numbers", "LEDGER_FIELDS"]
 
@@ -203,8 +211,6 @@ class Study:
     @property
     def n_boot(self) -> int:
         """Bootstrap replicates of the profile's evaluation settings."""
-        from ovlib.eval.profiles import dense_eval_settings
-
         return int(dense_eval_settings(self.params["profile"], self.params["eval_images"]).n_boot)
 
     # ------------------------------------------------------------------------------------------- budgets
@@ -225,12 +231,6 @@ class Study:
         """The frozen CLIP of ``method``'s recipe (and its VFM when ``vfm``), the evaluation split, its categories
         and class embeddings; loaded once per (backbone, vfm). ``method=None``: the ones the chapter loaded first
         (CLIPSelf's recipe when none was loaded)."""
-        from ovlib.data import CocoPanoptic, ensure_microworld
-        from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
-        from ovlib.eval.profiles import dense_eval_settings
-        from ovlib.train.launch import MICRO_PROFILES, build_models
-        from ovlib.train.recipes import distill_config
-
         if method is None:  # the chapter's backbones: the first loaded, else the CLIPSelf recipe's
             if self._backbones:
                 return next(iter(self._backbones.values()))
@@ -264,11 +264,7 @@ class Study:
     def _checkpoint_hash(self, cfg: Any) -> str:
         """Content hash of the backbone weights a run starts from: the micro CLIP's pre-training checkpoint, a
         local ``pretrained`` file, or the name of downloadable weights (their content is fixed by the name)."""
-        from ovlib.io import cache_path
-        from ovlib.models import MICRO_CLIP_CONFIGS
-
         if cfg.backbone in MICRO_CLIP_CONFIGS and not cfg.pretrained:
-            from ovlib.train.pretrain import pretrain_configs
 
             clip_cfg, _ = pretrain_configs(self.params["profile"], self.params["steps_scale"], self.params["seed"])
             path = cache_path(self.params["cache_dir"], clip_cfg.model, clip_cfg)
@@ -287,9 +283,6 @@ class Study:
         """What the training data is: the micro world export's content key (world config, split, images, size,
         start: :func:`ovlib.data.microworld.export_hash`, what the export's manifest stores), or the COCO
         annotation file of the split (name and size)."""
-        from ovlib.data.microworld import export_hash
-        from ovlib.train.launch import MICRO_PROFILES
-
         if self.params["profile"] in MICRO_PROFILES:
             return {"microworld": export_hash(cfg.split, cfg.max_images, cfg.student_size, int(self.params["seed"]))}
         ann = Path(cfg.data_root) / "annotations" / f"instances_{cfg.split}.json"
@@ -302,8 +295,6 @@ class Study:
             **overrides: Any) -> Run:
         """Train ``method`` (or load the finished run) with the named training ``budget``, ``seed`` and
         ``overrides``, then evaluate its student (``eval_kw``: :meth:`evaluate` options) as ``row`` / seed."""
-        from ovlib.train.recipes import distill_config
-
         t = time.perf_counter()
         ov = {**self.train_budget(budget), "seed": seed, **overrides}
         cfg = distill_config(self.params, method, ov, out_dir="unused")
