@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.data.regions import ResizeLongestPad
+from ovlib.models import dense_features, vfm_patch_features
 
 __all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
            "dense_fn_for_vfm"]
@@ -23,7 +25,6 @@ def student_image(image: np.ndarray, size: int) -> tuple[torch.Tensor, float]:
     """``image (H, W, 3) uint8`` -> ``((3, size, size) float in [0, 1], scale)``: the longest side resized to
     ``size`` and the rest padded bottom/right with 0 (``ovlib.data.regions.ResizeLongestPad``, CLIPSelf's
     ``ResizeLongest``). Pixel ``p`` of the original lands at ``p * scale``."""
-    from ovlib.data.regions import ResizeLongestPad
 
     t, scale = ResizeLongestPad(size)(image)  # (3, size, size) float in [0, 1]
     return t.contiguous(), float(scale)
@@ -39,7 +40,6 @@ def category_index(class_ids: Sequence[int]) -> dict[int, int]:
 
 def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, **switches) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm dense CLIP features of ``mode``."""
-    from ovlib.models import dense_features
     if mean is None or std is None:
         mean, std = image_mean_std(model)
 
@@ -53,7 +53,6 @@ def dense_fn_for_vfm(vfm: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm VFM patch features on the VFM's own grid."""
     import torch.nn.functional as F
 
-    from ovlib.models import vfm_patch_features
     mean, std = image_mean_std(vfm)
     p = vfm.patch_embed.patch_size
     p = p[0] if isinstance(p, (tuple, list)) else int(p)

@@ -36,6 +36,10 @@ from ovlib.eval._common import category_index, dataset_indices, normalize_images
 from ovlib.eval.metrics import macc_from_counts, per_class_counts, topk_hits
 from ovlib.train.pretrain import _quiet
 from ovlib.stats import bootstrap_ci
+from ovlib.data.regions import crop_regions
+from ovlib.eval._common import dense_fn_for_clip
+from ovlib.models import mask_pool, roi_features
+from ovlib.models.images import image_mean_std
 
 __all__ = ["RegionClsConfig", "RegionFeatures", "region_masks_at_grid", "extract_region_features",
            "score_regions", "summarize", "PREDICTORS"]
@@ -119,10 +123,6 @@ def extract_region_features(model: Any, dataset: Sequence, cfg: RegionClsConfig 
     ``modes`` are ``dense_features`` modes of ``model`` (CLIP); ``dense_fns`` may add named dense
     extractors (``images in [0, 1] -> (B, C, h, w)``), e.g. a distilled student, keyed by their name.
     """
-    from ovlib.data.regions import crop_regions
-    from ovlib.eval._common import dense_fn_for_clip
-    from ovlib.models import mask_pool, roi_features
-    from ovlib.train.pretrain import image_mean_std
 
     bad = [p for p in predictors if p not in PREDICTORS]
     if bad:

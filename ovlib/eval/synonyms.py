@@ -42,6 +42,9 @@ import numpy as np
 import torch
 
 from ovlib.models.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.eval._common import dataset_indices, student_image
+from ovlib.eval.region_cls import region_masks_at_grid, score_regions
+from ovlib.eval.segmentation import OVSSConfig, evaluate_ovss
 
 __all__ = [
     "EXTRA_PROTOCOLS",
@@ -198,7 +201,6 @@ def region_synonym_robustness(rf: Any, model: Any, tokenizer: Callable, categori
     ``rf``: :class:`ovlib.eval.region_cls.RegionFeatures`; ``key``: its feature key (``"rois/<mode>"``,
     ``"maskpool/<mode>"``, ``"crops"``). Returns ``{"per_class": {(protocol, seed): (C,)}, "table": rows,
     "class_ids": [...]}`` (Top-``ks[k_index-1]`` per-class accuracy; default Top-1)."""
-    from ovlib.eval.region_cls import score_regions
 
     if key not in rf.features:
         raise KeyError(f"region features have no key {key!r}; available: {sorted(rf.features)}")
@@ -242,7 +244,6 @@ def ovss_synonym_robustness(dense_fn: Callable[[torch.Tensor], torch.Tensor], da
     :func:`protocol_text_embeddings` (then ``protocols``/``seeds``/``templates`` are not used). Returns ``{"per_class": {(protocol, seed): (C,) IoU},
     "miou": {(protocol, seed): (pt, lo, hi)}, "confusion": {(protocol, seed): (N, C, C) per image},
     "table": rows, "class_ids": [...]}``."""
-    from ovlib.eval.segmentation import OVSSConfig, evaluate_ovss
 
     cfg = cfg or OVSSConfig()
     ids = class_ids(categories)
@@ -319,8 +320,6 @@ def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tenso
     at least half by the segment (:func:`ovlib.eval.region_cls.region_masks_at_grid`). Returns per-object arrays
     ``{"category_id", "split", "spread", "rel_spread", "corr", "hit"}`` and ``"class_text"``.
     """
-    from ovlib.eval._common import dataset_indices, student_image
-    from ovlib.eval.region_cls import region_masks_at_grid
 
     splits = dict(zip(class_ids(categories), class_splits(categories)))
     if class_text is None:

@@ -75,6 +75,7 @@ from ovlib.methods.declip import resize_tokens
 from ovlib.models import dense_features, patch_correlation, roi_features, vfm_patch_features
 from ovlib.models.adapter import ViTAdapter, vit_adapter
 from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.io import safe_load
 
 __all__ = [
     "BASES",
@@ -426,7 +427,6 @@ def load_constructor(source: str | os.PathLike | dict, model: nn.Module, **metho
     """The :class:`DenseConstructor` of a trained run: built from ``method_args`` (the run's
     ``DistillConfig.method_args``) for ``model``, with the ``constructor.*`` weights of ``source`` (a checkpoint
     path such as ``ensemble-final.pt`` / ``last.pt``, or its loaded dict). Eval mode, no gradients."""
-    from ovlib.io import safe_load
 
     cfg = DenseRCConfig.take(dict(method_args))
     cons = DenseConstructor.for_model(cfg, model)

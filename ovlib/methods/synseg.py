@@ -68,6 +68,11 @@ from ovlib.methods.base import Distiller
 from ovlib.models.images import image_mean_std, normalize_images
 from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers
+from ovlib.data.nouns import CaptionLabelDataset, DEFAULT_EXCLUSIONS, collate_caption_labels
+from ovlib.io import safe_load
+from ovlib.models import dense_features
+from ovlib.models.adapter import vit_adapter
+from ovlib.models.dense import DENSE_MODES
 
 __all__ = [
     "CLAMP_GRADS",
@@ -311,12 +316,10 @@ class SynSegConfig:
         if self.x_source not in X_SOURCES:
             raise ValueError(f"x_source must be one of {X_SOURCES}, got {self.x_source!r}")
         if self.skip is not None:
-            from ovlib.models.dense import DENSE_MODES
 
             if self.skip not in DENSE_MODES:
                 raise ValueError(f"skip must be None or a dense mode {DENSE_MODES}, got {self.skip!r}")
         if self.prior is not None:
-            from ovlib.models.dense import DENSE_MODES
 
             if self.prior not in DENSE_MODES:
                 raise ValueError(f"prior must be None or a dense mode {DENSE_MODES}, got {self.prior!r}")
@@ -370,7 +373,6 @@ class SynSeg(Distiller):
         self.options = dataclasses.asdict(self.cfg)
         student.requires_grad_(False)
         student.eval()
-        from ovlib.models.adapter import vit_adapter
 
         self.adapter = vit_adapter(student)
         ad = self.adapter
@@ -392,8 +394,6 @@ class SynSeg(Distiller):
     @classmethod
     def build_dataset(cls, cfg, mean, std):
         """The launcher's hook: images + caption-derived category ids (no regions, no crops)."""
-        from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabelDataset, collate_caption_labels
-
         a = SynSegConfig.from_options(dict(cfg.method_args))
         data = CaptionLabelDataset(cfg.data_root, cfg.split, size=a.input_size or cfg.student_size, mean=mean,
                                    std=std, caption_pick=a.caption_pick, seed=cfg.seed, max_images=cfg.max_images,
@@ -448,7 +448,6 @@ class SynSeg(Distiller):
         if self.cfg.x_source == "image":
             return self.decoder.image_features(acts, grid)
         if self.cfg.x_source == "clip":
-            from ovlib.models import dense_features
 
             with torch.no_grad():
                 X = dense_features(self.adapter, images, self.cfg.x_mode, normalize=True)  # (B, D, h, w)
@@ -491,8 +490,6 @@ class SynSeg(Distiller):
         """``(B, K, h, w)`` training-free class probabilities of every category (text bank row) per token:
         ``softmax_k(prior_tau * cos(D_p, t_k))`` over the frozen CLIP's unit-norm dense map ``D`` of mode
         ``prior`` (the MaskCLIP-style OVSS of chapter 01, here on the training image)."""
-        from ovlib.models import dense_features
-
         with torch.no_grad():
             D = dense_features(self.adapter, images, self.cfg.prior, normalize=True).float()  # (B, D, h, w)
             cos = torch.einsum("bdhw,kd->bkhw", D, self.text_bank.float())
@@ -544,7 +541,6 @@ class SynSeg(Distiller):
         map ``D`` (mode ``cfg.skip``) against the ``vocab (V, D)`` anchors; ``None`` when ``cfg.skip`` is off."""
         if self.cfg.skip is None:
             return None
-        from ovlib.models import dense_features
 
         with torch.no_grad():
             D = dense_features(self.adapter, images, self.cfg.skip, normalize=True).float()  # (B, D, h, w)
@@ -582,7 +578,6 @@ def load_synseg(weights: str, clip: nn.Module, tokenizer: Any = None, categories
     """A trained SynSeg from a trainer checkpoint (``ensemble-final.pt`` / ``last.pt``, weights_only) over
     ``clip`` (its architecture; its weights are replaced by the checkpoint's ``student.*``). ``categories`` and
     ``options`` must be the run's (``method_args``): the text bank's shape depends on them."""
-    from ovlib.io import safe_load
 
     ck = safe_load(weights, map_location="cpu")
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck

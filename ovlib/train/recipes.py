@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from ovlib.methods import METHODS
 from ovlib.train.distill import DistillConfig
+from ovlib.io import config_hash
 
 SELECTORS = ("method", "backbone")
 MERGED = ("loss_weights", "method_args")
@@ -62,7 +63,6 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
     ``data_root``, ``seed`` and ``device`` come from the profile; ``backbone`` from the profile unless
     overridden; ``out_dir`` defaults to ``cache_dir/runs/<method>-<backbone>-<hash of the config>``.
     """
-    from ovlib.io import config_hash
 
     overrides = dict(overrides)
     backbone = overrides.get("backbone", params["backbone"])

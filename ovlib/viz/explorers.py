@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ovlib.viz import logic, widgets
+from ovlib.eval._common import student_image
 
 __all__ = [
     "AffinityExplorer",
@@ -73,7 +74,6 @@ def images_from_dataset(
     "masks": (K, size, size) bool}`` from its segments (a ``CocoPanoptic``-like dataset)."""
     import torch.nn.functional as F
 
-    from ovlib.eval._common import student_image
 
     images, meta = [], []
     for i in indices:
