@@ -65,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovlib.nb import ci_signed as ci, md, ms, setup, table  # this chapter's intervals are differences
+from ovlib.nb import md, ms, setup, table
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.eval import (
     MICRO_TEMPLATES,
@@ -828,8 +828,8 @@ def sweep_table_rows(pairs):
         e = evs(name, "sweep")[0]
         r = [label] + [f"{value(e, m):.1f}" for m in sw_metrics]
         r.append(f"{drop_value(e, 'boxes novel', 'synonym_ensemble'):+.1f}")
-        r.append("—" if name == base_name else ci(compare(base_name, name, "boxes novel", kind_a="sweep",
-                                                           kind_b="sweep")[:3]))
+        r.append("—" if name == base_name else study.compare(*compare(base_name, name, "boxes novel", kind_a="sweep",
+                                                                      kind_b="sweep"), "boxes novel").describe())
         rows_.append(r)
     return rows_
 
