@@ -683,6 +683,7 @@ def verdict_row(text, paper, res, expected="higher", digits=1, negligible=NEGLIG
 # the paper's numbers are shown beside ours only as the direction to look for.
 
 # %%
+study.section = "4.6"  # the Claims ledger links this section's claims here
 # SynCLIP paper (CVPR'26), main-results table, OV-COCO AP50 novel with F-ViT (the copy in
 # shared/papers/000_... has no table numbers): ViT-B/16 DeCLIP 41.1, SynCLIP 43.6; ViT-L/14 46.2, 49.8;
 # OV-LVIS mAP_r (mask): B/16 26.8, 27.8; L/14 37.2, 37.2.
@@ -720,6 +721,7 @@ md("Differences (b − a, 95 % interval over images and seeds):\n\n" +
 # default of its F-ViT tool — and the micro world's held-out synonyms, never in a caption). Negative = worse.
 
 # %%
+study.section = "4.7"  # the Claims ledger links this section's claims here
 # SynCLIP paper, synonym-robustness table (OV-COCO AP50 novel; original / with synonyms / drop) and text:
 # base-class drop DeCLIP -2.2, SynCLIP -0.6.
 PAPER_SYN = {"CLIPSelf": (37.6, 28.8, -8.8), "DeCLIP": (41.0, 31.5, -9.5), "SSA+SAR": (43.6, 39.2, -4.4)}
@@ -782,6 +784,7 @@ md(f"SynCLIP, seed {SEEDS[0]}: box Top-1 per split (`drop_table`; the random syn
 # Same runs as 4.6, all seeds. "Synonyms" = the synonym ensemble.
 
 # %%
+study.section = "4.8"  # the Claims ledger links this section's claims here
 # SynCLIP paper, ablation table on OV-COCO (AP50 novel; baseline = DeCLIP): none 41.0, SSA 41.1, SAR 42.2,
 # SSA+SAR 43.6.
 PAPER_ABL = {"DeCLIP": ("✘", "✘", 41.0), "SSA only": ("✔", "✘", 41.1), "SAR only": ("✘", "✔", 42.2),
@@ -814,6 +817,7 @@ md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 # sweep's own SynCLIP run (code reading: $k=7$, 0.3/0.7, `huber_kl`, trained for the same steps).
 
 # %%
+study.section = "4.9"  # the Claims ledger links this section's claims here
 base_name = "SSA+SAR (k=7, 0.3/0.7, huber_kl)"
 sw_metrics = ("boxes novel", "boxes base", "stuff masks", "OVSS mIoU")
 K_NAME = {k: base_name if k == READINGS["code"]["topk"] else f"k={k}" for k in KS}
@@ -882,6 +886,7 @@ md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 # often (hit).
 
 # %%
+study.section = "4.10"  # the Claims ledger links this section's claims here
 rows_ = [("micro CLIP", clip_maps)]
 for name in ("DeCLIP", "SSA+SAR"):
     m = load_student(P, RUNS[(name, "main", SEEDS[0])]["res"], device=DEV)

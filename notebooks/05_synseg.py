@@ -522,6 +522,7 @@ ThresholdExplorer(thr_images, lambda i: predict_probs(m0, thr_images[i], text, 5
 # batch; maps averaged where views overlap. Paired over the same scenes and seeds.
 
 # %%
+study.section = "5.8"  # the Claims ledger links this section's claims here
 VERDICTS = []
 
 
@@ -571,6 +572,7 @@ md(table(["model", "1 view", "5 views", "5 − 1 [95 % interval] (seeds paired; 
 # Table III (VOC / Context / City) is quoted beside.
 
 # %%
+study.section = "5.9"  # the Claims ledger links this section's claims here
 PAPER_T3 = {"all four": (60.5, 43.8, 35.8)}  # Table III of our copy; which loss each other row removes was lost
 full = ("all four", "ablation", SEEDS[0])
 n_sw = BUDGET["n_eval_sweep"]
@@ -712,6 +714,7 @@ md(table(["model", "device", "params (total / trainable)", "latency", "FPS"],
 # scenes: shown, not counted). "Holds" / "reversed" need the test to resolve the difference; else "not resolved".
 
 # %%
+study.section = "5.12"  # the Claims ledger links this section's claims here
 for name in MAIN:
     vals = [point((name, "main", s)) for s in SEEDS]
     b = BASE[BEST_BASE]["all"]["miou"][0]

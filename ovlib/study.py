@@ -203,6 +203,7 @@ class Study:
         self.rows: dict[str, Row] = {}
         self.runs: list[Run] = []
         self.claims: list[Claim] = []
+        self.section = ""  # the chapter section claims are made in when they do not name one (the ledger links it)
         self._backbones: dict[tuple, Backbones] = {}
         self._hashes: dict[str, str] = {}
         self._numbers: dict[str, Any] | None = None
@@ -397,7 +398,7 @@ class Study:
         if cmp_ is None:
             return None
         pp, ref, val = self._paper(paper_ref)
-        c = Claim(id, text, metric, cmp_, headline, paper or pp, ref, val, section,
+        c = Claim(id, text, metric, cmp_, headline, paper or pp, ref, val, section or self.section,
                   (a if isinstance(a, str) else "", b if isinstance(b, str) else ""))
         self.claims.append(c)
         return c
@@ -409,7 +410,7 @@ class Study:
         if any(c.id == id for c in self.claims):
             raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
         pp, ref, val = self._paper(paper_ref)
-        c = Claim(id, text, metric, comparison, headline, paper or pp, ref, val, section)
+        c = Claim(id, text, metric, comparison, headline, paper or pp, ref, val, section or self.section)
         self.claims.append(c)
         return c
 
@@ -440,7 +441,7 @@ class Study:
             raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
         pp, ref, val = self._paper(paper_ref)
         c = Claim(id, text, "check", stats.check(value, target, tol, relation), False, paper or pp, ref, val,
-                  section)
+                  section or self.section)
         self.claims.append(c)
         return c
 
