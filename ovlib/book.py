@@ -360,9 +360,11 @@ def ledger_page(root: Path | str = ".") -> Path:
     else:
         lines += [f"Profile(s) of the executed chapters: {', '.join(sorted(profiles))}.", ""]
         head = [c for c in entries if c.get("headline") and c.get("kind") == "claim"]
+        head_ind = sum(bool(c.get("headline")) and c.get("kind") == "indicative" for c in entries)
         tot = {v: sum(c["verdict"] == v for c in head) for v in ("holds", "reversed", "not resolved")}
-        lines += ["## Totals", "", f"Headline claims: **{tot['holds']} held**, **{tot['reversed']} reversed**, "
-                  f"**{tot['not resolved']} not resolved** (of {len(head)}). All claims: "
+        lines += ["## Totals", "", f"Headline claims judged on seeds: **{tot['holds']} held**, **{tot['reversed']} "
+                  f"reversed**, **{tot['not resolved']} not resolved** (of {len(head)}; {head_ind} more headline "
+                  "claims rest on one seed at this profile: indicative, not counted). All claims: "
                   f"{sum(c['kind'] == 'claim' for c in entries)} judged on seeds, "
                   f"{sum(c['kind'] == 'indicative' for c in entries)} indicative, "
                   f"{sum(c['kind'] == 'check' for c in entries)} checks "

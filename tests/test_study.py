@@ -142,7 +142,7 @@ def test_ledger_page_tables_links_and_totals(project):
     st.check("eq", "an identity", 0.0, section="2.4")
     st.ledger()
     page = book.ledger_page(project).read_text()
-    assert "Headline claims: **1 held**, **1 reversed**, **0 not resolved** (of 2)" in page
+    assert "Headline claims judged on seeds: **1 held**, **1 reversed**, **0 not resolved** (of 2; 0 more" in page
     assert page.count("<tr><td>") == 3 and "check passed" in page
     # the link points at the chapter page and the docutils id of its "## 2.2 ..." heading
     src = (project / "notebooks" / "02_refining_spatial_awareness.py").read_text()
