@@ -42,6 +42,7 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml; this chapter trains none
+budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 
 # %%
 import math
@@ -57,8 +58,11 @@ from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_nam
                         score_regions, summarize, text_embeddings)
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_proxyclip, dense_fn_for_vfm, student_image
 from ovlib.eval.profiles import dense_eval_settings
+from ovlib.eval.metrics import macc_from_counts
 from ovlib.eval.segmentation import evaluate_kmeans, evaluate_ovss
 from ovlib.eval.zeroshot import isolated_objects, zero_shot_hits, zero_shot_summary
+from ovlib.stats import Sample
+from ovlib.study import Study
 from ovlib.train.pretrain import (clip_train_flops_per_sample, forward_flops, matmul_peak, pretrain_clip,
                                   pretrain_configs, pretrain_vfm)
 
@@ -411,6 +415,23 @@ md(table(["paper row", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1
       "(**the intervals overlap: the gap is NOT clear at this budget** — the method chapters depend on it). ")
    + f"The best training-free mode on boxes is `{best}` with {summ[f'rois/{best}']['thing.macc1'][0]:.1f} %. "
    "In the paper, EVA-CLIP's boxes reach 18.2 % and CLIPSelf's distillation lifts them to 72.1 %.")
+
+# the premise as a claim of the book's ledger (book/claims/01.json): the frozen CLIP is deterministic, so the
+# paired bootstrap over the evaluation images is the whole uncertainty (ovlib.stats)
+study = Study(P, "01", device=DEV)
+
+
+def thing_top1(key):
+    """Per-image ``[regions, Top-1 hits]`` per class of a predictor, and the mean-accuracy statistic."""
+    return Sample((np.asarray(scores[key]["thing"][:, [0, 1]], dtype=np.float64),),
+                  lambda s: macc_from_counts(s[1], s[0]), fixed=True)
+
+
+gap_claim = study.claim("1.6-dense-gap", "the crop CLS classifies things better than RoIAlign of the vanilla dense "
+                        "map (the dense gap)", thing_top1("rois/vanilla"), thing_top1("crops"), "thing.top1",
+                        headline=True, paper_ref="clip.rc.boxes", section="1.6")
+study.ledger()
+md(f"Crop CLS − vanilla RoIAlign, things Top-1: {gap_claim.describe()}.")
 
 # %% [markdown]
 # ## 1.7 Open-vocabulary segmentation and k-means grouping

@@ -47,10 +47,12 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (clipself, regiontext, sc-clipself, refiner, rsc-*)
+budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 
 # %%
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -60,31 +62,16 @@ import torch
 from sklearn.metrics import silhouette_score
 
 from ovlib.nb import ci, md, setup, table
-from ovlib.data import CocoPanoptic, ensure_microworld
-from ovlib.eval import (
-    MICRO_TEMPLATES,
-    VILD_TEMPLATES,
-    affinity_map,
-    bootstrap_ci,
-    class_name_sets,
-    text_embeddings,
-)
+from ovlib.eval import affinity_map
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.segmentation import evaluate_kmeans
-from ovlib.eval.students import (
-    evaluate_student,
-    load_student,
-    mean_std,
-    paired_diff_ci,
-    train_or_load,
-    verdict,
-    welch,
-)
+from ovlib.eval.students import load_student
 from ovlib.methods.analysis import ContextAggregate, coupling_ratio, refiner_dense_fn, tsne_embed
 from ovlib.methods.rsc import load_refiner
 from ovlib.models import vit_adapter
-from ovlib.train.launch import build_models
+from ovlib.stats import Sample, bootstrap_ci, mean_std, ratio_stat
+from ovlib.study import Study
 from ovlib.train.pretrain import image_mean_std
 from ovlib.train.recipes import distill_config
 
@@ -92,46 +79,26 @@ from ovlib.train.recipes import distill_config
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
-SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"
-SEEDS = list(range(P["seeds"]))
+study = Study(P, "02", device=DEV)  # budgets, the shared run cache, claims and the ledger (book/claims/02.json)
+B = study.budget  # params/PROFILE.yaml: budgets["02"]
+SEEDS = study.seeds
+SMOKE = P["profile"] == "smoke"  # only the sizes of two figures (§2.7)
 
 
-
-
-
-# ---- the chapter's budget (one place; §2.9 prints what it cost) ---------------------------------------------
+# ---- the chapter's budget: params/PROFILE.yaml (budgets.train: main / ablation / refiner; budgets["02"]) --------
 # micro: ~30 distillation runs must fit the chapter's 25-min budget on 2 CPU cores, so every run is far shorter
-# than params/micro.yaml's 400 steps x 8 images with <= 20 regions: main-table rows MAIN_STEPS steps x 4 images
-# with <= 6 regions each, one run per entry of SEEDS; ablations and sweeps ABL_STEPS and one seed (against an
-# R-SC-CLIPSelf reference trained with the same budget); the Refiner REF_STEPS. steps_scale multiplies all three.
-if PAPER:
-    TRAIN, MAIN_STEPS, ABL_STEPS, REF_STEPS = {}, None, None, None  # params/paper.yaml's recipes as they are
-    REGION_N, SEG_N = 0, EV.ovss_images
-    EQ7 = {"targets": 100, "n_max": 32, "target_size": 224, "canvas": 448}
-    CR_PAIRS, TSNE_PER_CLASS = 100, 256
-else:
-    _steps = lambda base: max(1 if SMOKE else 2, round(base * P["steps_scale"]))
-    TRAIN = {} if SMOKE else {"batch_size": 4, "max_boxes": 6}
-    MAIN_STEPS, ABL_STEPS, REF_STEPS = _steps(100), _steps(50), _steps(150)
-    REGION_N, SEG_N = (3, 1) if SMOKE else (200, 50)
-    EQ7 = {"targets": 1, "n_max": 2, "target_size": 80, "canvas": 160} if SMOKE else \
-        {"targets": 32, "n_max": 16, "target_size": 80, "canvas": 160}
-    CR_PAIRS, TSNE_PER_CLASS = (2, 4) if SMOKE else (64, 40)
+# than the recipes' 400 steps x 8 images with <= 20 regions: main-table rows the `main` budget, one run per entry
+# of SEEDS; ablations and sweeps the `ablation` budget and one seed (against an R-SC-CLIPSelf reference trained
+# with the same budget); the Refiner the `refiner` budget. steps_scale multiplies all three; paper: the recipes.
+MAIN_STEPS, ABL_STEPS, REF_STEPS = (study.train_budget(b).get("max_steps") for b in ("main", "ablation", "refiner"))
+BUDGET_OF = {ABL_STEPS: "ablation", REF_STEPS: "refiner", MAIN_STEPS: "main"}  # steps -> named training budget
+REGION_N, SEG_N = B["region_images"], B["seg_images"] or EV.ovss_images
+EQ7, CR_PAIRS, TSNE_PER_CLASS = B["eq7"], B["cr_pairs"], B["tsne_per_class"]
 TEXT_SEEDS = SEEDS  # RegionText rows (Table 1)
-# R-SC students taught by the Refiner variants (Tables 12, 6(b) L2G, objective): all of them except in smoke,
-# where only the variants' own dense maps are measured (the student path is the same as R-SC-CLIPSelf's).
-VARIANT_STUDENTS = 0 if SMOKE else "all"
-# smoke: one Refiner variant (the loop's code path); micro / paper: all of them
-N_REF_VARIANTS = 1 if SMOKE else None
-# Table 13 temperatures and Table 14's global R-SCD (smoke: skipped -- the same code path as R-SC-CLIPSelf)
-TAUS = [(0.1, 0.1), (0.15, 0.15), (0.2, 0.15), (0.2, 0.3), (0.25, 0.25)] if PAPER else \
-    ([] if SMOKE else [(0.1, 0.1), (0.2, 0.3)])
-GLOBAL_SCD = not SMOKE
-RUNS = Path(P["cache_dir"]) / "runs" / "02"
-
-
-def budget(steps) -> dict:
-    return {} if steps is None else {**TRAIN, "max_steps": steps, "warmup_steps": max(1, steps // 10)}
+# R-SC students taught by the Refiner variants (Tables 12, 6(b) L2G, objective) and the number of variants
+VARIANT_STUDENTS, N_REF_VARIANTS = B["variant_students"], B["n_ref_variants"]
+# Table 13 temperatures and Table 14's global R-SCD ([] / false: skipped -- the same code path as R-SC-CLIPSelf)
+TAUS, GLOBAL_SCD = [tuple(t) for t in B["taus"]], B["global_scd"]
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. Distillation: main rows "
@@ -157,47 +124,39 @@ md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} thread
 # residual and FFN kept (`x+v`, CLIPSelf's `forward_without_attn`); the frozen CLIP is shown in the same mode.
 
 # %%
-clip_model, _, _, tokenizer = build_models(distill_config(P, "clipself", budget(MAIN_STEPS)), P, frozenset())
-clip_model = clip_model.to(DEV).eval().requires_grad_(False)
+BB = study.backbones("clipself")  # the frozen CLIP, the evaluation split and its class embeddings, loaded once
+clip_model, tokenizer = BB.clip, BB.tokenizer
 MEAN, STD = image_mean_std(clip_model)
 ps = getattr(clip_model.visual, "patch_size", 8)
 PATCH = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
-if PAPER:
+if P["profile"] == "paper":  # DINOv2 from the hub; the micro profiles' VFM from the pre-training cache
     from ovlib.models import load_vfm
 
     vfm = load_vfm("vit_base_patch14_dinov2.lvd142m", pretrained="hub", device=DEV,
                    allow_download=P["allow_download"])
-    ds = CocoPanoptic(P["data_root"], "val2017")
-    templates, this_is = VILD_TEMPLATES, True
 else:
     from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 
     vfm = pretrain_vfm(pretrain_configs(P["profile"], P["steps_scale"], P["seed"])[1], P["cache_dir"],
                        device=DEV, progress=False)[0]
-    root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size, seed=P["seed"],
-                             progress=False)
-    ds = CocoPanoptic(root, "val2017")
-    templates, this_is = MICRO_TEMPLATES, False
 vfm.eval()
-categories = ds.categories
-class_ids = [c["id"] for c in categories]
+ds, categories, class_ids, text = BB.dataset, BB.categories, BB.class_ids, BB.text
 cat_name = {c["id"]: c["name"] for c in categories}
-text = text_embeddings(clip_model, tokenizer, class_name_sets(categories, "main", seed=P["seed"]), templates,
-                       this_is_prefix=this_is, device=DEV).cpu()
 
 evals, models, runs = {}, {}, {}
 
 
-def evaluate(name, model, main=True, dense_fn=None, region=True, keep=False):
+def evaluate_model(name, model, main=True, dense_fn=None, region=True, keep=False):
     """The chapter-1 protocols on one model; ``main``: also the global zero-shot (crop CLS) and OVSS."""
-    evals[name] = evaluate_student(model, ds, text, class_ids, EV, mode="x+v", name=name, region_images=REGION_N,
-                                   seg_images=SEG_N, region=region, crops=main and region, ovss=main,
-                                   dense_fn=dense_fn, seed=P["seed"], device=DEV, keep_regions=keep)
+    m = re.fullmatch(r"(.+)-s(\d+)", name)  # "<row>-s<seed>": a trained run; "CLIP": the frozen model
+    row, seed = (m.group(1), int(m.group(2))) if m else (name, None if name == "CLIP" else 0)
+    evals[name] = study.evaluate(row, model, seed=seed, fixed=name == "CLIP", dense_fn=dense_fn, region=region,
+                                 crops=main and region, ovss=main, keep_regions=keep)
     return evals[name]
 
 
 t = time.perf_counter()
-evaluate("CLIP", clip_model, keep=True)
+evaluate_model("CLIP", clip_model, keep=True)
 models["CLIP"] = clip_model
 km_vfm = evaluate_kmeans(dense_fn_for_vfm(vfm), ds, image_size=EV.region.image_size, n_images=SEG_N,
                          seed=P["seed"], n_boot=EV.n_boot, patch=int(vfm.patch_embed.patch_size[0]), progress=False)
@@ -221,20 +180,18 @@ md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {e.n_regions} region
 
 # %%
 def run(name, method, seed=0, steps=MAIN_STEPS, **over):
-    """Train (or load) one distillation run into the chapter's run directory."""
-    t = time.perf_counter()
-    res = train_or_load(P, method, {**budget(steps), "seed": seed, **over}, RUNS, name)
-    runs[name] = {**res, "steps": steps, "seed": seed, "wall": time.perf_counter() - t}
-    return res
+    """Train (or load) one distillation run from the shared run cache (``ovlib.study``)."""
+    r = study.run(method, seed=seed, budget=BUDGET_OF[steps], row=name, evaluate=False, **over)
+    runs[name] = {**r.res, "steps": steps, "seed": seed}
+    return r.res
 
 
 def train_eval(name, method, seed=0, steps=MAIN_STEPS, main=True, keep_model=False, **over):
     res = run(name, method, seed, steps, **over)
     student = load_student(P, res, DEV)
-    evaluate(name, student, main=main, keep=keep_model)
+    evaluate_model(name, student, main=main, keep=keep_model)
     if keep_model:
         models[name] = student
-    runs[name]["eval_s"] = evals[name].seconds
     return student
 
 
@@ -244,68 +201,25 @@ for s in TEXT_SEEDS:
     train_eval(f"RegionText-s{s}", "regiontext", s)
 
 
-def vals(prefix, metric):
-    """Per-seed values of a row (``prefix``: run name without ``-sN``; ``CLIP``: the frozen model)."""
-    if prefix in evals:
-        return [evals[prefix].point(metric)]
-    return [evals[n].point(metric) for n in evals if n.rsplit("-s", 1)[0] == prefix]
+pm = study.pm  # mean ± std over a row's seeds
 
 
-def pm(prefix, metric, digits=1) -> str:
-    m, s, n = mean_std(vals(prefix, metric))
-    if n == 0:
-        return "–"
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if n > 1 else "")
-
-
-def compare(a, b, metric, expected=+1):
-    """b − a on ``metric`` with a verdict: Welch over seeds when both rows have >= 2 seeds (one-sample against
-    the frozen CLIP), else a paired bootstrap over the evaluation images of the seed-0 runs."""
-    va, vb = vals(a, metric), vals(b, metric)
-    fixed = a in evals and len(vb) >= 2
-    if fixed or (len(va) >= 2 and len(vb) >= 2):
-        d, p = welch(va, vb, a_fixed=fixed)
-        return {"d": d, "p": p, "lo": float("nan"), "hi": float("nan"), "how": f"Welch, {len(va)} vs {len(vb)} seeds" if not fixed
-                    else f"one-sample t, {len(vb)} seeds", "verdict": verdict(d, p=p, expected=expected)}
-    ea = evals[a] if a in evals else evals[f"{a}-s0"]
-    eb = evals[b] if b in evals else evals[f"{b}-s0"]
-    (xa, stat), (xb, _) = ea.per_image[metric], eb.per_image[metric]
-    d, lo, hi = paired_diff_ci(xa, xb, stat, n_boot=EV.n_boot, seed=P["seed"])
-    return {"d": d, "p": float("nan"), "lo": lo, "hi": hi, "how": f"paired bootstrap over {len(xa)} images, 1 seed",
-                "verdict": verdict(d, lo, hi, expected=expected, n=len(xa))}
-
-
-def dstr(c) -> str:
-    if not np.isfinite(c["d"]):
-        return "–"
-    extra = f"p = {c['p']:.3f}" if np.isfinite(c["p"]) else f"[{c['lo']:+.1f}, {c['hi']:+.1f}]"
-    return f"{c['d']:+.1f} ({extra})"
-
-
-CLAIMS = []  # (section, claim, comparison, expected sign)
-
-
-def claim(section, text_, a, b, metric, expected=+1):
-    if not (vals(a, metric) and vals(b, metric)):  # a row not trained at this budget: no claim
-        return None
-    c = compare(a, b, metric, expected)
-    CLAIMS.append((section, text_, metric, c))
-    return c
+claim = study.claim_in  # (section, claim, a, b, metric, expected sign): one ledger entry
 
 
 rows = []
 for name in ("CLIP", "CLIPSelf", "RegionText"):
     rows.append([name, pm(name, "boxes.top1"), pm(name, "thing.top1"), pm(name, "stuff.top1"),
                  pm(name, "kmeans.miou"), pm(name, "ovss.miou")])
-c_rla = claim("2.2", "RLA (CLIPSelf) improves region recognition (Boxes Top-1)", "CLIP", "CLIPSelf", "boxes.top1")
+c_rla = claim("2.2", "RLA (CLIPSelf) improves region recognition (Boxes Top-1)", "CLIP", "CLIPSelf", "boxes.top1",
+              headline=True, paper_ref="rsc.t1.clipself.boxes")
 c_deg = claim("2.2", "RLA (CLIPSelf) degrades spatial awareness (k-means mIoU falls)", "CLIP", "CLIPSelf",
-              "kmeans.miou", expected=-1)
+              "kmeans.miou", expected=-1, headline=True, paper_ref="rsc.fig1a.degradation")
 c_deg_t = claim("2.2", "RLA (RegionText) degrades spatial awareness (k-means mIoU falls)", "CLIP", "RegionText",
                 "kmeans.miou", expected=-1)
 md(table(["model", "Boxes Top-1", "Thing masks Top-1", "Stuff masks Top-1", "k-means mIoU", "OVSS mIoU"], rows) +
-   f"\n\nCLIPSelf − CLIP: Boxes {dstr(c_rla)} → *{c_rla['verdict']}*; k-means {dstr(c_deg)} → "
-   f"*{c_deg['verdict']}* (the paper's claim: it falls). RegionText − CLIP, k-means: {dstr(c_deg_t)} → "
-   f"*{c_deg_t['verdict']}*. Mean ± std over {len(SEEDS)} seed(s) for CLIPSelf, {len(TEXT_SEEDS)} for RegionText.")
+   f"\n\nCLIPSelf − CLIP: Boxes {c_rla.describe()}; k-means {c_deg.describe()} (the paper's claim: it falls). "
+   f"RegionText − CLIP, k-means: {c_deg_t.describe()}. Mean ± std over {len(SEEDS)} seed(s) for CLIPSelf, {len(TEXT_SEEDS)} for RegionText.")
 
 # %% [markdown]
 # ## 2.3 Spatial Correlation Distillation (SCD)
@@ -329,13 +243,15 @@ rows = []
 for name, label in (("CLIPSelf", "CLIPSelf"), ("SC-CLIPSelf", "+SCD")):
     rows.append([label] + [pm(name, m) for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou",
                                                   "ovss.miou")] + [f"{v:.1f}" for v in PAPER_T6A[label]])
-cmp_scd = {m: claim("2.3", f"SCD improves CLIPSelf ({m})", "CLIPSelf", "SC-CLIPSelf", m)
+SCD_REFS = {"boxes.top1": "rsc.t6a.scd.boxes", "stuff.top1": "rsc.t6a.scd.stuff"}  # book/paper_numbers.yaml
+cmp_scd = {m: claim("2.3", f"SCD improves CLIPSelf ({m})", "CLIPSelf", "SC-CLIPSelf", m, headline=m in SCD_REFS,
+                    paper_ref=SCD_REFS.get(m))
            for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou")}
 md("**Table 6(a), micro analogue** (ours: mean ± std over seeds; paper: Boxes / Thing / Stuff Top-1, "
    "OV-COCO AP50 novel)\n\n" +
    table(["method", "Boxes T1", "Thing T1", "Stuff T1", "k-means mIoU", "OVSS mIoU", "paper Boxes", "paper Thing",
           "paper Stuff", "paper OV-COCO"], rows) +
-   "\n\nSC-CLIPSelf − CLIPSelf: " + "; ".join(f"{m} {dstr(c)} → *{c['verdict']}*" for m, c in cmp_scd.items()))
+   "\n\nSC-CLIPSelf − CLIPSelf: " + "; ".join(f"{m} {c.describe()}" for m, c in cmp_scd.items()))
 
 # %% [markdown]
 # ## 2.4 CLIP's latent spatial awareness (Eq. 7)
@@ -364,13 +280,10 @@ for mode in ("x+v", "vanilla"):
     models[f"Eq7-{mode}"] = agg
 
 
-def km_per(res):
+def km_sample(res):
+    """A k-means result as a one-run :class:`ovlib.stats.Sample` of per-image ``[mIoU, 1]`` (a frozen model)."""
     per = np.asarray(res["per_image"], dtype=np.float64)
-    return np.stack([per, np.ones_like(per)], 1)
-
-
-def km_stat(s):
-    return float(s[0] / s[1])
+    return Sample((np.stack([per, np.ones_like(per)], 1),), ratio_stat, fixed=True)
 
 
 fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -386,17 +299,12 @@ ax.minorticks_off()
 ax.legend(fontsize=7)
 plt.tight_layout()
 plt.show()
-eq7_cmp = {}
-for mode in ("x+v", "vanilla"):
-    d, lo, hi = paired_diff_ci(km_per(eq7[(mode, 1)]), km_per(eq7[(mode, n_ctx)]), km_stat, n_boot=EV.n_boot,
-                               seed=P["seed"])
-    eq7_cmp[mode] = {"d": d, "lo": lo, "hi": hi, "p": float("nan"), "how": f"paired bootstrap over {T} targets",
-                         "verdict": verdict(d, lo, hi, n=T)}
-    CLAIMS.append(("2.4", f"Aggregating over more contexts (N = {n_ctx} vs 1) improves k-means mIoU ({mode})",
-                   "kmeans.miou", eq7_cmp[mode]))
+eq7_cmp = {mode: claim("2.4", f"Aggregating over more contexts (N = {n_ctx} vs 1) improves k-means mIoU ({mode})",
+                       km_sample(eq7[(mode, 1)]), km_sample(eq7[(mode, n_ctx)]), "kmeans.miou")
+           for mode in ("x+v", "vanilla")}
 md(table(["mode", "alone"] + [f"N = {n}" for n in N_LIST],
          [[m, ci(eq7[(m, 0)]["miou"])] + [ci(eq7[(m, n)]["miou"]) for n in N_LIST] for m in ("x+v", "vanilla")]) +
-   "\n\n" + " ".join(f"`{m}`: N = {n_ctx} − N = 1: {dstr(c)} → *{c['verdict']}*." for m, c in eq7_cmp.items()) +
+   "\n\n" + " ".join(f"`{m}`: N = {n_ctx} − N = 1: {c.describe()}." for m, c in eq7_cmp.items()) +
    f" ({time.perf_counter() - t:.0f} s)")
 
 # %% [markdown]
@@ -430,7 +338,7 @@ def refiner_eval(name, res):
     ref = load_refiner(res["weights"], clip_model).to(DEV)
     fn = refiner_dense_fn(ref, MEAN, STD)
     models[name] = fn
-    evaluate(name, clip_model, main=False, dense_fn=fn, region=False)
+    evaluate_model(name, clip_model, main=False, dense_fn=fn, region=False)
     runs[name]["eval_s"] = evals[name].seconds
     return ref, fn
 
@@ -445,12 +353,8 @@ hist = [r for r in (Path(ref_res["out_dir"]) / "metrics.jsonl").read_text().spli
 g2l = [json.loads(r)["g2l"] for r in hist]
 c_ref = claim("2.5", "The Refiner's dense map groups better than the frozen CLIP's (k-means mIoU)", "CLIP", "Refiner",
               "kmeans.miou")
-d, lo, hi = paired_diff_ci(km_per(eq7[("vanilla", n_ctx)]), km_per(km_ref_t), km_stat, n_boot=EV.n_boot,
-                           seed=P["seed"])
-c_ref_eq7 = {"d": d, "lo": lo, "hi": hi, "p": float("nan"), "how": f"paired bootstrap over {T} targets",
-                 "verdict": verdict(d, lo, hi, n=T)}
-CLAIMS.append(("2.5", f"The Refiner beats the Eq. 7 aggregate (N = {n_ctx}, vanilla) on the targets", "kmeans.miou",
-               c_ref_eq7))
+c_ref_eq7 = claim("2.5", f"The Refiner beats the Eq. 7 aggregate (N = {n_ctx}, vanilla) on the targets",
+                  km_sample(eq7[("vanilla", n_ctx)]), km_sample(km_ref_t), "kmeans.miou")
 g_crop = int(vit_adapter(clip_model).native_grid[0])  # token grid of a crop (G2LConfig.crop_grid = None)
 md(f"Refiner InfoNCE loss (log every {distill_config(P, 'refiner').log_every} steps): {g2l[0]:.3f} first → "
    f"{g2l[-1]:.3f} last (chance level ln L = {math.log(g_crop ** 2):.2f} for a {g_crop}×{g_crop} crop grid).\n\n" +
@@ -460,8 +364,8 @@ md(f"Refiner InfoNCE loss (log every {distill_config(P, 'refiner').log_every} st
           [f"Eq. 7 aggregate, N = {n_ctx} (`vanilla`)", "", ci(eq7[("vanilla", n_ctx)]["miou"])],
           ["Refiner", ci(evals["Refiner"].ci["kmeans.miou"]), ci(km_ref_t["miou"])],
           ["micro VFM (DINO)", ci(km_vfm["miou"]), ""]]) +
-   f"\n\nRefiner − CLIP (160 px): {dstr(c_ref)} → *{c_ref['verdict']}*; Refiner − Eq. 7 aggregate (targets): "
-   f"{dstr(c_ref_eq7)} → *{c_ref_eq7['verdict']}*.")
+   f"\n\nRefiner − CLIP (160 px): {c_ref.describe()}; Refiner − Eq. 7 aggregate (targets): "
+   f"{c_ref_eq7.describe()}.")
 
 # %% [markdown]
 # ### Semantic coupling (Eq. 15, Table 9)
@@ -511,7 +415,7 @@ t_cr = time.perf_counter() - t
 # (§2.6; one seed, the ablation budget).
 
 # %%
-K_LIST = [2, 3, 4, 5] if PAPER else [1, 2, 3]
+K_LIST = B["k_list"]
 REF_VARIANTS = {f"Refiner K={k}": refiner_args(k) for k in K_LIST if k != K_MAIN}
 REF_VARIANTS.update({"Refiner cosine": {"objective": "cosine"}, "Refiner L2G": {"direction": "l2g"}})
 REF_VARIANTS = dict(list(REF_VARIANTS.items())[:N_REF_VARIANTS])
@@ -553,7 +457,8 @@ md("**Table 1, micro analogue** (ours: Top-1 / Top-5 mean accuracy, mean ± std 
    + table(["method", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1", "Stuff T5",
             "paper Boxes/Thing/Stuff T1"], rows))
 for m in ("boxes.top1", "thing.top1", "stuff.top1"):
-    claim("2.6", f"R-SC-CLIPSelf beats CLIPSelf ({m})", "CLIPSelf", "R-SC-CLIPSelf", m)
+    claim("2.6", f"R-SC-CLIPSelf beats CLIPSelf ({m})", "CLIPSelf", "R-SC-CLIPSelf", m, headline=m == "boxes.top1",
+          paper_ref="rsc.t1.rsc.boxes" if m == "boxes.top1" else None)
     claim("2.6", f"R-SC-RegionText beats RegionText ({m})", "RegionText", "R-SC-RegionText", m)
 
 # Table 2 (ViT-B/16, with RPN proposals) -- Boxes, Thing, Stuff Top-1 / Top-5.
@@ -561,11 +466,12 @@ PAPER_T2 = {"CLIPSelf": (74.0, 92.6, 76.3, 92.8, 36.8, 75.0), "SC-CLIPSelf": (76
             "R-SC-CLIPSelf": (77.3, 94.0, 78.9, 94.2, 52.5, 83.9)}
 rows = [[n] + [pm(n, m) for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou", "ovss.miou")] +
         ["/".join(f"{v:.1f}" for v in PAPER_T2[n][::2])] for n in PAPER_T2]
-c_r_sc = {m: claim("2.6", f"the Refiner's targets beat the teacher's: R-SC > SC ({m})", "SC-CLIPSelf", "R-SC-CLIPSelf", m)
+c_r_sc = {m: claim("2.6", f"the Refiner's targets beat the teacher's: R-SC > SC ({m})", "SC-CLIPSelf", "R-SC-CLIPSelf", m,
+                   headline=m == "boxes.top1", paper_ref="rsc.t2.rsc_sc.boxes" if m == "boxes.top1" else None)
           for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou")}
 md("**Table 2, micro analogue** (effect of the Refiner; paper rows are RPN-proposal runs, ours grid runs)\n\n" +
    table(["method", "Boxes T1", "Thing T1", "Stuff T1", "k-means mIoU", "OVSS mIoU", "paper Boxes/Thing/Stuff T1"], rows)
-   + "\n\nR-SC − SC: " + "; ".join(f"{m} {dstr(c)} → *{c['verdict']}*" for m, c in c_r_sc.items()))
+   + "\n\nR-SC − SC: " + "; ".join(f"{m} {c.describe()}" for m, c in c_r_sc.items()))
 
 # %% [markdown]
 # ### Ablations of R-SCD: Table 6(b), Table 12 (K), InfoNCE vs cosine, Table 13 (τ), Table 14 (local vs global)
@@ -605,7 +511,7 @@ def abl_rows(entries, paper=None):
             row = [label] + ["–"] * (len(ABL_M) + 1)
         else:
             e = evals[name]
-            diffs = [] if name == ABL_BASE else [dstr(compare(abl_name(ABL_BASE), abl_name(name), m)) for m in ABL_M]
+            diffs = [] if name == ABL_BASE else [study.compare(abl_name(ABL_BASE), abl_name(name), m).describe() for m in ABL_M]
             row = [label] + [ci(e.ci[m]) for m in ABL_M] + ([" / ".join(diffs)] if diffs else ["(reference)"])
         if paper is not None:
             row.append(paper.get(label, ""))
@@ -678,7 +584,7 @@ c_v = claim("2.6", "R-SC-V (no RLA) keeps spatial awareness better than CLIPSelf
             "R-SC-V", "kmeans.miou")
 md(f"**R-SC-V** (R-SCD only, {MAIN_STEPS} steps, seed 0): k-means mIoU {ci(evals['R-SC-V-s0'].ci['kmeans.miou'])} vs "
    f"CLIP {ci(evals['CLIP'].ci['kmeans.miou'])}, CLIPSelf {pm('CLIPSelf', 'kmeans.miou')}; R-SC-V − CLIPSelf "
-   f"{dstr(c_v)} → *{c_v['verdict']}*. Boxes Top-1 {ci(evals['R-SC-V-s0'].ci['boxes.top1'])}.")
+   f"{c_v.describe()}. Boxes Top-1 {ci(evals['R-SC-V-s0'].ci['boxes.top1'])}.")
 
 # %% [markdown]
 # ### Coupling ratio of students (Table 9)
@@ -709,19 +615,17 @@ md("**Table 9, micro analogue** (coupling ratio ↓; seeds: mean ± std of the p
           for n in ("CLIP", "CLIP vanilla", "CLIPSelf", "SC-CLIPSelf", "Refiner", "R-SC-CLIPSelf")]))
 
 
+def cr_sample(name):
+    """Per-pair ``[CR, 1]`` arrays of a model (one per seed of a trained row; the frozen CLIP: fixed)."""
+    if name in CR:
+        return Sample((np.asarray(CR[name], dtype=np.float64),), ratio_stat, fixed=name.startswith("CLIP"))
+    return Sample(tuple(np.asarray(CR[f"{name}-s{s}"], dtype=np.float64) for s in SEEDS), ratio_stat, tuple(SEEDS),
+                  order="cr-pairs")
+
+
 def cr_claim(a, b, text_):
-    xa_ = CR[a] if a in CR else CR[f"{a}-s0"]
-    xb_ = CR[b] if b in CR else CR[f"{b}-s0"]
-    va = [cr_mean(CR[a])] if a in CR else [cr_mean(CR[f"{a}-s{s}"]) for s in SEEDS]
-    vb = [cr_mean(CR[b])] if b in CR else [cr_mean(CR[f"{b}-s{s}"]) for s in SEEDS]
-    if len(vb) >= 2 and (len(va) >= 2 or a in CR):
-        d, p = welch(va, vb, a_fixed=len(va) == 1)
-        c = {"d": d, "p": p, "lo": float("nan"), "hi": float("nan"), "how": "seeds", "verdict": verdict(d, p=p, expected=-1)}
-    else:
-        d, lo, hi = paired_diff_ci(xa_, xb_, lambda s: s[0] / s[1], n_boot=EV.n_boot, seed=P["seed"])
-        c = {"d": d, "p": float("nan"), "lo": lo, "hi": hi, "how": f"paired bootstrap over {CR_PAIRS} pairs",
-                 "verdict": verdict(d, lo, hi, expected=-1, n=CR_PAIRS)}
-    CLAIMS.append(("2.5", text_, "CR", c))
+    return claim("2.5", text_, cr_sample(a), cr_sample(b), "coupling ratio", expected=-1,
+                 paper_ref="rsc.t9.cr" if (a, b) == ("CLIPSelf", "R-SC-CLIPSelf") else None)
 
 
 cr_claim("CLIP", "Refiner", "the Refiner has a lower coupling ratio than the frozen CLIP (x+v)")
@@ -859,35 +763,32 @@ for n in ("CLIPSelf", "R-SC-CLIPSelf"):
 # evaluation seconds are this execution's.
 
 # %%
-rows = []
-for name, r in runs.items():
-    rows.append([name, r["method"], r["steps"] if r["steps"] is not None else "recipe", r["seed"],
-                 f"{r['train_s']:.0f}", "trained" if r["trained_now"] else "cache", f"{r.get('eval_s', float('nan')):.0f}"])
-tot_train = sum(r["train_s"] for r in runs.values() if np.isfinite(r["train_s"]))
-md(table(["run", "method", "steps", "seed", "train s", "this execution", "eval s"], rows) +
-   f"\n\n{len(runs)} runs, {tot_train:.0f} s of training in total when trained; "
-   f"{sum(e.seconds for e in evals.values()):.0f} s of evaluation in this execution.")
+md(study.cost_table())
 
 # %% [markdown]
 # ## 2.10 Which of the paper's claims hold at micro scale
 #
-# Each claim is tested on the numbers above. *holds*: the difference has the paper's sign and is resolved
-# (Welch / one-sample t-test over seeds, p < 0.05, where a row has several seeds; otherwise a 95 % paired
-# bootstrap interval over the evaluation images, targets or pairs that excludes 0 — evaluation noise only, one
-# seed; fewer than 5 images resolve nothing);
-# *reversed*: resolved with the opposite sign; *not resolved*: the budget cannot tell.
+# Each claim is judged by the book's one rule (`ovlib.stats.compare`). With >= 2 seeds per row the seeds
+# decide: paired t-test when both rows share the seeds (Welch otherwise, one-sample against the frozen CLIP),
+# the interval a hierarchical bootstrap (seeds, then images); the headline claims (★ in the Claims ledger) are
+# Holm–Bonferroni corrected. Two deterministic models (the frozen CLIP's Eq. 7 aggregates, its coupling ratio)
+# are judged by the paired bootstrap over targets or pairs. A row with one seed is *indicative*: its
+# image-bootstrap interval is shown, never counted as holding or reversed. *holds*: resolved with the paper's
+# sign; *reversed*: resolved with the opposite sign; *not resolved*: the budget cannot tell.
 
 # %%
-rows = [[sec, txt, dstr(c), c["how"], f"**{c['verdict']}**"] for sec, txt, metric, c in CLAIMS]
-md(table(["§", "claim (paper's direction)", "measured difference", "test", "verdict"], rows))
-tally = {v: sum(c["verdict"] == v for *_, c in CLAIMS) for v in ("holds", "reversed", "not resolved", "n/a")}
-held = [txt for _, txt, _, c in CLAIMS if c["verdict"] == "holds"]
-rev = [txt for _, txt, _, c in CLAIMS if c["verdict"] == "reversed"]
-md(f"Of {len(CLAIMS)} claims, **{tally['holds']} hold**, **{tally['reversed']} are reversed** and "
-   f"**{tally['not resolved']} are not resolved** at this budget ({P['profile']} profile, {MAIN_STEPS or 'recipe'} "
-   f"distillation steps, {len(SEEDS)} seed(s) for the main rows).\n\n" +
-   ("Hold: " + "; ".join(held) + ".\n\n" if held else "No claim holds at this budget.\n\n") +
+md(study.claims_table())
+tally = study.tally()
+held = [c.text for c in study.claims if c.comparison.kind == "claim" and c.verdict == "holds"]
+rev = [c.text for c in study.claims if c.comparison.kind == "claim" and c.verdict == "reversed"]
+md(f"Of {len(study.claims)} claims, {tally['holds'] + tally['reversed'] + tally['not resolved']} are judged on "
+   f"seeds: **{tally['holds']} hold**, **{tally['reversed']} are reversed** and **{tally['not resolved']} are not "
+   f"resolved**; {tally['indicative']} rest on one seed (*indicative*: shown, not counted) "
+   f"({P['profile']} profile, {MAIN_STEPS or 'recipe'} distillation steps, {len(SEEDS)} seed(s) for the main rows). "
+   f"Headline claims are Holm–Bonferroni corrected; the book's Claims ledger collects every chapter's.\n\n" +
+   ("Hold: " + "; ".join(held) + ".\n\n" if held else "No claim judged on seeds holds at this budget.\n\n") +
    ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed."))
+study.ledger()  # book/claims/02.json
 
 # %% [markdown]
 # **Reading the verdicts.** The micro CLIP is a 4-block ViT trained for minutes on procedural scenes; the

@@ -54,10 +54,9 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (declip, synclip)
+budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 
 # %%
-import json
-import re
 import time
 from pathlib import Path
 
@@ -66,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovlib.nb import ci_signed as ci, md, ms, setup, table  # this chapter's intervals are differences
+from ovlib.nb import md, ms, setup, table
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.eval import (
     MICRO_TEMPLATES,
@@ -76,11 +75,10 @@ from ovlib.eval import (
     text_embeddings,
 )
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
-from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion, macc_from_counts
+from ovlib.eval.metrics import macc_from_counts, miou_statistic
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.students import load_student, train_or_load, verdict
+from ovlib.eval.students import load_student
 from ovlib.eval.synonyms import (
-    bootstrap_diff,
     class_splits,
     drop_table,
     ovss_synonym_robustness,
@@ -90,6 +88,8 @@ from ovlib.eval.synonyms import (
 from ovlib.methods.synclip import READINGS, huber_kl_loss, l2_row_loss, sar_aggregate, semantic_texts
 from ovlib.models import patch_correlation
 from ovlib.models.dense import PRESETS
+from ovlib.stats import Comparison, Sample, bootstrap_ci
+from ovlib.study import Study
 from ovlib.train.launch import build_models
 from ovlib.train.recipes import distill_config
 
@@ -97,8 +97,8 @@ from ovlib.train.recipes import distill_config
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
-SEEDS = list(range(P["seeds"]))
-RUN_ROOT = Path(P["cache_dir"]) / "runs" / "04_synclip"
+study = Study(P, "04", device=DEV)  # claims, verdicts and the ledger (book/claims/04.json)
+SEEDS = study.seeds
 
 # Profile-dependent sizes of this chapter (the micro budget is 25 min on 2 CPU cores, see 4.4).
 R_STEPS = distill_config(P, "synclip").max_steps  # the recipe's steps, already scaled by steps_scale
@@ -331,7 +331,7 @@ def consistency(model):
 
 
 def obj_array(cons, key, split=None):
-    """Per-object ``(N, 2)`` [value, valid] for :func:`bootstrap_diff` / intervals (nan -> invalid)."""
+    """Per-object ``(N, 2)`` [value, valid] for the comparisons and intervals of ``ovlib.stats`` (nan -> invalid)."""
     v = np.asarray(cons[key], dtype=np.float64)
     if split is not None:
         v = np.where(np.asarray(cons["split"]) == split, v, np.nan)
@@ -467,38 +467,14 @@ EXTRAS = {
 SWEEP.update({k: EXTRAS[k] for k in SWEEP_SET["extras"]})
 
 
-def step_overrides(kind: str) -> dict:
-    n = BUDGET[f"{kind}_steps"]
-    if n is None:  # paper profile: the recipe for the main rows, one epoch for sweeps
-        return {} if kind == "main" else {"epochs": BUDGET["sweep_epochs"]}
-    return {"max_steps": n, "warmup_steps": max(1, n // 10)}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-RUNS = {}  # (name, kind, seed) -> record
-
-
-def train(name, method, overrides, seed, kind):
-    """Train or load one run (``ovlib.eval.students.train_or_load``: the run directory is keyed by the resolved
-    config and the micro CLIP / VFM pre-training configs, so a re-trained backbone never reuses stale runs)."""
-    ov = {**overrides, **step_overrides(kind), "seed": seed}
-    res = train_or_load(P, method, ov, RUN_ROOT, name=f"{slug(name)}-s{seed}")
-    hist = [json.loads(x) for x in (Path(res["out_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rec = {"name": name, "kind": kind, "seed": seed, "method": method, "steps": res["steps"], "res": res,
-           "cached": not res["trained_now"], "train_s": res["train_s"], "history": hist}
-    RUNS[(name, kind, seed)] = rec
-    return rec
-
-
+RUNS = {}  # (name, kind, seed) -> record (ovlib.study.Run.record)
+# train or load from the shared run cache (ovlib.study): the named training budgets synclip_main / synclip_sweep
 t_train = time.perf_counter()
-for name, (method, ov) in MAIN.items():
-    for s in SEEDS:
-        train(name, method, ov, s, "main")
-for name, (method, ov) in SWEEP.items():
-    train(name, method, ov, SEEDS[0], "sweep")
+for kind, group, seeds_ in (("main", MAIN, SEEDS), ("sweep", SWEEP, SEEDS[:1])):
+    for name, (method, ov) in group.items():
+        for s in seeds_:
+            RUNS[(name, kind, s)] = study.run(method, seed=s, budget=f"synclip_{kind}", row=name, evaluate=False,
+                                              **ov).record(kind=kind)
 t_train = time.perf_counter() - t_train
 
 rows = [[r["name"], r["kind"], r["seed"], r["steps"], f"{r['train_s']:.0f}",
@@ -593,12 +569,12 @@ md(f"{len(EVALS)} models evaluated in {t_eval:.0f} s "
 
 # %% [markdown]
 # **Metrics.** A metric is a statistic of per-image arrays summed over images, so one bootstrap serves
-# every table: the *per-seed* value is the statistic of the full sum, tables show mean ± std over seeds,
-# and comparisons (`ovlib.eval.synonyms.bootstrap_diff`) resample the evaluation images (paired across
-# models) and each variant's seeds, giving a 95 % interval of the difference. A **verdict** "holds" when
-# that interval lies on the claimed side of 0, "reversed" when it lies on the other, else "not resolved"
-# (also when fewer than 5 images or objects were resampled: `ovlib.eval.students.verdict`); a resolved
-# difference smaller than 0.5 points (0.01 for the map statistics) is flagged negligible.
+# every table: the *per-seed* value is the statistic of the full sum, tables show mean ± std over seeds.
+# Comparisons follow the book's one rule (`ovlib.stats.compare`): with >= 2 seeds per side the seeds decide
+# (paired t-test, the interval a hierarchical bootstrap over seeds, then images); with one seed the
+# comparison is *indicative* (image noise only: shown, not counted); the headline claims are
+# Holm–Bonferroni corrected. A resolved difference smaller than 0.5 points (0.01 for the map statistics) is
+# flagged negligible.
 
 # %%
 ALL = np.ones(len(class_ids), dtype=bool)
@@ -617,15 +593,6 @@ def macc_stat(sel):
     return lambda s: macc_from_counts(s[1][sel], s[0][sel])
 
 
-def miou_stat(sel):
-    def f(conf):
-        iou, _ = iou_acc_from_confusion(conf)
-        x = iou[: len(sel)][sel]
-        x = x[np.isfinite(x)]
-        return float(x.mean()) if x.size else float("nan")
-    return f
-
-
 def per_image(ev, metric, pk=("original", 0)):
     """(per-image array, statistic) of ``metric`` under protocol key ``pk``."""
     if metric in REGION_METRICS:
@@ -633,7 +600,7 @@ def per_image(ev, metric, pk=("original", 0)):
         if key not in ev["region"][pk]:
             return None, None
         return ev["region"][pk][key][part], macc_stat(SEL[sel])
-    return ev["ovss"][pk], miou_stat(SEL[OVSS_METRICS[metric]])
+    return ev["ovss"][pk], miou_statistic(SEL[OVSS_METRICS[metric]])
 
 
 def proto_keys(protocol):
@@ -678,17 +645,29 @@ def evs(name, kind="main"):
     return [EVALS[k] for k in EVALS if k[0] == name and k[1] == kind]
 
 
+def seed_sample(name, arrays, f, seeds=None):
+    """One side of a comparison: per-seed arrays of a trained row, or the frozen micro CLIP (fixed)."""
+    if name == "micro CLIP":
+        return Sample((arrays[0],), f, fixed=True)
+    return Sample(tuple(arrays), f, tuple(seeds if seeds is not None else SEEDS[:len(arrays)]), order="eval")
+
+
 def compare(a, b, metric, protocol=None, kind_a="main", kind_b="main"):
-    """(b - a, low, high, n images): the metric's difference (protocol None) or its synonym drop's, with the
-    interval of ``bootstrap_diff`` (images paired, seeds resampled)."""
-    ra, rb = [], []
-    for ev_list, out in ((evs(a, kind_a), ra), (evs(b, kind_b), rb)):
-        for ev in ev_list:
-            arr, f = per_image(ev, metric) if protocol is None else drop_array(ev, metric, protocol)
+    """The two sides of ``b - a`` on the metric (protocol None) or on its synonym drop, as ``ovlib.stats``
+    Samples (None when a side was not evaluated); :func:`claim` judges them (seeds decide)."""
+    sides = []
+    for name, kind in ((a, kind_a), (b, kind_b)):
+        keys = [k for k in EVALS if k[0] == name and k[1] == kind]
+        arrs, f = [], None
+        for k in keys:
+            arr, f = per_image(EVALS[k], metric) if protocol is None else drop_array(EVALS[k], metric, protocol)
             if arr is None:
-                return (float("nan"),) * 3 + (0,)
-            out.append(arr)
-    return (*bootstrap_diff(ra, rb, f, n_boot=EV.n_boot, seed=P["seed"]), len(ra[0]))
+                return None
+            arrs.append(np.asarray(arr, dtype=np.float64))
+        if not arrs:
+            return None
+        sides.append(seed_sample(name, arrs, f, [k[2] for k in keys]))
+    return tuple(sides)
 
 
 VERDICTS = []
@@ -696,14 +675,20 @@ DISPLAY = {"SSA+SAR": "SynCLIP (SSA+SAR)"}
 NEGLIGIBLE = 0.5  # points of accuracy / IoU: a resolved difference smaller than this is flagged negligible
 
 
-def claim(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE):
-    """One verdict row from ``(diff, low, high, n units)`` (``ovlib.eval.students.verdict``: fewer than 5
-    resampled units resolve nothing)."""
-    pt, lo, hi, n = res
-    v = verdict(pt, lo, hi, expected=1 if expected == "higher" else -1, n=n)
-    if v in ("holds", "reversed") and abs(pt) < negligible:
+def verdict_row(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE, headline=False,
+                paper_ref=None):
+    """One row of the chapter's verdict tables: ``res`` (two Samples of :func:`compare` or a Comparison) judged
+    and recorded by ``study.judge``; a resolved difference below ``negligible`` is flagged."""
+    if res is None:
+        VERDICTS.append([text, paper, "–", "not evaluated"])
+        return None
+    c = study.judge(text, res, 1 if expected == "higher" else -1, headline=headline, paper_ref=paper_ref)
+    k = c.comparison
+    v = f"indicative ({k.indication})" if k.kind == "indicative" else c.verdict
+    if v in ("holds", "reversed") and abs(k.delta) < negligible:
         v += f" (|Δ| < {negligible:g}: negligible)"
-    VERDICTS.append([text, paper, ci((pt, lo, hi), digits), v])
+    VERDICTS.append([text, paper, k.describe(digits), v])
+    return c
 
 # %% [markdown]
 # ## 4.6 Main table: CLIP, DeCLIP, SynCLIP
@@ -713,6 +698,7 @@ def claim(text, paper, res, expected="higher", digits=1, negligible=NEGLIGIBLE):
 # the paper's numbers are shown beside ours only as the direction to look for.
 
 # %%
+study.section = "4.6"  # the Claims ledger links this section's claims here
 # SynCLIP paper (CVPR'26), main-results table, OV-COCO AP50 novel with F-ViT (the copy in
 # shared/papers/000_... has no table numbers): ViT-B/16 DeCLIP 41.1, SynCLIP 43.6; ViT-L/14 46.2, 49.8;
 # OV-LVIS mAP_r (mask): B/16 26.8, 27.8; L/14 37.2, 37.2.
@@ -728,13 +714,15 @@ for a, b, metric, txt, paper in (
         ("micro CLIP", "DeCLIP", "boxes novel", "DeCLIP distillation improves novel boxes over the CLIP",
          "— (the premise of the method family)"),
         ("DeCLIP", "SSA+SAR", "boxes novel", "SynCLIP > DeCLIP on novel boxes (original names)", "+2.5 AP50 novel"),
+        # (headline: the paper's main result; book/paper_numbers.yaml synclip.main.ssa_sar)
         ("DeCLIP", "SSA+SAR", "boxes base", "SynCLIP > DeCLIP on base boxes", "—"),
         ("DeCLIP", "SSA+SAR", "stuff masks", "SynCLIP > DeCLIP on stuff masks", "—"),
         ("DeCLIP", "SSA+SAR", "OVSS mIoU", "SynCLIP > DeCLIP on OVSS mIoU", "— (not reported)")):
-    claim(txt, paper, compare(a, b, metric))
-claim("the student's global zero-shot is lower than the CLIP's (SynCLIP)", "— (teacher kept for image level)",
+    verdict_row(txt, paper, compare(a, b, metric), headline=(a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel"),
+          paper_ref="synclip.main.ssa_sar" if (a, b, metric) == ("DeCLIP", "SSA+SAR", "boxes novel") else None)
+verdict_row("the student's global zero-shot is lower than the CLIP's (SynCLIP)", "— (teacher kept for image level)",
       compare("micro CLIP", "SSA+SAR", "global zero-shot"), expected="lower")
-claim("the student's global zero-shot is lower than the CLIP's (DeCLIP)", "—",
+verdict_row("the student's global zero-shot is lower than the CLIP's (DeCLIP)", "—",
       compare("micro CLIP", "DeCLIP", "global zero-shot"), expected="lower")
 md("Differences (b − a, 95 % interval over images and seeds):\n\n" +
    table(["claim", "paper", "measured difference", "verdict"], VERDICTS))
@@ -748,6 +736,7 @@ md("Differences (b − a, 95 % interval over images and seeds):\n\n" +
 # default of its F-ViT tool — and the micro world's held-out synonyms, never in a caption). Negative = worse.
 
 # %%
+study.section = "4.7"  # the Claims ledger links this section's claims here
 # SynCLIP paper, synonym-robustness table (OV-COCO AP50 novel; original / with synonyms / drop) and text:
 # base-class drop DeCLIP -2.2, SynCLIP -0.6.
 PAPER_SYN = {"CLIPSelf": (37.6, 28.8, -8.8), "DeCLIP": (41.0, 31.5, -9.5), "SSA+SAR": (43.6, 39.2, -4.4)}
@@ -772,17 +761,20 @@ md("Paper (OV-COCO AP50 novel, original / synonyms / drop): " +
 HEAD = [p for p in ("synonym_ensemble", "heldout_synonym", "random_synonym") if p in syn_protocols]
 n0 = len(VERDICTS)
 for p in HEAD:
-    claim(f"SynCLIP's novel-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's",
-          "−4.4 vs −9.5 (AP50 novel)", compare("DeCLIP", "SSA+SAR", "boxes novel", p))
-    claim(f"SynCLIP's base-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "−0.6 vs −2.2",
+    verdict_row(f"SynCLIP's novel-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's",
+          "−4.4 vs −9.5 (AP50 novel)", compare("DeCLIP", "SSA+SAR", "boxes novel", p),
+          headline=p == HEAD[0], paper_ref="synclip.syn.drop" if p == HEAD[0] else None)
+    verdict_row(f"SynCLIP's base-box drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "−0.6 vs −2.2",
           compare("DeCLIP", "SSA+SAR", "boxes base", p))
     if any(k[0] == p for k in OVSS_KEYS):
-        claim(f"SynCLIP's OVSS-mIoU drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "— (not reported)",
+        verdict_row(f"SynCLIP's OVSS-mIoU drop under {PROTO_LABEL[p]} is smaller than DeCLIP's", "— (not reported)",
               compare("DeCLIP", "SSA+SAR", "OVSS mIoU", p))
 for p in HEAD:
     arr, f = drop_array(evs("micro CLIP")[0], "boxes novel", p)
-    claim(f"the CLIP's own novel-box accuracy drops under {PROTO_LABEL[p]} (the premise)",
-          "−8.8 (CLIPSelf), −9.5 (DeCLIP)", (*bootstrap_ci(arr, f, n_boot=EV.n_boot, seed=P["seed"]), len(arr)),
+    pt, lo, hi = bootstrap_ci(arr, f, n_boot=EV.n_boot, seed=P["seed"])  # the frozen CLIP: images are the units
+    verdict_row(f"the CLIP's own novel-box accuracy drops under {PROTO_LABEL[p]} (the premise)",
+          "−8.8 (CLIPSelf), −9.5 (DeCLIP)",
+          Comparison(pt, lo, hi, float("nan"), "claim", f"deterministic model: bootstrap over {len(arr)} images", -1),
           expected="lower")
 md("Differences of drops (SynCLIP − DeCLIP; positive = SynCLIP loses less), and the CLIP's own drop:\n\n" +
    table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
@@ -807,6 +799,7 @@ md(f"SynCLIP, seed {SEEDS[0]}: box Top-1 per split (`drop_table`; the random syn
 # Same runs as 4.6, all seeds. "Synonyms" = the synonym ensemble.
 
 # %%
+study.section = "4.8"  # the Claims ledger links this section's claims here
 # SynCLIP paper, ablation table on OV-COCO (AP50 novel; baseline = DeCLIP): none 41.0, SSA 41.1, SAR 42.2,
 # SSA+SAR 43.6.
 PAPER_ABL = {"DeCLIP": ("✘", "✘", 41.0), "SSA only": ("✔", "✘", 41.1), "SAR only": ("✘", "✔", 42.2),
@@ -821,12 +814,12 @@ for name, (ssa, sar, paper) in PAPER_ABL.items():
 md(table(["SSA", "SAR", "boxes novel", "boxes novel (synonyms)", "drop", "OVSS mIoU", "stuff masks",
           "paper AP50 novel"], rows))
 n0 = len(VERDICTS)
-claim("SAR only > DeCLIP (novel boxes)", "+1.2", compare("DeCLIP", "SAR only", "boxes novel"))
-claim("SSA only > DeCLIP (novel boxes)", "+0.1 (negligible)", compare("DeCLIP", "SSA only", "boxes novel"))
-claim("SSA+SAR > SAR only (novel boxes): the parts are complementary", "+1.4",
+verdict_row("SAR only > DeCLIP (novel boxes)", "+1.2", compare("DeCLIP", "SAR only", "boxes novel"))
+verdict_row("SSA only > DeCLIP (novel boxes)", "+0.1 (negligible)", compare("DeCLIP", "SSA only", "boxes novel"))
+verdict_row("SSA+SAR > SAR only (novel boxes): the parts are complementary", "+1.4",
       compare("SAR only", "SSA+SAR", "boxes novel"))
-claim("SSA+SAR > SSA only (novel boxes)", "+2.5", compare("SSA only", "SSA+SAR", "boxes novel"))
-claim("SSA only: smaller synonym drop than DeCLIP (novel, ensemble)", "—",
+verdict_row("SSA+SAR > SSA only (novel boxes)", "+2.5", compare("SSA only", "SSA+SAR", "boxes novel"))
+verdict_row("SSA only: smaller synonym drop than DeCLIP (novel, ensemble)", "—",
       compare("DeCLIP", "SSA only", "boxes novel", "synonym_ensemble"))
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 
@@ -839,12 +832,13 @@ md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 # sweep's own SynCLIP run (code reading: $k=7$, 0.3/0.7, `huber_kl`, trained for the same steps).
 
 # %%
+study.section = "4.9"  # the Claims ledger links this section's claims here
 base_name = "SSA+SAR (k=7, 0.3/0.7, huber_kl)"
 sw_metrics = ("boxes novel", "boxes base", "stuff masks", "OVSS mIoU")
 K_NAME = {k: base_name if k == READINGS["code"]["topk"] else f"k={k}" for k in KS}
 
 
-def sweep_rows(pairs):
+def sweep_table_rows(pairs):
     """Table rows for the (label, run name) pairs that this profile trained."""
     rows_ = []
     for label, name in pairs:
@@ -853,15 +847,15 @@ def sweep_rows(pairs):
         e = evs(name, "sweep")[0]
         r = [label] + [f"{value(e, m):.1f}" for m in sw_metrics]
         r.append(f"{drop_value(e, 'boxes novel', 'synonym_ensemble'):+.1f}")
-        r.append("—" if name == base_name else ci(compare(base_name, name, "boxes novel", kind_a="sweep",
-                                                           kind_b="sweep")[:3]))
+        r.append("—" if name == base_name else study.compare(*compare(base_name, name, "boxes novel", kind_a="sweep",
+                                                                      kind_b="sweep"), "boxes novel").describe())
         rows_.append(r)
     return rows_
 
 
 hdr = ["run"] + list(sw_metrics) + ["novel drop (synonyms)", "Δ novel boxes vs the code's SynCLIP [95 %]"]
 md("**k sweep** (paper: AP50 novel peaks at 43.6 with k = 7 and drops at k = 10 and 20; no other numbers "
-   "in our copy of the paper).\n\n" + table(hdr, sweep_rows([(f"k = {k}", K_NAME[k]) for k in KS])))
+   "in our copy of the paper).\n\n" + table(hdr, sweep_table_rows([(f"k = {k}", K_NAME[k]) for k in KS])))
 fig, ax = plt.subplots(figsize=(4.5, 2.8))
 ax.plot(KS, [value(evs(K_NAME[k], "sweep")[0], "boxes novel") for k in KS], "o-", label="SynCLIP: boxes novel")
 ax.axhline(value(evs("DeCLIP", "sweep")[0], "boxes novel"), ls="--", c="grey", lw=0.8, label="DeCLIP")
@@ -873,10 +867,10 @@ plt.tight_layout()
 plt.show()
 
 md("**α/β (spatial / semantic)** (no numbers in the paper; the paper's default 0.5/0.5, the scripts' 0.3/0.7)."
-   "\n\n" + table(["α / β"] + hdr[1:], sweep_rows(
+   "\n\n" + table(["α / β"] + hdr[1:], sweep_table_rows(
        [("0.3 / 0.7 (code)", base_name)] + [(f"{a} / {b}" + (" (paper)" if (a, b) == (0.5, 0.5) else ""),
                                              f"α/β={a}/{b}") for a, b in SWEEP_SET["ab"]])))
-md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_rows([
+md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_table_rows([
     ("code: huber_kl, 0.3/0.7, semantic 0.1", base_name), ("l2 loss (otherwise code)", "loss l2"),
     ("paper: l2, 0.5/0.5, semantic 0.05", "paper reading"),
     ("code, held-out synonyms kept out of the teacher text", "held-out synonyms excluded"),
@@ -895,7 +889,7 @@ for name, text, paper in (("k=20", "k = 7 beats k = 20 (novel boxes, 1 seed)", "
                            "— (the paper reports its own reading only)"),
                           ("loss l2", "huber_kl beats l2 (novel boxes, 1 seed)", "—")):
     if name in SWEEP:
-        claim(text, paper, compare(name, base_name, "boxes novel", kind_a="sweep", kind_b="sweep"))
+        verdict_row(text, paper, compare(name, base_name, "boxes novel", kind_a="sweep", kind_b="sweep"))
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 
 # %% [markdown]
@@ -907,6 +901,7 @@ md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 # often (hit).
 
 # %%
+study.section = "4.10"  # the Claims ledger links this section's claims here
 rows_ = [("micro CLIP", clip_maps)]
 for name in ("DeCLIP", "SSA+SAR"):
     m = load_student(P, RUNS[(name, "main", SEEDS[0])]["res"], device=DEV)
@@ -955,27 +950,33 @@ n0 = len(VERDICTS)
 for a, b in (("DeCLIP", "SSA+SAR"), ("micro CLIP", "SSA+SAR"), ("DeCLIP", "SSA only")):
     da, db = DISPLAY.get(a, a), DISPLAY.get(b, b)
     ra, rb = cons_runs(a, "rel_spread"), cons_runs(b, "rel_spread")
-    claim(f"{db}'s maps vary less across synonyms than {da}'s (relative spread)", "qualitative (figures)",
-          (*bootstrap_diff(ra, rb, ratio, n_boot=EV.n_boot, seed=P["seed"]), len(ra[0])), expected="lower",
-          digits=3, negligible=0.01)
+    verdict_row(f"{db}'s maps vary less across synonyms than {da}'s (relative spread)", "qualitative (figures)",
+          (seed_sample(a, ra, ratio), seed_sample(b, rb, ratio)), expected="lower", digits=3, negligible=0.01)
     ra, rb = cons_runs(a, "corr"), cons_runs(b, "corr")
-    claim(f"{db}'s maps correlate more across synonyms than {da}'s", "qualitative",
-          (*bootstrap_diff(ra, rb, ratio, n_boot=EV.n_boot, seed=P["seed"]), len(ra[0])), digits=3,
-          negligible=0.01)
+    verdict_row(f"{db}'s maps correlate more across synonyms than {da}'s", "qualitative",
+          (seed_sample(a, ra, ratio), seed_sample(b, rb, ratio)), digits=3, negligible=0.01)
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS[n0:]))
 
 # %% [markdown]
 # ## 4.11 Verdicts
 #
-# Every comparison of the chapter in one table. "Holds" / "reversed" need the 95 % interval (over
-# evaluation images and training seeds) to exclude 0; otherwise the micro world at this budget does not
-# resolve the claim — which is not evidence against it.
+# Every comparison of the chapter in one table. "Holds" / "reversed" need the seeds to resolve the difference
+# (paired t-test over >= 2 seeds, Holm–Bonferroni across the headline claims); one-seed comparisons are
+# *indicative*; otherwise the micro world at this budget does not resolve the claim — which is not evidence
+# against it.
 
 # %%
+study.finalize()  # Holm across the headline claims: re-read the verdicts
+VERDICTS = [[c.text, r[1], c.comparison.describe(), (f"indicative ({c.comparison.indication})"
+             if c.comparison.kind == "indicative" else c.verdict)] for c, r in
+            zip(study.claims, [r for r in VERDICTS if r[3] != "not evaluated"])]
 md(table(["claim", "paper", "measured difference", "verdict"], VERDICTS))
-counts = {v: sum(r[3].startswith(v) for r in VERDICTS) for v in ("holds", "reversed", "not resolved")}
-n_small = sum("negligible" in r[3] for r in VERDICTS)
-md(f"**{counts['holds']} hold, {counts['reversed']} reversed, {counts['not resolved']} not resolved** "
+counts = study.tally()
+n_small = sum(c.comparison.kind == "claim" and c.verdict != "not resolved" and abs(c.comparison.delta) < NEGLIGIBLE
+              for c in study.claims)
+study.ledger()  # book/claims/04.json
+md(f"**{counts['holds']} hold, {counts['reversed']} reversed, {counts['not resolved']} not resolved**; "
+   f"{counts['indicative']} indicative (one seed: shown, not counted) "
    f"({n_small} of the resolved ones negligible in size) "
    f"(of {len(VERDICTS)}), with {len(SEEDS)} seed(s) × {BUDGET['main_steps']} steps for the main rows "
    f"and 1 seed × {BUDGET['sweep_steps']} steps for the sweeps.")

@@ -49,11 +49,11 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (synseg)
+budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 
 # %%
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -61,23 +61,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ovlib.nb import ci, ci_signed, md, ms, setup, table
+from ovlib.nb import ci, md, ms, setup, table
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabeler, NounVocabulary, excluded_vocabulary
 from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 from ovlib.eval._common import dense_fn_for_clip
-from ovlib.eval.metrics import miou_from_confusion
+from ovlib.eval.metrics import miou_statistic
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.segmentation import _resized
-from ovlib.eval.students import paired_diff_ci, train_or_load, verdict, welch
+from ovlib.stats import Comparison, Sample, one_sample_t
+from ovlib.study import Study
+from ovlib.eval.synseg import dense_score_fn, evaluate_protocols, synseg_score_fn
 from ovlib.methods.synseg import (
     DEFAULT_LOSS_WEIGHTS,
     SIM_EPS,
     align_loss,
     back_loss,
     cont_loss,
-    dense_score_fn,
-    evaluate_protocols,
     five_views,
     label_map,
     load_synseg,
@@ -85,7 +85,6 @@ from ovlib.methods.synseg import (
     predict_probs,
     sep_loss,
     synergy_vectors,
-    synseg_score_fn,
 )
 from ovlib.models.film_decoder import FiLM
 from ovlib.train.launch import build_models
@@ -95,8 +94,8 @@ from ovlib.train.recipes import distill_config
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
 EV = dense_eval_settings(P["profile"], P["eval_images"])
-SEEDS = list(range(P["seeds"]))
-RUN_ROOT = Path(P["cache_dir"]) / "runs" / "05_synseg"
+study = Study(P, "05", device=DEV)  # claims, verdicts and the ledger (book/claims/05.json)
+SEEDS = study.seeds
 R = distill_config(P, "synseg")  # the profile's recipe (steps already scaled by steps_scale)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # Fig. 3 of the paper: robust "nearly from 0.1 to 0.6"
 
@@ -315,13 +314,6 @@ BEST_BASE_BG = max(BASE, key=lambda m: best_bg(BASE[m])[1]["miou"][0])
 PRIOR = {"prior": "csa", "prior_target": "hard", "prior_classes": 8}
 
 
-def step_overrides(kind: str) -> dict:
-    n = BUDGET[f"{kind}_steps"]
-    if n is None:  # paper profile: the recipe
-        return {}
-    return {"max_steps": n, "warmup_steps": max(1, n // 10)}
-
-
 def with_args(base: dict, **args) -> dict:
     return {**base, "method_args": {**base.get("method_args", R.method_args), **args}}
 
@@ -346,32 +338,17 @@ if P["profile"] == "smoke":  # every code path, fewer runs
     SWEEP = dict(list(SWEEP.items())[:1])
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+RUNS = {}  # (name, kind, seed) -> record (ovlib.study.Run.record)
 
 
-RUNS = {}
-
-
-def train(name, overrides, seed, kind):
-    """Train or load one run (ovlib.eval.students.train_or_load: keyed by the resolved config and the micro
-    CLIP's pre-training config)."""
-    ov = {**overrides, **step_overrides("main" if kind == "main" else "sweep"), "seed": seed}
-    res = train_or_load(P, "synseg", ov, RUN_ROOT, name=f"{slug(name)}-s{seed}")
-    hist = [json.loads(x) for x in (Path(res["out_dir"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rec = {"name": name, "kind": kind, "seed": seed, "ov": ov, "res": res, "steps": res["steps"],
-           "cached": not res["trained_now"], "train_s": res["train_s"], "history": hist}
-    RUNS[(name, kind, seed)] = rec
-    return rec
-
-
+# train or load from the shared run cache (ovlib.study): the named training budgets synseg_main / synseg_sweep
 t_train = time.perf_counter()
-for name, ov in MAIN.items():
-    for s in SEEDS:
-        train(name, ov, s, "main")
-for group, kind in ((ABLATION, "ablation"), (SWEEP, "sweep"), (DIAG, "diag")):
+for group, kind, seeds_ in ((MAIN, "main", SEEDS), (ABLATION, "ablation", SEEDS[:1]), (SWEEP, "sweep", SEEDS[:1]),
+                            (DIAG, "diag", SEEDS[:1])):
     for name, ov in group.items():
-        train(name, ov, SEEDS[0], kind)
+        for s in seeds_:
+            RUNS[(name, kind, s)] = study.run("synseg", seed=s, budget="synseg_main" if kind == "main" else
+                                              "synseg_sweep", row=name, evaluate=False, **ov).record(kind=kind, ov=ov)
 t_train = time.perf_counter() - t_train
 LOSS_KEYS = ("align", "cont", "back", "sep", "prior")
 rows = [[r["name"], r["kind"], r["seed"], r["steps"], f"{r['train_s']:.0f}", "cache" if r["cached"] else "this run",
@@ -548,18 +525,47 @@ ThresholdExplorer(thr_images, lambda i: predict_probs(m0, thr_images[i], text, 5
 # batch; maps averaged where views overlap. Paired over the same scenes and seeds.
 
 # %%
+study.section = "5.8"  # the Claims ledger links this section's claims here
 VERDICTS = []
+
+
+miou_stat = miou_statistic()  # conf -> mIoU over the classes with a defined IoU
+
+
+def conf_sample(keys, views="5", n=None, fixed_conf=None):
+    """Per-image confusion matrices (things+stuff) of trained runs ``keys`` (one per seed) as an
+    ``ovlib.stats.Sample``; ``fixed_conf``: a deterministic baseline's instead."""
+    if fixed_conf is not None:
+        return Sample((np.asarray(fixed_conf[:n], dtype=np.float64),), miou_stat, fixed=True)
+    return Sample(tuple(np.asarray(EVAL[k][views]["all"]["confusion"][:n], dtype=np.float64) for k in keys),
+                  miou_stat, tuple(k[2] for k in keys))
+
+
+def record_verdict(text, source, res, expected=1, headline=False, paper_ref=None):
+    """Judge ``res`` (two Samples, or a ready Comparison) with ``study.judge`` (recorded in the chapter's ledger)
+    and add a row to VERDICTS; returns the Claim."""
+    c = study.judge(text, res, expected, metric="mIoU", headline=headline, paper_ref=paper_ref)
+    VERDICTS.append([text, source, c.comparison.describe(),
+                     f"indicative ({c.comparison.indication})" if c.comparison.kind == "indicative" else c.verdict])
+    return c
+
+
+def vs_fixed(ref, vals, expected=1):
+    """Seeds against a deterministic baseline's number: one-sample t (>= 2 seeds), else indicative."""
+    d, p = one_sample_t(ref, vals)
+    kind = "claim" if len(vals) >= 2 else "indicative"
+    return Comparison(d, float("nan"), float("nan"), p, kind, f"one-sample t, {len(vals)} seed(s) vs a deterministic "
+                      "baseline", expected, ours_a=ref, ours_b=float(np.mean(vals)), seeds_b=len(vals))
+
+
 rows = []
 for name in MAIN:
     d1 = [point((name, "main", s), views="1") for s in SEEDS]
     d5 = [point((name, "main", s), views="5") for s in SEEDS]
-    pd = paired_diff_ci(EVAL[(name, "main", SEEDS[0])]["1"]["all"]["confusion"],
-                        EVAL[(name, "main", SEEDS[0])]["5"]["all"]["confusion"],
-                        lambda s: miou_from_confusion(s)[0], n_boot=EV.n_boot, seed=P["seed"])
-    rows.append([name, ms(d1), ms(d5), ci_signed(pd)])
-    v = verdict(pd[0], pd[1], pd[2], expected=1, n=len(EVAL[(name, "main", SEEDS[0])]["1"]["all"]["confusion"]))
-    VERDICTS.append([f"5 views > 1 view ({name})", "App. B", ci_signed(pd) + f" (seed {SEEDS[0]})", v])
-md(table(["model", "1 view", "5 views", f"5 − 1, paired bootstrap (seed {SEEDS[0]})"], rows))
+    keys = [(name, "main", s) for s in SEEDS]
+    c = record_verdict(f"5 views > 1 view ({name})", "App. B", (conf_sample(keys, "1"), conf_sample(keys, "5")))
+    rows.append([name, ms(d1), ms(d5), c.comparison.describe()])
+md(table(["model", "1 view", "5 views", "5 − 1 [95 % interval] (seeds paired; one seed: indicative)"], rows))
 
 # %% [markdown]
 # ## 5.9 Loss ablation and the lr / weight sweep
@@ -569,32 +575,32 @@ md(table(["model", "1 view", "5 views", f"5 − 1, paired bootstrap (seed {SEEDS
 # Table III (VOC / Context / City) is quoted beside.
 
 # %%
+study.section = "5.9"  # the Claims ledger links this section's claims here
 PAPER_T3 = {"all four": (60.5, 43.8, 35.8)}  # Table III of our copy; which loss each other row removes was lost
 full = ("all four", "ablation", SEEDS[0])
 n_sw = BUDGET["n_eval_sweep"]
 
 
-def diff_vs_full(key):
-    a = EVAL[full]["5"]["all"]["confusion"][:n_sw]
-    b = EVAL[key]["5"]["all"]["confusion"][:n_sw]
-    return paired_diff_ci(a, b, lambda s: miou_from_confusion(s)[0], n_boot=EV.n_boot, seed=P["seed"])
+def vs_full(key):
+    """The recipe's run and ``key``'s (one seed each, the same scenes): an indicative comparison."""
+    return conf_sample([full], n=n_sw), conf_sample([key], n=n_sw)
 
 
-rows = [[f"all four (recipe, seed {SEEDS[0]}, short schedule)", ci(EVAL[full]["5"]["all"]["miou"]), "", ""]]
+rows = [[f"all four (recipe, seed {SEEDS[0]}, short schedule)", ci(EVAL[full]["5"]["all"]["miou"]), ""]]
 for name in list(ABLATION)[1:]:
     key = (name, "ablation", SEEDS[0])
-    d = diff_vs_full(key)
-    rows.append([name, ci(EVAL[key]["5"]["all"]["miou"]), ci_signed(d), verdict(d[0], d[1], d[2], expected=-1, n=n_sw)])
     if name.startswith("− L_"):
-        VERDICTS.append([f"removing {name[2:]} lowers mIoU", "Table III", ci_signed(d),
-                         verdict(d[0], d[1], d[2], expected=-1, n=n_sw)])
-md(table(["model", "things+stuff mIoU", "diff vs full", "lower than full?"], rows))
+        c = record_verdict(f"removing {name[2:]} lowers mIoU", "Table III", vs_full(key), expected=-1).comparison
+    else:
+        c = study.compare(*vs_full(key), "mIoU", expect=-1)
+    rows.append([name, ci(EVAL[key]["5"]["all"]["miou"]), c.describe()])
+md(table(["model", "things+stuff mIoU", "diff vs full [95 % interval] (one seed: indicative)"], rows))
 md(f"Paper, Table III: all four losses {PAPER_T3['all four']} (VOC / Context / City); every removal lowers "
    "the three numbers (33.0–59.8 VOC).")
 rows = []
 for name in SWEEP:
     key = (name, "sweep", SEEDS[0])
-    rows.append([name, ci(EVAL[key]["5"]["all"]["miou"]), ci_signed(diff_vs_full(key)),
+    rows.append([name, ci(EVAL[key]["5"]["all"]["miou"]), study.compare(*vs_full(key), "mIoU").describe(),
                  ci(EVAL[key]["5"]["bg"][THR0]["miou"])])
 md(table(["setting", "things+stuff mIoU", f"diff vs recipe (lr {R.lr:g}, all λ = 1)", f"things+bg @ {THR0}"], rows))
 
@@ -707,39 +713,44 @@ md(table(["model", "device", "params (total / trainable)", "latency", "FPS"],
 # ## 5.12 Verdicts
 #
 # Claims of the paper (or of this chapter's method section) checked on the micro world. Against the
-# deterministic baselines: one-sample t-test of the seeds' mIoU; paired comparisons: bootstrap over scenes.
-# "Holds" / "reversed" need the test or interval to exclude no difference; otherwise "not resolved".
+# deterministic baselines: one-sample t-test of the seeds' mIoU (>= 2 seeds); paired comparisons: the seeds
+# decide (paired t-test, hierarchical bootstrap interval); one-seed comparisons are *indicative* (bootstrap over
+# scenes: shown, not counted). "Holds" / "reversed" need the test to resolve the difference; else "not resolved".
 
 # %%
+study.section = "5.12"  # the Claims ledger links this section's claims here
 for name in MAIN:
     vals = [point((name, "main", s)) for s in SEEDS]
     b = BASE[BEST_BASE]["all"]["miou"][0]
-    d, p = welch([b], vals, a_fixed=True)
-    VERDICTS.append([f"SynSeg ({name}) > best training-free `{BEST_BASE}`, things+stuff", "§IV-B (vs its baselines)",
-                     f"{d:+.1f} (p = {p:.2g})", verdict(d, p=p, expected=1)])
+    record_verdict(f"SynSeg ({name}) > best training-free `{BEST_BASE}`, things+stuff", "§IV-B (vs its baselines)",
+                vs_fixed(b, vals), headline=name == next(iter(MAIN)))
     vals = [point((name, "main", s), "bg") for s in SEEDS]
     b = best_bg(BASE[BEST_BASE_BG])[1]["miou"][0]
-    d, p = welch([b], vals, a_fixed=True)
-    VERDICTS.append([f"SynSeg ({name}) @ {THR0} > best training-free `{BEST_BASE_BG}` at its best threshold, things+bg",
-                     "§IV-B", f"{d:+.1f} (p = {p:.2g})", verdict(d, p=p, expected=1)])
+    record_verdict(f"SynSeg ({name}) @ {THR0} > best training-free `{BEST_BASE_BG}` at its best threshold, things+bg",
+                "§IV-B", vs_fixed(b, vals))
     sp = SPREAD[name]
     mean_bg = float(np.mean([point((name, "main", s), "bg") for s in SEEDS]))
-    VERDICTS.append([f"threshold-robust 0.1–0.6 ({name}): spread ≤ 10 % of the mean", "Fig. 3",
-                     f"spread {sp:.1f} of mean {mean_bg:.1f}", "holds" if sp <= 0.1 * max(mean_bg, 1e-9) else "does not hold"])
+    record_verdict(f"threshold-robust 0.1–0.6 ({name}): spread ≤ 10 % of the mean (spread {sp:.1f} of mean "
+                f"{mean_bg:.1f})", "Fig. 3",
+                Comparison(sp - 0.1 * mean_bg, float("nan"), float("nan"), float("nan"), "indicative",
+                           "threshold rule on the seeds' mean (no test)", -1, ours_a=0.1 * mean_bg, ours_b=sp))
 for name in [n for n in DIAG if "ours" in n]:
     k = (name, "diag", SEEDS[0])
-    d = paired_diff_ci(BASE[BEST_BASE]["all"]["confusion"][:n_sw], EVAL[k]["5"]["all"]["confusion"][:n_sw],
-                       lambda s: miou_from_confusion(s)[0], n_boot=EV.n_boot, seed=P["seed"])
-    VERDICTS.append([f"{name} > best training-free `{BEST_BASE}` (things+stuff, seed {SEEDS[0]}, short schedule)",
-                     "ours (5.4)", ci_signed(d), verdict(d[0], d[1], d[2], expected=1, n=n_sw)])
+    record_verdict(f"{name} > best training-free `{BEST_BASE}` (things+stuff, seed {SEEDS[0]}, short schedule)",
+                "ours (5.4)", (conf_sample([], n=n_sw, fixed_conf=BASE[BEST_BASE]["all"]["confusion"]),
+                               conf_sample([k], n=n_sw)))
 for name in DIAG:
-    d = diff_vs_full((name, "diag", SEEDS[0]))
-    VERDICTS.append([f"{name} improves on the recipe (things+stuff, seed {SEEDS[0]}, short schedule)", "ours (5.4)",
-                     ci_signed(d), verdict(d[0], d[1], d[2], expected=1, n=n_sw)])
+    record_verdict(f"{name} improves on the recipe (things+stuff, seed {SEEDS[0]}, short schedule)", "ours (5.4)",
+                vs_full((name, "diag", SEEDS[0])))
+study.finalize()  # Holm across the headline claims
+VERDICTS = [[c.text, r[1], c.comparison.describe(), f"indicative ({c.comparison.indication})"
+             if c.comparison.kind == "indicative" else c.verdict] for c, r in zip(study.claims, VERDICTS)]
 md(table(["claim", "source", "measured difference", "verdict"], VERDICTS))
-counts = {v: sum(r[3].startswith(v) for r in VERDICTS) for v in ("holds", "reversed", "not resolved", "does not hold")}
-md(f"**{counts['holds']} hold, {counts['reversed']} reversed, {counts['not resolved']} not resolved, "
-   f"{counts['does not hold']} do not hold** (of {len(VERDICTS)}), with {len(SEEDS)} seed(s) × "
+counts = study.tally()
+study.ledger()  # book/claims/05.json
+md(f"**{counts['holds']} hold, {counts['reversed']} reversed, {counts['not resolved']} not resolved**, "
+   f"{counts['indicative']} indicative (one seed or a threshold rule: shown, not counted) "
+   f"(of {len(VERDICTS)}), with {len(SEEDS)} seed(s) × "
    f"{BUDGET['main_steps'] or 'recipe'} steps for the main rows and 1 seed for ablations and sweeps.")
 
 # %% [markdown]

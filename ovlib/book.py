@@ -528,6 +528,112 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(rows)
 
 
+
+# --------------------------------------------------------------------------------------------- claims ledger
+LEDGER_PAGE = "book/claims_ledger.md"
+CLAIMS_GLOB = "book/claims/*.json"
+
+
+def _section_titles(source: Path) -> dict[str, str]:
+    """``{"2.2": "2.2 Region-language alignment, ..."}`` from a chapter source's ``## N.M ...`` headings."""
+    out: dict[str, str] = {}
+    for ln in source.read_text(encoding="utf-8").splitlines() if source.is_file() else ():
+        m = re.match(r"^#\s+##\s+((\d+\.\d+)\b.*)$", ln)
+        if m:
+            out.setdefault(m.group(2), m.group(1).strip())
+    return out
+
+
+def _fmt(x: Any, digits: int = 1, sign: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def ledger_page(root: Path | str = ".") -> Path:
+    """Write the Claims ledger page (``book/claims_ledger.md``) from the chapters' ``book/claims/NN.json``: one
+    table per paper (claim, the paper's table/figure and number, our effect with its interval, seeds, verdict,
+    a link to the chapter's section) and the totals of headline claims. Raw HTML tables (nothing for Sphinx to
+    resolve); section anchors are docutils ids of the chapters' ``## N.M`` headings."""
+    import html
+
+    from docutils.nodes import make_id
+
+    root = Path(root)
+    numbers = yaml.safe_load((root / "book" / "paper_numbers.yaml").read_text()) \
+        if (root / "book" / "paper_numbers.yaml").is_file() else {"papers": {}}
+    papers = numbers.get("papers") or {}
+    chs = {c.number: c for c in chapters(root)}
+    entries: list[dict[str, Any]] = []
+    profiles = set()
+    for f in sorted(root.glob(CLAIMS_GLOB)):
+        doc = json.loads(f.read_text())
+        profiles.add(doc.get("profile", "?"))
+        entries += doc.get("claims", [])
+    lines = ["# Claims ledger", "",
+             "Which of the papers' claims reproduce here? One row per claim the chapters test, generated from the "
+             "chapters' claims files (`book/claims/NN.json`, written by `ovlib.study`). *Claims* are judged on "
+             "training seeds (paired or Welch t-test; the interval is a hierarchical bootstrap, seeds then images); "
+             "headline claims are Holm–Bonferroni corrected within their chapter. *Indicative* rows rest on one "
+             "seed (image noise only): shown, never counted. *Checks* are identities verified numerically.", ""]
+    if not entries:
+        lines += ["No chapter has written its claims yet: run the chapters (`python -m ovlib.book run`)."]
+    else:
+        lines += [f"Profile(s) of the executed chapters: {', '.join(sorted(profiles))}.", ""]
+        head = [c for c in entries if c.get("headline") and c.get("kind") == "claim"]
+        head_ind = sum(bool(c.get("headline")) and c.get("kind") == "indicative" for c in entries)
+        tot = {v: sum(c["verdict"] == v for c in head) for v in ("holds", "reversed", "not resolved")}
+        lines += ["## Totals", "", f"Headline claims judged on seeds: **{tot['holds']} held**, **{tot['reversed']} "
+                  f"reversed**, **{tot['not resolved']} not resolved** (of {len(head)}; {head_ind} more headline "
+                  "claims rest on one seed at this profile: indicative, not counted). All claims: "
+                  f"{sum(c['kind'] == 'claim' for c in entries)} judged on seeds, "
+                  f"{sum(c['kind'] == 'indicative' for c in entries)} indicative, "
+                  f"{sum(c['kind'] == 'check' for c in entries)} checks "
+                  f"({sum(c['kind'] == 'check' and c['verdict'] == 'holds' for c in entries)} passed).", ""]
+        order = list(papers) + sorted({c.get("paper") or "" for c in entries} - set(papers))
+        for key in order:
+            rows = [c for c in entries if (c.get("paper") or "") == key]
+            if not rows:
+                continue
+            title = papers.get(key, {}).get("title", key or "other claims")
+            lines += [f"## {title}", "", '<table class="table ovbook-ledger">',
+                      "<thead><tr><th>claim</th><th>paper</th><th>ours: b − a [95 % interval]</th><th>seeds</th>"
+                      "<th>p (Holm)</th><th>verdict</th><th>section</th></tr></thead><tbody>"]
+            for c in rows:
+                ch = chs.get(c["chapter"])
+                sec = c.get("section") or ""
+                link = ""
+                if ch is not None:
+                    title_ = _section_titles(ch.source).get(sec, "")
+                    anchor = f"#{make_id(title_)}" if title_ else ""
+                    link = f'<a href="{ch.name}.html{anchor}">{html.escape(c["chapter"] + (" §" + sec if sec else ""))}</a>'
+                pv = c.get("paper_value")
+                paper = html.escape(c.get("paper_ref") or "") + (f": {pv:+g}" if isinstance(pv, (int, float)) else "")
+                kind = c["kind"]
+                if kind == "check":
+                    ours = f"{_fmt(c.get('ours_b'), 4)} (target {_fmt(c.get('ours_a'), 4)})"
+                    verdict = "check passed" if c["verdict"] == "holds" else "<b>check failed</b>"
+                    seeds = "–"
+                else:
+                    ours = f"{_fmt(c.get('delta'), 2, True)} [{_fmt(c.get('ci_low'), 2, True)}, " \
+                           f"{_fmt(c.get('ci_high'), 2, True)}]"
+                    seeds = f"{c.get('seeds_a') or 'frozen'} / {c.get('seeds_b') or 'frozen'}"
+                    verdict = (f"indicative ({c.get('indication')})" if kind == "indicative"
+                               else f"<b>{c['verdict']}</b>")
+                p = _fmt(c.get("p"), 3) + (f" ({_fmt(c.get('p_adjusted'), 3)})" if c.get("p_adjusted") is not None
+                                           else "")
+                text = html.escape(c["claim"]) + (" <b>★</b>" if c.get("headline") else "") + \
+                    f" <small>({html.escape(c.get('metric') or '')})</small>"
+                lines.append(f"<tr><td>{text}</td><td>{paper}</td><td>{ours}</td><td>{seeds}</td><td>{p}</td>"
+                             f"<td>{verdict}</td><td>{link}</td></tr>")
+            lines += ["</tbody></table>", ""]
+        lines += ["★ headline claim (Holm–Bonferroni within its chapter). Seeds: a / b (*frozen*: a deterministic "
+                  "model evaluated once)."]
+    out = root / LEDGER_PAGE
+    atomic_write_text("\n".join(lines) + "\n", out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- build
 
 #: Sphinx warnings that mean the built book is broken (as opposed to cosmetic warnings).
@@ -722,6 +828,9 @@ def build(root: Path | str = ".", out=sys.stdout, vendor_dir: Path | str | None 
 
     root = Path(root).resolve()
     exe = Path(sys.executable).parent / "jupyter-book"
+    toc = yaml.safe_load((root / "_toc.yml").read_text()) if (root / "_toc.yml").is_file() else {}
+    if LEDGER_PAGE.removesuffix(".md") in {Path(e).with_suffix("").as_posix() for e in _toc_files(toc)}:
+        ledger_page(root)  # generated from the chapters' claims files (book/claims/*.json)
     if not exe.is_file():
         raise BookError(f"jupyter-book not found next to {sys.executable}; install the book extra: pip install -e '.[book]'")
     cmd = [str(exe), "build", str(root), "--path-output", str(root)]

@@ -45,7 +45,66 @@ PARAMS: dict[str, Param] = {
     "allow_download": Param(bool, "may named pretrained weights be downloaded (needs internet)"),
     "backbone": Param(str, "CLIP backbone of the distillation chapters ('micro-clip', 'EVA02-B-16', 'ViT-B-16', ...)"),
     "recipes": Param(list, "training recipes, applied in order (see ovlib.train.recipes)"),
+    "budgets": Param(dict, "the chapters' budgets: 'train' (named training budgets) and one entry per chapter "
+                           "(see BUDGET_KEYS; read through ovlib.study.Study.budget)"),
 }
+
+#: The knobs a chapter may set under ``budgets: {NN: {...}}`` (key -> meaning). ``train`` holds named
+#: training budgets (``name: {max_steps: ..., batch_size: ..., ...}``: DistillConfig overrides; steps are
+#: multiplied by ``steps_scale``; ``{}`` = the recipe as it is) shared by every chapter, so a run trained
+#: with the same named budget by two chapters is one run (ovlib.study). A chapter that needs a new knob adds
+#: it here and to the three profile files.
+BUDGET_KEYS: dict[str, dict[str, str]] = {
+    "01": {"seeds": "training seeds of the chapter's main rows (0: the profile's 'seeds')"},
+    "02": {
+        "seeds": "training seeds of the main rows (0: the profile's 'seeds')",
+        "region_images": "evaluation images of region classification (0: all)",
+        "seg_images": "evaluation images of OVSS and k-means (0: the evaluation settings' default)",
+        "eq7": "context aggregation (Eq. 7): targets, n_max, target_size, canvas",
+        "cr_pairs": "image pairs of the coupling ratio",
+        "tsne_per_class": "regions per class in the t-SNE figures",
+        "variant_students": "Refiner variants that also teach a student (0 or 'all')",
+        "n_ref_variants": "Refiner variants trained (null: all)",
+        "taus": "SCD temperature pairs of Table 13 ([] skips the table)",
+        "global_scd": "train Table 14's global R-SCD row",
+        "k_list": "numbers of crops K of the Refiner's global-to-local loss",
+    },
+    "03": {
+        "seeds": "training seeds of the Table-5 rows (0: the profile's 'seeds')",
+        "region_images": "evaluation images of region classification (0: all)",
+        "seg_images": "evaluation images of OVSS and k-means (0: the evaluation settings' default)",
+        "n_decomp": "crops of the cls-decomposition check",
+        "n_grad": "images of the gradient analysis",
+        "n_gate": "images of the HSG gate statistics",
+        "gate_size": "image size of the gate statistics (0: the evaluation image size)",
+        "vitb_size": "image size of the random ViT-B/16 bookkeeping check",
+        "layers": "numbers of layers n swept",
+        "lambdas": "coherence weights λ swept",
+        "extras": "the unstated choices compared",
+        "dl_draws": "Monte-Carlo draws of the ΔL check",
+        "bench": "step-time benchmark: image size, crop size, batch, boxes per image, pairs",
+    },
+    "04": {"seeds": "training seeds of the main rows (0: the profile's 'seeds')"},
+    "05": {"seeds": "training seeds of the main rows (0: the profile's 'seeds')"},
+}
+
+
+def _check_budgets(value: Mapping[str, Any], where: str) -> None:
+    for ch, entry in value.items():
+        if not isinstance(entry, dict):
+            raise ParamError(f"{where}: budgets[{ch!r}] must be a mapping, got {type(entry).__name__}")
+        if ch == "train":
+            for name, ov in entry.items():
+                if not isinstance(ov, dict):
+                    raise ParamError(f"{where}: budgets['train'][{name!r}] must be a mapping of DistillConfig "
+                                     f"overrides, got {type(ov).__name__}")
+            continue
+        if ch not in BUDGET_KEYS:
+            raise ParamError(f"{where}: unknown chapter {ch!r} in budgets; known: {['train', *BUDGET_KEYS]}")
+        unknown = sorted(set(entry) - set(BUDGET_KEYS[ch]))
+        if unknown:
+            raise ParamError(f"{where}: unknown key(s) {unknown} in budgets[{ch!r}]; known: "
+                             f"{sorted(BUDGET_KEYS[ch])}")
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:
@@ -59,6 +118,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         raise ParamError(f"{where}: parameter {key!r} must be {names}, got {type(value).__name__} {value!r}")
     if spec.choices is not None and value not in spec.choices:
         raise ParamError(f"{where}: parameter {key!r} must be one of {list(spec.choices)}, got {value!r}")
+    if key == "budgets":
+        _check_budgets(value, where)
     return value
 
 

@@ -196,7 +196,7 @@ def test_empty_synonym_list_and_unknown_class():
 
 
 def test_class_without_synonyms_under_a_synonym_protocol_is_logged(caplog):
-    from ovlib.eval.text import class_name_sets
+    from ovlib.models.text import class_name_sets
 
     cats = [{"id": 1, "name": "car", "synonyms": ["auto"]}, {"id": 2, "name": "boat", "synonyms": []}]
     with caplog.at_level(logging.WARNING):

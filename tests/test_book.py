@@ -156,6 +156,9 @@ def test_every_toc_chapter_executes_with_smoke_profile_and_the_book_builds(tmp_p
     assert (html / "index.html").is_file()
     for ch in book.chapters(root):
         assert (html / "book" / f"{ch.name}.html").is_file()
+        # every chapter writes its claims (ovlib.study) and the Claims ledger page is generated from them
+        assert (root / "book" / "claims" / f"{ch.number}.json").is_file(), f"{ch.name} wrote no claims file"
+    assert (html / "book" / "claims_ledger.html").is_file()
     smoke_book.record(root)  # tests/test_browser.py reads this build in a real browser
 
 

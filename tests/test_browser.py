@@ -104,10 +104,11 @@ def screens(tmp_path_factory) -> Path:
 
 
 def _pages(root: Path) -> list[str]:
-    """The root page (Jupyter Book's ``index.html`` redirects to it), every chapter, the references."""
+    """The root page (Jupyter Book's ``index.html`` redirects to it), every chapter, the Claims ledger, the
+    references."""
     html = root / "_build" / "html"
     pages = ["book/intro.html"] + [f"book/{c.name}.html" for c in book.chapters(root)]
-    return pages + [p for p in ("book/references.html",) if (html / p).is_file()]
+    return pages + [p for p in ("book/claims_ledger.html", "book/references.html") if (html / p).is_file()]
 
 
 @pytest.mark.book
@@ -202,6 +203,15 @@ def test_every_book_page_renders_in_chromium(built_book, screens):
                     bad.append(f"empty explorer images: {r['widget_images']}")
                 if rel.endswith("references.html") and r["citations"] == 0:
                     bad.append("the bibliography is empty")
+                if rel.endswith("claims_ledger.html"):
+                    ledger = page.evaluate(
+                        "() => ({rows: document.querySelectorAll('table.ovbook-ledger tbody tr').length, "
+                        "links: Array.from(document.querySelectorAll('table.ovbook-ledger a'))"
+                        ".map(a => a.getAttribute('href'))})"
+                    )
+                    seen["ledger"] = ledger
+                    if not ledger["rows"]:
+                        bad.append("the Claims ledger shows no claim")
                 name = rel.replace("/", "_").removesuffix(".html")
                 if page.locator(".widget-image").count():
                     page.locator(".widget-image").first.scroll_into_view_if_needed()
@@ -217,6 +227,12 @@ def test_every_book_page_renders_in_chromium(built_book, screens):
     assert chapters, f"no chapter pages among {list(seen)}"
     # the chapters with explorers show them (chapter 01 always has them)
     assert seen["book/01_clip_dense_features.html"]["widget_images"], "chapter 01 shows no explorer"
+    # every chapter writes its claims at smoke; the ledger links each row to an existing section of its chapter
+    assert "ledger" in seen, "the Claims ledger page was not built"
+    for href in seen["ledger"]["links"]:
+        target, _, anchor = href.partition("#")
+        text = (html / "book" / target).read_text(encoding="utf-8")
+        assert anchor and f'id="{anchor}"' in text, f"ledger link {href}: no such section"
 
 
 # --------------------------------------------------------------------------------------------- JupyterLab

@@ -1,5 +1,5 @@
-"""ovlib.eval.students: config-keyed runs, loading a trained student, evaluating it, and the comparisons behind
-a chapter's verdicts."""
+"""ovlib.eval.students: config-keyed runs, loading a trained student, evaluating it (the comparisons behind a
+chapter's verdicts are tested in tests/test_stats.py)."""
 
 import math
 from pathlib import Path
@@ -7,80 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from ovlib import config
-from ovlib.eval.metrics import macc_from_counts
 from ovlib.eval.students import (
     METRICS,
     evaluate_student,
     load_student,
-    mean_std,
-    paired_diff_ci,
     run_key,
     train_or_load,
-    verdict,
-    welch,
 )
-
-
-# --------------------------------------------------------------------------------------------- comparisons
-def test_paired_diff_ci_of_identical_models_is_exactly_zero():
-    rng = np.random.default_rng(0)
-    tot = rng.integers(1, 5, size=(20, 1, 4))
-    a = np.concatenate([tot, rng.binomial(tot, 0.5)], axis=1)  # (N, 2, C): totals, hits
-    stat = lambda s: macc_from_counts(s[1], s[0])
-    assert paired_diff_ci(a, a.copy(), stat, n_boot=200) == (0.0, 0.0, 0.0)
-
-
-def test_paired_diff_ci_point_and_sign():
-    rng = np.random.default_rng(1)
-    tot = rng.integers(2, 6, size=(30, 1, 3))
-    hits_a = rng.binomial(tot, 0.3)
-    hits_b = np.minimum(tot, hits_a + 1)  # b is never worse, per image and class
-    a, b = np.concatenate([tot, hits_a], 1), np.concatenate([tot, hits_b], 1)
-    stat = lambda s: macc_from_counts(s[1], s[0])
-    pt, lo, hi = paired_diff_ci(a, b, stat, n_boot=300, seed=2)
-    assert pt == pytest.approx(stat(b.sum(0)) - stat(a.sum(0)))
-    assert 0 < lo <= pt <= hi
-    with pytest.raises(ValueError, match="20 and 30 images"):
-        paired_diff_ci(a[:20], b, stat)
-
-
-def test_welch_matches_scipy_and_handles_small_samples():
-    a, b = [1.0, 2.0, 3.0], [2.5, 3.5, 5.0]
-    d, p = welch(a, b)
-    assert d == pytest.approx(np.mean(b) - np.mean(a))
-    assert p == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
-    d1, p1 = welch([1.0], [2.0])
-    assert d1 == 1.0 and math.isnan(p1)
-    assert welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
-    assert welch([1.0, 1.0], [2.0, 2.0]) == (1.0, 0.0)
-    d2, p2 = welch([2.0], b, a_fixed=True)  # a deterministic reference: one-sample test
-    assert d2 == pytest.approx(np.mean(b) - 2.0) and p2 == pytest.approx(stats.ttest_1samp(b, 2.0).pvalue)
-    assert math.isnan(welch([2.0], [3.0], a_fixed=True)[1])
-    with pytest.raises(ValueError, match="exactly one"):
-        welch([1.0, 2.0], b, a_fixed=True)
-
-
-def test_verdict_rules():
-    assert verdict(2.0, p=0.01) == "holds"
-    assert verdict(-2.0, p=0.01) == "reversed"
-    assert verdict(-2.0, p=0.01, expected=-1) == "holds"
-    assert verdict(2.0, p=0.2) == "not resolved"
-    assert verdict(1.0, 0.2, 1.8) == "holds"
-    assert verdict(1.0, -0.2, 1.8) == "not resolved"
-    assert verdict(-1.0, -1.5, -0.5) == "reversed"
-    assert verdict(float("nan")) == "n/a"
-    assert verdict(1.0) == "not resolved"  # no interval, no p: nothing resolves it
-    assert verdict(1.0, 0.5, 1.5, n=2) == "not resolved"  # two images: a degenerate bootstrap
-    assert verdict(1.0, 0.5, 1.5, n=5) == "holds"
-
-
-def test_mean_std():
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)), 2)
-    m, s, n = mean_std([4.0, float("nan")])
-    assert (m, n) == (4.0, 1) and math.isnan(s)
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -148,8 +83,6 @@ def test_train_or_load_then_load_student_and_evaluate(env):
     for m, (arr, stat) in ev.per_image.items():
         pt = stat(np.asarray(arr, dtype=np.float64).sum(0))
         assert (math.isnan(pt) and math.isnan(ev.point(m))) or pt == pytest.approx(ev.point(m)), m
-    same = paired_diff_ci(*(ev.per_image["boxes.top1"][0],) * 2, ev.per_image["boxes.top1"][1], n_boot=50)
-    assert same[0] == 0.0
 
 
 def test_evaluate_student_matches_the_chapter01_protocol_and_takes_a_dense_fn(env):

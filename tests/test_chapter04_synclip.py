@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovlib.eval.metrics import bootstrap_ci, macc_from_counts
+from ovlib.eval.metrics import macc_from_counts
 from ovlib.eval.synonyms import (
     _memoized,
-    bootstrap_diff,
     ovss_synonym_robustness,
     protocol_text_embeddings,
     synonym_attention_consistency,
     synonym_map_stats,
 )
-from ovlib.eval.text import MICRO_TEMPLATES
+from ovlib.models.text import MICRO_TEMPLATES
+from ovlib.stats import hierarchical_bootstrap_diff
 from ovlib.methods.synclip import SEMANTIC_TYPES, SynCLIP, sar_aggregate, semantic_texts
 from tests.helpers.method_batches import micro_nets, synthetic_method_batch
 
@@ -136,27 +136,14 @@ def _counts(rng, n, C, p):
     return np.stack([tot, hits], 1)  # (N, 2, C)
 
 
-def test_bootstrap_diff_one_run_is_the_paired_image_bootstrap():
-    rng = np.random.default_rng(0)
-    a, b = _counts(rng, 30, 5, 0.4), _counts(rng, 30, 5, 0.7)
-    f = lambda s: macc_from_counts(s[1], s[0])
-    pt, lo, hi = bootstrap_diff([a], [b], f, n_boot=300, seed=3)
-    assert pt == pytest.approx(f(b.sum(0)) - f(a.sum(0)))
-    # the same multinomial draws as bootstrap_ci on the stacked pair with the difference statistic
-    pair = np.stack([a, b], 1)
-    ref = bootstrap_ci(pair, lambda s: f(s[1]) - f(s[0]), n_boot=300, seed=3)
-    assert (lo, hi) == pytest.approx(ref[1:], abs=1e-9)
-    assert lo <= pt <= hi
-
-
 def test_bootstrap_diff_identical_and_shifted_runs():
     rng = np.random.default_rng(1)
     a = _counts(rng, 20, 4, 0.5)
     f = lambda s: macc_from_counts(s[1], s[0])
-    assert bootstrap_diff([a, a], [a], f, n_boot=200) == (0.0, 0.0, 0.0)
+    assert hierarchical_bootstrap_diff([a, a], [a], f, n_boot=200) == (0.0, 0.0, 0.0)
     better = a.copy()
     better[:, 1] = better[:, 0]  # every region right
-    pt, lo, hi = bootstrap_diff([a], [better, better], f, n_boot=200)
+    pt, lo, hi = hierarchical_bootstrap_diff([a], [better, better], f, n_boot=200)
     assert 0 < lo <= pt <= hi
 
 
@@ -168,18 +155,16 @@ def test_bootstrap_diff_carries_seed_spread():
     b1[:, 1] = np.minimum(a[:, 1] + 1, a[:, 0])
     b2[:, 1] = np.maximum(a[:, 1] - 1, 0)
     f = lambda s: macc_from_counts(s[1], s[0])
-    _, lo1, _ = bootstrap_diff([a], [b1], f, n_boot=400)
-    _, lo2, hi2 = bootstrap_diff([a], [b1, b2], f, n_boot=400)
+    _, lo1, _ = hierarchical_bootstrap_diff([a], [b1], f, n_boot=400)
+    _, lo2, hi2 = hierarchical_bootstrap_diff([a], [b1, b2], f, n_boot=400)
     assert lo1 > 0 and lo2 < 0 < hi2  # one seed says better; with the disagreeing seed it is not resolved
 
 
 def test_bootstrap_diff_errors_and_nan():
     a = np.ones((3, 2, 2))
     with pytest.raises(ValueError, match="at least one run"):
-        bootstrap_diff([], [a], lambda s: 0.0)
-    with pytest.raises(ValueError, match="same per-image shape"):
-        bootstrap_diff([a], [np.ones((4, 2, 2))], lambda s: 0.0)
-    pt, lo, hi = bootstrap_diff([a], [a], lambda s: float("nan"), n_boot=10)
+        hierarchical_bootstrap_diff([], [a], lambda s: 0.0)
+    pt, lo, hi = hierarchical_bootstrap_diff([a], [a], lambda s: float("nan"), n_boot=10)
     assert math.isnan(pt) and math.isnan(lo) and math.isnan(hi)
 
 

@@ -8,15 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovlib.eval.synseg import SynSegEvalConfig, dense_score_fn, evaluate_protocols, evaluate_synseg, synseg_score_fn
 from ovlib.methods.synseg import (
     X_SOURCES,
     SynSeg,
     SynSegConfig,
-    SynSegEvalConfig,
-    dense_score_fn,
-    evaluate_protocols,
-    evaluate_synseg,
-    synseg_score_fn,
     total_loss,
 )
 from ovlib.models.film_decoder import CLIPSegDecoder

@@ -5,8 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ovlib.eval.metrics import (bootstrap_ci, confusion_matrix, iou_acc_from_confusion, macc_from_counts,
-                                mean_class_accuracy, miou_from_confusion, per_class_counts, topk_hits)
+from ovlib.eval.metrics import (confusion_matrix, iou_acc_from_confusion, macc_from_counts, mean_class_accuracy,
+                                miou_from_confusion, miou_statistic, per_class_counts, topk_hits)
+from ovlib.stats import bootstrap_ci
 
 
 def test_topk_hits_hand_case():
@@ -89,3 +90,11 @@ def test_bootstrap_constant_and_coverage():
     # same seed -> same numbers
     assert bootstrap_ci(per, lambda s: s[0] / s[1], n_boot=50, seed=3) == \
         bootstrap_ci(per, lambda s: s[0] / s[1], n_boot=50, seed=3)
+
+
+def test_miou_statistic_over_a_selection():
+    conf = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2 absent from GT and prediction: nan, excluded
+    iou, _ = iou_acc_from_confusion(conf)
+    assert miou_statistic()(conf) == pytest.approx(np.nanmean(iou))
+    assert miou_statistic(np.array([False, True, True]))(conf) == pytest.approx(iou[1])
+    assert math.isnan(miou_statistic(np.array([False, False, True]))(conf))

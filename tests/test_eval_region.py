@@ -12,7 +12,7 @@ from ovlib.eval.region_cls import (RegionClsConfig, extract_region_features, reg
                                    summarize)
 from ovlib.eval.segmentation import (OVSSConfig, evaluate_kmeans, evaluate_ovss, predict_labels, sliding_logits,
                                      window_starts)
-from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
+from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovlib.eval.affinity import affinity_map, pixel_to_cell
+from ovlib.models.affinity import affinity_map, pixel_to_cell
 from ovlib.eval.unsupervised import hungarian_miou, iou_matrix, kmeans_labels
 
 

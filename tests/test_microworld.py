@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ovlib.data.coco import id2rgb, rgb2id
 from ovlib.data.microworld import (
     SPLIT_START,
     MicroWorld,
@@ -19,10 +20,8 @@ from ovlib.data.microworld import (
     _argmax0,
     _plural,
     ensure_microworld,
-    id2rgb,
     main,
     mosaic,
-    rgb2id,
 )
 from ovlib.data.regions import mask_to_box
 

@@ -21,7 +21,7 @@ from ovlib.eval.synonyms import (
     protocol_text_embeddings,
     region_synonym_robustness,
 )
-from ovlib.eval.text import MICRO_TEMPLATES
+from ovlib.models.text import MICRO_TEMPLATES
 
 CATS = [
     {"id": 3, "name": "cup", "synonyms": ["mug", "beaker", "tumbler"], "split": "base", "isthing": True},

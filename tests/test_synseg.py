@@ -11,17 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from ovlib.eval.synseg import SynSegEvalConfig, evaluate_synseg
 from ovlib.methods.synseg import (
     DEFAULT_LOSS_WEIGHTS,
     SynSeg,
     SynSegConfig,
-    SynSegEvalConfig,
     align_loss,
     back_loss,
     bound,
     bounded_cosine,
     cont_loss,
-    evaluate_synseg,
     five_views,
     label_map,
     load_synseg,

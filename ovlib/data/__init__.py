@@ -1,6 +1,6 @@
 """Data: the micro world, COCO-format datasets, region sampling and crop geometry, synonym corpora."""
 
-from ovlib.data.coco import CocoCaptions, CocoInstances, CocoPanoptic, ImageReadError, read_image
+from ovlib.data.coco import CocoCaptions, CocoInstances, CocoPanoptic, ImageReadError, id2rgb, read_image, rgb2id
 from ovlib.data.microworld import (
     SPLIT_START,
     ClassInfo,
@@ -10,9 +10,7 @@ from ovlib.data.microworld import (
     SceneLayout,
     ThingLayout,
     ensure_microworld,
-    id2rgb,
     mosaic,
-    rgb2id,
 )
 from ovlib.data.regions import (
     CenterPadCrop,

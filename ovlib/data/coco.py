@@ -27,9 +27,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ovlib.data.microworld import rgb2id
+__all__ = ["CocoPanoptic", "CocoInstances", "CocoCaptions", "read_image", "ImageReadError", "rgb2id", "id2rgb"]
 
-__all__ = ["CocoPanoptic", "CocoInstances", "CocoCaptions", "read_image", "ImageReadError"]
+
+# ----------------------------------------------------------------------------------------------------------
+# panoptic id encoding (COCO panopticapi convention: id = R + 256 G + 256^2 B)
+# ----------------------------------------------------------------------------------------------------------
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int64 segment ids (``cocodataset/panopticapi:panopticapi/utils.py``)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"rgb2id expects (H, W, 3), got shape {rgb.shape}")
+    ids = rgb[..., 0].astype(np.int64)
+    ids += rgb[..., 1].astype(np.int64) << 8
+    ids += rgb[..., 2].astype(np.int64) << 16
+    return ids
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) int segment ids in [0, 256^3) -> (H, W, 3) uint8."""
+    ids = np.asarray(ids, np.int64)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
+        raise ValueError("panoptic ids must lie in [0, 256**3)")
+    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], -1).astype(np.uint8)
+
 
 log = logging.getLogger(__name__)
 

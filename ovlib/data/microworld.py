@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from scipy.spatial import ConvexHull
 
+from ovlib.data.coco import id2rgb  # the COCO panoptic codec
 from ovlib.data.nouns import plural
 from ovlib.io import atomic_write_text, config_hash, tqdm_disabled
 
@@ -57,8 +58,7 @@ __all__ = [
     "MicroWorld",
     "MicroWorldStream",
     "ensure_microworld",
-    "rgb2id",
-    "id2rgb",
+    "export_hash",
     "mosaic",
     "SPLIT_START",
     "MICROWORLD_VERSION",
@@ -1528,28 +1528,6 @@ def mosaic(images: Sequence[np.ndarray], cols: int, pad: int = 2, fill: int = 25
 
 
 # ----------------------------------------------------------------------------------------------------------
-# panoptic id encoding (COCO panopticapi convention: id = R + 256 G + 256^2 B)
-# ----------------------------------------------------------------------------------------------------------
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int64 segment ids (``cocodataset/panopticapi:panopticapi/utils.py``)."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise ValueError(f"rgb2id expects (H, W, 3), got shape {rgb.shape}")
-    ids = rgb[..., 0].astype(np.int64)
-    ids += rgb[..., 1].astype(np.int64) << 8
-    ids += rgb[..., 2].astype(np.int64) << 16
-    return ids
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) int segment ids in [0, 256^3) -> (H, W, 3) uint8."""
-    ids = np.asarray(ids, np.int64)
-    if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
-        raise ValueError("panoptic ids must lie in [0, 256**3)")
-    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], -1).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # idempotent export
 # ----------------------------------------------------------------------------------------------------------
 def _export_files(root: Path, split: str) -> list[Path]:
@@ -1560,6 +1538,15 @@ def _export_files(root: Path, split: str) -> list[Path]:
         a / f"captions_{split}.json",
         a / "synonyms.json",
     ]
+
+
+def export_hash(split: str = "val2017", n: int = 200, size: int = 160, seed: int = 0, start: int | None = None,
+                **world_kwargs) -> str:
+    """The content key of an export (world config, split, n, size, start): what its manifest stores, and the data
+    manifest of a training run (:mod:`ovlib.study`)."""
+    world = MicroWorld(seed=seed, **world_kwargs)
+    start = SPLIT_START.get(split, 0) if start is None else int(start)
+    return config_hash(dict(world=world.config, split=split, n=int(n), size=int(size), start=start))
 
 
 def ensure_microworld(
@@ -1581,8 +1568,7 @@ def ensure_microworld(
     root = Path(root)
     world = MicroWorld(seed=seed, **world_kwargs)
     start = SPLIT_START.get(split, 0) if start is None else int(start)
-    cfg = dict(world=world.config, split=split, n=int(n), size=int(size), start=start)
-    h = config_hash(cfg)
+    h = export_hash(split, n, size, seed, start, **world_kwargs)
     manifest = root / "annotations" / f"manifest_{split}.json"
     if manifest.is_file():
         try:
@@ -1600,6 +1586,7 @@ def ensure_microworld(
         if d.is_dir():
             shutil.rmtree(d)
     world.export_coco(root, split=split, n=n, size=size, start=start, progress=progress)
+    cfg = dict(world=world.config, split=split, n=int(n), size=int(size), start=start)
     atomic_write_text(json.dumps(dict(hash=h, config=cfg), indent=1), manifest)
     return root
 

@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from ovlib.data.coco import CocoCaptions
+from ovlib.data.regions import to_chw_float
 
 __all__ = [
     "BOUNDARY_WORDS",
@@ -309,8 +313,6 @@ class CaptionLabelDataset(torch.utils.data.Dataset):
                  mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
                  categories: Sequence[Any] | None = None, labeler: CaptionLabeler | None = None,
                  caption_pick: str = "one", seed: int = 0, max_images: int = 0, **labeler_kw: Any):
-        from ovlib.data.coco import CocoCaptions
-
         if caption_pick not in ("one", "all"):
             raise ValueError(f"caption_pick must be 'one' or 'all', got {caption_pick!r}")
         root = Path(root)
@@ -347,10 +349,6 @@ class CaptionLabelDataset(torch.utils.data.Dataset):
                 "categories_per_caption": sum(per_cap) / max(1, len(per_cap))}
 
     def __getitem__(self, i: int) -> dict:
-        import torch.nn.functional as F
-
-        from ovlib.data.regions import to_chw_float
-
         item = self.caps[i]
         img = to_chw_float(item["image"])  # (3, H, W) in [0, 1]
         if tuple(img.shape[-2:]) != (self.size, self.size):

@@ -1,22 +1,23 @@
 """Evaluation protocols, one function per protocol, usable on the micro world and on real COCO.
 
-* :mod:`ovlib.eval.metrics` -- mean per-class accuracy, confusion-matrix mIoU/mAcc, bootstrap intervals;
-* :mod:`ovlib.eval.text` -- prompt templates (ViLD's 63, the micro world's) and class embeddings, synonyms;
+* :mod:`ovlib.eval.metrics` -- mean per-class accuracy, confusion-matrix mIoU/mAcc (intervals: :mod:`ovlib.stats`);
+* prompt templates and class embeddings (:mod:`ovlib.models.text`) and point affinity maps
+  (:mod:`ovlib.models.affinity`) are re-exported here;
 * :mod:`ovlib.eval.region_cls` -- zero-shot region classification (rois / maskpool / crops; CLIPSelf);
 * :mod:`ovlib.eval.segmentation` -- MaskCLIP-style sliding-window OVSS and the k-means diagnostic;
-* :mod:`ovlib.eval.unsupervised` -- k-means + Hungarian matching; :mod:`ovlib.eval.affinity` -- point maps.
+* :mod:`ovlib.eval.unsupervised` -- k-means + Hungarian matching.
 """
 
-from .affinity import affinity_map, pixel_to_cell
-from .metrics import (bootstrap_ci, confusion_matrix, iou_acc_from_confusion, macc_from_counts,
+from ovlib.models.affinity import affinity_map, pixel_to_cell
+from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
+from .metrics import (confusion_matrix, iou_acc_from_confusion, macc_from_counts,
                       mean_class_accuracy, miou_from_confusion, topk_hits)
 from .region_cls import RegionClsConfig, RegionFeatures, extract_region_features, score_regions, summarize
 from .segmentation import OVSSConfig, evaluate_kmeans, evaluate_ovss, sliding_logits
-from .text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
 from .unsupervised import hungarian_miou, kmeans_labels
 
 __all__ = [
-    "affinity_map", "pixel_to_cell", "bootstrap_ci", "confusion_matrix", "iou_acc_from_confusion",
+    "affinity_map", "pixel_to_cell", "confusion_matrix", "iou_acc_from_confusion",
     "macc_from_counts", "mean_class_accuracy", "miou_from_confusion", "topk_hits", "RegionClsConfig",
     "RegionFeatures", "extract_region_features", "score_regions", "summarize", "OVSSConfig", "evaluate_kmeans",
     "evaluate_ovss", "sliding_logits", "MICRO_TEMPLATES", "VILD_TEMPLATES", "class_name_sets", "fill_template",

@@ -7,6 +7,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.data.regions import ResizeLongestPad
+from ovlib.models import dense_features, dense_spec, vfm_patch_features
+
 __all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
            "dense_fn_for_vfm", "dense_fn_for_proxyclip"]
 
@@ -21,17 +25,9 @@ def student_image(image: np.ndarray, size: int) -> tuple[torch.Tensor, float]:
     """``image (H, W, 3) uint8`` -> ``((3, size, size) float in [0, 1], scale)``: the longest side resized to
     ``size`` and the rest padded bottom/right with 0 (``ovlib.data.regions.ResizeLongestPad``, CLIPSelf's
     ``ResizeLongest``). Pixel ``p`` of the original lands at ``p * scale``."""
-    from ovlib.data.regions import ResizeLongestPad
 
     t, scale = ResizeLongestPad(size)(image)  # (3, size, size) float in [0, 1]
     return t.contiguous(), float(scale)
-
-
-def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(B, 3, H, W)`` in [0, 1] -> normalised with per-channel ``mean`` / ``std``."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 def category_index(class_ids: Sequence[int]) -> dict[int, int]:
@@ -48,9 +44,6 @@ def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, normalize: boo
     preset name (``ovlib.models.PRESETS``, e.g. ``"sclip"``; ``switches`` override its entries), unit-norm
     tokens unless ``normalize=False``. The function carries ``.dense_spec``, the complete keyword set
     (``ovlib.models.dense_spec``) that results record."""
-    from ovlib.models import dense_features, dense_spec
-    from ovlib.train.pretrain import image_mean_std
-
     if mean is None or std is None:
         mean, std = image_mean_std(model)
     spec = dense_spec(mode, **switches)
@@ -65,9 +58,6 @@ def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, normalize: boo
 def dense_fn_for_vfm(vfm: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm VFM patch features on the VFM's own grid."""
     import torch.nn.functional as F
-
-    from ovlib.models import vfm_patch_features
-    from ovlib.train.pretrain import image_mean_std
 
     mean, std = image_mean_std(vfm)
     p = vfm.patch_embed.patch_size
@@ -86,9 +76,6 @@ def dense_fn_for_proxyclip(model: Any, vfm: Any, beta: float = 1.2, gamma: float
     the VFM sees the same pixels with its own normalisation (ProxyCLIP's ``norm(unnorm(img))``) on its own grid
     ``(H // p, W // p)``; CLIP's values are aggregated with the VFM's patch affinities on that grid
     (:func:`ovlib.models.dense.proxy_attention`)."""
-    from ovlib.models import dense_features, vfm_patch_features
-    from ovlib.train.pretrain import image_mean_std
-
     mean, std = image_mean_std(model)
     vmean, vstd = image_mean_std(vfm)
     p = vfm.patch_embed.patch_size

@@ -4,13 +4,11 @@
   the classes present of the per-class accuracy, ``wusize/CLIPSelf:src/training/zero_shot.py`` ``_macc``);
 * segmentation: :func:`confusion_matrix`, :func:`iou_acc_from_confusion` (mmseg ``IoUMetric`` convention:
   a class absent from both the ground truth and the prediction has IoU ``nan`` and is excluded from the mean);
-* uncertainty: :func:`bootstrap_ci` resamples *images* with replacement and recomputes a statistic of summed
-  per-image sufficient statistics (hit counts, confusion matrices), so one resample costs one matrix product.
+
+Their uncertainty (bootstrap over images, tests over seeds) lives in :mod:`ovlib.stats`.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ __all__ = [
     "confusion_matrix",
     "iou_acc_from_confusion",
     "miou_from_confusion",
-    "bootstrap_ci",
+    "miou_statistic",
 ]
 
 
@@ -116,28 +114,14 @@ def miou_from_confusion(conf: np.ndarray) -> tuple[float, float]:
     return m1, m2
 
 
-def bootstrap_ci(per_image: np.ndarray, statistic: Callable[[np.ndarray], float], n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Percentile bootstrap over images of a statistic of *summed* per-image statistics.
+def miou_statistic(selection: np.ndarray | None = None):
+    """``conf (C, C) -> mIoU`` (percent) over the classes of the boolean ``selection`` (all when ``None``) with a
+    defined IoU (mmseg's nan classes excluded): the statistic a bootstrap over per-image confusions resamples."""
 
-    ``per_image`` is ``(N, ...)`` (e.g. per-image per-class hit/total counts ``(N, 2, C)`` or confusion
-    matrices ``(N, C, C)``); each resample draws N images with replacement (multinomial counts ``w``) and
-    evaluates ``statistic(tensordot(w, per_image))``. Returns ``(point, low, high)`` where ``point`` is the
-    statistic of the full sum. Resamples on which the statistic is ``nan`` are dropped.
-    """
-    per_image = np.asarray(per_image, dtype=np.float64)
-    n = per_image.shape[0]
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    point = float(statistic(per_image.sum(0)))
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (n_boot, N)
-    flat = per_image.reshape(n, -1)
-    sums = (w @ flat).reshape((n_boot,) + per_image.shape[1:])
-    stats = np.array([statistic(s) for s in sums], dtype=np.float64)
-    stats = stats[np.isfinite(stats)]
-    if stats.size == 0:
-        return point, float("nan"), float("nan")
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats, [a, 1.0 - a])
-    return point, float(lo), float(hi)
+    def f(conf: np.ndarray) -> float:
+        iou, _ = iou_acc_from_confusion(conf)
+        x = iou if selection is None else iou[: len(selection)][np.asarray(selection, dtype=bool)]
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if x.size else float("nan")
+
+    return f

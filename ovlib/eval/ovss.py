@@ -78,7 +78,7 @@ def evaluate_benchmark(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset
                        device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
     """mIoU of ``dense_fn`` on a :class:`~ovlib.data.benchmarks.BenchmarkDataset` under ``card``. Returns the
     JSON-ready record (``miou``/``macc`` as ``[point, lo, hi]`` percent, ``per_class_iou``, ``card``)."""
-    from ovlib.eval.text import text_embeddings
+    from ovlib.models.text import text_embeddings
 
     if card.benchmark != dataset.name:
         raise ValueError(f"card is for {card.benchmark!r} but the dataset is {dataset.name!r}")

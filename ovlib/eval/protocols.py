@@ -146,7 +146,7 @@ def _openai_imagenet_80() -> tuple[str, ...]:
 
 
 def _micro() -> tuple[str, ...]:
-    from ovlib.eval.text import MICRO_TEMPLATES
+    from ovlib.models.text import MICRO_TEMPLATES
 
     return MICRO_TEMPLATES
 

@@ -48,8 +48,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ovlib.eval._common import category_index, dataset_indices, normalize_images, student_image
-from ovlib.eval.metrics import bootstrap_ci, macc_from_counts, per_class_counts, topk_hits
+from ovlib.eval.metrics import macc_from_counts, per_class_counts, topk_hits
 from ovlib.train.pretrain import _quiet
+from ovlib.stats import bootstrap_ci
+from ovlib.data.regions import crop_regions
+from ovlib.eval._common import dense_fn_for_clip
+from ovlib.models import mask_pool, roi_features
+from ovlib.models.images import image_mean_std
 
 __all__ = ["RegionClsConfig", "RegionFeatures", "region_masks_at_grid", "extract_region_features",
            "score_regions", "summarize", "pool_regions", "PREDICTORS", "POOLINGS", "MASK_GRIDS"]
@@ -213,9 +218,6 @@ def extract_region_features(model: Any, dataset: Sequence, cfg: RegionClsConfig 
     (``dense_fn_for_clip(..., normalize=False)``): the region pooling convention ``cfg.pooling`` decides where
     the L2 normalisation happens (a unit-norm extractor makes both conventions the normalise-first one).
     """
-    from ovlib.data.regions import crop_regions
-    from ovlib.eval._common import dense_fn_for_clip
-    from ovlib.train.pretrain import image_mean_std
 
     bad = [p for p in predictors if p not in PREDICTORS]
     if bad:

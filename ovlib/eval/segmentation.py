@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ovlib.eval._common import category_index, dataset_indices
-from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_confusion, miou_from_confusion
+from ovlib.eval.metrics import confusion_matrix, iou_acc_from_confusion, miou_from_confusion
 from ovlib.eval.unsupervised import hungarian_miou, kmeans_labels
 from ovlib.train.pretrain import _quiet
+from ovlib.stats import bootstrap_ci
 
 __all__ = ["OVSSConfig", "RESIZE_SIDES", "resized_size", "window_starts", "sliding_logits", "predict_labels",
            "semantic_target", "label_target", "evaluate_ovss", "evaluate_kmeans"]

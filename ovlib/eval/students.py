@@ -1,6 +1,5 @@
 """Trained students: train-or-load a distillation run in a config-keyed directory, load its weights into a fresh
-CLIP, evaluate it with the chapter-01 protocols, and compare students (across seeds or, for one seed, by a
-paired bootstrap over the evaluation images).
+CLIP, evaluate it with the chapter-01 protocols.
 
 * :func:`train_or_load` -- :func:`ovlib.train.launch.launch` into ``root/<name>-<hash>`` where the hash covers
   the resolved :class:`~ovlib.train.distill.DistillConfig` *and* the micro CLIP's pre-training config (the
@@ -18,15 +17,14 @@ paired bootstrap over the evaluation images).
   or DeCLIP / SynCLIP's pool-then-normalise, :data:`ovlib.eval.region_cls.POOLINGS`) is a typed field of the
   region config; :func:`student_pooling` gives a run's own (its method's ``Distiller.eval_pooling``), and the
   result records it (``StudentEval.protocol``).
-* :func:`paired_diff_ci`, :func:`welch`, :func:`verdict` -- the comparisons behind a chapter's "holds / does not
-  hold" statements.
+
+Comparisons of students (intervals, tests over seeds, verdicts) live in :mod:`ovlib.stats`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,14 +42,10 @@ __all__ = [
     "StudentEval",
     "evaluate_student",
     "load_student",
-    "mean_std",
-    "paired_diff_ci",
     "run_key",
     "student_dense_fn",
     "student_pooling",
     "train_or_load",
-    "verdict",
-    "welch",
 ]
 
 #: Flat metric names of :class:`StudentEval` (percent). ``global.*`` is the model's own CLS of region crops.
@@ -60,9 +54,11 @@ METRICS = ("boxes.top1", "boxes.top5", "thing.top1", "thing.top5", "stuff.top1",
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = ()) -> str:
+def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = (),
+            extra: Mapping[str, Any] | None = None) -> str:
     """Hash of everything a run's weights depend on: the resolved DistillConfig (minus bookkeeping fields) and,
-    for a micro backbone without a ``pretrained`` file, the micro CLIP pre-training config of the profile."""
+    for a micro backbone without a ``pretrained`` file, the micro CLIP pre-training config of the profile;
+    ``extra`` (e.g. the backbone checkpoint's hash and the data manifest, :mod:`ovlib.study`) joins the key."""
     from ovlib.io import config_hash
     from ovlib.models import MICRO_CLIP_CONFIGS
     from ovlib.train.recipes import distill_config
@@ -77,6 +73,8 @@ def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any]
         key["_clip_pretrain"] = dataclasses.asdict(clip_cfg)
         if cfg.vfm:
             key["_vfm_pretrain"] = dataclasses.asdict(vfm_cfg)
+    if extra:
+        key["_extra"] = dict(extra)
     return config_hash(key)
 
 
@@ -96,7 +94,7 @@ def _train_seconds(out_dir: Path) -> float:
 
 
 def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any], root: str | Path,
-                  name: str) -> dict[str, Any]:
+                  name: str, key_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train ``method`` with ``overrides`` into ``root/<name>-<run_key>`` (``name`` with characters other than
     letters, digits, ``.``, ``_``, ``-`` replaced by ``_``) or load the finished run there.
 
@@ -105,7 +103,7 @@ def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str
     from ovlib.train.launch import launch
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or method  # a portable directory name
-    out = Path(root) / f"{safe}-{run_key(params, method, overrides)}"
+    out = Path(root) / f"{safe}-{run_key(params, method, overrides, key_extra)}"
     done = (out / "results.json").is_file() and (out / "ensemble-final.pt").is_file()
     res = launch(params, method, overrides, out_dir=str(out))
     return {**res, "name": name, "method": method, "train_s": _train_seconds(out), "trained_now": not done}
@@ -176,7 +174,7 @@ def _kmeans_stat(s: np.ndarray) -> float:
 class StudentEval:
     """Metrics of one model (percent). ``ci[m] = (point, lo, hi)`` (95 % bootstrap over images);
     ``per_image[m] = (array (N, ...), statistic)`` with ``statistic(array.sum(0)) == ci[m][0]``, for paired
-    comparisons of two models evaluated on the same images (:func:`paired_diff_ci`)."""
+    comparisons of two models evaluated on the same images (:mod:`ovlib.stats`)."""
 
     name: str
     ci: dict[str, tuple[float, float, float]] = field(default_factory=dict)
@@ -259,82 +257,3 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
         ev.per_image["kmeans.miou"] = (np.stack([per, np.ones_like(per)], 1), _kmeans_stat)
     ev.seconds = time.perf_counter() - t0
     return ev
-
-
-# ------------------------------------------------------------------------------------------------ comparisons
-def paired_diff_ci(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarray], float], n_boot: int = 1000,
-                   seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """``statistic(sum b) - statistic(sum a)`` with a percentile-bootstrap interval from resampling the *same*
-    images for both (``a, b (N, ...)`` per-image arrays of two models on the same N images)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"paired_diff_ci: the two models were evaluated on {a.shape[0]} and {b.shape[0]} images")
-    n = a.shape[0]
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    point = float(statistic(b.sum(0)) - statistic(a.sum(0)))
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (n_boot, N)
-    sa = (w @ a.reshape(n, -1)).reshape((n_boot,) + a.shape[1:])
-    sb = (w @ b.reshape(n, -1)).reshape((n_boot,) + b.shape[1:])
-    d = np.array([statistic(y) - statistic(x) for x, y in zip(sa, sb)], dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return point, float("nan"), float("nan")
-    q = (1.0 - level) / 2.0
-    lo, hi = np.quantile(d, [q, 1.0 - q])
-    return point, float(lo), float(hi)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (ddof = 1; nan for one value) and count of the finite values."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan"), 0
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), int(v.size)
-
-
-def welch(a: Sequence[float], b: Sequence[float], a_fixed: bool = False) -> tuple[float, float]:
-    """``(mean(b) - mean(a), two-sided p)`` of Welch's t-test over seeds (needs >= 2 values on each side;
-    p = nan otherwise; identical constant samples give p = 1). ``a_fixed``: ``a`` is one deterministic reference
-    value (e.g. the frozen teacher): one-sample t-test of ``b`` against it."""
-    from scipy import stats
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    d = float(b.mean() - a.mean()) if a.size and b.size else float("nan")
-    if a_fixed:
-        if a.size != 1:
-            raise ValueError(f"welch(a_fixed=True) needs exactly one reference value, got {a.size}")
-        if b.size < 2:
-            return d, float("nan")
-        if np.ptp(b) == 0:
-            return d, 1.0 if d == 0 else 0.0
-        return d, float(stats.ttest_1samp(b, a[0]).pvalue)
-    if a.size < 2 or b.size < 2:
-        return d, float("nan")
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return d, 1.0 if d == 0 else 0.0
-    return d, float(stats.ttest_ind(b, a, equal_var=False).pvalue)
-
-
-def verdict(diff: float, lo: float = float("nan"), hi: float = float("nan"), p: float = float("nan"),
-            expected: int = 1, alpha: float = 0.05, n: int | None = None, min_n: int = 5) -> str:
-    """``"holds"`` when the measured difference has the ``expected`` sign (+1 / -1) and is resolved -- Welch
-    ``p < alpha`` when ``p`` is given, else a bootstrap interval ``[lo, hi]`` that excludes 0 --; ``"reversed"``
-    when it is resolved with the other sign; ``"not resolved"`` otherwise (``"n/a"`` without a number).
-    ``n``: the number of resampled units behind a bootstrap interval; fewer than ``min_n`` resolve nothing (a
-    bootstrap over one or two images has a degenerate interval)."""
-    if not math.isfinite(diff):
-        return "n/a"
-    if n is not None and n < min_n:
-        return "not resolved"
-    if math.isfinite(p):
-        resolved = p < alpha and diff != 0
-    elif math.isfinite(lo) and math.isfinite(hi):
-        resolved = lo > 0 or hi < 0
-    else:
-        resolved = False
-    if not resolved:
-        return "not resolved"
-    return "holds" if (diff > 0) == (expected > 0) else "reversed"

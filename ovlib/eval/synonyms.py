@@ -8,7 +8,7 @@ for region classification. We run the same protocols on zero-shot region classif
 (:mod:`ovlib.eval.region_cls`) and OVSS (:mod:`ovlib.eval.segmentation`):
 
 ==================  =======================================================================================
-protocol            name(s) standing for each class (:func:`ovlib.eval.text.class_name_sets`)
+protocol            name(s) standing for each class (:func:`ovlib.models.text.class_name_sets`)
 ==================  =======================================================================================
 ``original``        the class name
 ``first_synonym``   its first synonym (SynCLIP ``v1``)
@@ -28,9 +28,8 @@ counts as 0 under the protocol that predicts it; ``n_classes`` then differs betw
 
 Also here (chapter 4): :func:`synonym_map_stats` / :func:`synonym_attention_consistency` measure the
 phenomenon SynCLIP starts from -- how much an object's cosine map ("attention") changes when its name is
-replaced by a synonym; :func:`bootstrap_diff` gives the interval of a difference between two trained
-variants, resampling the evaluation images (paired) and each variant's training seeds (with one run per
-variant it equals :func:`ovlib.eval.students.paired_diff_ci`; :func:`ovlib.eval.students.verdict` reads it).
+replaced by a synonym; the differences between trained variants are judged by
+:func:`ovlib.stats.compare` (seeds, then images).
 """
 
 from __future__ import annotations
@@ -42,13 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovlib.eval.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.models.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.eval._common import dataset_indices, student_image
+from ovlib.eval.region_cls import region_masks_at_grid, score_regions
+from ovlib.eval.segmentation import OVSSConfig, evaluate_ovss
 
 __all__ = [
     "EXTRA_PROTOCOLS",
     "PROTOCOLS",
     "SEEDED",
-    "bootstrap_diff",
     "class_ids",
     "class_splits",
     "drop_table",
@@ -116,7 +117,7 @@ def protocol_text_embeddings(model: Any, tokenizer: Callable, categories: Sequen
                              templates: Sequence[str] = MICRO_TEMPLATES, this_is_prefix: bool = False,
                              device: str | torch.device = "cpu") -> dict[tuple[str, int], torch.Tensor]:
     """``{(protocol, seed): (C, D)}`` unit-norm class embeddings (rows in ``categories`` order), via
-    :func:`ovlib.eval.text.text_embeddings` (template ensemble; an ensemble of names for ``synonym_ensemble``)."""
+    :func:`ovlib.models.text.text_embeddings` (template ensemble; an ensemble of names for ``synonym_ensemble``)."""
     out = {}
     for p, s in protocol_runs(protocols, seeds):
         out[(p, s)] = text_embeddings(model, tokenizer, protocol_names(categories, p, s), templates,
@@ -200,7 +201,6 @@ def region_synonym_robustness(rf: Any, model: Any, tokenizer: Callable, categori
     ``rf``: :class:`ovlib.eval.region_cls.RegionFeatures`; ``key``: its feature key (``"rois/<mode>"``,
     ``"maskpool/<mode>"``, ``"crops"``). Returns ``{"per_class": {(protocol, seed): (C,)}, "table": rows,
     "class_ids": [...]}`` (Top-``ks[k_index-1]`` per-class accuracy; default Top-1)."""
-    from ovlib.eval.region_cls import score_regions
 
     if key not in rf.features:
         raise KeyError(f"region features have no key {key!r}; available: {sorted(rf.features)}")
@@ -244,7 +244,6 @@ def ovss_synonym_robustness(dense_fn: Callable[[torch.Tensor], torch.Tensor], da
     :func:`protocol_text_embeddings` (then ``protocols``/``seeds``/``templates`` are not used). Returns ``{"per_class": {(protocol, seed): (C,) IoU},
     "miou": {(protocol, seed): (pt, lo, hi)}, "confusion": {(protocol, seed): (N, C, C) per image},
     "table": rows, "class_ids": [...]}``."""
-    from ovlib.eval.segmentation import OVSSConfig, evaluate_ovss
 
     cfg = cfg or OVSSConfig()
     ids = class_ids(categories)
@@ -321,8 +320,6 @@ def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tenso
     at least half by the segment (:func:`ovlib.eval.region_cls.region_masks_at_grid`). Returns per-object arrays
     ``{"category_id", "split", "spread", "rel_spread", "corr", "hit"}`` and ``"class_text"``.
     """
-    from ovlib.eval._common import dataset_indices, student_image
-    from ovlib.eval.region_cls import region_masks_at_grid
 
     splits = dict(zip(class_ids(categories), class_splits(categories)))
     if class_text is None:
@@ -358,48 +355,3 @@ def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tenso
     out: dict[str, Any] = {k: (np.asarray(v) if k != "split" else list(v)) for k, v in rec.items()}
     out["class_text"] = class_text
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Comparing two trained variants over seeds and evaluation images
-# ---------------------------------------------------------------------------------------------------------
-def bootstrap_diff(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray],
-                   statistic: Callable[[np.ndarray], float], n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float, float]:
-    """``(point, low, high)`` of ``mean_r statistic(b_r) - mean_r statistic(a_r)`` over runs (training seeds).
-
-    ``a_runs``/``b_runs``: one ``(N, ...)`` per-image array per run (e.g. region counts ``(N, 1 + K, C)`` or
-    confusion matrices ``(N, C, C)``), the **same N images** for every run; ``statistic`` maps a sum over
-    images to a number (as :func:`ovlib.eval.metrics.bootstrap_ci`). Each bootstrap replicate draws the images
-    once with replacement (paired: the same draw for every run of both variants) and, independently for each
-    variant, its runs with replacement; the interval is the percentile interval of the replicate differences
-    (replicates with a ``nan`` statistic are dropped). With one run per variant this is the paired image
-    bootstrap; with several it also carries the seed-to-seed variation (crudely, for 3 seeds).
-    """
-    if not a_runs or not b_runs:
-        raise ValueError("bootstrap_diff needs at least one run per variant")
-    runs = [np.asarray(x, dtype=np.float64) for x in list(a_runs) + list(b_runs)]
-    n = runs[0].shape[0]
-    if any(r.shape != runs[0].shape for r in runs):
-        raise ValueError(f"bootstrap_diff: every run needs the same per-image shape; got {[r.shape for r in runs]}")
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    na = len(a_runs)
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (n_boot, N)
-    point_stats = np.array([statistic(r.sum(0)) for r in runs])
-    boot = np.empty((len(runs), n_boot))
-    for i, r in enumerate(runs):
-        sums = (w @ r.reshape(n, -1)).reshape((n_boot,) + r.shape[1:])
-        boot[i] = [statistic(x) for x in sums]
-    cols = np.arange(n_boot)[:, None]
-    ia = rng.integers(0, na, size=(n_boot, na))
-    ib = na + rng.integers(0, len(runs) - na, size=(n_boot, len(runs) - na))
-    diff = boot[ib, cols].mean(1) - boot[ia, cols].mean(1)  # (n_boot,)
-    point = float(point_stats[na:].mean() - point_stats[:na].mean())
-    diff = diff[np.isfinite(diff)]
-    if diff.size == 0:
-        return point, float("nan"), float("nan")
-    q = (1.0 - level) / 2.0
-    lo, hi = np.quantile(diff, [q, 1.0 - q])
-    return point, float(lo), float(hi)

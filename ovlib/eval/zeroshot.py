@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ovlib.eval._common import category_index, normalize_images
-from ovlib.eval.metrics import bootstrap_ci, macc_from_counts, topk_hits
+from ovlib.eval.metrics import macc_from_counts, topk_hits
+from ovlib.stats import bootstrap_ci
+from ovlib.models.images import image_mean_std
 
 __all__ = ["isolated_objects", "zero_shot_hits", "zero_shot_summary"]
 
@@ -53,7 +55,6 @@ def zero_shot_hits(model: Any, images: np.ndarray | torch.Tensor, labels: Sequen
     """``images (N, H, W, 3) uint8`` (or ``(N, 3, H, W)`` float in [0, 1]), ``labels`` category ids, ``text
     (C, D)`` unit-norm class embeddings in the order of ``class_ids`` -> ``{k: (N,) bool}`` Top-k hits of
     ``model.encode_image``. Images are resized (bilinear, antialiased) to ``input_size`` (default: as given)."""
-    from ovlib.train.pretrain import image_mean_std
 
     cidx = category_index(class_ids)
     missing = sorted({int(c) for c in labels} - set(cidx))

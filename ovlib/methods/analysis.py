@@ -1,7 +1,7 @@
 """Analyses of R-SC-CLIPSelf (Qiu et al., ICLR'25): context aggregation (Eq. 7), coupling ratio (Eq. 15,
 App. C.3), mask-pooled t-SNE. Pure functions over a callable ``encode(images (B, 3, H, W)) -> (B, C, h, w)``
 dense features, so they apply to any model, dense mode or Refiner (:meth:`Refiner.dense`).
-Affinity maps: :func:`ovlib.eval.affinity.affinity_map` (re-exported here).
+Affinity maps: :func:`ovlib.models.affinity.affinity_map` (re-exported here).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovlib.eval.affinity import affinity_map
 from ovlib.models import mask_pool
+from ovlib.models.affinity import affinity_map
+from ovlib.models.images import normalize_images
 
 __all__ = ["ContextAggregate", "affinity_map", "context_aggregation", "coupling_ratio", "embed_positions",
            "mask_pooled_tsne", "refiner_dense_fn", "tsne_embed"]
@@ -143,7 +144,6 @@ def refiner_dense_fn(refiner, mean: Sequence[float], std: Sequence[float]) -> En
     region of the *whole* image -- ``f_I^A`` sees every tile, the Refiner's blocks one tile -- exactly how the
     Refiner produces the R-SCD targets of a region (Eq. 8); the tiles' maps are laid side by side.
     """
-    from ovlib.eval._common import normalize_images
 
     patch = int(refiner.adapter.patch_size[0])
 

@@ -12,6 +12,7 @@ nor synchronises them and the student's ``state_dict`` stays the student's.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -33,10 +34,27 @@ class Distiller(nn.Module):
     #: region pooling convention of the method's own evaluation (``ovlib.eval.region_cls.POOLINGS``):
     #: CLIPSelf's, unless a method pools unnormalised tokens (DeCLIP / SynCLIP)
     eval_pooling: ClassVar[str] = "normalize-then-pool"
+    #: the typed options of the method (``DistillConfig.method_args``): one or more dataclasses whose fields,
+    #: together, are every key the method accepts (:meth:`check_options`)
+    option_types: ClassVar[tuple[type, ...]] = ()
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return sorted({f.name for t in cls.option_types for f in dataclasses.fields(t)})
+
+    @classmethod
+    def check_options(cls, method_args: dict[str, Any]) -> None:
+        """An unknown ``method_args`` key is an error naming the method and the key (before anything is built)."""
+        unknown = sorted(set(method_args) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(f"method {cls.name!r}: unknown method_args key(s) {unknown}; known: {cls.option_names()}")
 
     def __init__(self, student: nn.Module, frozen: dict[str, nn.Module], tokenizer: Any = None,
                  categories: Optional[list[dict]] = None, **options: Any):
         super().__init__()
+        if options:  # what a subclass did not take is not an option of the method
+            raise TypeError(f"method {self.name!r}: unknown method_args key(s) {sorted(options)}; known: "
+                            f"{self.option_names()}")
         self.student = student
         missing = sorted(self.needs - set(frozen))
         if missing:
@@ -47,7 +65,7 @@ class Distiller(nn.Module):
         self.frozen = dict(frozen)
         self.tokenizer = tokenizer  # of the frozen text tower (methods that embed text)
         self.categories = list(categories or [])  # dataset categories: id, name (+ synonyms, definition)
-        self.options = options
+        self.options: dict[str, Any] = {}
 
     def train(self, mode: bool = True):  # frozen networks stay in eval mode
         super().train(mode)

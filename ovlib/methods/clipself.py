@@ -9,13 +9,14 @@ local batch (``wusize/CLIPSelf:src/training/clipself.py`` ``CLIPSelf.__call__``;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ovlib.methods.base import Distiller
-from ovlib.models import dense_features, roi_features
+from ovlib.models import DENSE_MODES, dense_features, roi_features
 
 
 def rla_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -31,15 +32,25 @@ def rla_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return 1.0 - cos.mean()
 
 
+@dataclass(frozen=True)
+class CLIPSelfOptions:
+    """``dense_mode``: the student's dense map distilled (``x+v``: the public code's ``forward_without_attn``)."""
+
+    dense_mode: str = "x+v"
+
+
 class CLIPSelf(Distiller):
     """CLIPSelf's RLA on grid (or proposal) regions; dense mode ``x+v`` as the public code."""
 
     name = "clipself"
     loss_names = ("rla",)
     needs = frozenset({"teacher"})
+    option_types = (CLIPSelfOptions,)
 
     def __init__(self, student, frozen, dense_mode: str = "x+v", **options: Any):
         super().__init__(student, frozen, **options)
+        if dense_mode not in DENSE_MODES:  # resolved once, here
+            raise ValueError(f"method 'clipself': dense_mode must be one of {DENSE_MODES}, got {dense_mode!r}")
         self.dense_mode = dense_mode
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

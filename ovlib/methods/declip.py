@@ -25,6 +25,7 @@ launcher's proxy image (``vfm_size = grid * vfm_patch``) the grids are equal and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,6 +130,14 @@ def _vfm_grid(vfm: torch.nn.Module, vfm_images: torch.Tensor) -> tuple[int, int]
     return H // ph, W // pw
 
 
+@dataclass(frozen=True)
+class DeCLIPOptions:
+    """``mode``: the context branch's attention (``qq`` | ``csa``); ``scale``: scale the attention logits."""
+
+    mode: str = "qq"
+    scale: bool = False
+
+
 class DeCLIP(Distiller):
     """DeCLIP's content + context distillation (loss terms ``content``, ``context``; unweighted).
 
@@ -141,6 +150,8 @@ class DeCLIP(Distiller):
     loss_names = ("content", "context")
     needs = frozenset({"teacher", "vfm"})
     eval_pooling = "pool-then-normalize"  # xiaomoguhz/DeCLIP zero_shot.py (reference §3.5); SynCLIP inherits it
+
+    option_types = (DeCLIPOptions,)
 
     def __init__(self, student, frozen, mode: str = "qq", scale: bool = False, **options: Any):
         super().__init__(student, frozen, **options)

@@ -74,6 +74,8 @@ from ovlib.methods.clipself import rla_loss
 from ovlib.methods.declip import resize_tokens
 from ovlib.models import dense_features, patch_correlation, roi_features, vfm_patch_features
 from ovlib.models.adapter import ViTAdapter, vit_adapter
+from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.io import safe_load
 
 __all__ = [
     "BASES",
@@ -377,6 +379,8 @@ class DenseRC(Distiller):
     loss_names = ("semantics", "coherence")
     needs = frozenset({"teacher", "vfm"})
 
+    option_types = (DenseRCConfig,)
+
     def __init__(self, student, frozen, **options: Any):
         cfg = DenseRCConfig.take(options)
         unknown = sorted(set(options) - {"tokenizer", "categories"})
@@ -423,7 +427,6 @@ def load_constructor(source: str | os.PathLike | dict, model: nn.Module, **metho
     """The :class:`DenseConstructor` of a trained run: built from ``method_args`` (the run's
     ``DistillConfig.method_args``) for ``model``, with the ``constructor.*`` weights of ``source`` (a checkpoint
     path such as ``ensemble-final.pt`` / ``last.pt``, or its loaded dict). Eval mode, no gradients."""
-    from ovlib.io import safe_load
 
     cfg = DenseRCConfig.take(dict(method_args))
     cons = DenseConstructor.for_model(cfg, model)
@@ -437,9 +440,6 @@ def load_constructor(source: str | os.PathLike | dict, model: nn.Module, **metho
 def denserc_dense_fn(model: nn.Module, constructor: DenseConstructor, mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, 3, H, W) in [0, 1] -> (B, C, h, w)`` unit-norm ``X_dense`` (for :mod:`ovlib.eval`)."""
-    from ovlib.eval._common import normalize_images
-    from ovlib.train.pretrain import image_mean_std
-
     if mean is None or std is None:
         mean, std = image_mean_std(model)
     ad = vit_adapter(model)

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovlib.models.adapter import ViTAdapter, vit_adapter
+from ovlib.methods.denserc import semantics_loss
+from ovlib.models import roi_features
 
 __all__ = [
     "ClsDecomposition",
@@ -441,8 +443,6 @@ def patch_gradient_magnitudes(model: nn.Module, constructor, images: torch.Tenso
     ``construct``). The values ``v^(l)`` of the used blocks are made leaves (gates and attention maps held
     fixed), ``L_semantics`` (Eq. 8) of the regions ``boxes`` (per image ``(K, 4)`` xyxy px) against ``teacher
     (R, C)`` is back-propagated, and patch ``j`` gets ``sqrt(sum_{l, h, c} (dL/dv^(l)_{h, j, c})^2)``."""
-    from ovlib.methods.denserc import semantics_loss
-    from ovlib.models import roi_features
 
     ad = vit_adapter(model)
     with torch.no_grad():

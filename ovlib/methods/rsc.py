@@ -282,6 +282,34 @@ class _RLAMixin:
         return loss
 
 
+@dataclass
+class RLAOptions:
+    """The RLA branch: the student's ``dense_mode``, the teacher's (``teacher_mode``, default the same), the target
+    (``rla_target``: the crop's CLS or the class text through ``prompt``), and where region labels come from."""
+
+    dense_mode: str = "x+v"
+    teacher_mode: str | None = None
+    rla_target: str = "crop"
+    prompt: str = "a photo of a {}."
+    region_labels: str = "gt"
+
+
+@dataclass
+class RefinerPath:
+    """``refiner``: the trained Refiner's checkpoint (stage 1) whose outputs are the R-SCD targets."""
+
+    refiner: Any = None
+
+
+@dataclass
+class RegionTextOptions:
+    """RegionText's RLA on the class text: the student's ``dense_mode``, the ``prompt``, the region labels."""
+
+    dense_mode: str = "x+v"
+    prompt: str = "a photo of a {}."
+    region_labels: str = "gt"
+
+
 class _SCBase(_RLAMixin, Distiller):
     """Student dense map -> RLA (optional) + SCD against :meth:`targets`."""
 
@@ -325,6 +353,7 @@ class SCCLIPSelf(_SCBase):
     """SC-CLIPSelf (Eq. 6): RLA + SCD with the frozen teacher's own correlations as targets."""
 
     name = "sc-clipself"
+    option_types = (RLAOptions, SCDConfig)
     loss_names = ("rla", "scd")
 
     def targets(self, images, boxes):
@@ -345,6 +374,7 @@ class RSCCLIPSelf(_RefinedTargets, _SCBase):
     """R-SC-CLIPSelf stage 2: RLA + R-SCD, targets from a trained, frozen Refiner (``refiner`` = checkpoint)."""
 
     name = "rsc-clipself"
+    option_types = (RLAOptions, SCDConfig, RefinerPath)
     loss_names = ("rla", "scd")
 
     def __init__(self, student, frozen, refiner: str | Path | Refiner | None = None, **options: Any):
@@ -367,6 +397,7 @@ class RefinerStage(Distiller):
     """Stage 1: trains only the Refiner (cloned from the frozen teacher's last K blocks), loss ``g2l``."""
 
     name = "refiner"
+    option_types = (RefinerConfig, G2LConfig)
     loss_names = ("g2l",)
 
     def __init__(self, student, frozen, **options: Any):
@@ -387,6 +418,7 @@ class RSCE2E(_RefinedTargets, _SCBase):
     trained together from the start."""
 
     name = "rsc-e2e"
+    option_types = (RLAOptions, SCDConfig, RefinerConfig, G2LConfig)
     loss_names = ("rla", "scd", "g2l")
 
     def __init__(self, student, frozen, **options: Any):
@@ -413,6 +445,7 @@ class RegionText(_RLAMixin, Distiller):
     its captions mention), see :func:`assign_image_nouns` -- works with grid regions too."""
 
     name = "regiontext"
+    option_types = (RegionTextOptions,)
     loss_names = ("rla",)
 
     def __init__(self, student, frozen, dense_mode: str = "x+v", prompt: str = "a photo of a {}.",

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ovlib.data.synonyms import SynonymCorpus
-from ovlib.methods.declip import DeCLIP
+from ovlib.methods.declip import DeCLIP, DeCLIPOptions
 from ovlib.models import dense_features
 
 __all__ = [
@@ -195,6 +196,23 @@ def semantic_loss(student: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     raise ValueError(f"sem_loss must be one of {SEM_LOSSES}, got {kind!r}")
 
 
+@dataclass(frozen=True)
+class SynCLIPOptions:
+    """SynCLIP's own options (besides DeCLIP's ``mode``/``scale``): the reading of the public code, the semantic
+    loss, SAR's top-k and ratios, the synonym corpus and the teacher text (see :class:`SynCLIP`)."""
+
+    reading: str = "code"
+    sem_loss: str | None = None
+    topk: int | None = None
+    spa_ratio: float | None = None
+    sem_ratio: float | None = None
+    sar: bool = True
+    max_semantic: int = 20
+    synonym_corpus: Any = None
+    exclude_heldout: bool = False
+    semantic_type: str = "semantic"
+
+
 class SynCLIP(DeCLIP):
     """DeCLIP (csa) + SSA + SAR; loss terms ``content``, ``context``, ``semantic`` (unweighted).
 
@@ -212,6 +230,8 @@ class SynCLIP(DeCLIP):
     name = "synclip"
     loss_names = ("content", "context", "semantic")
     needs = frozenset({"teacher", "vfm"})
+
+    option_types = (DeCLIPOptions, SynCLIPOptions)
 
     def __init__(self, student, frozen, mode: str = "csa", scale: bool = False, reading: str = "code",
                  sem_loss: str | None = None, topk: int | None = None, spa_ratio: float | None = None,

@@ -60,14 +60,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ovlib.methods.base import Distiller
+from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers
+from ovlib.data.nouns import CaptionLabelDataset, DEFAULT_EXCLUSIONS, collate_caption_labels
+from ovlib.io import safe_load
+from ovlib.models import dense_features
+from ovlib.models.adapter import vit_adapter
+from ovlib.models.dense import DENSE_MODES
 
 __all__ = [
     "CLAMP_GRADS",
@@ -81,15 +86,11 @@ __all__ = [
     "X_SOURCES",
     "SynSeg",
     "SynSegConfig",
-    "SynSegEvalConfig",
     "align_loss",
     "back_loss",
     "bound",
     "bounded_cosine",
     "cont_loss",
-    "dense_score_fn",
-    "evaluate_protocols",
-    "evaluate_synseg",
     "five_views",
     "label_map",
     "load_synseg",
@@ -99,7 +100,6 @@ __all__ = [
     "predict_probs",
     "sep_loss",
     "synergy_vectors",
-    "synseg_score_fn",
     "total_loss",
     "train_step",
 ]
@@ -316,12 +316,10 @@ class SynSegConfig:
         if self.x_source not in X_SOURCES:
             raise ValueError(f"x_source must be one of {X_SOURCES}, got {self.x_source!r}")
         if self.skip is not None:
-            from ovlib.models.dense import DENSE_MODES
 
             if self.skip not in DENSE_MODES:
                 raise ValueError(f"skip must be None or a dense mode {DENSE_MODES}, got {self.skip!r}")
         if self.prior is not None:
-            from ovlib.models.dense import DENSE_MODES
 
             if self.prior not in DENSE_MODES:
                 raise ValueError(f"prior must be None or a dense mode {DENSE_MODES}, got {self.prior!r}")
@@ -348,8 +346,6 @@ class SynSegConfig:
 
 
 def _templates(kind: str) -> tuple[str, ...]:
-    from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES
-
     return {"micro": MICRO_TEMPLATES, "vild": VILD_TEMPLATES, "bare": ("{}",)}[kind]
 
 
@@ -366,6 +362,7 @@ class SynSeg(Distiller):
     """
 
     name = "synseg"
+    option_types = (SynSegConfig,)
     loss_names = ("align", "cont", "back", "sep")
     needs = frozenset()
 
@@ -376,7 +373,6 @@ class SynSeg(Distiller):
         self.options = dataclasses.asdict(self.cfg)
         student.requires_grad_(False)
         student.eval()
-        from ovlib.models.adapter import vit_adapter
 
         self.adapter = vit_adapter(student)
         ad = self.adapter
@@ -398,8 +394,6 @@ class SynSeg(Distiller):
     @classmethod
     def build_dataset(cls, cfg, mean, std):
         """The launcher's hook: images + caption-derived category ids (no regions, no crops)."""
-        from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabelDataset, collate_caption_labels
-
         a = SynSegConfig.from_options(dict(cfg.method_args))
         data = CaptionLabelDataset(cfg.data_root, cfg.split, size=a.input_size or cfg.student_size, mean=mean,
                                    std=std, caption_pick=a.caption_pick, seed=cfg.seed, max_images=cfg.max_images,
@@ -415,8 +409,6 @@ class SynSeg(Distiller):
     @torch.no_grad()
     def embed_text(self, names: Sequence[str | Sequence[str]]) -> torch.Tensor:
         """``(C, D)`` unit-norm anchors ``t_c`` of class names (template set ``cfg.templates``)."""
-        from ovlib.eval.text import text_embeddings
-
         if self.tokenizer is None:
             raise ValueError("synseg: embedding text needs the tokenizer of the CLIP")
         dev = next(self.student.parameters()).device
@@ -456,7 +448,6 @@ class SynSeg(Distiller):
         if self.cfg.x_source == "image":
             return self.decoder.image_features(acts, grid)
         if self.cfg.x_source == "clip":
-            from ovlib.models import dense_features
 
             with torch.no_grad():
                 X = dense_features(self.adapter, images, self.cfg.x_mode, normalize=True)  # (B, D, h, w)
@@ -499,8 +490,6 @@ class SynSeg(Distiller):
         """``(B, K, h, w)`` training-free class probabilities of every category (text bank row) per token:
         ``softmax_k(prior_tau * cos(D_p, t_k))`` over the frozen CLIP's unit-norm dense map ``D`` of mode
         ``prior`` (the MaskCLIP-style OVSS of chapter 01, here on the training image)."""
-        from ovlib.models import dense_features
-
         with torch.no_grad():
             D = dense_features(self.adapter, images, self.cfg.prior, normalize=True).float()  # (B, D, h, w)
             cos = torch.einsum("bdhw,kd->bkhw", D, self.text_bank.float())
@@ -552,7 +541,6 @@ class SynSeg(Distiller):
         map ``D`` (mode ``cfg.skip``) against the ``vocab (V, D)`` anchors; ``None`` when ``cfg.skip`` is off."""
         if self.cfg.skip is None:
             return None
-        from ovlib.models import dense_features
 
         with torch.no_grad():
             D = dense_features(self.adapter, images, self.cfg.skip, normalize=True).float()  # (B, D, h, w)
@@ -590,7 +578,6 @@ def load_synseg(weights: str, clip: nn.Module, tokenizer: Any = None, categories
     """A trained SynSeg from a trainer checkpoint (``ensemble-final.pt`` / ``last.pt``, weights_only) over
     ``clip`` (its architecture; its weights are replaced by the checkpoint's ``student.*``). ``categories`` and
     ``options`` must be the run's (``method_args``): the text bank's shape depends on them."""
-    from ovlib.io import safe_load
 
     ck = safe_load(weights, map_location="cpu")
     sd = ck.get("model", ck) if isinstance(ck, dict) else ck
@@ -638,8 +625,6 @@ def predict_probs(model: SynSeg, image: torch.Tensor, text: torch.Tensor, views:
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """``image (3, H, W)`` in [0, 1] -> ``(C, H, W)`` activation probabilities (sigmoid) of the ``text (C, D)``
     classes: ``views=5`` the five-view strategy (one batch of 5), ``views=1`` the whole image only."""
-    from ovlib.eval._common import normalize_images
-    from ovlib.train.pretrain import image_mean_std
 
     if views not in (1, 5):
         raise ValueError(f"views must be 1 or 5, got {views}")
@@ -667,165 +652,3 @@ def label_map(probs: torch.Tensor, threshold: float | None = None, background_in
             raise ValueError("label_map: a background class needs a threshold")
         lab = torch.where(conf < threshold, torch.full_like(lab, background_index), lab)
     return lab
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-@dataclass(frozen=True)
-class SynSegEvalConfig:
-    """``image_size``: longest side the image is resized to before the views (aspect kept); ``views``: 5 or 1;
-    ``threshold``: activation threshold of the background class; ``background``: evaluate with a background
-    class (classes = ``class_ids``; pixels of other segments are background, as VOC / COCO-Object);
-    ``present_only``: the classes absent from the image's ground truth are removed before the argmax -- an
-    oracle that separates localisation from recognition (not the paper's protocol)."""
-
-    image_size: int = 160
-    views: int = 5
-    threshold: float = 0.3
-    background: bool = False
-    present_only: bool = False  # diagnostic: argmax only among the classes of the image's GT (oracle recognition)
-
-
-def _target(segments: Sequence[dict], shape: tuple[int, int], cidx: dict[int, int], background: bool,
-            ignore_index: int = -1) -> torch.Tensor:
-    from ovlib.eval.segmentation import semantic_target
-
-    if not background:
-        return semantic_target(segments, shape, cidx, ignore_index)
-    bg = len(cidx)
-    gt = torch.full(shape, ignore_index, dtype=torch.long)
-    for seg in segments:
-        gt[torch.as_tensor(np.asarray(seg["mask"]), dtype=torch.bool)] = cidx.get(int(seg["category_id"]), bg)
-    return gt
-
-
-@torch.no_grad()
-def evaluate_synseg(model: SynSeg, dataset: Sequence, text: torch.Tensor, class_ids: Sequence[int],
-                    cfg: SynSegEvalConfig = SynSegEvalConfig(), thresholds: Sequence[float] | None = None,
-                    n_images: int = 0, n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """mIoU / mAcc (percent, bootstrap intervals over images) of SynSeg on a COCO-format panoptic dataset
-    (items with ``image (H, W, 3)`` and ``segments`` with ``mask``/``category_id``), with the metric functions
-    of :mod:`ovlib.eval.segmentation`. Returns evaluate_ovss's dict (``miou``, ``macc``, ``confusion``,
-    ``iou``); with ``thresholds`` (background mode), ``{threshold: that dict}`` from one inference pass."""
-    from ovlib.eval._common import category_index, dataset_indices
-    from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_confusion, miou_from_confusion
-    from ovlib.eval.segmentation import _resized
-    from ovlib.train.pretrain import _quiet
-
-    if thresholds is not None and not cfg.background:
-        raise ValueError("thresholds only matter with a background class (cfg.background=True)")
-    thr = list(thresholds) if thresholds is not None else [cfg.threshold]
-    cidx = category_index(class_ids)
-    C = len(class_ids) + (1 if cfg.background else 0)
-    bg = len(class_ids) if cfg.background else None
-    model.eval()
-    confs: dict[float, list[np.ndarray]] = {t: [] for t in thr}
-    for i in tqdm(dataset_indices(dataset, n_images), desc="SynSeg OVSS", **_quiet(progress)):
-        it = dataset[i]
-        image = np.asarray(it["image"])
-        H, W = image.shape[:2]
-        x = _resized(image, cfg.image_size)  # (3, h, w) in [0, 1]
-        probs = predict_probs(model, x, text, cfg.views)  # (C, h, w)
-        probs = F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].cpu()
-        gt = _target(it["segments"], (H, W), cidx, cfg.background)
-        if cfg.present_only:
-            keep = torch.zeros(len(class_ids), dtype=torch.bool)
-            keep[[cidx[int(s["category_id"])] for s in it["segments"] if int(s["category_id"]) in cidx]] = True
-            probs = torch.where(keep[:, None, None], probs, torch.full_like(probs, -1.0))
-        for t in thr:
-            confs[t].append(confusion_matrix(label_map(probs, t, bg), gt, C))
-
-    def summary(cs: list[np.ndarray]) -> dict[str, Any]:
-        arr = np.stack(cs) if cs else np.zeros((0, C, C), np.int64)
-        return {"miou": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
-                "macc": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[1], n_boot=n_boot, seed=seed),
-                "confusion": arr, "iou": iou_acc_from_confusion(arr.sum(0))[0] if len(arr) else None}
-
-    if thresholds is None:
-        return summary(confs[thr[0]])
-    return {t: summary(cs) for t, cs in confs.items()}
-
-
-# --------------------------------------------------------------------------------------------- all protocols
-def _protocol_summary(cs: list[np.ndarray], C: int, n_boot: int, seed: int) -> dict[str, Any]:
-    from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion, miou_from_confusion
-
-    arr = np.stack(cs) if cs else np.zeros((0, C, C), np.int64)
-    return {"miou": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[0], n_boot=n_boot, seed=seed),
-            "macc": bootstrap_ci(arr, lambda s: miou_from_confusion(s)[1], n_boot=n_boot, seed=seed),
-            "confusion": arr, "iou": iou_acc_from_confusion(arr.sum(0))[0] if len(arr) else None}
-
-
-@torch.no_grad()
-def evaluate_protocols(score_fn, dataset: Sequence, class_ids: Sequence[int], fg_ids: Sequence[int],
-                       thresholds: Sequence[float], image_size: int = 160, n_images: int = 0, n_boot: int = 1000,
-                       seed: int = 0, present_only: bool = False, bg_scores: str = "probs",
-                       fg_logit_scale: float = 40.0) -> dict[str, Any]:
-    """Both OVSS protocols of the chapter from **one** inference pass per image (SynSeg or a training-free
-    baseline, the same images and targets):
-
-    * ``"all"``: every class of ``class_ids`` (things + stuff), no background, argmax (Context / Stuff-like);
-    * ``"bg"``: the classes ``fg_ids`` (things) + a background class = every pixel of any other segment
-      (VOC / COCO-Object-like); a pixel is background when its best foreground score is below the threshold;
-      ``{threshold: summary}`` for each of ``thresholds``.
-
-    ``score_fn(image (3, h, w) in [0, 1]) -> (C, h, w)`` scores of the ``class_ids`` rows. ``bg_scores``:
-    ``"probs"`` -- the scores are per-class probabilities already (SynSeg's sigmoid maps: foreground rows used
-    as they are); ``"cosine"`` -- cosine logits (a training-free CLIP): foreground probabilities are
-    ``softmax(fg_logit_scale * cos)`` over the foreground rows only (chapter 01's MaskCLIP-style rule).
-    ``present_only``: the ``"all"`` argmax only among the classes of the image's ground truth (an oracle that
-    separates localisation from recognition; also reported as ``"oracle"``). Summaries as evaluate_ovss's."""
-    from ovlib.eval._common import category_index, dataset_indices
-    from ovlib.eval.metrics import confusion_matrix
-    from ovlib.eval.segmentation import _resized, semantic_target
-
-    if bg_scores not in ("probs", "cosine"):
-        raise ValueError(f"bg_scores must be 'probs' or 'cosine', got {bg_scores!r}")
-    cidx = category_index(class_ids)
-    fidx = category_index(fg_ids)
-    missing = [c for c in fidx if c not in cidx]
-    if missing:
-        raise ValueError(f"foreground ids {missing} are not among class_ids")
-    rows = torch.tensor([cidx[c] for c in fg_ids], dtype=torch.long)
-    C, Cf = len(class_ids), len(fg_ids) + 1
-    confs: dict[str, list[np.ndarray]] = {"all": [], "oracle": []}
-    bconfs: dict[float, list[np.ndarray]] = {float(t): [] for t in thresholds}
-    for i in dataset_indices(dataset, n_images):
-        it = dataset[i]
-        image = np.asarray(it["image"])
-        H, W = image.shape[:2]
-        s = score_fn(_resized(image, image_size)).float()  # (C, h, w)
-        s = F.interpolate(s[None], size=(H, W), mode="bilinear", align_corners=False)[0].cpu()
-        gt = semantic_target(it["segments"], (H, W), cidx)
-        confs["all"].append(confusion_matrix(s.argmax(0), gt, C))
-        if present_only:
-            keep = torch.zeros(C, dtype=torch.bool)
-            keep[[cidx[int(g["category_id"])] for g in it["segments"]]] = True
-            confs["oracle"].append(confusion_matrix(torch.where(keep[:, None, None], s, s.min() - 1.0).argmax(0),
-                                                    gt, C))
-        fs = s[rows]  # (Cf-1, H, W)
-        prob = fs if bg_scores == "probs" else torch.softmax(fg_logit_scale * fs, dim=0)
-        gtb = _target(it["segments"], (H, W), fidx, background=True)
-        for t, cs in bconfs.items():
-            cs.append(confusion_matrix(label_map(prob, t, len(fg_ids)), gtb, Cf))
-    out = {"all": _protocol_summary(confs["all"], C, n_boot, seed),
-           "bg": {t: _protocol_summary(cs, Cf, n_boot, seed) for t, cs in bconfs.items()}}
-    if present_only:
-        out["oracle"] = _protocol_summary(confs["oracle"], C, n_boot, seed)
-    return out
-
-
-def synseg_score_fn(model: SynSeg, text: torch.Tensor, views: int = 5):
-    """``image (3, h, w) in [0, 1] -> (C, h, w)`` SynSeg activation probabilities (:func:`predict_probs`)."""
-    def fn(image: torch.Tensor) -> torch.Tensor:
-        return predict_probs(model, image, text, views)
-    return fn
-
-
-def dense_score_fn(dense_fn, text: torch.Tensor, crop: int, stride: int):
-    """``image (3, h, w) in [0, 1] -> (C, h, w)`` sliding-window cosine logits of a training-free dense CLIP
-    (:func:`ovlib.eval.segmentation.sliding_logits`, chapter 01's OVSS)."""
-    from ovlib.eval.segmentation import sliding_logits
-
-    def fn(image: torch.Tensor) -> torch.Tensor:
-        return sliding_logits(dense_fn, image, text, crop, stride)
-    return fn

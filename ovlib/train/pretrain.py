@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ovlib.io import atomic_save, cache_path, safe_load, tqdm_disabled
+from ovlib.models.images import image_mean_std  # re-exported: the trainers' callers import it from here
 from ovlib.train.optim import param_groups, warmup_cosine
 
 __all__ = [
@@ -196,20 +197,6 @@ class DinoHead(nn.Module):
 # ------------------------------------------------------------------------------------------------- helpers
 #: pre-training from scratch also keeps embeddings (token/positional/cls) out of weight decay
 PRETRAIN_NO_DECAY = ("logit_scale", "embedding", "bias", "norm", "cls_token", "pos_embed")
-
-
-def image_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation a CLIP/VFM expects (open_clip sets ``visual.image_mean``; timm ``pretrained_cfg``);
-    default: OpenAI's."""
-    from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD
-
-    vis = getattr(model, "visual", model)
-    mean = getattr(vis, "image_mean", None)
-    std = getattr(vis, "image_std", None)
-    if mean is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean"), cfg.get("std")
-    return tuple(mean or OPENAI_MEAN), tuple(std or OPENAI_STD)
 
 
 def _to_float01(img: torch.Tensor) -> torch.Tensor:

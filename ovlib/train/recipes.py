@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
+from ovlib.methods import METHODS
 from ovlib.train.distill import DistillConfig
+from ovlib.io import config_hash
 
 SELECTORS = ("method", "backbone")
 MERGED = ("loss_weights", "method_args")
@@ -61,7 +63,6 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
     ``data_root``, ``seed`` and ``device`` come from the profile; ``backbone`` from the profile unless
     overridden; ``out_dir`` defaults to ``cache_dir/runs/<method>-<backbone>-<hash of the config>``.
     """
-    from ovlib.io import config_hash
 
     overrides = dict(overrides)
     backbone = overrides.get("backbone", params["backbone"])
@@ -78,6 +79,8 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
         d[k] = {**d.get(k, {}), **v} if k in MERGED and isinstance(v, Mapping) else v
     d.setdefault("out_dir", "")
     cfg = DistillConfig.from_dict(d)
+    if cfg.method in METHODS:  # an unknown method is the launcher's error (it lists the implemented ones)
+        METHODS[cfg.method].check_options(dict(cfg.method_args or {}))
     if out_dir:
         cfg.out_dir = out_dir
     elif not cfg.out_dir:

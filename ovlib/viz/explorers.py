@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ovlib.viz import logic
+from ovlib.viz import logic, widgets
+from ovlib.eval._common import student_image
 
 __all__ = [
     "AffinityExplorer",
@@ -73,7 +74,6 @@ def images_from_dataset(
     "masks": (K, size, size) bool}`` from its segments (a ``CocoPanoptic``-like dataset)."""
     import torch.nn.functional as F
 
-    from ovlib.eval._common import student_image
 
     images, meta = [], []
     for i in indices:
@@ -164,8 +164,6 @@ class _Explorer:
 
     def widget(self):
         """The ipywidgets front end (thin: every control calls :meth:`select`, then the view is redrawn)."""
-        from ovlib.viz import widgets
-
         return widgets.build(self)
 
     def static_figure(self):
@@ -187,6 +185,8 @@ class AffinityExplorer(_Explorer):
     point-affinity maps (cosine of that token to every token, :func:`ovlib.eval.affinity_map`) of several
     models or dense modes side by side. The token lives on the *query grid* (the first model's grid unless
     ``grid`` is given); a model with another grid uses the cell that contains the query's centre."""
+
+    WIDGET = "affinity"  # its ipywidgets builder (ovlib.viz.widgets)
 
     def __init__(
         self,
@@ -287,6 +287,8 @@ class AttentionExplorer(_Explorer):
     e.g. ``lambda t: text_embeddings(clip, tokenizer, t, MICRO_TEMPLATES)``); ``embed_free`` embeds typed text
     (default: ``embed_text``). Either may be a ``{model: callable}`` dict when the models' text towers differ.
     ``classes``: dicts with ``name`` and ``synonyms`` (the dataset's categories)."""
+
+    WIDGET = "attention"  # its ipywidgets builder (ovlib.viz.widgets)
 
     def __init__(
         self,
@@ -408,6 +410,8 @@ class RegionExplorer(_Explorer):
     (``crop_encode``: ``(B, 3, s, s)`` in [0, 1] -> ``(B, D)``, e.g. CLIP's image embedding).
     ``text (K, D)`` and ``class_names`` are the class embeddings and their names; ``boxes[i]`` optional
     ``(K_i, 4)`` ground-truth boxes of image ``i`` with ``box_labels[i]`` their names."""
+
+    WIDGET = "region"  # its ipywidgets builder (ovlib.viz.widgets)
 
     def __init__(
         self,
@@ -605,6 +609,8 @@ class ThresholdExplorer(_Explorer):
         ThresholdExplorer(images, lambda i: predict_probs(model, images[i], text), names,
                           targets=targets_from_meta(meta, class_ids)).show()
     """
+
+    WIDGET = "threshold"  # its ipywidgets builder (ovlib.viz.widgets)
 
     ALL = "all classes"
 

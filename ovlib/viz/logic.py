@@ -11,6 +11,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from ovlib.data.regions import crop_regions
+from ovlib.models import roi_features
+from ovlib.models.affinity import affinity_map, pixel_to_cell
 
 __all__ = [
     "token_from_index",
@@ -72,7 +75,6 @@ def point_to_cell(
     point_xy: Sequence[float], grid: Sequence[int], image_size: Sequence[int]
 ) -> tuple[int, int]:
     """Pixel ``(x, y)`` of an image of ``(H, W)`` -> the ``(row, col)`` that contains it on ``grid``."""
-    from ovlib.eval.affinity import pixel_to_cell
 
     cell = pixel_to_cell(torch.tensor([list(point_xy)], dtype=torch.float64), tuple(image_size), _grid(grid))[
         0
@@ -121,7 +123,6 @@ def affinity_maps(
     """Point affinity of one query token across models: ``dense {name: (C, h, w)}``, ``cell=(row, col)`` on
     the query ``grid`` -> ``{name: ((h, w) cosine map, the query cell on that model's grid)}``
     (:func:`ovlib.eval.affinity_map`; a model on another grid gets the cell containing the query's centre)."""
-    from ovlib.eval.affinity import affinity_map
 
     out = {}
     for name, d in dense.items():
@@ -215,7 +216,6 @@ def region_topk(
     of the region-classification protocol) of the ``(C, h, w)`` dense map over ``box`` (xyxy, pixels of the
     image of ``image_size=(H, W)``), cosine to the ``text (K, D)`` class embeddings -> ``[(name, cos), ...]``
     best first."""
-    from ovlib.models import roi_features
 
     b = torch.tensor([clamp_box(box, image_size)], dtype=torch.float32)
     f = roi_features(dense[None].float(), [b], tuple(int(v) for v in image_size))  # (1, C)
@@ -234,7 +234,6 @@ def crop_topk(
     """Top-``k`` classes of the *crop* predictor: the box cut from ``image (3, H, W)`` (CenterPadCrop to
     ``size``, :func:`ovlib.data.regions.crop_regions`) and embedded by ``encode`` (``(B, 3, s, s)`` in
     [0, 1] -> ``(B, D)``, e.g. CLIP's CLS after normalisation)."""
-    from ovlib.data.regions import crop_regions
 
     b = torch.tensor([clamp_box(box, image.shape[-2:])], dtype=torch.float32)
     img = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # (H, W, 3)

@@ -218,20 +218,17 @@ def _threshold(ex, W):
     )
 
 
+_BUILDERS = {"affinity": _affinity, "attention": _attention, "region": _region, "threshold": _threshold}
+
+
 def build(ex):
-    """The widget of an explorer (``ipywidgets`` is imported here only)."""
+    """The widget of an explorer (``ipywidgets`` is imported here only). The explorer names its builder
+    (``ex.WIDGET``), so this module never imports the explorers."""
     import ipywidgets as W
 
-    from ovlib.viz import explorers as E
-
-    for cls, fn in (
-        (E.AffinityExplorer, _affinity),
-        (E.AttentionExplorer, _attention),
-        (E.RegionExplorer, _region),
-        (E.ThresholdExplorer, _threshold),
-    ):
-        if isinstance(ex, cls):
-            box = fn(ex, W)
-            box.explorer = ex  # tests and users reach the state from the widget
-            return box
-    raise TypeError(f"no widget for {type(ex).__name__}")
+    fn = _BUILDERS.get(getattr(ex, "WIDGET", None))
+    if fn is None:
+        raise TypeError(f"no widget for {type(ex).__name__}")
+    box = fn(ex, W)
+    box.explorer = ex  # tests and users reach the state from the widget
+    return box

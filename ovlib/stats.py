@@ -1,0 +1,399 @@
+"""The book's statistics, in one place: intervals, tests, verdicts and the multiple-comparison correction.
+
+A *metric* of a model is a statistic of per-image sufficient statistics summed over the evaluation images
+(hit/total counts of region classification, confusion matrices of segmentation, ...): ``per_image (N, ...)``
+and ``statistic(per_image.sum(0)) -> float``. A *row* of a table is one such array per training seed.
+
+* :func:`bootstrap_ci` -- the percentile bootstrap over images of one model (evaluation noise only).
+* :func:`paired_bootstrap_diff` -- the same for the difference of two models evaluated on the same images.
+* :func:`hierarchical_bootstrap_diff` -- the interval of a difference between two rows with several training
+  seeds: each replicate draws the seeds with replacement, then the images within each drawn seed (seeds are
+  the first-level units, so seed-to-seed variation -- usually the larger part -- is in the interval).
+* :func:`welch`, :func:`paired_t`, :func:`one_sample_t` -- the tests over seeds (scipy.stats).
+* :func:`holm` -- Holm--Bonferroni adjusted p-values of a family of tests (a chapter's headline claims).
+* :func:`compare` -- the one decision rule of the book. A comparison with >= 2 seeds on each side (or a
+  deterministic frozen model on one side and >= 2 seeds on the other) is a **claim**: its p comes from the
+  seeds (paired t when both sides share the seeds and the evaluation images, Welch otherwise, one-sample
+  against a frozen model) and its interval from the hierarchical bootstrap. Two deterministic models (no
+  training randomness, e.g. two term groups of the frozen CLIP over crops) are a claim judged by the paired
+  bootstrap interval over the units. A comparison with one seed on
+  either side is **indicative**: shown with its image-bootstrap interval, never counted as holding or
+  reversed (image noise says nothing about how another training run would come out).
+* :func:`check` -- identities and numerical checks (a derivation's equality, ΔL >= 0): kind ``check``,
+  they pass or fail, and are never mixed with empirical claims.
+
+Verdicts: ``holds`` (resolved in the expected direction), ``reversed`` (resolved the other way), ``not resolved``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "KINDS",
+    "VERDICTS",
+    "Comparison",
+    "Sample",
+    "bootstrap_ci",
+    "check",
+    "compare",
+    "hierarchical_bootstrap_diff",
+    "holm",
+    "mean_std",
+    "one_sample_t",
+    "paired_bootstrap_diff",
+    "paired_t",
+    "ratio_stat",
+    "verdict",
+    "welch",
+]
+
+KINDS = ("claim", "indicative", "check")
+VERDICTS = ("holds", "reversed", "not resolved")
+Statistic = Callable[[np.ndarray], float]
+
+
+def ratio_stat(s: np.ndarray) -> float:
+    """``s[0] / s[1]`` (nan when ``s[1] == 0``): the statistic of per-unit ``[value, valid]`` pairs (a mean)."""
+    return float(s[0] / s[1]) if s[1] > 0 else float("nan")
+
+
+def _percentile(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    q = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [q, 1.0 - q])
+    return float(lo), float(hi)
+
+
+def _weights(rng: np.random.Generator, n: int, size: int | tuple[int, ...]) -> np.ndarray:
+    """Multinomial resampling counts of ``n`` units: ``size + (n,)`` float64 (each row sums to ``n``)."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------- image bootstrap
+def bootstrap_ci(per_image: np.ndarray, statistic: Statistic, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """``(point, low, high)``: percentile bootstrap over images of ``statistic`` of summed per-image statistics.
+
+    ``per_image (N, ...)``; each replicate draws N images with replacement (multinomial counts ``w (N,)``) and
+    evaluates ``statistic(tensordot(w, per_image))``, one matrix product per replicate. ``point`` is the
+    statistic of the full sum. Replicates whose statistic is nan are dropped."""
+    x = np.asarray(per_image, dtype=np.float64)
+    n = x.shape[0]
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    point = float(statistic(x.sum(0)))
+    w = _weights(np.random.default_rng(seed), n, n_boot)  # (n_boot, N)
+    sums = (w @ x.reshape(n, -1)).reshape((n_boot,) + x.shape[1:])
+    return (point, *_percentile(np.array([statistic(s) for s in sums], dtype=np.float64), level))
+
+
+def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, statistic: Statistic, n_boot: int = 1000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float, float]:
+    """``statistic(sum b) - statistic(sum a)`` with a percentile interval from resampling the *same* images for
+    both models (``a, b (N, ...)``: per-image arrays of two models on the same N images, same order)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"paired_bootstrap_diff: the two models were evaluated on {a.shape[0]} and "
+                         f"{b.shape[0]} images; pairing needs the same images")
+    n = a.shape[0]
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    point = float(statistic(b.sum(0)) - statistic(a.sum(0)))
+    w = _weights(np.random.default_rng(seed), n, n_boot)  # (n_boot, N)
+    sa = (w @ a.reshape(n, -1)).reshape((n_boot,) + a.shape[1:])
+    sb = (w @ b.reshape(n, -1)).reshape((n_boot,) + b.shape[1:])
+    d = np.array([statistic(y) - statistic(x) for x, y in zip(sa, sb)], dtype=np.float64)
+    return (point, *_percentile(d, level))
+
+
+def hierarchical_bootstrap_diff(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray], statistic: Statistic,
+                                paired: bool = False, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                                ) -> tuple[float, float, float]:
+    """``(point, low, high)`` of ``mean_s statistic(b_s) - mean_s statistic(a_s)`` over training seeds ``s``.
+
+    ``a_runs`` / ``b_runs``: one per-image array ``(N_s, ...)`` per seed. Each replicate (i) draws each side's
+    seeds with replacement -- the same draw for both when ``paired`` (both sides trained with the same seeds,
+    evaluated on the same images in the same order) -- and (ii) for every drawn seed slot ``k`` draws its images
+    with replacement; slot ``k`` of ``a`` and of ``b`` share the image draw when their image counts agree (the
+    evaluation images are the same, so their noise is paired). A side with one run is not seed-resampled (a
+    frozen model: only its images are). Replicates with a nan statistic are dropped."""
+    ra = [np.asarray(x, dtype=np.float64) for x in a_runs]
+    rb = [np.asarray(x, dtype=np.float64) for x in b_runs]
+    if not ra or not rb:
+        raise ValueError("hierarchical_bootstrap_diff needs at least one run on each side")
+    if paired and len(ra) != len(rb):
+        raise ValueError(f"hierarchical_bootstrap_diff(paired=True): {len(ra)} and {len(rb)} seeds; pairing needs "
+                         "the same seeds on both sides")
+    point = float(np.mean([statistic(x.sum(0)) for x in rb]) - np.mean([statistic(x.sum(0)) for x in ra]))
+    na, nb = len(ra), len(rb)
+    slots = max(na, nb)
+    sizes = {x.shape[0] for x in ra + rb}
+    shared_images = len(sizes) == 1
+    rng = np.random.default_rng(seed)
+    flat_a = [x.reshape(x.shape[0], -1) for x in ra]
+    flat_b = [x.reshape(x.shape[0], -1) for x in rb]
+    diff = np.empty(n_boot, dtype=np.float64)
+    for r in range(n_boot):
+        ib = rng.integers(0, nb, size=slots) if nb > 1 else np.zeros(slots, dtype=np.int64)
+        ia = ib if paired else (rng.integers(0, na, size=slots) if na > 1 else np.zeros(slots, dtype=np.int64))
+        # each side draws as many seeds as it has; a one-run side (a frozen model) is scored in every slot,
+        # each with the image draw of the other side's slot
+        ka, kb = (na if na > 1 else slots), (nb if nb > 1 else slots)
+        wa, wb = [], []
+        for k in range(slots):
+            if shared_images:
+                w = _weights(rng, next(iter(sizes)), 1)[0]
+                wa.append(w)
+                wb.append(w)
+            else:
+                wa.append(_weights(rng, flat_a[ia[k]].shape[0], 1)[0])
+                wb.append(_weights(rng, flat_b[ib[k]].shape[0], 1)[0])
+        sa = [statistic((wa[k] @ flat_a[ia[k]]).reshape(ra[0].shape[1:])) for k in range(ka)]
+        sb = [statistic((wb[k] @ flat_b[ib[k]]).reshape(rb[0].shape[1:])) for k in range(kb)]
+        diff[r] = np.mean(sb) - np.mean(sa)
+    return (point, *_percentile(diff, level))
+
+
+# --------------------------------------------------------------------------------------------- tests over seeds
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof = 1; nan for one value) and count of the finite values."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), int(v.size)
+
+
+def _degenerate(d: float) -> float:
+    """p of a test whose samples have no spread: 1 when the means agree, 0 when they differ."""
+    return 1.0 if d == 0 else 0.0
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``(mean(b) - mean(a), two-sided p)`` of Welch's t-test (``scipy.stats.ttest_ind(b, a, equal_var=False)``);
+    p = nan with fewer than 2 values on a side."""
+    from scipy import stats as ss  # scipy is a core dependency; imported here only to keep `import ovlib` light
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = float(b.mean() - a.mean()) if a.size and b.size else float("nan")
+    if a.size < 2 or b.size < 2:
+        return d, float("nan")
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return d, _degenerate(d)
+    return d, float(ss.ttest_ind(b, a, equal_var=False).pvalue)
+
+
+def paired_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``(mean(b - a), two-sided p)`` of the paired t-test over seeds (``scipy.stats.ttest_rel(b, a)``): ``a[i]``
+    and ``b[i]`` were trained with the same seed on the same data order."""
+    from scipy import stats as ss
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_t: {a.size} and {b.size} seeds; pairing needs the same seeds on both sides")
+    d = float((b - a).mean()) if a.size else float("nan")
+    if a.size < 2:
+        return d, float("nan")
+    if np.ptp(b - a) == 0:
+        return d, _degenerate(d)
+    return d, float(ss.ttest_rel(b, a).pvalue)
+
+
+def one_sample_t(ref: float, b: Sequence[float]) -> tuple[float, float]:
+    """``(mean(b) - ref, two-sided p)`` of the one-sample t-test of ``b`` against a fixed reference (a frozen
+    model, evaluated once)."""
+    from scipy import stats as ss
+
+    b = np.asarray(b, dtype=np.float64)
+    d = float(b.mean() - ref) if b.size else float("nan")
+    if b.size < 2:
+        return d, float("nan")
+    if np.ptp(b) == 0:
+        return d, _degenerate(d)
+    return d, float(ss.ttest_1samp(b, ref).pvalue)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm--Bonferroni adjusted p-values (step-down, monotone, capped at 1), in the input order; nan entries
+    stay nan and do not count in the family size."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    m = idx.size
+    running = 0.0
+    for rank, i in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+def verdict(delta: float, expect: int, p: float = float("nan"), lo: float = float("nan"),
+            hi: float = float("nan"), alpha: float = 0.05) -> str:
+    """``holds`` / ``reversed`` when the difference is resolved (``p < alpha`` when ``p`` is given, else an
+    interval ``[lo, hi]`` excluding 0) with the ``expect``-ed sign (+1 / -1) or the other; else ``not resolved``."""
+    if expect not in (1, -1):
+        raise ValueError(f"verdict: expect must be +1 or -1, got {expect!r}")
+    if not math.isfinite(delta):
+        return "not resolved"
+    if math.isfinite(p):
+        resolved = p < alpha and delta != 0
+    elif math.isfinite(lo) and math.isfinite(hi):
+        resolved = lo > 0 or hi < 0
+    else:
+        resolved = False
+    if not resolved:
+        return "not resolved"
+    return "holds" if (delta > 0) == (expect > 0) else "reversed"
+
+
+# --------------------------------------------------------------------------------------------- comparisons
+@dataclass(frozen=True)
+class Sample:
+    """One side of a comparison: one per-image array per training seed and the statistic of their sum.
+
+    ``fixed``: a deterministic model with no training seed (the frozen CLIP): one run, compared by a
+    one-sample test. ``order``: an identifier of the evaluation images (and their order); two samples with
+    the same seeds and the same ``order`` are paired."""
+
+    runs: tuple[np.ndarray, ...]
+    statistic: Statistic
+    seeds: tuple[int, ...] = ()
+    fixed: bool = False
+    order: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError("Sample needs at least one run")
+        if self.fixed and len(self.runs) != 1:
+            raise ValueError(f"a fixed Sample is one deterministic run, got {len(self.runs)}")
+        if self.seeds and len(self.seeds) != len(self.runs):
+            raise ValueError(f"Sample: {len(self.seeds)} seeds for {len(self.runs)} runs")
+
+    @property
+    def values(self) -> list[float]:
+        """The metric of each run."""
+        return [float(self.statistic(np.asarray(r, dtype=np.float64).sum(0))) for r in self.runs]
+
+    @property
+    def mean(self) -> float:
+        return mean_std(self.values)[0]
+
+
+@dataclass
+class Comparison:
+    """``b - a`` on one metric: the effect, its interval, the test and what it may be counted as."""
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p: float
+    kind: str  # claim | indicative | check
+    test: str  # e.g. "Welch t, 3 vs 3 seeds; hierarchical bootstrap"
+    expect: int
+    ours_a: float = float("nan")
+    ours_b: float = float("nan")
+    seeds_a: int = 0
+    seeds_b: int = 0
+    p_adjusted: float = float("nan")
+    alpha: float = 0.05
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def indication(self) -> str:
+        """What the interval alone shows (``higher`` / ``lower`` / ``none``); for indicative comparisons."""
+        if math.isfinite(self.ci_low) and self.ci_low > 0:
+            return "higher"
+        if math.isfinite(self.ci_high) and self.ci_high < 0:
+            return "lower"
+        return "none"
+
+    @property
+    def verdict(self) -> str:
+        """Claims: from ``p_adjusted`` when set (a headline claim after Holm), else ``p``. Indicative
+        comparisons are never resolved. Checks: ``holds`` when they pass, ``reversed`` when they fail."""
+        if self.kind == "check":
+            return "holds" if self.extra.get("passed") else "reversed"
+        if self.kind == "indicative":
+            return "not resolved"
+        p = self.p_adjusted if math.isfinite(self.p_adjusted) else self.p
+        return verdict(self.delta, self.expect, p=p, lo=self.ci_low, hi=self.ci_high, alpha=self.alpha)
+
+    def describe(self, digits: int = 1) -> str:
+        """``+1.2 [-0.3, +2.5], p = 0.040`` (the numbers a chapter prints beside a claim)."""
+        if not math.isfinite(self.delta):
+            return "–"
+        s = f"{self.delta:+.{digits}f}"
+        if math.isfinite(self.ci_low) and math.isfinite(self.ci_high):
+            s += f" [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}]"
+        if math.isfinite(self.p):
+            s += f", p = {self.p:.3f}"
+            if math.isfinite(self.p_adjusted):
+                s += f" (Holm {self.p_adjusted:.3f})"
+        return s
+
+
+def compare(a: Sample, b: Sample, expect: int = 1, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+            alpha: float = 0.05) -> Comparison:
+    """``b - a`` under the book's rule (module docstring): a *claim* when both sides carry seed variation
+    (>= 2 seeds each, or a fixed model against >= 2 seeds), else *indicative*."""
+    if expect not in (1, -1):
+        raise ValueError(f"compare: expect must be +1 or -1, got {expect!r}")
+    va, vb = a.values, b.values
+    na, nb = len(va), len(vb)
+    common = dict(expect=expect, ours_a=mean_std(va)[0], ours_b=mean_std(vb)[0], seeds_a=0 if a.fixed else na,
+                  seeds_b=0 if b.fixed else nb, alpha=alpha)
+    seeded_a, seeded_b = (na >= 2 or a.fixed), (nb >= 2 or b.fixed)
+    if seeded_a and seeded_b and not (a.fixed and b.fixed):
+        paired = (not a.fixed and not b.fixed and tuple(a.seeds) == tuple(b.seeds) and bool(a.seeds)
+                  and a.order == b.order)
+        if a.fixed:
+            _, p = one_sample_t(va[0], vb)
+            test = f"one-sample t, {nb} seeds vs a frozen model"
+        elif b.fixed:
+            _, p = one_sample_t(vb[0], va)
+            test = f"one-sample t, {na} seeds vs a frozen model"
+        elif paired:
+            _, p = paired_t(va, vb)
+            test = f"paired t, {na} shared seeds"
+        else:
+            _, p = welch(va, vb)
+            test = f"Welch t, {na} vs {nb} seeds"
+        d, lo, hi = hierarchical_bootstrap_diff(a.runs, b.runs, a.statistic, paired=paired, n_boot=n_boot,
+                                                seed=seed, level=level)
+        return Comparison(d, lo, hi, p, "claim", test + "; hierarchical bootstrap (seeds, then images)", **common)
+    if a.fixed and b.fixed:  # two deterministic models (no training randomness): the units' bootstrap is all there is
+        d, lo, hi = paired_bootstrap_diff(a.runs[0], b.runs[0], a.statistic, n_boot=n_boot, seed=seed, level=level)
+        return Comparison(d, lo, hi, float("nan"), "claim",
+                          f"deterministic models: paired bootstrap over {a.runs[0].shape[0]} units", **common)
+    # one seed on a side: the image noise of one training run, shown but never counted
+    if a.runs[0].shape[0] == b.runs[0].shape[0] and a.order == b.order:
+        d, lo, hi = paired_bootstrap_diff(a.runs[0], b.runs[0], a.statistic, n_boot=n_boot, seed=seed, level=level)
+        test = f"1 seed: paired bootstrap over {a.runs[0].shape[0]} images"
+    else:
+        d, lo, hi = hierarchical_bootstrap_diff(a.runs[:1], b.runs[:1], a.statistic, n_boot=n_boot, seed=seed,
+                                                level=level)
+        test = "1 seed: bootstrap over images"
+    return Comparison(d, lo, hi, float("nan"), "indicative", test, **common)
+
+
+def check(value: float, target: float = 0.0, tol: float = 1e-6, relation: str = "==") -> Comparison:
+    """A numerical check (an identity or an inequality that holds by derivation): ``value relation target``
+    within ``tol`` (``==``: ``|value - target| <= tol``; ``>=``: ``value >= target - tol``; ``<=``)."""
+    if relation == "==":
+        passed = abs(value - target) <= tol
+    elif relation == ">=":
+        passed = value >= target - tol
+    elif relation == "<=":
+        passed = value <= target + tol
+    else:
+        raise ValueError(f"check: relation must be '==', '>=' or '<=', got {relation!r}")
+    passed = bool(passed) and math.isfinite(value)
+    return Comparison(float(value - target), float("nan"), float("nan"), float("nan"), "check",
+                      f"check: value {relation} {target:g} (tol {tol:g})", 1, ours_b=float(value),
+                      ours_a=float(target), extra={"passed": passed})

@@ -1,0 +1,519 @@
+"""The chapters' experiment layer: budgets from the profile file, one run cache shared by every chapter, claims
+judged by :mod:`ovlib.stats`, and the per-chapter claims file behind the book's Claims ledger page.
+
+A chapter opens one :class:`Study`::
+
+    study = Study(P, "02", device=DEV)
+    B = study.budget                      # params/PROFILE.yaml: budgets["02"] (validated by ovlib.config)
+    bb = study.backbones()                # frozen CLIP, tokenizer, evaluation data, class embeddings (once)
+    study.evaluate("CLIP", bb.clip, fixed=True)
+    for s in study.seeds:
+        study.run("clipself", seed=s, row="CLIPSelf")            # train-or-load + evaluate
+    c = study.claim("rla-boxes", "RLA improves region recognition", "CLIP", "CLIPSelf", "boxes.top1", +1,
+                    headline=True, paper_ref="rsc.t1.clipself.boxes", section="2.2")
+    study.ledger()                        # book/claims/02.json
+
+**One run cache.** :meth:`Study.run` trains into ``cache_dir/runs/<method>-<key>`` where the key
+(:func:`ovlib.eval.students.run_key`) covers the resolved distillation config (method, recipe, the named
+training budget, seed and overrides), the backbone checkpoint's content hash and the training data's manifest
+-- nothing chapter-specific. Chapter 03 asking for ``run("clipself", seed=0)`` with the same training budget as
+chapter 02 loads chapter 02's run; the log says ``trained`` or ``loaded`` for every run.
+
+**Claims.** :meth:`Study.claim` compares two rows on a metric with :func:`ovlib.stats.compare` (seeds decide;
+one-seed rows are *indicative*); :meth:`Study.check` records an identity or numerical check. :meth:`Study.ledger`
+applies Holm--Bonferroni across the chapter's headline claims and writes ``book/claims/NN.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from ovlib import stats
+from ovlib.config import BUDGET_KEYS, ParamError
+from ovlib.data import CocoPanoptic, ensure_microworld
+from ovlib.data.microworld import export_hash
+from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.eval.profiles import dense_eval_settings
+from ovlib.eval.students import evaluate_student, load_student, student_dense_fn, train_or_load
+from ovlib.io import atomic_write_text, cache_path
+from ovlib.models import MICRO_CLIP_CONFIGS
+from ovlib.nb import ms, table
+from ovlib.train.launch import MICRO_PROFILES, build_models
+from ovlib.train.pretrain import pretrain_configs
+from ovlib.train.recipes import distill_config
+
+__all__ = ["Backbones", "Claim", "Row", "Run", "Study", "paper_numbers", "LEDGER_FIELDS"]
+
+#: The fields of one ledger entry (``book/claims/NN.json``), in order.
+LEDGER_FIELDS = ("id", "chapter", "paper", "paper_ref", "paper_value", "claim", "section", "metric", "ours_a",
+                 "ours_b", "delta", "ci_low", "ci_high", "p", "p_adjusted", "seeds_a", "seeds_b", "kind", "headline",
+                 "verdict", "indication", "test", "rows")
+PAPER_NUMBERS = Path("book") / "paper_numbers.yaml"
+CLAIMS_DIR = Path("book") / "claims"
+
+
+def paper_numbers(root: str | Path = ".") -> dict[str, Any]:
+    """``book/paper_numbers.yaml``: ``papers`` (key -> title, chapter) and ``numbers`` (key -> paper, ref, value)."""
+    path = Path(root) / PAPER_NUMBERS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the papers' reported numbers)")
+    data = yaml.safe_load(path.read_text()) or {}
+    for key in ("papers", "numbers"):
+        if not isinstance(data.get(key), dict):
+            raise ValueError(f"{path}: needs a mapping {key!r}")
+    for k, v in data["numbers"].items():
+        if not isinstance(v, dict) or not {"paper", "ref", "value"} <= set(v):
+            raise ValueError(f"{path}: numbers[{k!r}] needs paper, ref and value")
+        if v["paper"] not in data["papers"]:
+            raise ValueError(f"{path}: numbers[{k!r}] names unknown paper {v['paper']!r}")
+    return data
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Backbones:
+    """What every experiment of a chapter shares, loaded once (:meth:`Study.backbones`)."""
+
+    clip: Any             # the frozen CLIP (eval mode, no grad), the teacher of every run
+    tokenizer: Any
+    vfm: Any              # the VFM of the recipe (None when not asked for)
+    dataset: Any          # the evaluation split (COCO panoptic format)
+    categories: list[dict]
+    class_ids: list[int]
+    text: torch.Tensor    # (C, D) unit-norm class embeddings of the categories' main names
+    settings: Any         # ovlib.eval.profiles.DenseEvalSettings
+    checkpoint: str       # content hash of the CLIP's weights file (or the named pretrained weights)
+
+
+@dataclass
+class Run:
+    """One trained (or loaded) run and its evaluation."""
+
+    method: str
+    seed: int
+    row: str
+    res: dict
+    eval: Any = None      # ovlib.eval.students.StudentEval
+    student: Any = None   # kept when asked for (keep_model=True)
+    trained_now: bool = False
+    train_s: float = float("nan")
+    wall_s: float = float("nan")
+
+    @property
+    def history(self) -> list[dict]:
+        """The run's logged training records (``metrics.jsonl``)."""
+        path = Path(self.res["out_dir"]) / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """The run as a plain dict (name, seed, method, steps, res, cached, train_s, history) plus ``extra``."""
+        return {"name": self.row, "seed": self.seed, "method": self.method, "steps": self.res.get("steps"),
+                "res": self.res, "cached": not self.trained_now, "train_s": self.train_s, "history": self.history,
+                **extra}
+
+
+@dataclass
+class Row:
+    """A table row: one evaluation per seed (``fixed``: a deterministic model evaluated once)."""
+
+    name: str
+    evals: dict[int, Any] = field(default_factory=dict)
+    fixed: bool = False
+    order: str = ""
+
+    def values(self, metric: str) -> list[float]:
+        return [e.point(metric) for _, e in sorted(self.evals.items())]
+
+    def sample(self, metric: str) -> stats.Sample:
+        seeds = sorted(self.evals)
+        missing = [s for s in seeds if metric not in self.evals[s].per_image]
+        if missing:
+            raise KeyError(f"row {self.name!r} has no per-image {metric!r} for seed(s) {missing}")
+        arrays = tuple(np.asarray(self.evals[s].per_image[metric][0], dtype=np.float64) for s in seeds)
+        statistic = self.evals[seeds[0]].per_image[metric][1]
+        return stats.Sample(arrays, statistic, () if self.fixed else tuple(seeds), fixed=self.fixed,
+                            order=self.order)
+
+
+@dataclass
+class Claim:
+    """One entry of the chapter's ledger."""
+
+    id: str
+    text: str
+    metric: str
+    comparison: stats.Comparison
+    headline: bool = False
+    paper: str = ""
+    paper_ref: str = ""
+    paper_value: Any = None
+    section: str = ""
+    rows: tuple[str, str] = ("", "")
+
+    @property
+    def verdict(self) -> str:
+        return self.comparison.verdict
+
+    def describe(self, digits: int = 1) -> str:
+        """``+1.2 [-0.3, +2.5], p = 0.040 → holds`` (indicative: ``… → indicative, higher``)."""
+        c = self.comparison
+        tail = f"indicative ({c.indication})" if c.kind == "indicative" else (
+            ("check passed" if c.verdict == "holds" else "check FAILED") if c.kind == "check" else c.verdict)
+        return f"{c.describe(digits)} → *{tail}*"
+
+
+class Study:
+    """A chapter's experiments (module docstring). ``params``: the validated contract (``ovlib.nb.setup``);
+    ``chapter``: ``"01"`` … ``"05"``; ``root``: the project root (``book/``, ``params/`` live there)."""
+
+    def __init__(self, params: Mapping[str, Any], chapter: str, device: str | torch.device = "cpu",
+                 root: str | Path = ".", log: bool = True) -> None:
+        if chapter not in BUDGET_KEYS:
+            raise ParamError(f"Study: unknown chapter {chapter!r}; known: {sorted(BUDGET_KEYS)}")
+        self.params = dict(params)
+        self.chapter = chapter
+        self.device = torch.device(device)
+        self.root = Path(root)
+        self.log = log
+        budgets = self.params.get("budgets") or {}
+        self.budget: dict[str, Any] = dict(budgets.get(chapter) or {})
+        self._train_budgets: dict[str, dict] = dict(budgets.get("train") or {})
+        n = int(self.budget.get("seeds") or 0) or int(self.params["seeds"])
+        self.seeds = [int(self.params["seed"]) + i for i in range(n)]
+        self.runs_dir = Path(self.params["cache_dir"]) / "runs"  # shared by every chapter
+        self.rows: dict[str, Row] = {}
+        self.runs: list[Run] = []
+        self.claims: list[Claim] = []
+        self.section = ""  # the chapter section claims are made in when they do not name one (the ledger links it)
+        self._backbones: dict[tuple, Backbones] = {}
+        self._hashes: dict[str, str] = {}
+        self._numbers: dict[str, Any] | None = None
+        self.t0 = time.perf_counter()
+
+    @property
+    def n_boot(self) -> int:
+        """Bootstrap replicates of the profile's evaluation settings."""
+        return int(dense_eval_settings(self.params["profile"], self.params["eval_images"]).n_boot)
+
+    # ------------------------------------------------------------------------------------------- budgets
+    def train_budget(self, name: str) -> dict[str, Any]:
+        """The named training budget (``budgets.train.<name>``) as DistillConfig overrides; ``max_steps`` is
+        multiplied by ``steps_scale`` (at least 1 step) and, unless given, warm-up is a tenth of it."""
+        if name not in self._train_budgets:
+            raise ParamError(f"params/{self.params['profile']}.yaml: no training budget {name!r} under "
+                             f"budgets.train; known: {sorted(self._train_budgets)}")
+        ov = dict(self._train_budgets[name])
+        if "max_steps" in ov:
+            ov["max_steps"] = max(1, round(ov["max_steps"] * float(self.params["steps_scale"])))
+            ov.setdefault("warmup_steps", max(1, ov["max_steps"] // 10))
+        return ov
+
+    # ------------------------------------------------------------------------------------------- backbones
+    def backbones(self, method: str | None = None, vfm: bool = False) -> Backbones:
+        """The frozen CLIP of ``method``'s recipe (and its VFM when ``vfm``), the evaluation split, its categories
+        and class embeddings; loaded once per (backbone, vfm). ``method=None``: the ones the chapter loaded first
+        (CLIPSelf's recipe when none was loaded)."""
+        if method is None:  # the chapter's backbones: the first loaded, else the CLIPSelf recipe's
+            if self._backbones:
+                return next(iter(self._backbones.values()))
+            method = "clipself"
+        cfg = distill_config(self.params, method, {}, out_dir="unused")
+        key = (cfg.backbone, cfg.pretrained, cfg.vfm if vfm else None)
+        for (bk, pr, v), bb in self._backbones.items():  # one with the VFM also serves a request without it
+            if (bk, pr) == key[:2] and (not vfm or v == key[2]):
+                return bb
+        P = self.params
+        clip, _, vfm_model, tok = build_models(cfg, P, frozenset({"vfm"}) if vfm else frozenset())
+        clip = clip.to(self.device).eval().requires_grad_(False)
+        if vfm_model is not None:
+            vfm_model = vfm_model.to(self.device).eval().requires_grad_(False)
+        settings = dense_eval_settings(P["profile"], P["eval_images"])
+        if P["profile"] in MICRO_PROFILES:
+            root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=settings.export_size,
+                                     seed=P["seed"], progress=False)
+            templates, this_is = MICRO_TEMPLATES, False
+        else:
+            root, templates, this_is = P["data_root"], VILD_TEMPLATES, True
+        ds = CocoPanoptic(root, "val2017")
+        cats = list(ds.categories)
+        text = text_embeddings(clip, tok, class_name_sets(cats, "main", seed=P["seed"]), templates,
+                               this_is_prefix=this_is, device=self.device).cpu()
+        bb = Backbones(clip, tok, vfm_model, ds, cats, [c["id"] for c in cats], text, settings,
+                       self._checkpoint_hash(cfg))
+        self._backbones[key] = bb
+        return bb
+
+    def _checkpoint_hash(self, cfg: Any) -> str:
+        """Content hash of the backbone weights a run starts from: the micro CLIP's pre-training checkpoint, a
+        local ``pretrained`` file, or the name of downloadable weights (their content is fixed by the name)."""
+        if cfg.backbone in MICRO_CLIP_CONFIGS and not cfg.pretrained:
+
+            clip_cfg, _ = pretrain_configs(self.params["profile"], self.params["steps_scale"], self.params["seed"])
+            path = cache_path(self.params["cache_dir"], clip_cfg.model, clip_cfg)
+        elif cfg.pretrained and Path(cfg.pretrained).is_file():
+            path = Path(cfg.pretrained)
+        else:
+            return f"{cfg.backbone}:{cfg.pretrained}"
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone checkpoint {path} not found (Study.backbones() trains it)")
+        k = str(path.resolve())
+        if k not in self._hashes:
+            self._hashes[k] = _sha256_file(path)
+        return self._hashes[k]
+
+    def _data_manifest(self, cfg: Any) -> dict[str, Any]:
+        """What the training data is: the micro world export's content key (world config, split, images, size,
+        start: :func:`ovlib.data.microworld.export_hash`, what the export's manifest stores), or the COCO
+        annotation file of the split (name and size)."""
+        if self.params["profile"] in MICRO_PROFILES:
+            return {"microworld": export_hash(cfg.split, cfg.max_images, cfg.student_size, int(self.params["seed"]))}
+        ann = Path(cfg.data_root) / "annotations" / f"instances_{cfg.split}.json"
+        return {"annotations": ann.name, "bytes": ann.stat().st_size if ann.is_file() else None,
+                "max_images": cfg.max_images}
+
+    # ------------------------------------------------------------------------------------------- runs
+    def run(self, method: str, seed: int = 0, budget: str = "main", row: str | None = None,
+            evaluate: bool = True, keep_model: bool = False, eval_kw: Mapping[str, Any] | None = None,
+            **overrides: Any) -> Run:
+        """Train ``method`` (or load the finished run) with the named training ``budget``, ``seed`` and
+        ``overrides``, then evaluate its student (``eval_kw``: :meth:`evaluate` options) as ``row`` / seed."""
+        t = time.perf_counter()
+        ov = {**self.train_budget(budget), "seed": seed, **overrides}
+        cfg = distill_config(self.params, method, ov, out_dir="unused")
+        try:
+            ck = self._checkpoint_hash(cfg)
+        except FileNotFoundError:  # the micro CLIP is not pre-trained yet: loading the backbones trains it
+            self.backbones(method)
+            ck = self._checkpoint_hash(cfg)
+        extra = {"checkpoint": ck, "data": self._data_manifest(cfg)}
+        res = train_or_load(self.params, method, ov, self.runs_dir, method, key_extra=extra)
+        r = Run(method, seed, row or method, res, trained_now=bool(res.get("trained_now")),
+                train_s=float(res.get("train_s", float("nan"))))
+        if self.log:
+            print(f"[study {self.chapter}] {'trained' if r.trained_now else 'loaded'} {method} seed {seed} "
+                  f"({budget}) -> {res['out_dir']}", flush=True)
+        if evaluate or keep_model:
+            student = load_student(self.params, res, self.device)
+            if evaluate:
+                r.eval = self.evaluate(r.row, student, seed=seed, dense_fn=student_dense_fn(res, student),
+                                       **dict(eval_kw or {}))
+            if keep_model:
+                r.student = student
+        r.wall_s = time.perf_counter() - t
+        self.runs.append(r)
+        return r
+
+    def evaluate(self, row: str, model: Any, seed: int | None = None, fixed: bool = False, dense_fn: Any = None,
+                 mode: str = "x+v", **kw: Any) -> Any:
+        """The chapter-01 protocols (:func:`ovlib.eval.students.evaluate_student`) on the chapter's evaluation
+        images (``budget``: ``region_images``, ``seg_images``), recorded as ``row`` / ``seed`` (``fixed``: a
+        deterministic model, one evaluation). ``kw``: ``crops``, ``ovss``, ``kmeans``, ``region``,
+        ``keep_regions``."""
+        bb = self.backbones()
+        ev = evaluate_student(model, bb.dataset, bb.text, bb.class_ids, bb.settings, mode=mode,
+                              name=f"{row}" if seed is None else f"{row}-s{seed}",
+                              region_images=int(self.budget.get("region_images", 0) or 0),
+                              seg_images=int(self.budget.get("seg_images", 0) or 0), dense_fn=dense_fn,
+                              seed=int(self.params["seed"]), device=self.device, **kw)
+        self.record(row, ev, seed=seed, fixed=fixed)
+        return ev
+
+    def record(self, row: str, ev: Any, seed: int | None = None, fixed: bool = False) -> None:
+        """Add an evaluation (anything with ``point(metric)`` and ``per_image``) to a row."""
+        r = self.rows.setdefault(row, Row(row, fixed=fixed, order="study-eval"))
+        if r.fixed != fixed:
+            raise ValueError(f"row {row!r} is {'fixed' if r.fixed else 'seeded'}; cannot add a "
+                             f"{'fixed' if fixed else 'seeded'} evaluation")
+        if fixed and r.evals:
+            raise ValueError(f"row {row!r} is a fixed model with one evaluation already")
+        r.evals[0 if seed is None else int(seed)] = ev
+
+    def values(self, row: str, metric: str) -> list[float]:
+        """Per-seed values of ``row`` (empty when the row was not run at this budget)."""
+        return self.rows[row].values(metric) if row in self.rows else []
+
+    def pm(self, row: str, metric: str, digits: int = 1) -> str:
+        """``mean ± std`` over the row's seeds (``–`` when absent)."""
+        return ms(self.values(row, metric), digits)
+
+    # ------------------------------------------------------------------------------------------- claims
+    def _paper(self, paper_ref: str | None) -> tuple[str, str, Any]:
+        """``(paper, table/figure, value)`` of a reported number; without one, the chapter's own paper."""
+        if self._numbers is None:
+            self._numbers = paper_numbers(self.root)
+        if not paper_ref:
+            own = [k for k, v in self._numbers["papers"].items() if str(v.get("chapter")) == self.chapter]
+            return (own[0] if own else ""), "", None
+        nums = self._numbers["numbers"]
+        if paper_ref not in nums:
+            raise KeyError(f"{self.root / PAPER_NUMBERS}: no reported number {paper_ref!r}")
+        n = nums[paper_ref]
+        return n["paper"], n["ref"], n["value"]
+
+    def _sample(self, side: str | stats.Sample, metric: str) -> stats.Sample | None:
+        if isinstance(side, stats.Sample):
+            return side
+        if side not in self.rows or not self.rows[side].evals:
+            return None
+        return self.rows[side].sample(metric)
+
+    def compare(self, a: str | stats.Sample, b: str | stats.Sample, metric: str, expect: int = 1
+                ) -> stats.Comparison | None:
+        """:func:`ovlib.stats.compare` of two rows without recording a claim (``None`` when a row is absent)."""
+        sa, sb = self._sample(a, metric), self._sample(b, metric)
+        if sa is None or sb is None:
+            return None
+        return stats.compare(sa, sb, expect=expect, n_boot=self.n_boot, seed=int(self.params["seed"]))
+
+    def claim(self, id: str, text: str, a: str | stats.Sample, b: str | stats.Sample, metric: str, expect: int = 1,
+              headline: bool = False, paper_ref: str | None = None, section: str = "",
+              paper: str | None = None) -> Claim | None:
+        """``b - a`` on ``metric``, expected with sign ``expect``, judged by :func:`ovlib.stats.compare`.
+
+        ``a`` / ``b``: row names (:meth:`run`, :meth:`evaluate`) or :class:`ovlib.stats.Sample` s. A row not
+        run at this budget gives no claim (``None``). ``headline``: one of the chapter's main claims (Holm
+        across them in :meth:`ledger`). ``paper_ref``: key of ``book/paper_numbers.yaml``."""
+        if any(c.id == id for c in self.claims):
+            raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
+        cmp_ = self.compare(a, b, metric, expect)
+        if cmp_ is None:
+            return None
+        pp, ref, val = self._paper(paper_ref)
+        c = Claim(id, text, metric, cmp_, headline, paper or pp, ref, val, section or self.section,
+                  (a if isinstance(a, str) else "", b if isinstance(b, str) else ""))
+        self.claims.append(c)
+        return c
+
+    def add_claim(self, id: str, text: str, comparison: stats.Comparison, metric: str = "", headline: bool = False,
+                  paper_ref: str | None = None, section: str = "", paper: str | None = None) -> Claim:
+        """Record a comparison made outside :meth:`claim` (a rank test over heads, a threshold on a bootstrap
+        interval, a timing): the caller states its kind in ``comparison.kind``."""
+        if any(c.id == id for c in self.claims):
+            raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
+        pp, ref, val = self._paper(paper_ref)
+        c = Claim(id, text, metric, comparison, headline, paper or pp, ref, val, section or self.section)
+        self.claims.append(c)
+        return c
+
+    def judge(self, text: str, res: tuple[stats.Sample, stats.Sample] | stats.Comparison, expect: int = 1,
+              metric: str = "", headline: bool = False, paper_ref: str | None = None, section: str = "") -> Claim:
+        """A claim from two :class:`ovlib.stats.Sample` s (judged by :meth:`claim`) or a ready comparison
+        (:meth:`add_claim`), its id made of the chapter, its rank and the text."""
+        cid = f"{self.chapter}-{len(self.claims)}-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70]
+        if isinstance(res, stats.Comparison):
+            return self.add_claim(cid, text, res, metric, headline=headline, paper_ref=paper_ref, section=section)
+        c = self.claim(cid, text, res[0], res[1], metric, expect, headline=headline, paper_ref=paper_ref,
+                       section=section)
+        assert c is not None  # two Samples always compare
+        return c
+
+    def claim_in(self, section: str, text: str, a: str | stats.Sample, b: str | stats.Sample, metric: str,
+                 expected: int = 1, headline: bool = False, paper_ref: str | None = None) -> Claim | None:
+        """:meth:`claim` with the id made of the section, the text and the metric (``expected``: the sign)."""
+        cid = f"{section}-" + re.sub(r"[^a-z0-9]+", "-", f"{text} {metric}".lower()).strip("-")[:80]
+        return self.claim(cid, text, a, b, metric, expected, headline=headline, paper_ref=paper_ref, section=section)
+
+    def check(self, id: str, text: str, value: float, target: float = 0.0, tol: float = 1e-6,
+              relation: str = "==", section: str = "", paper_ref: str | None = None,
+              paper: str | None = None) -> Claim:
+        """An identity or numerical check (:func:`ovlib.stats.check`): it passes or fails, never an empirical
+        claim."""
+        if any(c.id == id for c in self.claims):
+            raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
+        pp, ref, val = self._paper(paper_ref)
+        c = Claim(id, text, "check", stats.check(value, target, tol, relation), False, paper or pp, ref, val,
+                  section or self.section)
+        self.claims.append(c)
+        return c
+
+    def finalize(self) -> None:
+        """Holm--Bonferroni across the headline claims (kind ``claim``) of the chapter."""
+        family = [c for c in self.claims if c.headline and c.comparison.kind == "claim"]
+        for c, padj in zip(family, stats.holm([c.comparison.p for c in family])):
+            c.comparison.p_adjusted = padj
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The ledger entries (:data:`LEDGER_FIELDS`), after :meth:`finalize`."""
+        self.finalize()
+
+        def num(x: Any) -> Any:
+            return float(x) if isinstance(x, (int, float, np.floating)) and math.isfinite(float(x)) else None
+
+        out = []
+        for c in self.claims:
+            k = c.comparison
+            out.append({"id": c.id, "chapter": self.chapter, "paper": c.paper, "paper_ref": c.paper_ref,
+                        "paper_value": c.paper_value, "claim": c.text, "section": c.section, "metric": c.metric,
+                        "ours_a": num(k.ours_a), "ours_b": num(k.ours_b), "delta": num(k.delta),
+                        "ci_low": num(k.ci_low), "ci_high": num(k.ci_high), "p": num(k.p),
+                        "p_adjusted": num(k.p_adjusted), "seeds_a": k.seeds_a, "seeds_b": k.seeds_b,
+                        "kind": k.kind, "headline": c.headline, "verdict": k.verdict,
+                        "indication": k.indication if k.kind == "indicative" else None, "test": k.test,
+                        "rows": list(c.rows)})
+        return out
+
+    def ledger(self, path: str | Path | None = None) -> Path:
+        """Write the chapter's claims to ``book/claims/NN.json`` (atomically) and return the path."""
+        path = Path(path) if path is not None else self.root / CLAIMS_DIR / f"{self.chapter}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"chapter": self.chapter, "profile": self.params["profile"], "seeds": len(self.seeds),
+               "claims": self.entries()}
+        atomic_write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", path)
+        return path
+
+    def claims_table(self, ids: Sequence[str] | None = None) -> str:
+        """A Markdown table of the chapter's claims (all, or ``ids``): claim, test, effect, verdict."""
+        self.finalize()
+        rows = []
+        for c in self.claims:
+            if ids is not None and c.id not in ids:
+                continue
+            rows.append([c.section, c.text + (" **(headline)**" if c.headline else ""), c.metric,
+                         c.comparison.test, c.describe()])
+        return table(["§", "claim (paper's direction)", "metric", "test", "measured → verdict"], rows)
+
+    def tally(self) -> dict[str, int]:
+        """Counts of the verdicts of kind ``claim`` (indicative comparisons and checks are counted apart)."""
+        self.finalize()
+        out = {v: 0 for v in stats.VERDICTS}
+        out.update(indicative=0, checks_passed=0, checks_failed=0)
+        for c in self.claims:
+            k = c.comparison.kind
+            if k == "claim":
+                out[c.verdict] += 1
+            elif k == "indicative":
+                out["indicative"] += 1
+            else:
+                out["checks_passed" if c.verdict == "holds" else "checks_failed"] += 1
+        return out
+
+    # ------------------------------------------------------------------------------------------- cost
+    def cost_table(self) -> str:
+        """What the chapter's runs cost: one row per run (trained now or loaded from the shared cache)."""
+        rows = [[r.row, r.method, r.seed, "trained" if r.trained_now else "loaded",
+                 f"{r.train_s:.0f}" if math.isfinite(r.train_s) else "–",
+                 f"{r.eval.seconds:.0f}" if r.eval is not None else "–", f"{r.wall_s:.0f}",
+                 re.sub(r".*/", "", str(r.res.get("out_dir", "")))] for r in self.runs]
+        trained = sum(r.trained_now for r in self.runs)
+        return (table(["row", "method", "seed", "run", "training (s)", "evaluation (s)", "wall (s)", "cache entry"],
+                      rows) + f"\n\n{len(self.runs)} runs ({trained} trained here, {len(self.runs) - trained} "
+                f"loaded from the shared run cache); chapter wall time {time.perf_counter() - self.t0:.0f} s.")

@@ -1,0 +1,187 @@
+"""ovlib.stats: the tests against scipy.stats, Holm on a known family, and bootstraps with hand-computable answers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as ss
+
+from ovlib.eval.metrics import macc_from_counts
+from ovlib.stats import (
+    Sample,
+    bootstrap_ci,
+    check,
+    compare,
+    hierarchical_bootstrap_diff,
+    holm,
+    mean_std,
+    one_sample_t,
+    paired_bootstrap_diff,
+    paired_t,
+    ratio_stat,
+    verdict,
+    welch,
+)
+
+
+def _const_runs(values, n=6):
+    """Per-image ``[value, 1]`` arrays whose every image has the run's value: no image noise at all."""
+    return [np.stack([np.full(n, v, dtype=float), np.ones(n)], 1) for v in values]
+
+
+# ------------------------------------------------------------------------------------------------ tests vs scipy
+def test_welch_and_paired_and_one_sample_match_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 5), rng.normal(0.8, 2, 4)
+    d, p = welch(a, b)
+    assert d == pytest.approx(b.mean() - a.mean())
+    assert p == pytest.approx(ss.ttest_ind(b, a, equal_var=False).pvalue)
+    b2 = a + rng.normal(0.5, 0.3, 5)
+    d, p = paired_t(a, b2)
+    assert d == pytest.approx((b2 - a).mean())
+    assert p == pytest.approx(ss.ttest_rel(b2, a).pvalue)
+    d, p = one_sample_t(0.2, b)
+    assert d == pytest.approx(b.mean() - 0.2)
+    assert p == pytest.approx(ss.ttest_1samp(b, 0.2).pvalue)
+
+
+def test_tests_with_too_few_seeds_or_no_spread():
+    assert math.isnan(welch([1.0], [2.0, 3.0])[1])
+    assert math.isnan(paired_t([1.0], [2.0])[1])
+    assert math.isnan(one_sample_t(1.0, [2.0])[1])
+    assert welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+    assert welch([1.0, 1.0], [2.0, 2.0]) == (1.0, 0.0)
+    assert paired_t([1.0, 2.0], [2.0, 3.0]) == (1.0, 0.0)  # a constant paired difference
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_t([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_holm_on_a_known_family():
+    # sorted p: 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone: 0.04 -> 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = holm([0.5, float("nan"), 0.01])  # nan does not count in the family size
+    assert out[0] == pytest.approx(0.5) and math.isnan(out[1]) and out[2] == pytest.approx(0.02)
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+    assert holm([]) == []
+
+
+def test_verdict_rules():
+    assert verdict(2.0, 1, p=0.01) == "holds"
+    assert verdict(-2.0, 1, p=0.01) == "reversed"
+    assert verdict(-2.0, -1, p=0.01) == "holds"
+    assert verdict(2.0, 1, p=0.2) == "not resolved"
+    assert verdict(1.0, 1, lo=0.2, hi=1.8) == "holds"
+    assert verdict(1.0, 1, lo=-0.2, hi=1.8) == "not resolved"
+    assert verdict(float("nan"), 1, p=0.01) == "not resolved"
+    with pytest.raises(ValueError, match="expect"):
+        verdict(1.0, 0)
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)), 2)
+    m, s, n = mean_std([4.0, float("nan")])
+    assert (m, n) == (4.0, 1) and math.isnan(s)
+
+
+# ------------------------------------------------------------------------------------------------ bootstraps
+def test_bootstrap_ci_contains_point_and_is_seeded():
+    rng = np.random.default_rng(1)
+    per = np.stack([rng.random(40), np.ones(40)], 1)
+    pt, lo, hi = bootstrap_ci(per, ratio_stat, n_boot=500, seed=2)
+    assert pt == pytest.approx(per[:, 0].mean()) and lo < pt < hi
+    assert bootstrap_ci(per, ratio_stat, n_boot=50, seed=3) == bootstrap_ci(per, ratio_stat, n_boot=50, seed=3)
+    assert all(math.isnan(x) for x in bootstrap_ci(np.zeros((0, 2)), ratio_stat))
+
+
+def test_paired_bootstrap_of_identical_models_is_zero_and_of_a_shift_is_the_shift():
+    rng = np.random.default_rng(0)
+    hits = rng.integers(0, 5, size=(30, 1, 4))
+    a = np.concatenate([np.full((30, 1, 4), 5), hits], 1)  # (N, 2, C) [totals, hits] per image and class
+    stat = lambda s: macc_from_counts(s[1], s[0])  # noqa: E731
+    assert paired_bootstrap_diff(a, a.copy(), stat, n_boot=100) == (0.0, 0.0, 0.0)
+    per = np.stack([rng.random(25), np.ones(25)], 1)
+    shifted = per + np.array([0.5, 0.0])
+    pt, lo, hi = paired_bootstrap_diff(per, shifted, ratio_stat, n_boot=100)
+    assert (pt, lo, hi) == pytest.approx((0.5, 0.5, 0.5))  # every image moved by 0.5: no paired noise
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap_diff(per[:20], per, ratio_stat)
+
+
+def test_hierarchical_bootstrap_when_seed_variance_dominates():
+    """No image noise at all: the interval is the seed bootstrap's, computable exactly by enumeration."""
+    a, b = _const_runs([0.0, 10.0, 20.0]), _const_runs([5.0, 15.0, 25.0])
+    pt, lo, hi = hierarchical_bootstrap_diff(a, b, ratio_stat, n_boot=4000, seed=0)
+    assert pt == pytest.approx(5.0)
+    # exact law of mean(3 draws of b) - mean(3 draws of a), the 27 x 27 equally likely seed draws
+    means = lambda v: [np.mean(c) for c in itertools.product(v, repeat=3)]  # noqa: E731
+    exact = np.array([y - x for x in means([0, 10, 20]) for y in means([5, 15, 25])])
+    ex_lo, ex_hi = np.quantile(exact, [0.025, 0.975])
+    step = 10.0 / 3  # the support's grid: the Monte-Carlo quantile may land one atom away
+    assert abs(lo - ex_lo) <= step + 1e-9 and abs(hi - ex_hi) <= step + 1e-9
+    assert lo < 0 < hi  # the seeds do not separate the rows ...
+    img = paired_bootstrap_diff(a[0], b[0], ratio_stat, n_boot=200)
+    assert img == pytest.approx((5.0, 5.0, 5.0))  # ... which the image bootstrap of one seed cannot see
+    # paired seeds: the same draw on both sides; b_s - a_s = 5 for every seed, so the interval collapses
+    assert hierarchical_bootstrap_diff(a, b, ratio_stat, paired=True, n_boot=300) == pytest.approx((5.0, 5.0, 5.0))
+    assert hierarchical_bootstrap_diff(a, [x + np.array([10.0, 0]) for x in a], ratio_stat, paired=True,
+                                       n_boot=300) == pytest.approx((10.0, 10.0, 10.0))
+
+
+def test_hierarchical_bootstrap_with_one_run_is_an_image_bootstrap_and_errors():
+    rng = np.random.default_rng(4)
+    a = np.stack([rng.random(30), np.ones(30)], 1)
+    b = np.stack([rng.random(30) + 0.3, np.ones(30)], 1)
+    pt, lo, hi = hierarchical_bootstrap_diff([a], [b], ratio_stat, n_boot=400, seed=1)
+    ref = paired_bootstrap_diff(a, b, ratio_stat, n_boot=400, seed=1)
+    assert pt == pytest.approx(ref[0])
+    assert lo == pytest.approx(ref[1], abs=0.06) and hi == pytest.approx(ref[2], abs=0.06)
+    with pytest.raises(ValueError, match="at least one run"):
+        hierarchical_bootstrap_diff([], [b], ratio_stat)
+    with pytest.raises(ValueError, match="same seeds"):
+        hierarchical_bootstrap_diff([a], [a, b], ratio_stat, paired=True)
+
+
+# ------------------------------------------------------------------------------------------------ the decision rule
+def test_compare_kinds_and_tests():
+    rng = np.random.default_rng(5)
+    runs = lambda shift, k: [np.stack([rng.random(20) + shift + 0.05 * i, np.ones(20)], 1)  # noqa: E731
+                             for i in range(k)]
+    three_a, three_b = Sample(tuple(runs(0, 3)), ratio_stat, (0, 1, 2)), Sample(tuple(runs(1, 3)), ratio_stat, (0, 1, 2))
+    c = compare(three_a, three_b, expect=1, n_boot=200)
+    assert c.kind == "claim" and c.test.startswith("paired t") and c.verdict == "holds"
+    assert c.p == pytest.approx(ss.ttest_rel(three_b.values, three_a.values).pvalue)
+    assert c.ci_low > 0 and c.seeds_a == c.seeds_b == 3
+    other = Sample(three_b.runs, ratio_stat, (3, 4, 5))
+    c = compare(three_a, other, expect=-1, n_boot=200)
+    assert c.test.startswith("Welch") and c.verdict == "reversed"
+    assert c.p == pytest.approx(ss.ttest_ind(other.values, three_a.values, equal_var=False).pvalue)
+    frozen = Sample((runs(0, 1)[0],), ratio_stat, fixed=True)
+    c = compare(frozen, three_b, n_boot=100)
+    assert c.kind == "claim" and c.test.startswith("one-sample") and c.seeds_a == 0
+    one = Sample((three_b.runs[0],), ratio_stat, (0,))
+    c = compare(three_a, one, n_boot=100)
+    assert c.kind == "indicative" and c.verdict == "not resolved" and c.indication == "higher"
+    assert math.isnan(c.p)
+    c.p_adjusted = 0.5  # Holm can turn a resolved claim into a not-resolved one
+    claim_ = compare(three_a, three_b, n_boot=50)
+    claim_.p_adjusted = 0.5
+    assert claim_.verdict == "not resolved"
+    with pytest.raises(ValueError, match="expect"):
+        compare(three_a, three_b, expect=2)
+    fa, fb = Sample((three_a.runs[0],), ratio_stat, fixed=True), Sample((three_b.runs[0],), ratio_stat, fixed=True)
+    c = compare(fa, fb, n_boot=100)  # two deterministic models: the units' interval decides
+    assert c.kind == "claim" and math.isnan(c.p) and c.ci_low > 0 and c.verdict == "holds"
+
+
+def test_checks_pass_and_fail():
+    assert check(1e-9).verdict == "holds"
+    assert check(0.1).verdict == "reversed"
+    assert check(0.3, 0.0, relation=">=").verdict == "holds"
+    assert check(-0.3, 0.0, relation=">=").verdict == "reversed"
+    assert check(float("nan"), relation="<=").verdict == "reversed"
+    assert check(0.0).kind == "check"
+    with pytest.raises(ValueError, match="relation"):
+        check(0.0, relation="<")

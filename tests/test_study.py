@@ -1,0 +1,158 @@
+"""ovlib.study: budgets from the profile file, claims and checks, Holm across headline claims, the ledger file and
+the Claims ledger page generated from it (ovlib.book.ledger_page)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as ss
+
+from ovlib import book, config
+from ovlib.stats import holm, ratio_stat
+from ovlib.study import LEDGER_FIELDS, Study, paper_numbers
+
+
+class FakeEval:
+    """What Study needs of an evaluation: ``point(metric)`` and ``per_image[metric] = (array, statistic)``."""
+
+    def __init__(self, per_image: np.ndarray):
+        self.per_image = {"m": (per_image, ratio_stat)}
+
+    def point(self, metric):
+        arr, f = self.per_image[metric]
+        return f(arr.sum(0))
+
+
+def _per_image(value: float, n: int = 12, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([value + noise * rng.standard_normal(n), np.ones(n)], 1)
+
+
+@pytest.fixture
+def project(tmp_path, repo_root):
+    """A project root with the real params/, book/paper_numbers.yaml and _toc.yml + notebook sources."""
+    root = tmp_path / "proj"
+    shutil.copytree(repo_root / "params", root / "params")
+    (root / "book").mkdir(parents=True)
+    shutil.copy(repo_root / "book" / "paper_numbers.yaml", root / "book" / "paper_numbers.yaml")
+    shutil.copy(repo_root / "_toc.yml", root / "_toc.yml")
+    shutil.copytree(repo_root / "notebooks", root / "notebooks")
+    return root
+
+
+def _study(root: Path, chapter="02", **over) -> Study:
+    p = config.resolve("smoke", over, root=root)
+    return Study(p, chapter, root=root, log=False)
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+def test_budget_and_training_budgets_come_from_the_profile(project):
+    st = _study(project)
+    smoke = yaml.safe_load((project / "params" / "smoke.yaml").read_text())["budgets"]
+    assert st.budget == smoke["02"]
+    tb = st.train_budget("main")  # max_steps x steps_scale, at least 1; warm-up a tenth
+    want = max(1, round(smoke["train"]["main"]["max_steps"] * st.params["steps_scale"]))
+    assert tb["max_steps"] == want and tb["warmup_steps"] == max(1, want // 10)
+    st2 = _study(project, steps_scale=1.0)
+    assert st2.train_budget("main")["max_steps"] == smoke["train"]["main"]["max_steps"]
+    with pytest.raises(config.ParamError, match="no training budget 'huge'"):
+        st.train_budget("huge")
+    with pytest.raises(config.ParamError, match="unknown chapter '99'"):
+        _study(project, chapter="99")
+
+
+def test_unknown_budget_key_names_the_file_and_the_key(project):
+    path = project / "params" / "smoke.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["budgets"]["02"]["main_stepz"] = 3
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(config.ParamError, match=r"smoke\.yaml: unknown key\(s\) \['main_stepz'\] in budgets\['02'\]"):
+        config.load_profile("smoke", project)
+    data["budgets"]["02"].pop("main_stepz")
+    data["budgets"]["07"] = {}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(config.ParamError, match="unknown chapter '07' in budgets"):
+        config.load_profile("smoke", project)
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def test_claims_kinds_holm_and_the_ledger_file(project):
+    st = _study(project)
+    for s in (0, 1, 2):  # three seeds: a paired claim
+        st.record("A", FakeEval(_per_image(0.5 + 0.01 * s, noise=0.05, seed=s)), seed=s)
+        st.record("B", FakeEval(_per_image(0.7 + 0.02 * s, noise=0.05, seed=10 + s)), seed=s)
+        st.record("C", FakeEval(_per_image(0.52 + 0.01 * s, noise=0.05, seed=20 + s)), seed=s)
+    st.record("one", FakeEval(_per_image(0.9, noise=0.05, seed=5)), seed=0)
+    st.record("frozen", FakeEval(_per_image(0.4, noise=0.05, seed=6)), fixed=True)
+    c1 = st.claim("ab", "B beats A", "A", "B", "m", +1, headline=True, paper_ref="rsc.t1.rsc.boxes", section="2.6")
+    c2 = st.claim("ac", "C beats A", "A", "C", "m", +1, headline=True, section="2.6")
+    c3 = st.claim("one", "one beats A", "A", "one", "m", +1, headline=True, section="2.2")
+    c4 = st.claim("frozen", "B beats the frozen model", "frozen", "B", "m", +1, section="2.2")
+    assert st.claim("absent", "a row never run", "A", "nope", "m") is None
+    chk = st.check("identity", "an identity", 1e-9, section="2.4")
+    bad = st.check("inequality", "a bound", -0.5, 0.0, relation=">=", section="2.4")
+    with pytest.raises(ValueError, match="used twice"):
+        st.claim("ab", "again", "A", "B", "m")
+    assert c1.comparison.test.startswith("paired t") and c3.comparison.kind == "indicative"
+    assert c1.comparison.p == pytest.approx(ss.ttest_rel(st.values("B", "m"), st.values("A", "m")).pvalue)
+    assert c4.comparison.test.startswith("one-sample")
+    path = st.ledger()
+    assert path == project / "book" / "claims" / "02.json"
+    doc = json.loads(path.read_text())
+    entries = {e["id"]: e for e in doc["claims"]}
+    assert list(entries) == ["ab", "ac", "one", "frozen", "identity", "inequality"]
+    assert all(tuple(e) == LEDGER_FIELDS for e in entries.values())
+    # Holm over the headline claims of kind "claim" (ab, ac); the indicative one is not in the family
+    adj = holm([c1.comparison.p, c2.comparison.p])
+    assert entries["ab"]["p_adjusted"] == pytest.approx(adj[0]) and entries["ac"]["p_adjusted"] == pytest.approx(adj[1])
+    assert entries["one"]["p_adjusted"] is None and entries["one"]["verdict"] == "not resolved"
+    assert entries["one"]["kind"] == "indicative" and entries["one"]["indication"] in ("higher", "lower", "none")
+    assert entries["frozen"]["p_adjusted"] is None  # not a headline claim
+    assert entries["ab"]["paper"] == "rsc" and entries["ab"]["paper_ref"] == "Tab. 1"
+    assert entries["ab"]["paper_value"] == paper_numbers(project)["numbers"]["rsc.t1.rsc.boxes"]["value"]
+    assert entries["ab"]["seeds_a"] == entries["ab"]["seeds_b"] == 3 and entries["frozen"]["seeds_a"] == 0
+    assert (entries["identity"]["kind"], entries["identity"]["verdict"]) == ("check", "holds")
+    assert entries["inequality"]["verdict"] == "reversed" and chk.verdict == "holds" and bad.verdict == "reversed"
+    t = st.tally()
+    assert t["indicative"] == 1 and t["checks_passed"] == 1 and t["checks_failed"] == 1
+    assert sum(t[v] for v in ("holds", "reversed", "not resolved")) == 3
+    assert "B beats A" in st.claims_table()
+
+
+def test_unknown_paper_reference_is_an_error(project):
+    st = _study(project)
+    st.record("A", FakeEval(_per_image(0.5)), seed=0)
+    with pytest.raises(KeyError, match="no reported number 'nope'"):
+        st.claim("x", "x", "A", "A", "m", paper_ref="nope")
+
+
+# ------------------------------------------------------------------------------------------------ the page
+def test_ledger_page_tables_links_and_totals(project):
+    st = _study(project)
+    for s in (0, 1, 2):
+        st.record("A", FakeEval(_per_image(0.5, noise=0.01, seed=s)), seed=s)
+        st.record("B", FakeEval(_per_image(0.9, noise=0.01, seed=9 + s)), seed=s)
+    st.claim("ab", "B beats A", "A", "B", "m", headline=True, section="2.2")
+    st.claim("ba", "A beats B", "A", "B", "m", expect=-1, headline=True, section="2.2")
+    st.check("eq", "an identity", 0.0, section="2.4")
+    st.ledger()
+    page = book.ledger_page(project).read_text()
+    assert "Headline claims judged on seeds: **1 held**, **1 reversed**, **0 not resolved** (of 2; 0 more" in page
+    assert page.count("<tr><td>") == 3 and "check passed" in page
+    # the link points at the chapter page and the docutils id of its "## 2.2 ..." heading
+    src = (project / "notebooks" / "02_refining_spatial_awareness.py").read_text()
+    title = next(ln[5:] for ln in src.splitlines() if ln.startswith("# ## 2.2 "))
+    from docutils.nodes import make_id
+
+    assert f'href="02_refining_spatial_awareness.html#{make_id(title)}"' in page
+    assert "Refining CLIP" in page  # the paper's title heads its table
+
+
+def test_ledger_page_without_claims_says_so(project):
+    page = book.ledger_page(project).read_text()
+    assert "No chapter has written its claims yet" in page
