@@ -1,6 +1,7 @@
 # ovbook: two commands do everything on a fresh machine with Python 3.11 and access to PyPI.
 #   make book   - create .venv if missing, install, execute every chapter (micro profile), build _build/html
-#   make test   - create .venv if missing, install, run the test suite (offline)
+#   make test   - create .venv if missing, install, run the whole test suite, slow tests included (offline; what CI
+#                 runs). `make test-all` is the same; `make test-quick` leaves out the tests marked slow.
 # Variables: PROFILE (micro|smoke|paper), ONLY ("01 02"), PARAMS ("-p key=value ..."), BENCH ("--quick --only methods"),
 #            VENV, PYTHON.
 
@@ -13,7 +14,7 @@ BENCH   ?=
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.ovbook-installed
 
-.PHONY: book run build test test-all bench install clean
+.PHONY: book run build test test-all test-quick bench install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,10 +35,12 @@ build: $(STAMP)
 	$(PY) -m ovlib.book build
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest
-
-test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m ''
+
+test-all: test
+
+test-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m 'not slow'
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) benchmarks/run.py $(BENCH)
