@@ -615,7 +615,7 @@ class Trainer:
                     self._log({"step": self.step, "epoch": self.epoch, "lr": self.sched.get_last_lr()[-1],
                                **vals, "samples_per_s": seen / max(dt, 1e-9), "elapsed_s": dt})
                     bar.set_postfix(loss=f"{vals['loss']:.4f}")
-                fault_point("distill.recorded")  # the step's record is on disk, its checkpoint not yet
+                fault_point("distill.recorded")  # after the step's record (if any), before its checkpoint
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
             if self.pos >= self.sampler.per_rank:  # epoch finished
