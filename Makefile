@@ -1,6 +1,7 @@
 # ovbook: two commands do everything on a fresh machine with Python 3.11 and access to PyPI.
 #   make book   - create .venv if missing, install, execute every chapter (micro profile), build _build/html
-#   make test   - create .venv if missing, install, run the test suite (offline)
+#   make test   - create .venv if missing, install, run the whole test suite, slow tests included (offline; what CI
+#                 runs). `make test-all` is the same; `make test-quick` leaves out the tests marked slow.
 #   make install-locked - install the exact, hash-checked versions of requirements/lock.txt (the published book's)
 #   make lock   - regenerate requirements/lock.txt from pyproject.toml (after changing dependencies)
 #   make fingerprints - regenerate tests/fixtures/dense_fingerprints.json (after an intended change of dense_features)
@@ -17,7 +18,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.ovbook-installed
 LOCK    := requirements/lock.txt
 
-.PHONY: book run build test test-all bench install install-locked lock fingerprints clean
+.PHONY: book run build test test-all test-quick bench install install-locked lock fingerprints clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,10 +55,12 @@ build: $(STAMP)
 	$(PY) -m ovlib.book build
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest
-
-test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m ''
+
+test-all: test
+
+test-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m 'not slow'
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) benchmarks/run.py $(BENCH)

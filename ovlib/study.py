@@ -46,7 +46,7 @@ from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.data.microworld import export_hash
 from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.students import evaluate_student, load_student, student_dense_fn, train_or_load
+from ovlib.eval.students import evaluate_student, load_student, student_dense_fn, student_pooling, train_or_load
 from ovlib.io import atomic_write_text, cache_path
 from ovlib.models import MICRO_CLIP_CONFIGS
 from ovlib.nb import ms, table
@@ -314,8 +314,11 @@ class Study:
         if evaluate or keep_model:
             student = load_student(self.params, res, self.device)
             if evaluate:
-                r.eval = self.evaluate(r.row, student, seed=seed, dense_fn=student_dense_fn(res, student),
-                                       **dict(eval_kw or {}))
+                # the run's own region convention (Distiller.eval_pooling: DeCLIP / SynCLIP pool raw tokens,
+                # then normalise); raw tokens serve both conventions (OVSS and k-means normalise themselves)
+                kw = {"pooling": student_pooling(res), **dict(eval_kw or {})}
+                r.eval = self.evaluate(r.row, student, seed=seed,
+                                       dense_fn=student_dense_fn(res, student, normalize=False), **kw)
             if keep_model:
                 r.student = student
         r.wall_s = time.perf_counter() - t

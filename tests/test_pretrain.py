@@ -134,3 +134,45 @@ def test_resolve_precision_and_matmul_peak():
     assert matmul_peak(torch.float32, n=64, seconds=0.05) > 0
     a, b = torch.zeros(3, 4), torch.zeros(4, 5)
     assert forward_flops(lambda: a @ b) == 2 * 3 * 4 * 5
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "other-config", "corrupt-state"])
+def test_bad_cache_file_is_a_counted_rebuild_never_a_wrong_model(tmp_path, damage, caplog):
+    """A truncated / bit-flipped / mismatched micro CLIP cache file, or a corrupt resumable state, is set aside
+    (``*.corrupt-<k>``), counted and logged, and the model is rebuilt -- equal to the original."""
+    from dataclasses import replace
+
+    from ovlib.io import cache_path, load_cache, rebuild_counts, safe_load
+
+    cfg = ClipPretrainConfig(batch_size=4, steps=3, warmup=1, ckpt_every=1, precision="fp32")
+    model, _, info = pretrain_clip(cfg, tmp_path, progress=False)
+    final = cache_path(tmp_path, cfg.model, cfg)
+    assert info["path"] == str(final)
+    if damage == "truncated":
+        final.write_bytes(final.read_bytes()[: final.stat().st_size * 2 // 3])
+    elif damage == "flipped":  # a flipped byte inside a weight: torch.load would read it without complaint
+        w = model.state_dict()["visual.proj"].contiguous()
+        blob = bytearray(final.read_bytes())
+        i = blob.find(w.view(torch.uint8).numpy().tobytes())
+        assert i >= 0
+        blob[i + 1] ^= 0x40
+        final.write_bytes(bytes(blob))
+    elif damage == "other-config":  # a valid file of another recipe under this config's name
+        other = replace(cfg, lr=cfg.lr / 2)
+        pretrain_clip(other, tmp_path / "o", progress=False)
+        final.write_bytes(cache_path(tmp_path / "o", other.model, other).read_bytes())
+    else:  # stop before the end, then damage the resumable state: training starts over
+        final.unlink()
+        pretrain_clip(cfg, tmp_path, progress=False, max_steps=2)
+        state = final.with_name(final.name[:-3] + ".state.pt")
+        state.write_bytes(state.read_bytes()[:100])
+    bad = final.with_name(final.name[:-3] + ".state.pt") if damage == "corrupt-state" else final
+    before = rebuild_counts().get(bad.name, 0)
+    with caplog.at_level("WARNING", logger="ovlib.io"):
+        rebuilt, _, info2 = pretrain_clip(cfg, tmp_path, progress=False)
+    assert not info2["loaded"] and [h["step"] for h in info2["history"]] == [1, 2, 3]
+    assert rebuild_counts()[bad.name] == before + 1 and str(bad) in caplog.text
+    assert bad.with_name(bad.name + ".corrupt-1").is_file()
+    for (n, p), (_, q) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert load_cache(final) is not None and safe_load(final)["info"]["config"]["lr"] == cfg.lr

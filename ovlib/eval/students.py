@@ -4,7 +4,9 @@ CLIP, evaluate it with the chapter-01 protocols.
 * :func:`train_or_load` -- :func:`ovlib.train.launch.launch` into ``root/<name>-<hash>`` where the hash covers
   the resolved :class:`~ovlib.train.distill.DistillConfig` *and* the micro CLIP's pre-training config (the
   distillation config names the backbone, not the weights it was pre-trained to), so a changed recipe or a
-  re-trained micro CLIP never reuses a stale run; a finished run is loaded (the trainer resumes at its end).
+  re-trained micro CLIP never reuses a stale run. A run is finished only when its ``done.json`` exists
+  (:func:`ovlib.io.run_once`: written last, atomically, after the trainer's results and weights); any other run
+  directory is resumed (or restarted, its stale records set aside) by the trainer.
 * :func:`load_student` -- the ``student.*`` weights of a run's ``ensemble-final.pt`` (the alpha ensemble the
   trainer saves, reference section 1.6) loaded into a fresh CLIP built like the trainer builds it.
 * :func:`student_dense_fn` -- the dense map a run distils: the CLIP's own dense mode (CLIPSelf family) or, for a
@@ -81,10 +83,12 @@ def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any]
 def _train_seconds(out_dir: Path) -> float:
     """Training time of a run from its ``metrics.jsonl`` (elapsed seconds of its last record; a run trained in
     several sessions sums the last record of each)."""
+    from ovlib.io import read_jsonl
+
     path = out_dir / "metrics.jsonl"
     if not path.is_file():
         return float("nan")
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    recs, _ = read_jsonl(path)
     total, prev = 0.0, 0.0
     for r in recs:  # elapsed_s restarts at 0 when a run is resumed
         if r["elapsed_s"] < prev:
@@ -99,14 +103,20 @@ def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str
     letters, digits, ``.``, ``_``, ``-`` replaced by ``_``) or load the finished run there.
 
     Returns the launcher's dict (``out_dir``, ``results``, ``weights``, ...) plus ``name``, ``train_s``
-    (seconds the training took when it ran, from its log) and ``trained_now`` (False when it was loaded)."""
+    (seconds the training took when it ran, from its log) and ``trained_now`` (False when it was loaded).
+    The run counts as finished only through its ``done.json`` (:func:`ovlib.io.run_once`), written after the
+    trainer's last write; a run killed anywhere before is resumed by the trainer, never taken as finished."""
+    from ovlib.io import run_once
     from ovlib.train.launch import launch
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or method  # a portable directory name
     out = Path(root) / f"{safe}-{run_key(params, method, overrides, key_extra)}"
-    done = (out / "results.json").is_file() and (out / "ensemble-final.pt").is_file()
-    res = launch(params, method, overrides, out_dir=str(out))
-    return {**res, "name": name, "method": method, "train_s": _train_seconds(out), "trained_now": not done}
+    files = {"out_dir": str(out), "results": str(out / "results.json"), "weights": str(out / "ensemble-final.pt")}
+
+    rec, produced = run_once(out, lambda: launch(params, method, overrides, out_dir=str(out)),
+                             requires=("results.json", "ensemble-final.pt"))
+    trained_now = produced and rec.get("steps_run", 1) > 0  # a finished but unmarked run resumes at its end
+    return {**rec, **files, "name": name, "method": method, "train_s": _train_seconds(out), "trained_now": trained_now}
 
 
 def load_student(params: Mapping[str, Any], res: Mapping[str, Any], device: str | torch.device = "cpu"):

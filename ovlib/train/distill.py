@@ -19,7 +19,14 @@ The loop owns everything a method should not have to think about:
 * **alpha ensemble** (reference §1.6): at every epoch end ``ensemble-epochE.pt`` = alpha * student + (1 - alpha) *
   teacher over the CLIP weights; training continues from the raw student.
 * **records**: ``metrics.jsonl`` (rank 0) and ``results.json`` (metrics, config, git commit, package versions,
-  hardware).
+  hardware, and the ``recovery`` counts below).
+* **crash safety** (a kill at any instant): a record is appended and fsynced before the checkpoint of its step;
+  a resume keeps exactly the records of steps the checkpoint holds (later ones are replayed) and drops a torn last
+  line (counted, logged); a start without a checkpoint moves an earlier run's records into ``stale-no-checkpoint-<k>``
+  (``stale-no-resume-<k>`` for ``resume=False``) so the log starts afresh; an epoch's α-ensemble is written before
+  the epoch-end checkpoint (a kill between them replays and rewrites it); ``results.json`` is written last and only
+  for a finished run. ``tests/test_fault_tolerance.py`` kills runs at each of these instants
+  (:func:`ovlib.io.fault_point`).
 """
 
 from __future__ import annotations
@@ -43,7 +50,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from ovlib.io import atomic_save, atomic_write_text, safe_load, tqdm_disabled
+from ovlib.io import (
+    DONE,
+    append_jsonl,
+    atomic_save,
+    atomic_write_text,
+    fault_point,
+    read_jsonl,
+    remove_stale_temps,
+    rewrite_jsonl,
+    safe_load,
+    set_aside,
+    tqdm_disabled,
+)
 from ovlib.train.optim import param_groups, warmup_cosine
 
 __all__ = [
@@ -402,7 +421,10 @@ class Trainer:
         self.ddp = (DDP(method, device_ids=[self.info.device] if self.info.device.type == "cuda" else None)
                     if self.info.world > 1 else None)
         self.step, self.epoch, self.pos = 0, 0, 0  # pos: index into this rank's shard of the current epoch
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # the records of metrics.jsonl (restored on resume)
+        # what crash recovery did over the run's life (saved in checkpoints, reported in results.json)
+        self.recovery: dict[str, Any] = {"resumes": 0, "torn_records": 0, "replayed_records_dropped": 0,
+                                         "set_aside": []}
 
     # -------------------------------------------------------------------------------- checkpoints
     @property
@@ -420,6 +442,7 @@ class Trainer:
                 "step": self.step, "epoch": self.epoch, "pos": self.pos,
                 "rng": rng,
                 "config": json.dumps(dataclasses.asdict(self.cfg)),
+                "recovery": json.dumps(self.recovery),
             }, self.last_path)
         if self.info.world > 1:
             dist.barrier()
@@ -447,11 +470,51 @@ class Trainer:
         if len(rngs) != self.info.world:
             raise ValueError(f"{path} holds RNG states of {len(rngs)} ranks but this run has {self.info.world}")
         _set_rng_state(rngs[self.info.rank])
-        metrics = self.out / "metrics.jsonl"
-        if self.info.is_main and metrics.is_file():  # drop records of steps that will be replayed
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            atomic_write_text("".join(k + "\n" for k in keep), metrics)
+        if "recovery" in ck:
+            self.recovery = json.loads(ck["recovery"])
+        self.recovery["resumes"] += 1
+        if self.info.is_main:
+            self._align_records()
+        if self.info.world > 1:
+            dist.barrier()
         return True
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def _align_records(self) -> None:
+        """After a resume: keep exactly the records of the steps the checkpoint holds (the others are replayed),
+        drop a torn last line, and retire a finished-run record when the run trains further (a longer schedule)."""
+        remove_stale_temps(self.out)
+        recs, torn = read_jsonl(self.metrics_path)
+        keep = [r for r in recs if r["step"] <= self.step]
+        self.recovery["torn_records"] += torn
+        self.recovery["replayed_records_dropped"] += len(recs) - len(keep)
+        if torn or len(keep) != len(recs):
+            rewrite_jsonl(self.metrics_path, keep)
+        self.history = keep
+        if self.step < self.total_steps:
+            moved = set_aside([self.out / "results.json", self.out / DONE, self.out / "ensemble-final.pt"],
+                              self.out / "stale-unfinished", f"{self.out}: resuming at step {self.step} of "
+                              f"{self.total_steps}, the earlier finished-run files are stale")
+            if moved is not None:
+                self.recovery["set_aside"].append(moved.name)
+
+    def _start_records(self, resume: bool) -> None:
+        """A fresh start: an earlier run's records in ``out_dir`` (records without a checkpoint: killed before its
+        first one; or ``resume=False``) are moved aside, named, so the new log starts at step 1."""
+        if not self.info.is_main:
+            return
+        remove_stale_temps(self.out)
+        old = [self.metrics_path, self.out / "results.json", self.out / DONE, self.last_path,
+               *sorted(self.out.glob("ensemble-*.pt"))]
+        why = "no-checkpoint" if resume else "no-resume"
+        moved = set_aside(old, self.out / f"stale-{why}",
+                          f"{self.out}: fresh start ({'no checkpoint to resume from' if resume else 'resume=False'}),"
+                          f" the earlier run's records are kept aside")
+        if moved is not None:
+            self.recovery["set_aside"].append(moved.name)
 
     def save_ensemble(self, tag: str) -> Optional[Path]:
         """``alpha * student + (1 - alpha) * teacher`` of the CLIP weights (reference §1.6); raw student if alpha = 1."""
@@ -462,7 +525,9 @@ class Trainer:
             if self.teacher_state is None:
                 raise ValueError("alpha < 1 needs the teacher's state_dict")
             sd = weight_ensemble(sd, self.teacher_state, self.cfg.alpha, prefix="student.")
-        return atomic_save({"model": sd, "alpha": self.cfg.alpha, "step": self.step}, self.out / f"ensemble-{tag}.pt")
+        path = atomic_save({"model": sd, "alpha": self.cfg.alpha, "step": self.step}, self.out / f"ensemble-{tag}.pt")
+        fault_point("distill.ensemble-saved")
+        return path
 
     # -------------------------------------------------------------------------------- loop
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -489,16 +554,16 @@ class Trainer:
     def _log(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
         if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(self.metrics_path, rec)
 
     def fit(self, resume: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or until ``stop_after`` more steps); returns the run summary."""
         cfg, info = self.cfg, self.info
-        if resume:
-            self.resume()
-        if self.step == 0:  # fresh run: seed the global RNG per rank (a resumed run restored it)
+        resumed = self.resume() if resume else False
+        if not resumed and self.step == 0:  # fresh run: an earlier run's records go aside; seed the RNG per rank
+            self._start_records(resume)
+            if info.world > 1:
+                dist.barrier()
             torch.manual_seed(cfg.seed * 7919 + info.rank)
         self.method.train()
         t0, seen, steps_here = time.perf_counter(), 0, 0
@@ -508,10 +573,14 @@ class Trainer:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             self.sampler.set_position(self.epoch, self.pos)
+            # the loader's own generator (not the global RNG, which a mid-epoch resume would draw from once more
+            # than the uninterrupted run): worker seeds are a function of (seed, epoch); no loader when a
+            # resume lands at the end of an epoch
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)
             loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
                                                  collate_fn=self.collate, num_workers=cfg.num_workers,
-                                                 drop_last=True, persistent_workers=False)
-            it = iter(loader)
+                                                 drop_last=True, persistent_workers=False, generator=gen)
+            it = iter(loader) if self.pos < self.sampler.per_rank else iter(())
             while self.pos < self.sampler.per_rank and self.step < self.total_steps:
                 if stop_after is not None and steps_here >= stop_after:
                     break
@@ -546,26 +615,35 @@ class Trainer:
                     self._log({"step": self.step, "epoch": self.epoch, "lr": self.sched.get_last_lr()[-1],
                                **vals, "samples_per_s": seen / max(dt, 1e-9), "elapsed_s": dt})
                     bar.set_postfix(loss=f"{vals['loss']:.4f}")
+                fault_point("distill.recorded")  # after the step's record (if any), before its checkpoint
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
             if self.pos >= self.sampler.per_rank:  # epoch finished
                 self.epoch += 1
                 self.pos = 0
-                self.save()
-                if self.cfg.alpha < 1.0:
+                if self.cfg.alpha < 1.0:  # before the checkpoint: a kill in between replays the epoch's end
                     self.save_ensemble(f"epoch{self.epoch}")
+                self.save()
         bar.close()
         if self.pos != 0:  # stopped mid-epoch (max_steps or stop_after): keep the exact position
             self.save()
         if self.step >= self.total_steps:
             self.save_ensemble("final")
         summary = {"steps": self.step, "epoch": self.epoch, "wall_s": time.perf_counter() - t0,
-                   "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                   "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9), "steps_run": steps_here,
                    "final": self.history[-1] if self.history else None}
+        results = self.out / "results.json"
+        if self.step >= self.total_steps and steps_here == 0 and results.is_file():
+            # a finished run resumed at its end: its record (training time, throughput) stays as written
+            try:
+                return {**json.loads(results.read_text())["train"], "steps_run": 0}
+            except (json.JSONDecodeError, KeyError):
+                pass  # unreadable (outside damage): rewrite it below
         if info.is_main and self.step >= self.total_steps:
             rec = run_record(cfg, info)
             rec["train"] = summary
-            atomic_write_text(json.dumps(rec, indent=2, default=str), self.out / "results.json")
+            rec["recovery"] = self.recovery
+            atomic_write_text(json.dumps(rec, indent=2, default=str), results)  # the run's last write
         return summary
 
 

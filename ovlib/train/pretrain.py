@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ovlib.io import atomic_save, cache_path, safe_load, tqdm_disabled
+from ovlib.io import atomic_save, cache_path, fault_point, load_cache, tqdm_disabled
 from ovlib.models.images import image_mean_std  # re-exported: the trainers' callers import it from here
 from ovlib.train.optim import param_groups, warmup_cosine
 
@@ -298,10 +298,18 @@ class _RunLog:
         self.desc, self.progress = desc, progress
 
     def resume(self) -> dict | None:
-        """The saved state (and counters restored from it), or ``None`` when there is none."""
-        if not self.state_file.is_file():
+        """The saved state (and counters restored from it), or ``None`` when there is none -- or when it is
+        unusable (corrupt, truncated, another config: set aside and counted by :func:`ovlib.io.load_cache`, and
+        training starts over). The history is part of the state, so the records always match its weights."""
+
+        def valid(st: dict) -> None:
+            _same_config(st.get("config"), self.cfg, self.state_file)
+            if len(st["history"]) != int(st["step"]) or any(h["step"] != i + 1 for i, h in enumerate(st["history"])):
+                raise ValueError(f"history of {len(st['history'])} records does not match step {st['step']}")
+
+        st = load_cache(self.state_file, valid, what=f"{self.name} training state")
+        if st is None:
             return None
-        st = safe_load(self.state_file)
         self.step, self.history, self.train_seconds = int(st["step"]), list(st["history"]), float(st["train_seconds"])
         return st
 
@@ -329,6 +337,7 @@ class _RunLog:
         self.history.append({"step": self.step, **entry, "seconds": self.train_seconds})
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        fault_point("pretrain.recorded")  # the step is counted in memory, its state not yet saved
         if self.step % self.cfg.ckpt_every == 0 and self.step < self.cfg.steps:
             self.save(payload())
             self.t_last = time.perf_counter()  # do not count checkpoint writes as training time
@@ -348,9 +357,38 @@ class _RunLog:
             self.save(payload())
             return dict(info, loaded=False, path=str(self.state_file))
         atomic_save({"model": model.state_dict(), "info": info}, self.final)
+        fault_point("pretrain.final-written")  # the final file exists, the state file not yet removed
         if self.state_file.is_file():
             self.state_file.unlink()
         return dict(info, loaded=False, path=str(self.final))
+
+
+def _same_config(saved: Any, cfg: Any, path: Path) -> None:
+    import json
+
+    mine = json.dumps(asdict(cfg), sort_keys=True, default=list)
+    if json.dumps(saved, sort_keys=True, default=list) != mine:
+        raise ValueError(f"{path} was written for another config")
+
+
+def _load_final(final: Path, cfg: Any, model: nn.Module, what: str) -> dict | None:
+    """The finished cache file of a pre-training, checked before use (:func:`ovlib.io.load_cache`: a corrupt,
+    truncated or mismatched file is set aside, counted and rebuilt, never loaded as a wrong model): its config
+    is ``cfg`` and its weights have exactly the model's keys and shapes. A state file left by a kill between
+    the final write and its removal is removed."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def valid(ck: dict) -> None:
+        _same_config(ck["info"]["config"], cfg, final)
+        got = {k: tuple(v.shape) for k, v in ck["model"].items()}
+        if got != want:
+            bad = sorted(set(got) ^ set(want)) or sorted(k for k in got if got[k] != want[k])
+            raise ValueError(f"weights do not fit the {cfg.model} model (keys/shapes differ: {bad[:5]})")
+
+    ck = load_cache(final, valid, what=what)
+    if ck is not None and _state_path(final).is_file():
+        _state_path(final).unlink()
+    return ck
 
 
 # --------------------------------------------------------------------------------------------------- CLIP
@@ -368,8 +406,8 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
     model, tokenizer, _ = load_clip(cfg.model, device="cpu", seed=cfg.seed)
-    if final.is_file():
-        ck = safe_load(final)
+    ck = _load_final(final, cfg, model, f"micro CLIP cache ({cfg.model})")
+    if ck is not None:
         model.load_state_dict(ck["model"])
         info = dict(ck["info"], loaded=True, path=str(final))
         return model.to(device).eval(), tokenizer, info
@@ -463,8 +501,8 @@ def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | t
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
     student = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
-    if final.is_file():
-        ck = safe_load(final)
+    ck = _load_final(final, cfg, student, f"micro VFM cache ({cfg.model})")
+    if ck is not None:
         student.load_state_dict(ck["model"])
         return student.to(device).eval(), dict(ck["info"], loaded=True, path=str(final))
 
