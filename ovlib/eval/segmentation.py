@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ovlib.eval._common import category_index, dataset_indices
 from ovlib.eval.metrics import bootstrap_ci, confusion_matrix, iou_acc_from_confusion, miou_from_confusion
-from ovlib.eval.unsupervised import hungarian_miou, kmeans_labels
+from ovlib.eval.unsupervised import equalize_segment_colours, hungarian_miou, kmeans_labels
 from ovlib.train.pretrain import _quiet
 
 __all__ = ["OVSSConfig", "window_starts", "sliding_logits", "predict_labels", "semantic_target",
@@ -147,12 +147,16 @@ def evaluate_ovss(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Seq
 @torch.no_grad()
 def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, image_size: int = 160,
                     n_images: int = 0, seed: int = 0, n_boot: int = 1000, patch: int = 8,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, colour: str = "as_is") -> dict[str, Any]:
     """Unsupervised segmentation (``ovlib.eval.unsupervised``): per image, k-means with K = number of GT
     panoptic segments on the unit-norm dense map of the image (longest side ``image_size``, sides rounded
     to multiples of ``patch``, unpadded), the
     cluster map upsampled (nearest) to the image, Hungarian matching to the segments, mean IoU over segments.
+    ``colour="equalized"``: every segment's mean colour is first moved to the image's
+    (:func:`~ovlib.eval.unsupervised.equalize_segment_colours`), so colour alone cannot group.
     Returns ``{"miou": (pt, lo, hi) over images, "per_image": (N,)}``."""
+    if colour not in ("as_is", "equalized"):
+        raise ValueError(f"evaluate_kmeans: colour must be 'as_is' or 'equalized', got {colour!r}")
     idx = dataset_indices(dataset, n_images)
     per = []
     for i in tqdm(idx, desc="k-means", **_quiet(progress)):
@@ -165,6 +169,8 @@ def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: S
         gt = np.full((H, W), -1, dtype=np.int64)
         for j, seg in enumerate(segs):
             gt[np.asarray(seg["mask"], dtype=bool)] = j
+        if colour == "equalized":
+            image = equalize_segment_colours(image, gt)
         x = _resized(image, image_size, patch)
         dense = dense_fn(x[None])[0]  # (C, h, w)
         lab = kmeans_labels(dense, k=len(segs), seed=seed)
