@@ -19,13 +19,9 @@ import torch
 
 def subset_miou(confs: np.ndarray, rows: list[int], n_boot: int, seed: int) -> tuple[float, float, float]:
     """mIoU (with its 95 % bootstrap interval over images) over the classes ``rows`` of summed confusions."""
-    from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion
+    from ovlib.eval.metrics import bootstrap_ci, miou_over
 
-    def stat(c):
-        iou = iou_acc_from_confusion(c)[0][rows]
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-
-    return bootstrap_ci(confs, stat, n_boot=n_boot, seed=seed)
+    return bootstrap_ci(confs, lambda c: miou_over(c, rows), n_boot=n_boot, seed=seed)
 
 
 def main(argv=None) -> int:
@@ -41,9 +37,9 @@ def main(argv=None) -> int:
     from ovlib.eval import MICRO_TEMPLATES, text_embeddings
     from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm
     from ovlib.eval.profiles import dense_eval_settings
-    from ovlib.eval.segmentation import evaluate_kmeans
+    from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity, evaluate_ovss
     from ovlib.eval.unsupervised import mean_colour_dense
-    from ovlib.methods.synseg import SynSeg, dense_score_fn, evaluate_protocols, synseg_score_fn
+    from ovlib.methods.synseg import SynSeg, evaluate_protocols, synseg_score_fn
     from ovlib.train.pretrain import pretrain_clip, pretrain_configs, pretrain_vfm
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg
 
@@ -71,6 +67,10 @@ def main(argv=None) -> int:
             print(f"{name:40s} k-means {km[name]['as_is'][0]:.1f} [{km[name]['as_is'][1]:.1f}, "
                   f"{km[name]['as_is'][2]:.1f}]  equalized {km[name]['equalized'][0]:.1f} "
                   f"[{km[name]['equalized'][1]:.1f}, {km[name]['equalized'][2]:.1f}]", flush=True)
+            aff = evaluate_object_affinity(fn, ds, image_size=ev.region.image_size, n_images=n_images,
+                                           n_boot=ev.n_boot, patch=patch)
+            km[name]["affinity_inside"], km[name]["affinity_outside"] = list(aff["inside"]), list(aff["outside"])
+            print(f"{'':40s} affinity inside {aff['inside'][0]:.3f} outside {aff['outside'][0]:.3f}", flush=True)
         out["kmeans"] = km
         out["vfm_config"] = type(vfm_cfg).__name__
 
@@ -88,16 +88,17 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = SynSeg(clip, {}, tokenizer=tok, categories=cats, input_size=64, clipseg="micro-clipseg",
                        clipseg_state=cs_state).eval()
-        scorers = {"micro CLIPSeg (5 views)": synseg_score_fn(model, text, 5)}
-        scorers.update({f"training-free `{m}`": dense_score_fn(dense_fn_for_clip(clip, m), text, ev.ovss.crop,
-                                                               ev.ovss.stride) for m in ev.modes})
+        # as chapter 01: CLIPSeg through SynSeg's five-view inference, the modes through the chapter's OVSS
+        evals = {"micro CLIPSeg (5 views)": evaluate_protocols(
+            synseg_score_fn(model, text, 5), ds, class_ids, thing_ids, (0.5,), image_size=ev.ovss.image_size,
+            n_images=n_images, n_boot=ev.n_boot, seed=0)["all"]}
         res = {}
-        for name, fn in scorers.items():
-            r = evaluate_protocols(fn, ds, class_ids, thing_ids, (0.5,), image_size=ev.ovss.image_size,
-                                   n_images=n_images, n_boot=ev.n_boot, seed=0,
-                                   bg_scores="probs" if "CLIPSeg" in name else "cosine")
-            confs = r["all"]["confusion"]
-            res[name] = {"all": list(r["all"]["miou"]),
+        for m in [None, *ev.modes]:
+            name = "micro CLIPSeg (5 views)" if m is None else f"training-free `{m}`"
+            r = evals[name] if m is None else evaluate_ovss(dense_fn_for_clip(clip, m), ds, text, class_ids,
+                                                            ev.ovss, n_images=n_images, n_boot=ev.n_boot, seed=0)
+            confs = r["confusion"]
+            res[name] = {"all": list(r["miou"]),
                          **{k: list(subset_miou(confs, v, ev.n_boot, 0)) for k, v in rows.items()}}
             print(name, {k: f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]" for k, v in res[name].items()}, flush=True)
         out["clipseg"] = res

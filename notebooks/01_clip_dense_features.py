@@ -519,7 +519,7 @@ else:
 
 # %%
 if P["profile"] != "paper":
-    from ovlib.eval.metrics import bootstrap_ci, iou_acc_from_confusion
+    from ovlib.eval.metrics import bootstrap_ci, miou_over
     from ovlib.methods.synseg import SynSeg, evaluate_protocols, synseg_score_fn
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg
 
@@ -533,10 +533,7 @@ if P["profile"] != "paper":
               for g, key in (("base things", "base"), ("novel things", "novel"), ("stuff", "stuff"))}
 
     def group_miou(confs, rows):
-        def stat(c):
-            iou = iou_acc_from_confusion(c)[0][rows]
-            return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-        return bootstrap_ci(confs, stat, n_boot=EV.n_boot, seed=P["seed"])
+        return bootstrap_ci(confs, lambda c: miou_over(c, rows), n_boot=EV.n_boot, seed=P["seed"])
 
     cs_eval = evaluate_protocols(synseg_score_fn(clipseg, text["main"], 5), ds, class_ids,
                                  [c for c in class_ids if is_thing[c]], (0.5,), image_size=EV.ovss.image_size,

@@ -122,3 +122,21 @@ def test_evaluate_kmeans_colour_option(tmp_path):
 
     with pytest.raises(ValueError, match="colour"):
         evaluate_kmeans(lambda x: x, [], colour="grey")
+
+
+def test_object_affinity_hand_case():
+    from ovlib.eval.affinity import object_affinity
+
+    seg = torch.tensor([[0, 0, 1], [0, 0, 1], [-1, 1, 1]])
+    dense = torch.zeros(2, 3, 3)
+    dense[0][seg == 0] = 1.0  # segment 0 points along e0, segment 1 along e1, the unlabelled cell along both
+    dense[1][seg == 1] = 1.0
+    dense[:, 2, 0] = 1.0
+    inside, outside = object_affinity(dense, seg, [0, 1])
+    assert inside == pytest.approx(1.0) and outside == pytest.approx(0.0)
+    dense[1][seg == 0] = 1.0  # segment 0 now at 45 degrees to segment 1
+    inside, outside = object_affinity(dense, seg, [0])
+    assert inside == pytest.approx(1.0) and outside == pytest.approx(2 ** -0.5)
+    assert all(v != v for v in object_affinity(dense, seg, [5]))  # absent segment: nan
+    with pytest.raises(ValueError, match="segments"):
+        object_affinity(dense, seg[:2], [0])

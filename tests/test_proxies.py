@@ -91,15 +91,15 @@ def test_vfm_tokens_is_timm_forward_without_mask():
 
 
 # ------------------------------------------------------------------------------------------- dense VFM
-_VFM = DenseVfmPretrainConfig(steps=8, warmup=1, batch_size=8, pairs_per_scene=4, scene_size=96, view_size=32,
+_VFM = DenseVfmPretrainConfig(steps=20, warmup=2, batch_size=8, pairs_per_scene=4, scene_size=96, view_size=32,
                               out_dim=64, hidden_dim=64, mask_ratio=0.2, ckpt_every=1000, precision="fp32")
 
 
 def test_dense_vfm_trains_caches_and_resumes_exactly(tmp_path):
     vfm, info = pretrain_vfm_dense(_VFM, tmp_path / "a", progress=False)
     losses = [h["loss"] for h in info["history"]]
-    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0]
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < sum(losses[:5])  # fresh scenes every step: compare means of 5 steps
     ck = safe_load(info["path"])  # weights_only=True
     assert set(ck["model"]) == set(vfm.state_dict())
     again, info2 = pretrain_vfm_dense(_VFM, tmp_path / "a", progress=False)
@@ -107,7 +107,7 @@ def test_dense_vfm_trains_caches_and_resumes_exactly(tmp_path):
     _, part = pretrain_vfm_dense(_VFM, tmp_path / "b", progress=False, max_steps=3)
     assert part["path"].endswith(".state.pt")
     resumed, info3 = pretrain_vfm_dense(_VFM, tmp_path / "b", progress=False)
-    assert [h["step"] for h in info3["history"]] == list(range(1, 9))
+    assert [h["step"] for h in info3["history"]] == list(range(1, 21))
     for (n, p), (_, q) in zip(vfm.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(p, q, msg=n)
 
