@@ -57,7 +57,7 @@ from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_nam
                         score_regions, summarize, text_embeddings)
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.segmentation import evaluate_kmeans, evaluate_ovss
+from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity, evaluate_ovss
 from ovlib.eval.unsupervised import mean_colour_dense
 from ovlib.eval.zeroshot import isolated_objects, zero_shot_hits, zero_shot_summary
 from ovlib.train.pretrain import (clip_train_flops_per_sample, forward_flops, matmul_peak, pretrain_clip,
@@ -467,6 +467,17 @@ md(f"{EV.ovss_images} images, {time.perf_counter() - t_seg:.0f} s.\n\n" +
    f"{verdict(v_km, km[best_km]['miou'])} it; vs the colour baseline {km['colour']['miou'][0]:.1f}: "
    f"{verdict(v_km, km['colour']['miou'])} it. With colours equalised: VFM {v_eq[0]:.1f}, best CLIP mode "
    f"(`{best_eq}`) {km_eq[best_eq]['miou'][0]:.1f}, colour {km_eq['colour']['miou'][0]:.1f}.")
+AFF = {name: evaluate_object_affinity(fn, ds, image_size=EV.region.image_size, n_images=EV.ovss_images,
+                                      seed=P["seed"], n_boot=EV.n_boot, patch=p_)
+       for name, fn, p_ in ((f"CLIP `{best_km}` (best k-means mode)", dense_fn_for_clip(clip_model, best_km), clip_patch),
+                            ("micro VFM", dense_fn_for_vfm(vfm), vfm_patch),
+                            ("colour (no model)", lambda x: mean_colour_dense(x, clip_patch), clip_patch))}
+md("**Point affinity inside vs outside the query's object** (`ovlib.eval.affinity.object_affinity`: per thing, "
+   "the token nearest its centre queries every token; mean cosine to the other tokens of the thing and to "
+   "tokens of other segments, averaged per image):\n\n" +
+   table(["features", "inside the object", "outside", "inside − outside"],
+         [[k, ci(v["inside"], 3), ci(v["outside"], 3), f"{v['inside'][0] - v['outside'][0]:.3f}"]
+          for k, v in AFF.items()]))
 
 # %% [markdown]
 # ### What we tried for the micro VFM
