@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     out.update(profile=a.profile, n_images=n_images)
 
     if "kmeans" in a.parts:
-        vfm, vfm_info = pretrain_vfm(vfm_cfg, a.cache_dir, progress=False)
+        vfm, _ = pretrain_vfm(vfm_cfg, a.cache_dir, progress=False)
         fns = {f"CLIP `{m}`": (dense_fn_for_clip(clip, m), 8) for m in ev.modes}
         fns["micro VFM"] = (dense_fn_for_vfm(vfm), 8)
         fns["colour (mean RGB per patch, no model)"] = (lambda x: mean_colour_dense(x, 8), 8)

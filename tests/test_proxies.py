@@ -7,11 +7,26 @@ import torch
 import torch.nn.functional as F
 
 from ovlib.io import safe_load
-from ovlib.models.clipseg import (build_clipseg_decoder, clipseg_arch, clipseg_to_decoder_state,
-                                  decoder_to_clipseg_state, load_clipseg_decoder, read_clipseg_checkpoint)
-from ovlib.train.proxies import (ClipSegPretrainConfig, DenseVfmPretrainConfig, base_class_ids, clipseg_batches,
-                                 dense_dino_loss, paired_views, pretrain_clipseg, pretrain_vfm_dense,
-                                 view_correspondence, vfm_tokens)
+from ovlib.models.clipseg import (
+    build_clipseg_decoder,
+    clipseg_arch,
+    clipseg_to_decoder_state,
+    decoder_to_clipseg_state,
+    load_clipseg_decoder,
+    read_clipseg_checkpoint,
+)
+from ovlib.train.proxies import (
+    ClipSegPretrainConfig,
+    DenseVfmPretrainConfig,
+    base_class_ids,
+    clipseg_batches,
+    dense_dino_loss,
+    paired_views,
+    pretrain_clipseg,
+    pretrain_vfm_dense,
+    vfm_tokens,
+    view_correspondence,
+)
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -116,7 +131,7 @@ def test_dense_vfm_trains_caches_and_resumes_exactly(tmp_path):
 def _vitb16_clipseg_state(gen):
     """A state dict with the key names and shapes of CLIPSeg's released rd64-uni.pth (ViT-B/16: width 768,
     text 512, 3 levels, reduce_dim 64, 4 heads, feed-forward 2048, 16x16 transposed convolution)."""
-    r = lambda *s: torch.randn(*s, generator=gen) * 0.02  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=gen) * 0.02
     sd = {"film_mul.weight": r(64, 512), "film_mul.bias": 1 + r(64), "film_add.weight": r(64, 512),
           "film_add.bias": r(64), "reduce.weight": r(64, 768), "reduce.bias": r(64),
           "trans_conv.weight": r(64, 1, 16, 16), "trans_conv.bias": r(1)}

@@ -205,7 +205,7 @@ def evaluate_object_affinity(dense_fn: Callable[[torch.Tensor], torch.Tensor], d
         cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
         cells = torch.from_numpy(gt[np.ix_(rows, cols)])  # (h, w) segment of each cell centre
         inside, outside = object_affinity(dense, cells, [j for j, s in enumerate(segs) if s.get("isthing", True)])
-        if inside == inside:  # not nan
+        if not np.isnan(inside):
             per.append((inside, outside))
     arr = np.asarray(per, dtype=np.float64).reshape(-1, 2)
     ones = np.ones((arr.shape[0], 1))

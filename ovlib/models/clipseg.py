@@ -33,15 +33,24 @@ format, so one loader serves both.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
 
 import torch
 
 from .film_decoder import CLIPSegDecoder
 
-__all__ = ["ClipSegArch", "CLIPSEG_ARCHS", "clipseg_arch", "build_clipseg_decoder", "decoder_to_clipseg_state",
-           "clipseg_to_decoder_state", "load_clipseg_decoder", "read_clipseg_checkpoint", "CLIPSEG_HINT"]
+__all__ = [
+    "CLIPSEG_ARCHS",
+    "CLIPSEG_HINT",
+    "ClipSegArch",
+    "build_clipseg_decoder",
+    "clipseg_arch",
+    "clipseg_to_decoder_state",
+    "decoder_to_clipseg_state",
+    "load_clipseg_decoder",
+    "read_clipseg_checkpoint",
+]
 
 CLIPSEG_HINT = ("a CLIPSeg decoder checkpoint with CLIPSeg's own key names, e.g. rd64-uni.pth from the weights "
                 "archive linked in github.com/timojl/clipseg (README, 'weights'); pass its local path")
@@ -61,7 +70,7 @@ CLIPSEG_ARCHS: dict[str, ClipSegArch] = {"rd64-uni": ClipSegArch(64, 4, 2048),
                                          "micro-clipseg": ClipSegArch(64, 4, 256)}
 
 
-def clipseg_arch(source: Union[str, Mapping[str, torch.Tensor]]) -> ClipSegArch:
+def clipseg_arch(source: str | Mapping[str, torch.Tensor]) -> ClipSegArch:
     """The shape of a named CLIPSeg (:data:`CLIPSEG_ARCHS`) or of a CLIPSeg state dict (read from
     ``reduces.0.weight`` and ``blocks.0.linear1.weight``; heads: CLIPSeg's 4, not stored)."""
     if isinstance(source, str):
@@ -147,7 +156,7 @@ def load_clipseg_decoder(decoder: CLIPSegDecoder, state: Mapping[str, torch.Tens
     return decoder
 
 
-def read_clipseg_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+def read_clipseg_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A CLIPSeg state dict from a local file (``torch.load(weights_only=True)``; a ``{"model": ...}`` wrapper,
     as the book's cache files have, is unwrapped). A missing file is an error naming what to supply."""
     from ovlib.io import safe_load

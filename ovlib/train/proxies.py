@@ -29,12 +29,33 @@ from torch import nn
 
 from ovlib.io import cache_path, safe_load
 from ovlib.train.optim import param_groups, warmup_cosine
-from ovlib.train.pretrain import (PRETRAIN_NO_DECAY, DinoHead, _autocast, _fast_adam, _normalize, _RunLog,
-                                  _training_peak, _VFM_STREAM_OFFSET, image_mean_std, resolve_precision)
+from ovlib.train.pretrain import (
+    _VFM_STREAM_OFFSET,
+    PRETRAIN_NO_DECAY,
+    DinoHead,
+    _autocast,
+    _fast_adam,
+    _normalize,
+    _RunLog,
+    _training_peak,
+    image_mean_std,
+    resolve_precision,
+)
 
-__all__ = ["DenseVfmPretrainConfig", "paired_views", "view_correspondence", "dense_dino_loss", "vfm_tokens",
-           "pretrain_vfm_dense", "dense_vfm_config", "ClipSegPretrainConfig", "clipseg_config", "base_class_ids", "clipseg_batches",
-           "pretrain_clipseg"]
+__all__ = [
+    "ClipSegPretrainConfig",
+    "DenseVfmPretrainConfig",
+    "base_class_ids",
+    "clipseg_batches",
+    "clipseg_config",
+    "dense_dino_loss",
+    "dense_vfm_config",
+    "paired_views",
+    "pretrain_clipseg",
+    "pretrain_vfm_dense",
+    "vfm_tokens",
+    "view_correspondence",
+]
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -428,10 +449,12 @@ def pretrain_clipseg(cfg: ClipSegPretrainConfig, clip: nn.Module, tokenizer, cac
     (:func:`ovlib.models.clipseg.decoder_to_clipseg_state`, loadable exactly as a real CLIPSeg checkpoint),
     ``info`` with ``history`` (step, loss, lr, seconds), ``path``, ``loaded``. ``clip`` must be the CLIP whose
     config hash is ``cfg.clip`` (the caller's contract; the hash is part of the cache key)."""
+    # the text anchors are SynSeg's (ovlib.methods.synseg embeds them with the same function): a lazy import of
+    # ovlib.eval.text from train, the one place this module reaches up a layer
+    from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
     from ovlib.models.adapter import vit_adapter
     from ovlib.models.clipseg import build_clipseg_decoder, clipseg_arch, decoder_to_clipseg_state
     from ovlib.models.film_decoder import clip_block_activations, default_extract_layers
-    from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 
     if not cfg.clip:
         raise ValueError("ClipSegPretrainConfig.clip must name the frozen CLIP (its config hash); use clipseg_config")
@@ -504,5 +527,5 @@ class _StateHolder(nn.Module):
         super().__init__()
         self._state = state
 
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: D102
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return self._state
