@@ -485,8 +485,9 @@ md("**Point affinity inside vs outside the query's object** (`ovlib.eval.affinit
 # The micro VFM's objective was chosen by measurement: each trial trains a VFM self-supervised on micro-world
 # scenes and scores it with the k-means protocol above (`benchmarks/vfm_grouping.py`; its record,
 # `benchmarks/results/vfm_trials.json`, is rendered here; rerun the script to refresh it). Minutes are the
-# training wall time of the run that trained each model, *on the machine and load of that run* (CPU seconds and
-# the load average are in the record); the default is the best row within the 5-minute budget.
+# training wall time of the run that trained each model, *on the machine and load of that run* (the CPU minutes,
+# the torch threads and the load average of that run are in the record: on a loaded machine wall time says
+# little). A row appears once the script has run that trial; the micro VFM above is the `dense` configuration.
 
 # %%
 import json
