@@ -256,3 +256,22 @@ def test_synseg_starts_from_clipseg_weights(tmp_path, clip_and_cats):
     assert m2.clipseg_loaded
     with pytest.raises(ValueError, match="clipseg_state"):
         SynSeg(clip, {}, tokenizer=tok, categories=cats, input_size=64, clipseg_state=sd)
+
+
+def test_vfm_trials_script_writes_the_record_the_chapter_reads(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vfm_grouping.py"
+    spec = importlib.util.spec_from_file_location("vfm_grouping", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "trials.json"
+    mod.run("smoke", ["dense"], str(tmp_path / "cache"), str(tmp_path / "mw"), 0, out)
+    rec = json.loads(out.read_text())
+    t = rec["trials"]["dense"]
+    for key in ("objective", "steps", "batch", "train_seconds", "cpu_seconds", "loadavg", "as_is", "equalized"):
+        assert key in t, key
+    assert len(t["as_is"]) == 3 and 0 <= t["as_is"][0] <= 100
+    assert set(rec["colour_baseline"]) == {"as_is", "equalized"}
