@@ -32,7 +32,8 @@ from ovlib.train.proxies import DenseVfmPretrainConfig
 TRIALS: dict[str, tuple[str, object]] = {
     "dino": ("DINO, CLS of 48/24-px multi-crops (the previous default)", DinoPretrainConfig()),
     "dense": ("dense self-distillation across 2 eval-scale views (64 px)", DenseVfmPretrainConfig()),
-    "dense-100": ("dense self-distillation across 2 eval-scale views (64 px), a quarter of the steps", DenseVfmPretrainConfig(steps=100, warmup=10)),
+    "dense-100": ("dense self-distillation across 2 eval-scale views (64 px), a quarter of the steps",
+                  DenseVfmPretrainConfig(steps=100, warmup=10)),
     "dense+mim": ("dense across views + iBOT masking (30 % of student tokens)",
                   DenseVfmPretrainConfig(mask_ratio=0.3)),
     "dense-96": ("dense across views, 96-px views (12x12 tokens), 24 pairs/step",
