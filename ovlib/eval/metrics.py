@@ -20,6 +20,7 @@ __all__ = [
     "macc_from_counts",
     "confusion_matrix",
     "iou_acc_from_confusion",
+    "miou_over",
     "miou_from_confusion",
     "miou_statistic",
 ]
@@ -112,6 +113,13 @@ def miou_from_confusion(conf: np.ndarray) -> tuple[float, float]:
     m1 = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
     m2 = float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
     return m1, m2
+
+
+def miou_over(conf: np.ndarray, rows) -> float:
+    """mIoU (percent) over the classes ``rows`` only (e.g. the novel classes) of a confusion matrix; classes
+    absent from ground truth and prediction are excluded as in :func:`miou_from_confusion`; ``nan`` if none."""
+    iou = iou_acc_from_confusion(conf)[0][np.asarray(rows, dtype=np.int64)]
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
 def miou_statistic(selection: np.ndarray | None = None):

@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 from ovlib.eval._common import category_index, dataset_indices
 from ovlib.eval.metrics import confusion_matrix, iou_acc_from_confusion, miou_from_confusion
-from ovlib.eval.unsupervised import hungarian_miou, kmeans_labels
+from ovlib.eval.unsupervised import equalize_segment_colours, hungarian_miou, kmeans_labels
 from ovlib.train.pretrain import _quiet
 from ovlib.stats import bootstrap_ci
 
 __all__ = ["OVSSConfig", "RESIZE_SIDES", "resized_size", "window_starts", "sliding_logits", "predict_labels",
-           "semantic_target", "label_target", "evaluate_ovss", "evaluate_kmeans"]
+           "semantic_target", "label_target", "evaluate_ovss", "evaluate_kmeans",
+           "evaluate_object_affinity"]
 
 #: ``"long"``: the longest side becomes ``image_size``; ``"short"``: the short side does (SCLIP-style).
 RESIZE_SIDES = ("long", "short")
@@ -240,12 +241,16 @@ def evaluate_ovss(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Seq
 @torch.no_grad()
 def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, image_size: int = 160,
                     n_images: int = 0, seed: int = 0, n_boot: int = 1000, patch: int = 8,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, colour: str = "as_is") -> dict[str, Any]:
     """Unsupervised segmentation (``ovlib.eval.unsupervised``): per image, k-means with K = number of GT
     panoptic segments on the unit-norm dense map of the image (longest side ``image_size``, sides rounded
     to multiples of ``patch``, unpadded), the
     cluster map upsampled (nearest) to the image, Hungarian matching to the segments, mean IoU over segments.
+    ``colour="equalized"``: every segment's mean colour is first moved to the image's
+    (:func:`~ovlib.eval.unsupervised.equalize_segment_colours`), so colour alone cannot group.
     Returns ``{"miou": (pt, lo, hi) over images, "per_image": (N,)}``."""
+    if colour not in ("as_is", "equalized"):
+        raise ValueError(f"evaluate_kmeans: colour must be 'as_is' or 'equalized', got {colour!r}")
     idx = dataset_indices(dataset, n_images)
     per = []
     for i in tqdm(idx, desc="k-means", **_quiet(progress)):
@@ -258,6 +263,8 @@ def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: S
         gt = np.full((H, W), -1, dtype=np.int64)
         for j, seg in enumerate(segs):
             gt[np.asarray(seg["mask"], dtype=bool)] = j
+        if colour == "equalized":
+            image = equalize_segment_colours(image, gt)
         x = _resized(image, image_size, patch)
         dense = dense_fn(x[None])[0]  # (C, h, w)
         lab = kmeans_labels(dense, k=len(segs), seed=seed)
@@ -266,3 +273,35 @@ def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: S
     per = np.asarray(per, dtype=np.float64)  # (N,) image scores; the mean's interval by resampling images
     arr = np.stack([per, np.ones_like(per)], 1) if per.size else np.zeros((0, 2))
     return {"miou": bootstrap_ci(arr, lambda s: s[0] / s[1], n_boot=n_boot, seed=seed), "per_image": per}
+
+
+@torch.no_grad()
+def evaluate_object_affinity(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence,
+                             image_size: int = 160, n_images: int = 0, seed: int = 0, n_boot: int = 1000,
+                             patch: int = 8) -> dict[str, Any]:
+    """Point affinity inside vs outside the query's object (:func:`ovlib.eval.affinity.object_affinity`), over
+    the thing segments of each image (the cell grid labelled by the segment at each cell's centre pixel).
+    Returns ``{"inside": (pt, lo, hi), "outside": (pt, lo, hi)}``: per-image means, intervals over images."""
+    from ovlib.eval.affinity import object_affinity
+
+    per = []
+    for i in dataset_indices(dataset, n_images):
+        it = dataset[i]
+        image = np.asarray(it["image"])
+        H, W = image.shape[:2]
+        segs = it["segments"]
+        gt = np.full((H, W), -1, dtype=np.int64)
+        for j, seg in enumerate(segs):
+            gt[np.asarray(seg["mask"], dtype=bool)] = j
+        dense = dense_fn(_resized(image, image_size, patch)[None])[0].float().cpu()  # (C, h, w)
+        h, w = dense.shape[-2:]
+        rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1)
+        cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
+        cells = torch.from_numpy(gt[np.ix_(rows, cols)])  # (h, w) segment of each cell centre
+        inside, outside = object_affinity(dense, cells, [j for j, s in enumerate(segs) if s.get("isthing", True)])
+        if not np.isnan(inside):
+            per.append((inside, outside))
+    arr = np.asarray(per, dtype=np.float64).reshape(-1, 2)
+    ones = np.ones((arr.shape[0], 1))
+    return {k: bootstrap_ci(np.concatenate([arr[:, j:j + 1], ones], 1), lambda s: s[0] / s[1], n_boot=n_boot,
+                            seed=seed) for j, k in enumerate(("inside", "outside"))}

@@ -7,6 +7,16 @@ are clustered by k-means (scikit-learn, fixed seed) with K = the number of groun
 map is upsampled (nearest) to the label map; clusters are assigned one-to-one to segments maximising the total
 IoU (``scipy.optimize.linear_sum_assignment``); the image score is the mean IoU over its GT segments (an
 unmatched segment scores 0). The dataset score is the mean over images.
+
+Two references keep the number honest in the micro world, where things and stuff differ in colour:
+
+* :func:`mean_colour_dense` -- **no model**: the mean RGB of each patch as a 3-d token. Whatever a model adds
+  over this row is more than colour.
+* :func:`equalize_segment_colours` -- the measure colour cannot solve: every GT segment of the image is shifted
+  so that its mean colour equals the image's mean colour (its texture, shading and shape are kept). On such
+  images the mean-colour tokens carry no segment information beyond boundary patches; k-means on them (the
+  ``colour="equalized"`` option of :func:`ovlib.eval.segmentation.evaluate_kmeans`) measures grouping by
+  texture and shape.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-__all__ = ["kmeans_labels", "iou_matrix", "hungarian_miou"]
+__all__ = ["kmeans_labels", "iou_matrix", "hungarian_miou", "mean_colour_dense", "equalize_segment_colours"]
 
 
 def kmeans_labels(dense: torch.Tensor, k: int, seed: int = 0, n_init: int = 3) -> np.ndarray:
@@ -74,3 +84,38 @@ def hungarian_miou(pred: np.ndarray, gt: np.ndarray, ignore_index: int = -1) -> 
     per_seg[cols] = iou[rows, cols]
     mapping = {int(pred_ids[r]): int(gt_ids[c]) for r, c in zip(rows, cols)}
     return float(100.0 * per_seg.mean()), mapping
+
+
+def mean_colour_dense(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """The no-model baseline: ``images (B, 3, H, W)`` in [0, 1] -> ``(B, 3, H // patch, W // patch)`` mean RGB of
+    every ``patch x patch`` cell, centred at grey (``- 0.5``) so that the L2 normalisation of k-means keeps hue
+    *and* brightness differences (a raw RGB direction would merge dark and light versions of a colour)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"mean_colour_dense: images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if patch < 1:
+        raise ValueError(f"mean_colour_dense: patch must be >= 1, got {patch}")
+    return F.avg_pool2d(images.float() - 0.5, patch)
+
+
+def equalize_segment_colours(image: np.ndarray, segments: np.ndarray, ignore_index: int = -1) -> np.ndarray:
+    """``image (H, W, 3) uint8``, ``segments (H, W)`` int segment ids (``ignore_index`` pixels untouched) ->
+    ``(H, W, 3) uint8`` where every segment's pixels are shifted by ``image mean - segment mean`` (per channel,
+    means over the labelled pixels), then rounded and clipped to [0, 255]. Textures (deviations from the
+    segment mean) are kept; the mean colour no longer tells segments apart."""
+    img = np.asarray(image)
+    seg = np.asarray(segments)
+    if img.ndim != 3 or img.shape[2] != 3 or seg.shape != img.shape[:2]:
+        raise ValueError(f"equalize_segment_colours: image must be (H, W, 3) and segments (H, W), got "
+                         f"{img.shape} and {seg.shape}")
+    x = img.astype(np.float64)
+    valid = seg != ignore_index
+    if not valid.any():
+        return img.copy()
+    target = x[valid].mean(0)  # (3,)
+    ids, inv = np.unique(seg[valid], return_inverse=True)
+    sums = np.zeros((ids.size, 3))
+    np.add.at(sums, inv, x[valid])
+    means = sums / np.bincount(inv, minlength=ids.size)[:, None]  # (S, 3)
+    out = x.copy()
+    out[valid] = x[valid] - means[inv] + target
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

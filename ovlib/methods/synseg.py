@@ -293,6 +293,12 @@ class SynSegConfig:
     # decoder's logits, so the maps start at the training-free segmentation and the decoder learns a correction
     skip: str | None = None
     skip_tau: float = 40.0
+    # CLIPSeg initialisation (the paper's): None = decoder from scratch; a local CLIPSeg checkpoint file (CLIPSeg's
+    # key names, e.g. rd64-uni.pth: loaded here); or a named micro CLIPSeg ("micro-clipseg", ovlib.models.clipseg
+    # CLIPSEG_ARCHS: its weights come from the launcher, which trains/loads it, as ``clipseg_state``). Set, the
+    # decoder takes CLIPSeg's form (linear FiLM, ReLU layers, the checkpoint's sizes); reduce_dim/heads/film_hidden
+    # are then ignored. The FSS projector is new (random, seeded) as in the paper.
+    clipseg: str | None = None
     eps: float = SIM_EPS
     sim_map: str = "clamp"
     clamp_grad: str = "zero"  # "zero": torch.clamp's gradient | "straight": straight-through (see bound)
@@ -367,7 +373,8 @@ class SynSeg(Distiller):
     needs = frozenset()
 
     def __init__(self, student: nn.Module, frozen: dict[str, nn.Module] | None = None, tokenizer: Any = None,
-                 categories: list[dict] | None = None, **options: Any):
+                 categories: list[dict] | None = None, clipseg_state: dict[str, torch.Tensor] | None = None,
+                 **options: Any):
         super().__init__(student, frozen or {}, tokenizer=tokenizer, categories=categories)
         self.cfg = SynSegConfig.from_options(options)
         self.options = dataclasses.asdict(self.cfg)
@@ -380,9 +387,27 @@ class SynSeg(Distiller):
         self.input_size = int(self.cfg.input_size or ad.native_grid[0] * ad.patch_size[0])
         if self.input_size % ad.patch_size[0]:
             raise ValueError(f"input_size {self.input_size} is not a multiple of the patch size {ad.patch_size}")
-        self.decoder = CLIPSegDecoder(ad.width, ad.out_dim, len(self.layers), ad.patch_size, self.cfg.reduce_dim,
-                                      self.cfg.heads, film_hidden=self.cfg.film_hidden, proj_dim=ad.out_dim,
-                                      proj_kernel=self.cfg.proj_kernel, n_prefix=ad.num_prefix)
+        self.clipseg_loaded = False  # True once CLIPSeg weights initialised the decoder
+        if self.cfg.clipseg is None:
+            if clipseg_state is not None:
+                raise ValueError("synseg: clipseg_state given but the clipseg option is None")
+            self.decoder = CLIPSegDecoder(ad.width, ad.out_dim, len(self.layers), ad.patch_size,
+                                          self.cfg.reduce_dim, self.cfg.heads, film_hidden=self.cfg.film_hidden,
+                                          proj_dim=ad.out_dim, proj_kernel=self.cfg.proj_kernel,
+                                          n_prefix=ad.num_prefix)
+        else:  # where the paper loads CLIPSeg's weights
+            from ovlib.models.clipseg import (CLIPSEG_ARCHS, build_clipseg_decoder, clipseg_arch,
+                                              load_clipseg_decoder, read_clipseg_checkpoint)
+
+            if clipseg_state is None and self.cfg.clipseg not in CLIPSEG_ARCHS:
+                clipseg_state = read_clipseg_checkpoint(self.cfg.clipseg)
+            arch = clipseg_arch(clipseg_state if clipseg_state is not None else self.cfg.clipseg)
+            self.decoder = build_clipseg_decoder(ad.width, ad.out_dim, len(self.layers), ad.patch_size, arch,
+                                                 proj_dim=ad.out_dim, proj_kernel=self.cfg.proj_kernel,
+                                                 n_prefix=ad.num_prefix)
+            if clipseg_state is not None:
+                load_clipseg_decoder(self.decoder, clipseg_state)
+                self.clipseg_loaded = True
         ids = [int(c["id"]) for c in self.categories]
         self.cat_row = {c: i for i, c in enumerate(ids)}
         dev = next(student.parameters()).device

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pixel_to_cell", "affinity_map"]
+__all__ = ["pixel_to_cell", "affinity_map", "object_affinity"]
 
 
 def pixel_to_cell(points_xy: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -39,3 +39,31 @@ def affinity_map(dense: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     x = F.normalize(dense.float(), dim=1)  # (B, C, h, w)
     q = x[torch.arange(b), :, cells[:, 0], cells[:, 1]]  # (B, C)
     return torch.einsum("bc,bchw->bhw", q, x)
+
+
+def object_affinity(dense: torch.Tensor, segments: torch.Tensor, query_ids) -> tuple[float, float]:
+    """Does a query token's affinity stay inside its object? ``dense (C, h, w)``, ``segments (h, w)`` int segment
+    id of every cell (-1 = none), ``query_ids``: the segments to query. For each, the query is the segment's
+    cell nearest to the mean position of its cells; returns the mean over queries of ``(mean affinity to the
+    other cells of the segment, mean affinity to cells of other segments)`` -- a good grouping has the first
+    high and the second low. Segments with fewer than 2 cells, or no cell outside, are skipped (``nan`` if
+    none is left)."""
+    if dense.ndim != 3 or segments.shape != dense.shape[1:]:
+        raise ValueError(f"object_affinity: dense must be (C, h, w) and segments (h, w), got "
+                         f"{tuple(dense.shape)} and {tuple(segments.shape)}")
+    inside, outside = [], []
+    for sid in query_ids:
+        m = segments == int(sid)
+        rest = (segments != int(sid)) & (segments >= 0)
+        if int(m.sum()) < 2 or not bool(rest.any()):
+            continue
+        cells = m.nonzero().float()  # (n, 2)
+        q = cells[(cells - cells.mean(0)).pow(2).sum(1).argmin()].long()
+        a = affinity_map(dense[None], q[None])[0]  # (h, w)
+        m_other = m.clone()
+        m_other[q[0], q[1]] = False
+        inside.append(float(a[m_other].mean()))
+        outside.append(float(a[rest].mean()))
+    if not inside:
+        return float("nan"), float("nan")
+    return sum(inside) / len(inside), sum(outside) / len(outside)

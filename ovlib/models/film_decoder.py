@@ -101,7 +101,7 @@ class CLIPSegDecoder(nn.Module):
 
     def __init__(self, width: int, text_dim: int, n_levels: int, patch_size: tuple[int, int], reduce_dim: int = 64,
                  heads: int = 4, mlp_ratio: float = 4.0, film_hidden: int = 256, proj_dim: int | None = None,
-                 proj_kernel: int = 3, n_prefix: int = 1):
+                 proj_kernel: int = 3, n_prefix: int = 1, activation: str = "gelu"):
         super().__init__()
         if n_levels < 1:
             raise ValueError("CLIPSegDecoder needs at least one level")
@@ -110,7 +110,7 @@ class CLIPSegDecoder(nn.Module):
         self.film = FiLM(text_dim, reduce_dim, film_hidden)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(reduce_dim, heads, int(reduce_dim * mlp_ratio), dropout=0.0,
-                                       activation="gelu", batch_first=True)
+                                       activation=activation, batch_first=True)
             for _ in range(n_levels))
         ph, pw = patch_size
         self.upsample = nn.ConvTranspose2d(reduce_dim, 1, kernel_size=(ph, pw), stride=(ph, pw))

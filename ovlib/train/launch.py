@@ -104,8 +104,15 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
         collate, categories = collate_regions, data.coco.categories
     # what a method may need besides images and regions: the tokenizer of the (frozen) text tower and the
     # dataset's categories (id, name, and for the micro world synonyms/definition) to turn label ids into text
+    extra = {}
+    if cfg.method_args.get("clipseg") == "micro-clipseg":  # SynSeg's CLIPSeg initialisation, micro stand-in
+        from ovlib.train.proxies import clipseg_config, pretrain_clipseg
+
+        extra["clipseg_state"] = pretrain_clipseg(clipseg_config(params["profile"], params["steps_scale"],
+                                                                 params["seed"]), student, tokenizer,
+                                                  params["cache_dir"], progress=False)[0]
     torch.manual_seed(cfg.seed)  # modules a method creates (Refiner, SynSeg decoder) start from the run's seed
-    distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=categories, **cfg.method_args)
+    distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=categories, **cfg.method_args, **extra)
     return Trainer(cfg, distiller, data, collate, teacher_state=teacher.state_dict(), info=info)
 
 

@@ -120,23 +120,26 @@ _PROFILE_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def pretrain_configs(profile: str, steps_scale: float = 1.0, seed: int = 0) -> tuple[ClipPretrainConfig,
-                                                                                     DinoPretrainConfig]:
+def pretrain_configs(profile: str, steps_scale: float = 1.0, seed: int = 0) -> tuple[ClipPretrainConfig, Any]:
     """The micro CLIP and micro VFM pre-training configs of a profile; ``steps_scale`` multiplies the step
     budgets (and the warm-up, kept at ~8-10 % of the run), with a per-profile floor (smoke: 30 / 10 steps).
-    The ``paper`` profile uses real pretrained weights; it gets the ``micro`` recipe should it ask."""
+    The ``paper`` profile uses real pretrained weights; it gets the ``micro`` recipe should it ask.
+
+    The micro VFM's config is a :class:`~ovlib.train.proxies.DenseVfmPretrainConfig` (dense self-distillation
+    at the evaluation scale; chosen over DINO's :class:`DinoPretrainConfig` on a small measured margin --
+    whether it groups better than the CLIP is chapter 01's premise claim, and the trials are recorded there);
+    :func:`pretrain_vfm` trains either."""
     if profile not in _PROFILE_SIZES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(_PROFILE_SIZES)}")
     if steps_scale <= 0:
         raise ValueError(f"steps_scale must be > 0, got {steps_scale}")
     p = _PROFILE_SIZES[profile]
     c = replace(ClipPretrainConfig(seed=seed, world_seed=seed), **p["clip"])
-    v = replace(DinoPretrainConfig(seed=seed, world_seed=seed), **p["vfm"])
     cs = max(p["clip_floor"], round(c.steps * steps_scale))
-    vs = max(p["vfm_floor"], round(v.steps * steps_scale))
     c = replace(c, steps=cs, warmup=max(1, min(c.warmup, cs // 10)))
-    v = replace(v, steps=vs, warmup=max(1, min(v.warmup, vs // 10)))
-    return c, v
+    from ovlib.train.proxies import dense_vfm_config
+
+    return c, dense_vfm_config(profile, steps_scale, seed)
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -492,12 +495,16 @@ def _vfm_embed(vfm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vfm.forward_head(vfm.forward_features(x), pre_logits=True)
 
 
-def pretrain_vfm(cfg: DinoPretrainConfig, cache_dir: str | Path, device: str | torch.device = "cpu",
+def pretrain_vfm(cfg: Any, cache_dir: str | Path, device: str | torch.device = "cpu",
                  progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, dict]:
     """Load the DINO-trained micro VFM from the cache, else train it. Returns ``(teacher backbone (eval),
-    info)``; the EMA teacher is the model kept, as in DINO. Same cache/resume rules as :func:`pretrain_clip`."""
+    info)``; the EMA teacher is the model kept, as in DINO. Same cache/resume rules as :func:`pretrain_clip`.
+    A :class:`~ovlib.train.proxies.DenseVfmPretrainConfig` goes to :func:`~ovlib.train.proxies.pretrain_vfm_dense`."""
     from ovlib.models import load_vfm
+    from ovlib.train.proxies import DenseVfmPretrainConfig, pretrain_vfm_dense
 
+    if isinstance(cfg, DenseVfmPretrainConfig):  # the default micro VFM (dense objective)
+        return pretrain_vfm_dense(cfg, cache_dir, device=device, progress=progress, max_steps=max_steps)
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
     student = load_vfm(cfg.model, device="cpu", seed=cfg.seed)

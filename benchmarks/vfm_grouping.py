@@ -1,0 +1,119 @@
+"""Trials of the micro VFM's self-supervised objective, scored by chapter 01's k-means protocol.
+
+Each trial trains a micro VFM (``pretrain_vfm`` / ``pretrain_vfm_dense``, cached like the book's own models)
+and scores k-means mIoU on the chapter's evaluation images (160-px micro-world scenes, K = number of GT
+segments, Hungarian matching), as is and with segment colours equalised (the measure colour cannot solve).
+The no-model colour baseline is scored once. The record (JSON) holds, per trial: objective, steps, batch,
+training wall seconds and process CPU seconds of the run that trained it (so the time of a cached model is
+that of its own run), and both mIoU with 95 % intervals. Chapter 01 renders the record as its trials table.
+
+    python benchmarks/vfm_grouping.py --profile micro --out benchmarks/results/vfm_trials.json
+    python benchmarks/vfm_grouping.py --profile smoke --out /tmp/vfm_trials.json   # seconds, for tests
+
+Timings on a shared machine are inflated by the load; the record also stores ``os.getloadavg()`` at the end
+of each training so a reader can judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ovlib.train.pretrain import DinoPretrainConfig
+from ovlib.train.proxies import DenseVfmPretrainConfig
+
+#: the trials: name -> (objective description, config). ``dense`` configs run ``pretrain_vfm_dense``.
+TRIALS: dict[str, tuple[str, object]] = {
+    "dino": ("DINO, CLS of 48/24-px multi-crops (the previous default)", DinoPretrainConfig()),
+    "dense": ("dense self-distillation across 2 eval-scale views (64 px)", DenseVfmPretrainConfig()),
+    "dense-100": ("dense self-distillation across 2 eval-scale views (64 px), a quarter of the steps",
+                  DenseVfmPretrainConfig(steps=100, warmup=10)),
+    "dense+mim": ("dense across views + iBOT masking (30 % of student tokens)",
+                  DenseVfmPretrainConfig(mask_ratio=0.3)),
+    "dense-96": ("dense across views, 96-px views (12x12 tokens), 24 pairs/step",
+                 DenseVfmPretrainConfig(view_size=96, batch_size=24)),
+}
+
+
+def _smoke(cfg):
+    if isinstance(cfg, DenseVfmPretrainConfig):
+        return replace(cfg, steps=4, warmup=1, batch_size=8, ckpt_every=1000)
+    return replace(cfg, steps=4, warmup=1, batch_size=8, n_local=2, ckpt_every=1000)
+
+
+def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images: int, out: Path) -> dict:
+    from ovlib.data import CocoPanoptic, ensure_microworld
+    from ovlib.eval._common import dense_fn_for_vfm
+    from ovlib.eval.profiles import dense_eval_settings
+    from ovlib.eval.segmentation import evaluate_kmeans
+    from ovlib.eval.unsupervised import mean_colour_dense
+    from ovlib.train.pretrain import pretrain_vfm
+    from ovlib.train.proxies import pretrain_vfm_dense
+
+    ev = dense_eval_settings(profile, 400)
+    n_images = n_images or ev.ovss_images
+    root = ensure_microworld(data_root, "val2017", n=max(n_images, 400 if profile == "micro" else n_images),
+                             size=ev.export_size, seed=0, progress=False)
+    ds = CocoPanoptic(root, "val2017")
+    record = json.loads(out.read_text()) if out.is_file() else {"trials": {}}
+    record.update(profile=profile, n_images=n_images, protocol="chapter 01 k-means (ovlib.eval.segmentation)")
+
+    def score(fn, patch):
+        r = {}
+        for colour in ("as_is", "equalized"):
+            k = evaluate_kmeans(fn, ds, image_size=ev.region.image_size, n_images=n_images, seed=0,
+                                n_boot=ev.n_boot, patch=patch, progress=False, colour=colour)
+            r[colour] = list(k["miou"])
+        return r
+
+    record["colour_baseline"] = score(lambda x: mean_colour_dense(x, 8), 8)
+    for name in names:
+        desc, cfg = TRIALS[name]
+        if profile == "smoke":
+            cfg = _smoke(cfg)
+        cpu0 = time.process_time()
+        if isinstance(cfg, DenseVfmPretrainConfig):
+            vfm, info = pretrain_vfm_dense(cfg, cache_dir, progress=False)
+        else:
+            vfm, info = pretrain_vfm(cfg, cache_dir, progress=False)
+        cpu = time.process_time() - cpu0
+        prev = record["trials"].get(name, {})
+        same = prev.get("config") == json.loads(json.dumps(asdict(cfg)))
+        entry = {"objective": desc, "steps": cfg.steps, "batch": cfg.batch_size,
+                 "train_seconds": info["train_seconds"], "config": asdict(cfg),
+                 "cpu_seconds": (prev.get("cpu_seconds") if info.get("loaded") and same else cpu),
+                 "loadavg": (prev.get("loadavg") if info.get("loaded") and same else os.getloadavg()[0]),
+                 "threads": torch.get_num_threads(), "final_loss": info["history"][-1]["loss"],
+                 **score(dense_fn_for_vfm(vfm), 8)}
+        record["trials"][name] = entry
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+        print(f"{name}: k-means {entry['as_is'][0]:.1f} equalized {entry['equalized'][0]:.1f} "
+              f"train {entry['train_seconds']:.0f}s cpu {entry['cpu_seconds'] or 0:.0f}s", flush=True)
+    return record
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="micro", choices=("smoke", "micro"))
+    ap.add_argument("--trials", nargs="*", default=list(TRIALS))
+    ap.add_argument("--cache-dir", default="data/cache")
+    ap.add_argument("--data-root", default="data/microworld")
+    ap.add_argument("--n-images", type=int, default=0, help="0: the chapter's number of k-means images")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vfm_trials.json"))
+    a = ap.parse_args(argv)
+    unknown = sorted(set(a.trials) - set(TRIALS))
+    if unknown:
+        ap.error(f"unknown trial(s) {unknown}; choose from {sorted(TRIALS)}")
+    run(a.profile, a.trials, a.cache_dir, a.data_root, a.n_images, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
