@@ -532,7 +532,7 @@ AFF = {name: evaluate_object_affinity(fn, ds, image_size=EV.region.image_size, n
        for name, fn, p_ in ((f"CLIP `{best_km}` (best k-means mode)", dense_fn_for_clip(clip_model, best_km), clip_patch),
                             ("micro VFM", dense_fn_for_vfm(vfm), vfm_patch),
                             ("colour (no model)", lambda x: mean_colour_dense(x, clip_patch), clip_patch))}
-md("**Point affinity inside vs outside the query's object** (`ovlib.eval.affinity.object_affinity`: per thing, "
+md("**Point affinity inside vs outside the query's object** (`ovlib.models.affinity.object_affinity`: per thing, "
    "the token nearest its centre queries every token; mean cosine to the other tokens of the thing and to "
    "tokens of other segments, averaged per image):\n\n" +
    table(["features", "inside the object", "outside", "inside − outside"],

@@ -125,7 +125,7 @@ def test_evaluate_kmeans_colour_option(tmp_path):
 
 
 def test_object_affinity_hand_case():
-    from ovlib.eval.affinity import object_affinity
+    from ovlib.models.affinity import object_affinity
 
     seg = torch.tensor([[0, 0, 1], [0, 0, 1], [-1, 1, 1]])
     dense = torch.zeros(2, 3, 3)

@@ -279,10 +279,10 @@ def evaluate_kmeans(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: S
 def evaluate_object_affinity(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence,
                              image_size: int = 160, n_images: int = 0, seed: int = 0, n_boot: int = 1000,
                              patch: int = 8) -> dict[str, Any]:
-    """Point affinity inside vs outside the query's object (:func:`ovlib.eval.affinity.object_affinity`), over
+    """Point affinity inside vs outside the query's object (:func:`ovlib.models.affinity.object_affinity`), over
     the thing segments of each image (the cell grid labelled by the segment at each cell's centre pixel).
     Returns ``{"inside": (pt, lo, hi), "outside": (pt, lo, hi)}``: per-image means, intervals over images."""
-    from ovlib.eval.affinity import object_affinity
+    from ovlib.models.affinity import object_affinity
 
     per = []
     for i in dataset_indices(dataset, n_images):

@@ -449,9 +449,8 @@ def pretrain_clipseg(cfg: ClipSegPretrainConfig, clip: nn.Module, tokenizer, cac
     (:func:`ovlib.models.clipseg.decoder_to_clipseg_state`, loadable exactly as a real CLIPSeg checkpoint),
     ``info`` with ``history`` (step, loss, lr, seconds), ``path``, ``loaded``. ``clip`` must be the CLIP whose
     config hash is ``cfg.clip`` (the caller's contract; the hash is part of the cache key)."""
-    # the text anchors are SynSeg's (ovlib.methods.synseg embeds them with the same function): a lazy import of
-    # ovlib.eval.text from train, the one place this module reaches up a layer
-    from ovlib.eval.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
+    # the text anchors are SynSeg's (ovlib.methods.synseg embeds them with the same function)
+    from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
     from ovlib.models.adapter import vit_adapter
     from ovlib.models.clipseg import build_clipseg_decoder, clipseg_arch, decoder_to_clipseg_state
     from ovlib.models.film_decoder import clip_block_activations, default_extract_layers
