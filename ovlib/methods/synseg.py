@@ -67,7 +67,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ovlib.methods.base import Distiller
-from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers
+from ovlib.models.film_decoder import (CLIPSegDecoder, clip_block_activations, default_extract_layers,
+                                       gather_rows)
 
 __all__ = [
     "CLAMP_GRADS",
@@ -486,7 +487,7 @@ class SynSeg(Distiller):
         c = self.cfg
         logits, X = self.decode(acts, grid, owner, text, project=c.x_source == "conditional")  # (P, s, s)
         logits = self.add_skip(logits, images, self.text_bank, owner, rows)
-        X = X if X is not None else self.image_features(images, acts, grid)[owner]  # (P, D, h, w)
+        X = X if X is not None else gather_rows(self.image_features(images, acts, grid), owner)  # (P, D, h, w)
         A = pool_to_grid(torch.sigmoid(logits.float()), grid)  # (P, h, w)
         f, fbar = synergy_vectors(A, X)  # (P, D), (P, D)
         terms = mccl_losses(f, fbar, text.float(), owner, c.cont_threshold, c.diagonal, eps=c.eps,
