@@ -75,7 +75,13 @@ from ovlib.eval.students import (
     verdict,
     welch,
 )
-from ovlib.methods.denserc import DenseConstructor, DenseRCConfig, denserc_dense_fn, load_constructor, table5_rows
+from ovlib.methods.denserc import (
+    DenseConstructor,
+    DenseRCConfig,
+    denserc_dense_fn,
+    load_constructor,
+    table5_rows,
+)
 from ovlib.methods.derivation import (
     TermGroup,
     cls_decomposition,

@@ -82,6 +82,7 @@ __all__ = [
     "HSG",
     "POOLS",
     "PROJECTIONS",
+    "TABLE5",
     "DenseConstructor",
     "DenseRC",
     "DenseRCConfig",
@@ -91,7 +92,6 @@ __all__ = [
     "load_constructor",
     "semantics_loss",
     "spatial_aggregate",
-    "TABLE5",
     "table5_rows",
     "vfm_similarity",
 ]

@@ -67,8 +67,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ovlib.methods.base import Distiller
-from ovlib.models.film_decoder import (CLIPSegDecoder, clip_block_activations, default_extract_layers,
-                                       gather_rows)
+from ovlib.models.film_decoder import (
+    CLIPSegDecoder,
+    clip_block_activations,
+    default_extract_layers,
+    gather_rows,
+)
 
 __all__ = [
     "CLAMP_GRADS",
