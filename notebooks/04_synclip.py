@@ -85,7 +85,8 @@ from ovlib.eval.synonyms import (
     protocol_text_embeddings,
     synonym_attention_consistency,
 )
-from ovlib.methods.synclip import READINGS, huber_kl_loss, l2_row_loss, sar_aggregate, semantic_texts
+from ovlib.methods.synclip import (PAPER_SEMANTIC_WEIGHT, READINGS, huber_kl_loss, l2_row_loss, mae_loss,
+                                   sar_aggregate, semantic_texts)
 from ovlib.models import patch_correlation
 from ovlib.models.dense import PRESETS
 from ovlib.stats import Comparison, Sample, bootstrap_ci
@@ -375,16 +376,17 @@ md(f"{len(CONS_CLIP['spread'])} objects.\n\n" + table(
 #
 # | | paper | public code (`Justlovesmile/SynCLIP`, scripts) | here |
 # |---|---|---|---|
-# | SSA loss | $\frac1{nm}\sum_{i,j}\lVert A_{label}^{ij}-A_{agg}^{ij}\rVert_2$ | `huber_kl`: $\sum$ Huber$_{0.1}$ / $n$ + 0.1 KL(softmax $A_{label}$ ‖ softmax $A_{agg}$); option `l2` = row norms / $n$ | both; **code default** |
+# | SSA loss | $\frac1{nm}\sum_{i,j}\lVert A_{label}^{ij}-A_{agg}^{ij}\rVert_2$ = mean absolute error over the $n$ texts and $m$ tokens (`mae`) | `huber_kl`: $\sum$ Huber$_{0.1}$ / $n$ + 0.1 KL(softmax $A_{label}$ ‖ softmax $A_{agg}$); option `l2` = row norms / $n$ | all three; **code default** |
 # | $\alpha/\beta$ (spatial/semantic) | 0.5 / 0.5 | 0.3 / 0.7 | both; **code default** |
 # | $k$ | 7 | 7 | 7 (swept) |
 # | semantic weight | 0.05 | 0.1 (B/16 script; content 1.0, context 0.25) | recipe: 0.1; paper reading: 0.05 |
 # | regions / labels | — | COCO GT boxes, GT image labels | GT boxes, GT labels |
 #
-# (`reference/implementations.md` §4.4–4.6; `ovlib.methods.synclip.READINGS`.) The code's `l2` sums the
-# per-text row norms and divides by the number of texts, so its scale is that of one row norm, while the
-# Huber term with $\delta = 0.1$ is quadratic for small differences; the two losses weigh the same map error
-# very differently. Below: the maps on the chapter's object and both losses between the teacher's label map
+# (`reference/implementations.md` §4.4–4.6; `ovlib.methods.synclip.READINGS`.) The paper's norm of a single
+# entry $A^{ij}$ is its absolute value, so its loss is the mean absolute error `mae` (every entry weighs
+# $1/(nm)$); the code's `l2` sums the per-text row norms and divides by the number of texts, so its scale is
+# that of one row norm, while the Huber term with $\delta = 0.1$ is quadratic for small differences; the three
+# losses weigh the same map error very differently. Below: the maps on the chapter's object and both losses between the teacher's label map
 # and the SAR target (the student starts as the teacher).
 
 # %%
@@ -410,8 +412,10 @@ rows = []
 for name, (agg, _) in targets.items():
     rows.append([name, f"{READINGS[name]['spa_ratio']}/{READINGS[name]['sem_ratio']}",
                  f"{huber_kl_loss(a_label[None], agg[None], valid).item():.4f}",
-                 f"{l2_row_loss(a_label[None], agg[None], valid).item():.4f}"])
-md(table(["target", "α/β", "huber_kl(A_label, A_agg)", "l2(A_label, A_agg)"], rows))
+                 f"{l2_row_loss(a_label[None], agg[None], valid).item():.4f}",
+                 f"{mae_loss(a_label[None], agg[None], valid).item():.4f}"])
+md(table(["target", "α/β", "huber_kl(A_label, A_agg) (code)", "l2(A_label, A_agg) (code option)",
+          "mae(A_label, A_agg) (paper)"], rows))
 
 # %% [markdown]
 # ## 4.4 The training grid and its budget
@@ -459,8 +463,9 @@ for a, b in SWEEP_SET["ab"]:
     SWEEP[f"α/β={a}/{b}"] = ("synclip", {"method_args": {**syn_args, "spa_ratio": a, "sem_ratio": b}})
 EXTRAS = {
     "loss l2": ("synclip", {"method_args": {**syn_args, "sem_loss": "l2"}}),
-    # the paper's reading: l2, 0.5/0.5 (READINGS["paper"]) and semantic weight 0.05
-    "paper reading": ("synclip", {"method_args": {**syn_args, "reading": "paper"}, "loss_weights": {"semantic": 0.05}}),
+    # the paper's reading: mean absolute error, 0.5/0.5 (READINGS["paper"]) and semantic weight 0.05
+    "paper reading": ("synclip", {"method_args": {**syn_args, "reading": "paper"},
+                                  "loss_weights": {"semantic": PAPER_SEMANTIC_WEIGHT}}),
     "held-out synonyms excluded": ("synclip", {"method_args": {**syn_args, "exclude_heldout": True}}),
     "teacher text = synonyms only": ("synclip", {"method_args": {**syn_args, "semantic_type": "synonym"}}),
 }
@@ -872,7 +877,8 @@ md("**α/β (spatial / semantic)** (no numbers in the paper; the paper's default
                                              f"α/β={a}/{b}") for a, b in SWEEP_SET["ab"]])))
 md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_table_rows([
     ("code: huber_kl, 0.3/0.7, semantic 0.1", base_name), ("l2 loss (otherwise code)", "loss l2"),
-    ("paper: l2, 0.5/0.5, semantic 0.05", "paper reading"),
+    (f"paper: {READINGS['paper']['sem_loss']} (1/(nm) Σ|·|), 0.5/0.5, semantic {PAPER_SEMANTIC_WEIGHT:g}",
+     "paper reading"),
     ("code, held-out synonyms kept out of the teacher text", "held-out synonyms excluded"),
     ("code, teacher text = the synonyms only", "teacher text = synonyms only"),
     ("DeCLIP (no semantic loss)", "DeCLIP")])))

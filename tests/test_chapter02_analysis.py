@@ -153,3 +153,27 @@ def test_coupling_ratio_per_pair_equals_one_pair_at_a_time():
     assert out["cr_per_pair"].shape == (4,)
     assert np.allclose(out["cr_per_pair"], singles, rtol=1e-5)
     assert coupling_ratio(PerToken(), a, b, eps=-2.0)["cr_per_pair"] == pytest.approx(np.ones(4), abs=1e-5)
+
+
+def test_untrained_refiner_is_clip_vanilla_on_whole_images(clip):
+    """The control of chapter 02's Refiner claims: the recipe's Refiner at initialisation equals the frozen
+    CLIP's `vanilla` map on a whole image (its initialisation and its target), and differs from it on the tiles
+    of a side-by-side pair (its blocks see one tile): the coupling ratio must be compared with this control."""
+    from ovlib.eval._common import dense_fn_for_clip
+    from ovlib.methods.rsc import untrained_refiner
+    from ovlib.train.pretrain import image_mean_std
+
+    args = {"num_blocks": 2, "inter_layers": [1, 2], "hidden": 32, "crops": 4, "crop_scale": [0.3, 0.7]}
+    ref = untrained_refiner(clip, args)
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    mean, std = image_mean_std(clip)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = refiner_dense_fn(ref, mean, std)(x)
+        want = dense_fn_for_clip(clip, "vanilla")(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        pair = torch.cat([x[:1], x[1:]], dim=-1)  # (1, 3, 64, 128)
+        assert not torch.allclose(refiner_dense_fn(ref, mean, std)(pair), dense_fn_for_clip(clip, "vanilla")(pair),
+                                  atol=1e-3)
+    with pytest.raises(ValueError, match="unknown refiner option"):
+        untrained_refiner(clip, {"num_blocks": 2, "depth": 3})

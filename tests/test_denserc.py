@@ -389,3 +389,20 @@ def test_gate_lr_mult_puts_w_h_in_its_own_group(nets):
     assert _method(nets, construct="qq", gate_lr_mult=50.0).lr_multipliers() == {}  # no W_H without HSG
     with pytest.raises(ValueError, match="gate_lr_mult"):
         _method(nets, gate_lr_mult=0.0)
+
+
+def test_table5_rows_train_at_one_learning_rate_and_the_multiplier_is_its_own_row():
+    """Chapter 03's Table 5 at parity: merged over a recipe that trains W_H at 100x (params/micro.yaml), every
+    construction's config has gate_lr_mult 1 (HSG included); the multiplier is a separate, labelled row."""
+    from ovlib.methods.denserc import TABLE5, DenseRCConfig, table5_rows
+
+    recipe = {"base": "multi-v", "construct": "hsg", "n_layers": 3, "gate_lr_mult": 100.0}
+    rows, extra = table5_rows(recipe["gate_lr_mult"])
+    assert list(rows) == ["x+v", "v", "multi-v", "qk", "qq", "HSG"] == list(TABLE5)
+    assert {DenseRCConfig(**{**recipe, **args}).gate_lr_mult for args in rows.values()} == {1.0}
+    assert list(extra) == ["HSG, W_H lr × 100"]
+    cfg = DenseRCConfig(**{**recipe, **extra["HSG, W_H lr × 100"]})
+    assert (cfg.construct, cfg.gate_lr_mult) == ("hsg", 100.0)
+    assert table5_rows(1.0)[1] == {}  # the paper's single learning rate: no extra row
+    with pytest.raises(ValueError, match="gate_lr_mult"):
+        table5_rows(0.0)

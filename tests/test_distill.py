@@ -92,11 +92,54 @@ def test_frozen_parameter_sets_eva02_b16(eva_and_vit):
                                                                        eva.named_parameters())
     names4 = lock_visual(eva, 4)
     assert {n.split(".")[3] for n in names4} == {"8", "9", "10", "11"}
+    assert set(lock_visual(eva, -1)) == set(names) == set(lock_visual(eva, -1, "open_clip"))
 
 
-def test_frozen_parameter_sets_vit_b16(eva_and_vit):
+def test_frozen_parameter_sets_vit_b16_reference_lock(eva_and_vit):
+    """Default (CLIPSelf's lock, reference §1.6): 12 unlocked = the 12 blocks; stem, position embedding,
+    ln_post and proj stay frozen; 13 adds the position embedding, 14 the stem -- never ln_post or proj."""
     _, vit = eva_and_vit
     names = set(lock_visual(vit, 12))
+    blocks = {n.split(".")[3] for n in names if n.startswith("visual.transformer.resblocks.")}
+    assert blocks == {str(i) for i in range(12)}
+    assert all(n.startswith("visual.transformer.resblocks.") for n in names)
+    assert names == set(lock_visual(vit, -1))
+    for frozen in ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+                   "visual.ln_pre.weight", "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj",
+                   "logit_scale", "token_embedding.weight"):
+        assert frozen not in names
+    assert set(lock_visual(vit, 13)) - names == {"visual.positional_embedding"}
+    assert set(lock_visual(vit, 14)) - names == {"visual.positional_embedding", "visual.conv1.weight",
+                                                 "visual.class_embedding", "visual.ln_pre.weight",
+                                                 "visual.ln_pre.bias"}
+    assert {n.split(".")[3] for n in lock_visual(vit, 2)} == {"10", "11"}
+    with pytest.raises(ValueError, match="style"):
+        lock_visual(vit, 12, "lit")
+
+
+def test_frozen_parameter_names_micro_clip_both_styles():
+    """The micro CLIP (an open_clip VisionTransformer): with unlocked_blocks = -1 the reference lock trains
+    exactly the blocks; open_clip's groups (the old default, an option) also train the stem, ln_post and proj."""
+    from ovlib.models import load_clip
+
+    torch.manual_seed(0)
+    micro = load_clip("micro-clip")[0]
+    depth = len(micro.visual.transformer.resblocks)
+    ref = set(lock_visual(micro, -1))
+    visual = {n for n, _ in micro.named_parameters() if n.startswith("visual.")}
+    blocks = {n for n in visual if n.startswith("visual.transformer.resblocks.")}
+    assert ref == blocks and {n.split(".")[3] for n in ref} == {str(i) for i in range(depth)}
+    assert set(lock_visual(micro, -1, "open_clip")) == visual  # ours before: every visual parameter
+    assert {"visual.proj", "visual.ln_post.weight", "visual.conv1.weight"} <= visual - ref
+    c = DistillConfig()
+    assert c.lock_style == "clipself"
+    with pytest.raises(ValueError, match="lock_style"):
+        DistillConfig(lock_style="lit")
+
+
+def test_frozen_parameter_sets_vit_b16_open_clip_groups(eva_and_vit):
+    _, vit = eva_and_vit
+    names = set(lock_visual(vit, 12, "open_clip"))
     # open_clip groups: [stem], blocks 0..10, [block 11, ln_post], proj -> the last 12 groups
     blocks = {n.split(".")[3] for n in names if n.startswith("visual.transformer.resblocks.")}
     assert blocks == {str(i) for i in range(1, 12)}

@@ -142,7 +142,7 @@ def _losses(res):
 
 
 @pytest.mark.parametrize("method", [
-    "clipself", "synclip",
+    "clipself", "synclip", "synseg",
     *[pytest.param(m, marks=pytest.mark.slow)
       for m in ("regiontext", "sc-clipself", "rsc-e2e", "refiner", "declip", "denserc")],
 ])

@@ -17,6 +17,7 @@ from ovlib.methods.synclip import (
     cosine_maps,
     huber_kl_loss,
     l2_row_loss,
+    mae_loss,
     sar_aggregate,
     semantic_loss,
     semantic_texts,
@@ -71,7 +72,7 @@ def test_sar_errors():
 def test_ssa_zero_when_maps_equal():
     x = torch.randn(2, 3, 6)
     valid = torch.tensor([[True, True, False], [True, False, False]])
-    for kind in ("huber_kl", "l2"):
+    for kind in ("huber_kl", "l2", "mae"):
         assert semantic_loss(x, x.clone(), valid, kind).item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -109,9 +110,31 @@ def test_l2_row_loss_brute_force_and_masking():
     assert huber_kl_loss(s2, t, valid).item() == pytest.approx(huber_kl_loss(s, t, valid).item(), rel=1e-6)
 
 
+def test_mae_loss_hand_case_is_the_papers_mean_absolute_error():
+    """The paper's L+_semantic = 1/(nm) sum_ij |A_label - A_agg| on a hand case: n = 2 valid texts (one padded row
+    of garbage ignored), m = 3 tokens; it differs from the code's l2 (row norms / n) on the same maps."""
+    s = torch.tensor([[[0.5, 0.0, -0.2], [9.0, 9.0, 9.0]], [[0.1, 0.1, 0.1], [0.0, 0.0, 0.0]]])
+    t = torch.tensor([[[0.2, 0.4, -0.2], [0.0, 0.0, 0.0]], [[0.0, 0.3, 0.1], [0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, False], [True, False]])
+    # |diffs|: row (0, 0): 0.3, 0.4, 0.0; row (1, 0): 0.1, 0.2, 0.0 -> sum 1.0 over n * m = 2 * 3 entries
+    assert mae_loss(s, t, valid).item() == pytest.approx(1.0 / 6.0, rel=1e-6)
+    assert semantic_loss(s, t, valid, "mae").item() == pytest.approx(1.0 / 6.0, rel=1e-6)
+    # the code's l2: (sqrt(0.09 + 0.16) + sqrt(0.01 + 0.04)) / 2 -- another number on the same maps
+    l2 = (0.5 + math.sqrt(0.05)) / 2
+    assert l2_row_loss(s, t, valid).item() == pytest.approx(l2, rel=1e-6)
+    assert abs(l2 - 1.0 / 6.0) > 0.1
+    # gradient of every valid entry: sign(diff) / (n m); padded rows get none
+    x = s.clone().requires_grad_(True)
+    mae_loss(x, t, valid).backward()
+    want = torch.zeros_like(s)
+    want[0, 0] = torch.tensor([1.0, -1.0, 0.0]) / 6
+    want[1, 0] = torch.tensor([1.0, -1.0, 0.0]) / 6
+    torch.testing.assert_close(x.grad, want)
+
+
 def test_losses_with_no_valid_text_are_zero_with_grad():
     s = torch.randn(1, 2, 4, requires_grad=True)
-    for kind in ("huber_kl", "l2"):
+    for kind in ("huber_kl", "l2", "mae"):
         v = semantic_loss(s, torch.randn(1, 2, 4), torch.zeros(1, 2, dtype=torch.bool), kind)
         assert v.item() == 0.0
         v.backward()
@@ -159,7 +182,7 @@ def test_readings_and_option_errors(nets):
     m = make(nets)
     assert (m.sem_loss, m.topk, m.spa_ratio, m.sem_ratio, m.mode) == ("huber_kl", 7, 0.3, 0.7, "csa")
     p = make(nets, reading="paper")
-    assert (p.sem_loss, p.spa_ratio, p.sem_ratio) == ("l2", 0.5, 0.5)
+    assert (p.sem_loss, p.spa_ratio, p.sem_ratio) == ("mae", 0.5, 0.5)  # the paper's 1/(nm) sum |.|
     o = make(nets, reading="paper", sem_loss="huber_kl", topk=3)
     assert (o.sem_loss, o.topk) == ("huber_kl", 3)
     assert set(READINGS) == {"code", "paper"}

@@ -33,7 +33,7 @@ from ovlib.methods.synseg import (
     total_loss,
     train_step,
 )
-from ovlib.models.film_decoder import CLIPSegDecoder, FiLM, default_extract_layers
+from ovlib.models.film_decoder import CLIPSegDecoder, FiLM, default_extract_layers, gather_rows
 from tests.helpers.synseg import synseg_model as _model
 
 LO, HI = -math.log(0.005), -math.log(0.995)  # -log of the two clamp bounds: 5.2983, 0.0050
@@ -213,6 +213,50 @@ def test_decoder_shapes():
     torch.testing.assert_close(X1, X2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l3, l1)
     assert X3 is None
+
+
+def test_gather_rows_is_exact_and_its_gradient_is_indexings():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, requires_grad=True)
+    owner = torch.tensor([2, 0, 0, 1, 2, 2])
+    w = torch.randn(6, 4, 5, generator=g)
+    out = gather_rows(x, owner)
+    assert torch.equal(out, x.detach()[owner])  # bit-exact forward
+    (out * w).sum().backward()
+    ref = torch.zeros(3, 4, 5).index_add_(0, owner, w)
+    torch.testing.assert_close(x.grad, ref, atol=1e-6, rtol=1e-6)
+    xb = x.detach().bfloat16().requires_grad_(True)  # dtype kept, still exact
+    ob = gather_rows(xb, owner)
+    assert ob.dtype == torch.bfloat16 and torch.equal(ob, xb.detach()[owner])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not round the fp32 rows
+        assert torch.equal(gather_rows(x, owner), x.detach()[owner])
+    with pytest.raises(ValueError, match="owner"):
+        gather_rows(x, owner[None])
+
+
+def test_decoder_gradient_is_bitwise_reproducible_with_threads():
+    """Pairs of one image split across two threads: plain indexing (index_put_ with parallel atomic adds, the old
+    code) gives a different gradient almost every time; the decoder's gradient must be identical every time
+    (the 1e-7 drift between same-seed SynSeg runs)."""
+    torch.manual_seed(0)
+    dec = CLIPSegDecoder(width=16, text_dim=8, n_levels=1, patch_size=(8, 8), reduce_dim=64, heads=2,
+                         film_hidden=0, proj_dim=8)
+    torch.nn.init.normal_(dec.film.mlp[-1].weight, std=0.5)  # pairs of one image get different gradients
+    acts = [torch.randn(3, 1 + 64, 16)]  # 8x8 grid: P * L * C = 8 * 65 * 64 >= 32768 (torch's parallel grain)
+    owner = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])  # image 1's pairs straddle the two threads' halves
+    text = torch.randn(8, 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(30):
+            dec.zero_grad(set_to_none=True)
+            logits, X = dec(acts, text, (8, 8), owner=owner)
+            (logits.square().mean() + X.square().mean()).backward()
+            grads.append(dec.reduces[0].weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], gr) for gr in grads[1:])
 
 
 # ------------------------------------------------------------------------------------------------ multi-view

@@ -84,6 +84,7 @@ __all__ = [
     "HSG",
     "POOLS",
     "PROJECTIONS",
+    "TABLE5",
     "DenseConstructor",
     "DenseRC",
     "DenseRCConfig",
@@ -93,6 +94,7 @@ __all__ = [
     "load_constructor",
     "semantics_loss",
     "spatial_aggregate",
+    "table5_rows",
     "vfm_similarity",
 ]
 
@@ -101,6 +103,33 @@ CONSTRUCTS = ("none", "qk", "qq", "hsg")
 PROJECTIONS = ("own", "final_each")
 GATE_SOURCES = ("own", "last")
 POOLS = ("normalize_first", "pool_first")
+
+
+# ------------------------------------------------------------------------------------------------ Table 5
+#: The paper's Table 5 (base ``v_p`` x construction ``A_p``) as ``method_args``. Every row trains at one
+#: learning rate -- the paper gives a single one -- so every row pins ``gate_lr_mult = 1`` (it acts on HSG's
+#: ``W_H`` only) whatever the recipe says (a recipe's method_args are merged under a row's).
+TABLE5: dict[str, dict[str, Any]] = {
+    "x+v": {"base": "x+v", "construct": "none", "n_layers": 1, "gate_lr_mult": 1.0},
+    "v": {"base": "v", "construct": "none", "n_layers": 1, "gate_lr_mult": 1.0},
+    "multi-v": {"base": "multi-v", "construct": "none", "n_layers": 3, "gate_lr_mult": 1.0},
+    "qk": {"base": "multi-v", "construct": "qk", "n_layers": 3, "gate_lr_mult": 1.0},
+    "qq": {"base": "multi-v", "construct": "qq", "n_layers": 3, "gate_lr_mult": 1.0},
+    "HSG": {"base": "multi-v", "construct": "hsg", "n_layers": 3, "gate_lr_mult": 1.0},
+}
+
+
+def table5_rows(gate_lr_mult: float = 1.0) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``(parity rows, extra rows)``: the :data:`TABLE5` rows, every one at the recipe's learning rate, and --
+    when a recipe trains ``W_H`` faster (``gate_lr_mult != 1``, the micro recipe) -- that setting as its own,
+    labelled row ``"HSG, W_H lr × m"``, kept out of the comparison between constructions."""
+    if not gate_lr_mult > 0:
+        raise ValueError(f"gate_lr_mult must be > 0, got {gate_lr_mult!r}")
+    rows = {k: dict(v) for k, v in TABLE5.items()}
+    extra = {}
+    if gate_lr_mult != 1.0:
+        extra[f"HSG, W_H lr × {gate_lr_mult:g}"] = {**TABLE5["HSG"], "gate_lr_mult": float(gate_lr_mult)}
+    return rows, extra
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -59,6 +59,7 @@ __all__ = [
     "global_to_local_loss",
     "load_refiner",
     "text_region_loss",
+    "untrained_refiner",
 ]
 
 
@@ -192,6 +193,21 @@ def load_refiner(source: str | Path | Refiner, clip: nn.Module) -> Refiner:
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def untrained_refiner(clip: nn.Module, method_args: dict[str, Any] | None = None) -> Refiner:
+    """The control of every claim about a trained Refiner: the Refiner of a ``refiner`` recipe's ``method_args``
+    (its architecture fields; the training ones -- crops, objective, ... -- are ignored) at its initialisation,
+    frozen. Its blocks are the CLIP's last ``K`` and its heads start at zero, so on a whole image it *is* the
+    CLIP's ``vanilla`` map (its target); on a tile of a wider image its blocks see the tile alone, so whatever
+    it does to coupling by construction is not an effect of training."""
+    args = dict(method_args or {})
+    g2l = {f.name for f in dataclasses.fields(G2LConfig)}
+    unknown = sorted(set(args) - g2l - {f.name for f in dataclasses.fields(RefinerConfig)} - {"refiner"})
+    if unknown:
+        raise ValueError(f"untrained_refiner: unknown refiner option(s) {unknown}")
+    ref = _take(RefinerConfig, args).build(clip)
+    return load_refiner(ref, clip)
 
 
 def text_region_loss(rois: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,

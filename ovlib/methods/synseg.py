@@ -67,7 +67,7 @@ from torch import nn
 from ovlib.methods.base import Distiller
 from ovlib.models.images import image_mean_std, normalize_images
 from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
-from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers
+from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers, gather_rows
 from ovlib.data.nouns import CaptionLabelDataset, DEFAULT_EXCLUSIONS, collate_caption_labels
 from ovlib.io import safe_load
 from ovlib.models import dense_features
@@ -502,7 +502,7 @@ class SynSeg(Distiller):
         c = self.cfg
         logits, X = self.decode(acts, grid, owner, text, project=c.x_source == "conditional")  # (P, s, s)
         logits = self.add_skip(logits, images, self.text_bank, owner, rows)
-        X = X if X is not None else self.image_features(images, acts, grid)[owner]  # (P, D, h, w)
+        X = X if X is not None else gather_rows(self.image_features(images, acts, grid), owner)  # (P, D, h, w)
         A = pool_to_grid(torch.sigmoid(logits.float()), grid)  # (P, h, w)
         f, fbar = synergy_vectors(A, X)  # (P, D), (P, D)
         terms = mccl_losses(f, fbar, text.float(), owner, c.cont_threshold, c.diagonal, eps=c.eps,

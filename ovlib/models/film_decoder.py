@@ -27,7 +27,7 @@ from torch import nn
 
 from ovlib.models.adapter import ViTAdapter, vit_adapter
 
-__all__ = ["CLIPSegDecoder", "FiLM", "clip_block_activations", "default_extract_layers"]
+__all__ = ["CLIPSegDecoder", "FiLM", "clip_block_activations", "default_extract_layers", "gather_rows"]
 
 
 def default_extract_layers(num_blocks: int) -> tuple[int, ...]:
@@ -35,6 +35,27 @@ def default_extract_layers(num_blocks: int) -> tuple[int, ...]:
     clipped to ``[0, L-1]`` and deduplicated (micro CLIP, 4 blocks: 1, 2, 3)."""
     out = sorted({min(num_blocks - 1, max(0, round(num_blocks * k / 4))) for k in (1, 2, 3)})
     return tuple(out)
+
+
+def gather_rows(x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``x (B, ...)``, ``owner (P,)`` -> ``x[owner] (P, ...)`` with a **deterministic** backward.
+
+    The backward of advanced indexing, ``index_put_(..., accumulate=True)``, adds the ``P`` gradient rows into
+    the ``B`` rows with parallel atomic float adds on CPU once the gradient has >= 32768 elements and torch runs
+    more than one thread: when two threads add into the rows of the same image (its pairs straddle their split),
+    the order of the additions, and so the last bits of the gradient, change from run to run (SynSeg's
+    same-seed smoke runs differed by ~1e-7 from step 3 on; on CUDA ``index_add_`` uses atomics too). Here the
+    gather is a product with the one-hot ``(P, B)`` matrix, in fp32 with autocast off: the forward is exact
+    (``1 * x + 0 * y = x`` for finite values) and the backward is a matrix product, whose summation order is
+    fixed. A tensor that needs no gradient is indexed directly."""
+    if owner.ndim != 1:
+        raise ValueError(f"owner must be (P,), got {tuple(owner.shape)}")
+    if not x.requires_grad:
+        return x[owner]
+    onehot = nn.functional.one_hot(owner, x.shape[0]).to(device=x.device, dtype=torch.float32)  # (P, B)
+    with torch.autocast(x.device.type, enabled=False):
+        out = onehot @ x.reshape(x.shape[0], -1).float()  # (P, prod(...))
+    return out.reshape(owner.shape[0], *x.shape[1:]).to(x.dtype)
 
 
 @torch.no_grad()
@@ -140,7 +161,7 @@ class CLIPSegDecoder(nn.Module):
         a = None
         for act, reduce, block in zip(reversed(acts), self.reduces, self.blocks):
             r = reduce(act)  # (B, L, C)
-            r = r if owner is None else r[owner]  # (P, L, C)
+            r = r if owner is None else gather_rows(r, owner)  # (P, L, C), deterministic backward
             if a is None:  # the deepest level is conditioned (cond_layer = 0); text None = identity FiLM
                 a = r if text is None else self.film(r, text)
             else:

@@ -68,6 +68,7 @@ from ovlib.train.optim import param_groups, warmup_cosine
 __all__ = [
     "DistillConfig",
     "NonFiniteLoss",
+    "LOCK_STYLES",
     "ResumableSampler",
     "Trainer",
     "default_betas",
@@ -119,6 +120,10 @@ class DistillConfig:
     warmup_steps: int = 1000
     grad_clip: float = 0.0  # 0 = off (the public code does not clip)
     unlocked_blocks: int = -1  # -1 = every block
+    # "clipself": the reference's lock (CLIPSelf's EVA and OpenAI towers): only the last unlocked_blocks blocks
+    # train; stem, position embedding, final norm and projection stay frozen. "open_clip": open_clip's lock
+    # groups (ours before; -1 also trains the stem, ln_post and the projection). See lock_visual.
+    lock_style: str = "clipself"
     alpha: float = 1.0  # weight of the student in saved ensembles; 1.0 = save the raw student only
     amp: str = "auto"  # auto | bf16 | fp16 | none
     device: str = "auto"
@@ -133,6 +138,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp must be auto, bf16, fp16 or none; got {self.amp!r}")
+        if self.lock_style not in LOCK_STYLES:
+            raise ValueError(f"lock_style must be one of {LOCK_STYLES}; got {self.lock_style!r}")
         if self.regions not in ("grid", "gt_boxes"):
             raise ValueError(f"regions must be 'grid' or 'gt_boxes'; got {self.regions!r}")
         for k in ("batch_size", "grad_accum"):
@@ -164,21 +171,31 @@ def default_betas(backbone: str) -> tuple[tuple[float, float], float]:
     return (0.9, 0.999), 1e-8
 
 
-def lock_visual(model: nn.Module, unlocked_blocks: int) -> list[str]:
+LOCK_STYLES = ("clipself", "open_clip")
+
+
+def lock_visual(model: nn.Module, unlocked_blocks: int, style: str = "clipself") -> list[str]:
     """Freeze the CLIP model for distillation; return the names of trainable parameters.
 
-    * text tower, logit scale: frozen;
-    * EVA (open_clip ``TimmModel`` over timm ``Eva``): every visual parameter frozen, then the last
-      ``unlocked_blocks`` blocks unfrozen (``wusize/CLIPSelf:src/open_clip/eva_clip/eva_vit_model.py``
-      ``EVAVisionTransformer.lock``): patch embed, pos embed, cls token, final norm and head stay frozen;
-    * open_clip ``VisionTransformer``: open_clip's own ``lock(unlocked_groups)``, whose groups are
-      [stem], blocks[:-1], [last block, ln_post], proj (``mlfoundations/open_clip:src/open_clip/transformer.py``).
+    Text tower and logit scale are always frozen. ``style="clipself"`` (default, the reference's lock,
+    reference §1.6): every visual parameter frozen, then the last ``unlocked_blocks`` transformer blocks
+    unfrozen (``-1`` = every block); patch embedding, position embedding, cls token, pre/final norm and the
+    projection stay frozen -- CLIPSelf's ``EVAVisionTransformer.lock``
+    (``wusize/CLIPSelf:src/open_clip/eva_clip/eva_vit_model.py``) and its OpenAI ``VisionTransformer.lock``
+    (``wusize/CLIPSelf:src/open_clip/transformer.py``: groups [conv1, class_embedding, ln_pre],
+    positional_embedding, blocks; ``ln_post`` and ``proj`` commented out as "fix"), where ``unlocked_blocks``
+    beyond the depth also unlocks the position embedding, then the stem (open_clip towers).
 
-    ``unlocked_blocks = -1`` means every block (EVA) / every group (open_clip).
+    ``style="open_clip"``: open_clip's own ``VisionTransformer.lock(unlocked_groups)``, groups [stem],
+    blocks[:-1], [last block, ln_post], proj (``mlfoundations/open_clip:src/open_clip/transformer.py``), ``-1``
+    = every group, so the projection and the final LN train too (a trained projection moves the student's own
+    crop CLS). EVA towers have no such groups: both styles lock them the same way.
     """
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
+    if style not in LOCK_STYLES:
+        raise ValueError(f"lock_visual: style must be one of {LOCK_STYLES}, got {style!r}")
     model.requires_grad_(False)
     v = model.visual
     if isinstance(v, TimmModel):
@@ -186,6 +203,15 @@ def lock_visual(model: nn.Module, unlocked_blocks: int) -> list[str]:
         n = len(blocks) if unlocked_blocks < 0 else unlocked_blocks
         for blk in blocks[len(blocks) - n:] if n > 0 else []:
             blk.requires_grad_(True)
+    elif isinstance(v, VisionTransformer) and style == "clipself":
+        blocks = list(v.transformer.resblocks)
+        # CLIPSelf's groups, shallow -> deep: stem, position embedding, then one group per block
+        groups: list[list] = [[v.conv1, v.class_embedding, v.ln_pre], [v.positional_embedding],
+                              *[[b] for b in blocks]]
+        n = len(blocks) if unlocked_blocks < 0 else min(unlocked_blocks, len(groups))
+        for group in groups[len(groups) - n:] if n > 0 else []:
+            for part in group:
+                part.requires_grad_(True)
     elif isinstance(v, VisionTransformer):
         n_groups = len(v.transformer.resblocks) + 2
         n = n_groups if unlocked_blocks < 0 else unlocked_blocks

@@ -84,7 +84,7 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
                               seed=params["seed"], progress=False)
         _barrier(info.world)
     student, teacher, vfm, tokenizer = build_models(cfg, params, method_cls.needs)
-    lock_visual(student, cfg.unlocked_blocks)
+    lock_visual(student, cfg.unlocked_blocks, cfg.lock_style)
     frozen = {"teacher": teacher}
     if vfm is not None:
         frozen["vfm"] = vfm

@@ -49,7 +49,7 @@ def build(cfg: DistillConfig, model_seed: int = 0, n: int = 32) -> Trainer:
     student, _, _ = load_clip("micro-clip")
     torch.manual_seed(model_seed)
     teacher, _, _ = load_clip("micro-clip")
-    lock_visual(student, cfg.unlocked_blocks)
+    lock_visual(student, cfg.unlocked_blocks, cfg.lock_style)
     method = CLIPSelf(student, {"teacher": teacher})
     return Trainer(cfg, method, SyntheticRegions(n=n), collate, teacher_state=teacher.state_dict())
 
