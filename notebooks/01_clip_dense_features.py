@@ -198,8 +198,8 @@ plt.show()
 # MFU = achieved model FLOP/s ÷ the machine's *measured* matmul peak (a timed square matmul in this process,
 # in the precision the run used). Model FLOPs per training sample are 3× the forward FLOPs of both towers
 # counted by `torch.utils.flop_counter` (matmuls and attention; element-wise work is not counted). bf16
-# autocast is used only where a bf16 matmul is measured to be faster than fp32 (`precision="auto"`): CPUs
-# without native bf16 instructions run bf16 matmuls far slower than fp32.
+# autocast is used on a CPU only where it has Intel AMX bf16 tiles (`precision="auto"`, a fact of the machine,
+# never a timing): CPUs without native bf16 instructions run bf16 matmuls far slower than fp32.
 
 # %%
 p32 = matmul_peak(torch.float32, device=DEV)

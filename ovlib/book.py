@@ -233,7 +233,7 @@ try:
     _dev = _resolve(globals().get("device", "cpu"))
 except Exception:
     _dev = _torch.device("cpu")
-try:  # bf16 autocast that "auto" precision chose (measured) in this kernel, per device type
+try:  # bf16 autocast that "auto" precision chose in this kernel (a CPU capability), per device type
     from ovlib.train.pretrain import _BF16_FASTER as _bf16
     _bf16 = sorted(k for k, v in _bf16.items() if v)
 except Exception:

@@ -129,11 +129,22 @@ def test_resolve_precision_and_matmul_peak():
 
     assert resolve_precision("fp32") is False and resolve_precision("bf16") is True
     assert isinstance(resolve_precision("auto"), bool)
+    assert resolve_precision("auto") is resolve_precision("auto")  # one fact per process, never a timing
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp16")
     assert matmul_peak(torch.float32, n=64, seconds=0.05) > 0
     a, b = torch.zeros(3, 4), torch.zeros(4, 5)
     assert forward_flops(lambda: a @ b) == 2 * 3 * 4 * 5
+
+
+def test_auto_precision_is_a_cpu_capability_not_a_timing():
+    from ovlib.train.pretrain import cpu_has_amx_bf16
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n"
+    assert cpu_has_amx_bf16(amx) is True
+    assert cpu_has_amx_bf16(zen4) is False  # AVX512-BF16 alone: fp32 (bf16 near fp32's speed there)
+    assert cpu_has_amx_bf16("model name\t: amx_bf16 in a name\n") is False  # only the flags line counts
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "other-config", "corrupt-state"])

@@ -5,7 +5,7 @@ The loop owns everything a method should not have to think about:
 * **processes**: plain single-process, or PyTorch DDP when launched by ``torchrun`` (``WORLD_SIZE > 1``;
   gloo on CPU, nccl on CUDA). Each rank reads its own shard of a seeded per-epoch permutation.
 * **precision**: ``amp`` = ``bf16`` | ``fp16`` | ``none`` | ``auto`` (CUDA: bf16 where supported, else fp16 with a
-  GradScaler; CPU: bf16 autocast only if a measured bf16 matmul is faster than fp32, else fp32).
+  GradScaler; CPU: bf16 autocast only on CPUs with AMX bf16 tiles, else fp32: ``resolve_precision``).
 * **optimisation**: AdamW without weight decay on norms, biases and the logit scale (parameters with
   ``ndim < 2`` or those names), betas/eps from open_clip's heuristic unless given, linear warmup + cosine,
   gradient accumulation (DDP gradient sync only on the last micro-batch), optional grad clipping.
