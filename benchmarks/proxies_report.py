@@ -19,7 +19,8 @@ import torch
 
 def subset_miou(confs: np.ndarray, rows: list[int], n_boot: int, seed: int) -> tuple[float, float, float]:
     """mIoU (with its 95 % bootstrap interval over images) over the classes ``rows`` of summed confusions."""
-    from ovlib.eval.metrics import bootstrap_ci, miou_over
+    from ovlib.eval.metrics import miou_over
+    from ovlib.stats import bootstrap_ci
 
     return bootstrap_ci(confs, lambda c: miou_over(c, rows), n_boot=n_boot, seed=seed)
 
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     from ovlib.eval.profiles import dense_eval_settings
     from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity, evaluate_ovss
     from ovlib.eval.unsupervised import mean_colour_dense
-    from ovlib.methods.synseg import SynSeg, evaluate_protocols, synseg_score_fn
+    from ovlib.eval.synseg import evaluate_protocols, synseg_score_fn
+    from ovlib.methods.synseg import SynSeg
     from ovlib.train.pretrain import pretrain_clip, pretrain_configs, pretrain_vfm
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg
 

@@ -591,8 +591,10 @@ else:
 
 # %%
 if P["profile"] != "paper":
-    from ovlib.eval.metrics import bootstrap_ci, miou_over
-    from ovlib.methods.synseg import SynSeg, evaluate_protocols, synseg_score_fn
+    from ovlib.eval.metrics import miou_over
+    from ovlib.stats import bootstrap_ci
+    from ovlib.eval.synseg import evaluate_protocols, synseg_score_fn
+    from ovlib.methods.synseg import SynSeg
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg
 
     cs_cfg = clipseg_config(P["profile"], P["steps_scale"], P["seed"])

@@ -463,7 +463,8 @@ md(table(["run", "seed", "things+stuff mIoU [95 % CI]", f"things+bg @ {THR0}"],
 # mean ± std over the profile's seeds.
 
 # %%
-from ovlib.eval.metrics import bootstrap_ci, miou_over
+from ovlib.eval.metrics import miou_over
+from ovlib.stats import bootstrap_ci
 from ovlib.methods.synseg import SynSeg
 
 CS_NAME = R.method_args.get("clipseg") or ("micro-clipseg" if P["profile"] != "paper" else None)
