@@ -144,13 +144,14 @@ ds, categories, class_ids, text = BB.dataset, BB.categories, BB.class_ids, BB.te
 cat_name = {c["id"]: c["name"] for c in categories}
 
 evals, models, runs = {}, {}, {}
+FROZEN = ("CLIP", "CLIP vanilla", "Refiner (untrained)")  # deterministic models: one evaluation, no seed
 
 
 def evaluate_model(name, model, main=True, dense_fn=None, region=True, keep=False):
     """The chapter-1 protocols on one model; ``main``: also the global zero-shot (crop CLS) and OVSS."""
-    m = re.fullmatch(r"(.+)-s(\d+)", name)  # "<row>-s<seed>": a trained run; "CLIP": the frozen model
-    row, seed = (m.group(1), int(m.group(2))) if m else (name, None if name == "CLIP" else 0)
-    evals[name] = study.evaluate(row, model, seed=seed, fixed=name == "CLIP", dense_fn=dense_fn, region=region,
+    m = re.fullmatch(r"(.+)-s(\d+)", name)  # "<row>-s<seed>": a trained run; FROZEN: a frozen model
+    row, seed = (m.group(1), int(m.group(2))) if m else (name, None if name in FROZEN else 0)
+    evals[name] = study.evaluate(row, model, seed=seed, fixed=name in FROZEN, dense_fn=dense_fn, region=region,
                                  crops=main and region, ovss=main, keep_regions=keep)
     return evals[name]
 
@@ -354,10 +355,10 @@ km_ref_t = evaluate_kmeans(refiner_fn, ds, image_size=TS, n_images=T, seed=P["se
                            progress=False)
 # controls: the CLIP's vanilla map (the Refiner's initialisation and target) and the untrained Refiner
 vanilla_fn = dense_fn_for_clip(clip_model, "vanilla")
-evaluate("CLIP vanilla", clip_model, main=False, dense_fn=vanilla_fn, region=False)
+evaluate_model("CLIP vanilla", clip_model, main=False, dense_fn=vanilla_fn, region=False)
 refiner0_fn = refiner_dense_fn(untrained_refiner(clip_model, distill_config(P, "refiner").method_args).to(DEV),
                                MEAN, STD)
-evaluate("Refiner (untrained)", clip_model, main=False, dense_fn=refiner0_fn, region=False)
+evaluate_model("Refiner (untrained)", clip_model, main=False, dense_fn=refiner0_fn, region=False)
 km_ref0_t = evaluate_kmeans(refiner0_fn, ds, image_size=TS, n_images=T, seed=P["seed"], n_boot=EV.n_boot,
                             patch=PATCH, progress=False)
 with torch.no_grad():
@@ -640,7 +641,7 @@ md("**Table 9, micro analogue** (coupling ratio ↓; seeds: mean ± std of the p
 def cr_sample(name):
     """Per-pair ``[CR, 1]`` arrays of a model (one per seed of a trained row; the frozen CLIP: fixed)."""
     if name in CR:
-        return Sample((np.asarray(CR[name], dtype=np.float64),), ratio_stat, fixed=name.startswith("CLIP"))
+        return Sample((np.asarray(CR[name], dtype=np.float64),), ratio_stat, fixed=name in FROZEN)
     return Sample(tuple(np.asarray(CR[f"{name}-s{s}"], dtype=np.float64) for s in SEEDS), ratio_stat, tuple(SEEDS),
                   order="cr-pairs")
 
