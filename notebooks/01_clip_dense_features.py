@@ -42,6 +42,10 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml; this chapter trains none
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import math
@@ -51,7 +55,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ovlib.config import dry_run_eval
 from ovlib.nb import ci, md, setup, table
+from ovlib.data.coco import dry_run_data
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_name_sets, extract_region_features,
                         score_regions, summarize, text_embeddings)
@@ -65,7 +71,8 @@ from ovlib.train.pretrain import (clip_train_flops_per_sample, forward_flops, ma
 # every contract key comes from the parameters cell above (``backbone``/``recipes`` are not used here)
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
 clip_cfg, vfm_cfg = pretrain_configs(P["profile"], P["steps_scale"], P["seed"])
 
 
@@ -73,7 +80,7 @@ clip_cfg, vfm_cfg = pretrain_configs(P["profile"], P["steps_scale"], P["seed"])
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; "
-   f"{len(EV.modes)} dense modes; evaluation on {P['eval_images'] or 'all'} images.")
+   f"{len(EV.modes)} dense modes; evaluation on {P['eval_images'] or 'all'} images." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 1.1 The micro world
@@ -147,13 +154,13 @@ md(f"{len(world.things)} thing classes ({sum(c.novel for c in world.things)} mar
 # Both are cached under `cache_dir`, keyed by a hash of their config: a second run loads them.
 
 # %%
-if P["profile"] == "paper":  # the real backbones: OpenAI CLIP ViT-B/16 and DINOv2 ViT-B/14 (nothing to train)
+if P["profile"] == "paper":  # the real backbones of params/paper.yaml `models` (OpenAI ViT-B/16, DINOv2 ViT-B/14)
     from ovlib.models import load_clip, load_vfm
 
-    clip_model, tokenizer, _ = load_clip("ViT-B-16", pretrained="openai", device=DEV,
-                                         allow_download=P["allow_download"])
-    vfm = load_vfm("vit_base_patch14_dinov2.lvd142m", pretrained="hub", device=DEV,
-                   allow_download=P["allow_download"])
+    clip_model, tokenizer, _ = load_clip(**P["models"]["clip"], device=DEV, allow_download=P["allow_download"],
+                                         weights_dir=P["weights_dir"] or None, seed=P["seed"])
+    vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
+                   weights_dir=P["weights_dir"] or None, seed=P["seed"])
     clip_info = vfm_info = None
 else:
     clip_model, tokenizer, clip_info = pretrain_clip(clip_cfg, P["cache_dir"], device=DEV)
@@ -237,7 +244,7 @@ md(f"Matmul peak measured now: fp32 **{p32 / 1e9:.0f} GFLOP/s**, bf16 **{p16 / 1
 # %%
 if P["profile"] == "paper":
     ds = CocoPanoptic(P["data_root"], "val2017")
-    templates, this_is = VILD_TEMPLATES, True
+    templates, this_is = VILD_TEMPLATES[:EV.templates or None], True
 else:
     root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size, seed=P["seed"])
     ds = CocoPanoptic(root, "val2017")
@@ -247,8 +254,12 @@ class_ids = [c["id"] for c in categories]
 is_thing = {c["id"]: bool(c.get("isthing", 1)) for c in categories}
 name_sets = {mode: class_name_sets(categories, mode, seed=P["seed"])
              for mode in ("main", "first_synonym", "heldout_synonym", "synonym_ensemble")}
-text = {mode: text_embeddings(clip_model, tokenizer, names, templates, this_is_prefix=this_is, device=DEV).cpu()
-        for mode, names in name_sets.items()}
+_text_of = {}  # name lists -> embeddings, each computed once (COCO has no synonyms: its protocols share one list)
+for names in name_sets.values():
+    if str(names) not in _text_of:
+        _text_of[str(names)] = text_embeddings(clip_model, tokenizer, names, templates, this_is_prefix=this_is,
+                                               device=DEV).cpu()
+text = {mode: _text_of[str(names)] for mode, names in name_sets.items()}
 md(f"{len(ds)} evaluation images, {len(class_ids)} classes. Templates ({len(templates)}): " +
    ", ".join(f"`{t}`" for t in templates[:8]) + (" …" if len(templates) > 8 else ""))
 

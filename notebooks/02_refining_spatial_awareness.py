@@ -47,6 +47,10 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (clipself, regiontext, sc-clipself, refiner, rsc-*)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import json
@@ -59,7 +63,9 @@ import numpy as np
 import torch
 from sklearn.metrics import silhouette_score
 
+from ovlib.config import dry_run_cap, dry_run_eval
 from ovlib.nb import ci, md, setup, table
+from ovlib.data.coco import dry_run_data
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.eval import (
     MICRO_TEMPLATES,
@@ -91,7 +97,9 @@ from ovlib.train.recipes import distill_config
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
+cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"
 SEEDS = list(range(P["seeds"]))
 
@@ -106,9 +114,9 @@ SEEDS = list(range(P["seeds"]))
 # R-SC-CLIPSelf reference trained with the same budget); the Refiner REF_STEPS. steps_scale multiplies all three.
 if PAPER:
     TRAIN, MAIN_STEPS, ABL_STEPS, REF_STEPS = {}, None, None, None  # params/paper.yaml's recipes as they are
-    REGION_N, SEG_N = 0, EV.ovss_images
-    EQ7 = {"targets": 100, "n_max": 32, "target_size": 224, "canvas": 448}
-    CR_PAIRS, TSNE_PER_CLASS = 100, 256
+    REGION_N, SEG_N = P["eval_images"], EV.ovss_images  # eval_images 0: every image
+    EQ7 = {"targets": cap(100), "n_max": cap(32), "target_size": 224, "canvas": 448}
+    CR_PAIRS, TSNE_PER_CLASS = cap(100), cap(256)
 else:
     _steps = lambda base: max(1 if SMOKE else 2, round(base * P["steps_scale"]))
     TRAIN = {} if SMOKE else {"batch_size": 4, "max_boxes": 6}
@@ -137,7 +145,7 @@ def budget(steps) -> dict:
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. Distillation: main rows "
    f"{MAIN_STEPS or 'recipe'} steps × {len(SEEDS)} seed(s), ablations {ABL_STEPS or 'recipe'} steps × 1 seed, "
    f"Refiner {REF_STEPS or 'recipe'} steps; students evaluated on {REGION_N or 'all'} images (regions) and "
-   f"{SEG_N} images (OVSS, k-means).")
+   f"{SEG_N} images (OVSS, k-means)." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 2.1 The frozen CLIP, the evaluation data and the protocols
@@ -165,10 +173,10 @@ PATCH = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 if PAPER:
     from ovlib.models import load_vfm
 
-    vfm = load_vfm("vit_base_patch14_dinov2.lvd142m", pretrained="hub", device=DEV,
-                   allow_download=P["allow_download"])
+    vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
+                   weights_dir=P["weights_dir"] or None, seed=P["seed"])
     ds = CocoPanoptic(P["data_root"], "val2017")
-    templates, this_is = VILD_TEMPLATES, True
+    templates, this_is = VILD_TEMPLATES[:EV.templates or None], True
 else:
     from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 

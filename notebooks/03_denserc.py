@@ -48,6 +48,10 @@ eval_images = 400
 allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (denserc)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import json
@@ -92,6 +96,8 @@ from ovlib.methods.derivation import (
     standard_groups,
 )
 from ovlib.models import vit_adapter
+from ovlib.config import dry_run_cap, dry_run_eval
+from ovlib.data.coco import dry_run_data
 from ovlib.nb import ci, ci_signed, md, ms, setup, table
 from ovlib.train.launch import build_models
 from ovlib.train.pretrain import image_mean_std
@@ -100,7 +106,9 @@ from ovlib.train.recipes import distill_config
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
+cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"
 SEEDS = list(range(P["seeds"]))
 RUNS_DIR = Path(P["cache_dir"]) / "runs" / "03"
@@ -119,13 +127,13 @@ LAMBDA = float(CFG.loss_weights.get("coherence", 0.025))
 # 25-min budget leaves ~20 % for slower moments). steps_scale multiplies STEPS.
 if PAPER:
     TRAIN, STEPS = {}, None  # params/paper.yaml's recipe as it is
-    REGION_N, SEG_N = 0, EV.ovss_images
-    N_DECOMP, N_GRAD, N_GATE, GATE_SIZE = 200, 32, 2000, EV.region.image_size
+    REGION_N, SEG_N = P["eval_images"], EV.ovss_images  # eval_images 0: every image
+    N_DECOMP, N_GRAD, N_GATE, GATE_SIZE = cap(200), cap(32), cap(2000), EV.region.image_size
     VITB_SIZE = 224
     LAYERS = [1, 2, 3, 4, "all"]
     LAMBDAS = [0.0, 0.01, LAMBDA, 0.1]
     EXTRAS = ("final_each", "last-layer gates", "one W_H per layer")
-    DL_DRAWS = 200_000
+    DL_DRAWS = cap(200_000)
 else:
     TRAIN = {} if SMOKE else {"batch_size": 4, "max_boxes": 6}
     STEPS = max(1 if SMOKE else 2, round(30 * P["steps_scale"]))
@@ -149,7 +157,7 @@ def budget() -> dict:
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. DenseRC runs: "
    f"{STEPS or 'recipe'} steps ({'batch ' + str(TRAIN.get('batch_size', CFG.batch_size))}), Table-5 rows × "
    f"{len(MAIN_SEEDS)} seed(s), sweeps × 1 seed; students evaluated on {REGION_N or 'all'} images (regions) and "
-   f"{SEG_N} images (OVSS, k-means).")
+   f"{SEG_N} images (OVSS, k-means)." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 3.1 The frozen CLIP, the evaluation data and the protocols
@@ -172,7 +180,7 @@ MEAN, STD = image_mean_std(clip_model)
 L_BLOCKS, HEADS = AD.num_blocks, AD.num_heads
 if PAPER:
     ds = CocoPanoptic(P["data_root"], "val2017")
-    templates, this_is = VILD_TEMPLATES, True
+    templates, this_is = VILD_TEMPLATES[:EV.templates or None], True
 else:
     root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size, seed=P["seed"],
                              progress=False)
@@ -698,7 +706,7 @@ hsg_res = runs["HSG-s0"]
 hsg_student = load_student(P, hsg_res, DEV)
 hsg_args = json.loads(Path(hsg_res["results"]).read_text())["config"]["method_args"]
 hsg_cons = load_constructor(hsg_res["weights"], hsg_student, **hsg_args).to(DEV)
-train_dir = Path(P["data_root"]) / "train2017"
+train_dir = Path(P["data_root"]) / CFG.split  # the images the recipe trains on
 files = sorted([p_ for p_ in train_dir.iterdir() if p_.suffix.lower() in (".png", ".jpg", ".jpeg")])[:N_GATE]
 G_MEAN, G_TOK = [], []
 for k0 in range(0, len(files), 50):
