@@ -418,8 +418,9 @@ md(table(["paper row", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1
 
 # %%
 t_seg = time.perf_counter()
-ps = getattr(clip_model.visual, "patch_size", 8)
-clip_patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+from ovlib.models import vit_adapter
+
+clip_patch = int(vit_adapter(clip_model).patch_size[0])  # open_clip ViT and EVA (timm) towers alike
 vp = vfm.patch_embed.patch_size
 vfm_patch = int(vp[0] if isinstance(vp, (tuple, list)) else vp)
 seg_rows = []

@@ -168,8 +168,7 @@ md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} thread
 clip_model, _, _, tokenizer = build_models(distill_config(P, "clipself", budget(MAIN_STEPS)), P, frozenset())
 clip_model = clip_model.to(DEV).eval().requires_grad_(False)
 MEAN, STD = image_mean_std(clip_model)
-ps = getattr(clip_model.visual, "patch_size", 8)
-PATCH = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+PATCH = int(vit_adapter(clip_model).patch_size[0])  # open_clip ViT and EVA (timm) towers alike
 if PAPER:
     from ovlib.models import load_vfm
 

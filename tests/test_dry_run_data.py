@@ -98,3 +98,30 @@ def test_the_shared_subset_derives(tmp_path):
     inst = CocoInstances(tmp_path / "dry")
     m = inst[0]["masks"]
     assert m.dtype == bool and m.any(axis=(1, 2)).all() and np.all(inst[0]["areas"] > 0)
+
+
+def test_coco_stuff_names_are_matched_in_their_caption_form():
+    """A caption says "a wall", not "a wall-other-merged" (COCO panoptic's name): both forms label the class."""
+    from ovlib.data.nouns import CaptionLabeler, NounVocabulary
+
+    cats = [{"id": 1, "name": "wall-other-merged"}, {"id": 2, "name": "floor-wood"}, {"id": 3, "name": "wall-brick"},
+            {"id": 4, "name": "dog"}]
+    voc = NounVocabulary(cats)
+    assert voc.surface["wall"] == 1 and voc.surface["walls"] == 1 and voc.surface["floor wood"] == 2
+    assert voc.surface["wall brick"] == 3 and voc.surface["wall-other-merged"] == 1
+    lab = CaptionLabeler(cats)
+    assert sorted(lab("a dog on a wall and a floor wood.")) == [1, 2, 4]
+
+
+def test_every_synthesised_caption_labels_exactly_the_categories_it_names(panoptic_only, tmp_path):
+    from ovlib.data.nouns import CaptionLabeler
+
+    _, src = panoptic_only
+    dry_run_root(src, tmp_path / "dry")
+    pan, caps = CocoPanoptic(tmp_path / "dry"), CocoCaptions(tmp_path / "dry", load_image=False)
+    lab = CaptionLabeler(pan.categories)
+    name_of = {c["id"]: caption_name(c) for c in pan.categories}
+    for i in range(len(pan)):
+        for cap in caps[i]["captions"]:
+            named = {cid for cid, n in name_of.items() if f"a {n}," in cap or f"a {n}." in cap or f"a {n} and" in cap}
+            assert set(lab(cap)) == named, cap

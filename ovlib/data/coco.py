@@ -317,12 +317,11 @@ class CocoCaptions(_CocoBase):
 
 # ------------------------------------------------------------------------------------ dry-run data
 def caption_name(category: dict) -> str:
-    """A category name as a caption word: COCO panoptic's ``"wall-other-merged"`` -> ``"wall"``,
-    ``"playingfield"`` stays, ``"traffic light"`` stays."""
-    name = str(category["name"])
-    for suffix in ("-merged", "-other", "-stuff"):
-        name = name.replace(suffix, "")
-    return name.replace("-", " ").strip()
+    """A category name as a caption word (:func:`ovlib.data.synonyms.normalize_class_name`): COCO panoptic's
+    ``"wall-other-merged"`` -> ``"wall"``, ``"traffic light"`` stays."""
+    from ovlib.data.synonyms import normalize_class_name
+
+    return normalize_class_name(str(category["name"]))
 
 
 def synthesised_captions(names: list[str], n: int = 2) -> list[str]:
