@@ -162,7 +162,10 @@ if P["profile"] == "paper":  # the real backbones of params/paper.yaml `models` 
     vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
                    weights_dir=P["weights_dir"] or None, seed=P["seed"])
     clip_info = vfm_info = None
+    CLIP_NAME = f"{P['models']['clip']['name']} CLIP ({P['models']['clip']['pretrained'] or 'random init'})"
+    VFM_NAME = f"{P['models']['vfm']['name']} ({P['models']['vfm']['pretrained'] or 'random init'})"
 else:
+    CLIP_NAME, VFM_NAME = "micro CLIP", "micro VFM"
     clip_model, tokenizer, clip_info = pretrain_clip(clip_cfg, P["cache_dir"], device=DEV)
     vfm, vfm_info = pretrain_vfm(vfm_cfg, P["cache_dir"], device=DEV)
 clip_model.eval()
@@ -341,7 +344,7 @@ zs_obj_main = zs_obj["main"]["thing.macc1"][0]
 zs_main = zs["main"]["thing.macc1"][0]
 zs_held = zs["heldout_synonym"]["thing.macc1"][0]
 drop = zs_main - zs_held
-md(f"The micro CLIP classifies GT-thing crops with **{zs_obj_main:.1f} %** Top-1 mean accuracy among the "
+md(f"The {CLIP_NAME} classifies GT-thing crops with **{zs_obj_main:.1f} %** Top-1 mean accuracy among the "
    f"{len(thing_ids)} thing names (chance {100 / len(thing_ids):.1f} %) and **{zs_main:.1f} %** among all "
    f"{len(class_ids)} classes (chance {100 / len(class_ids):.1f} %), using main names; with held-out synonyms "
    f"**{zs_held:.1f} %** (all classes), "
@@ -434,7 +437,7 @@ for m in EV.modes:
     seg_rows.append([f"`{m}`", ci(ov["miou"]), ci(ov["macc"]), ci(km[m]["miou"])])
 km["vfm"] = evaluate_kmeans(dense_fn_for_vfm(vfm), ds, image_size=EV.region.image_size, n_images=EV.ovss_images,
                             seed=P["seed"], n_boot=EV.n_boot, patch=vfm_patch)
-seg_rows.append(["micro VFM (DINO)", "", "", ci(km["vfm"]["miou"])])
+seg_rows.append([f"{VFM_NAME} (DINO)", "", "", ci(km["vfm"]["miou"])])
 md(f"{EV.ovss_images} images, {time.perf_counter() - t_seg:.0f} s.\n\n" +
    table(["dense mode", "OVSS mIoU", "OVSS mAcc", "k-means mIoU"], seg_rows))
 

@@ -125,3 +125,9 @@ def test_every_synthesised_caption_labels_exactly_the_categories_it_names(panopt
         for cap in caps[i]["captions"]:
             named = {cid for cid, n in name_of.items() if f"a {n}," in cap or f"a {n}." in cap or f"a {n} and" in cap}
             assert set(lab(cap)) == named, cap
+
+
+def test_a_derived_root_is_left_as_it_is(panoptic_only, tmp_path):
+    _, src = panoptic_only
+    q, _ = dry_run_data({"dry_run": True, "data_root": str(src), "cache_dir": str(tmp_path)})
+    assert dry_run_data(q) == (q, "")  # a notebook's derived root handed on (e.g. to torchrun) stays

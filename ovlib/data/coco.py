@@ -406,6 +406,8 @@ def dry_run_data(params: dict) -> tuple[dict, str]:
     if not params.get("dry_run"):
         return params, ""
     src = Path(params["data_root"])
+    if (src / "annotations" / "DERIVED.json").is_file():  # derived already (the notebook hands it to the trainer)
+        return params, ""
     if not (src / "annotations").is_dir():
         raise FileNotFoundError(f"dry run: data_root {src} is not a COCO root (no annotations/); the dry run reads the "
                                 "shared 100-image COCO panoptic subset (../shared/data/coco_panoptic_val100)")

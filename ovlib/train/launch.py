@@ -158,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = params_lib.resolve(args.profile, args.param, root=args.root)
+        if params["dry_run"]:  # the shared COCO subset with derived instances and synthesised captions
+            from ovlib.data.coco import dry_run_data
+
+            params = dry_run_data(params)[0]
         overrides = {}
         for o in args.overrides:
             if "=" not in o:
