@@ -91,6 +91,7 @@ from ovlib.methods.derivation import (
     joint_terms,
     optimal_spatial_p,
     patch_gradient_magnitudes,
+    per_head_decomposable,
     random_delta_l_setup,
     simulate_delta_l,
     standard_groups,
@@ -230,6 +231,22 @@ md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {evals['CLIP x+v'].n
 
 # %%
 t = time.perf_counter()
+# the per-head split needs attention outputs affine in the heads; EVA02's sub-LN is not: such a backbone (the paper
+# profile's EVA02-B-16) is analysed through the profile's `models.clip` (OpenAI-style ViT-B/16, no sub-LN)
+if per_head_decomposable(clip_model):
+    DEC_CLIP, DEC_TEXT, DEC_NAME = clip_model, text, "micro CLIP" if not PAPER else P["backbone"]
+else:
+    from ovlib.models import load_clip
+
+    DEC_CLIP, dec_tok, _ = load_clip(**P["models"]["clip"], device=DEV, allow_download=P["allow_download"],
+                                     weights_dir=P["weights_dir"] or None, seed=P["seed"])
+    DEC_CLIP = DEC_CLIP.eval().requires_grad_(False)
+    DEC_TEXT = text_embeddings(DEC_CLIP, dec_tok, class_name_sets(categories, "main", seed=P["seed"]), templates,
+                               this_is_prefix=this_is, device=DEV).cpu()
+    DEC_NAME = f"{P['models']['clip']['name']} ({P['models']['clip']['pretrained'] or 'random init'})"
+    md(f"{P['backbone']}'s attention output is not affine in its heads (sub-LN): §3.2 decomposes **{DEC_NAME}**.")
+DEC_AD = vit_adapter(DEC_CLIP)
+DEC_MEAN, DEC_STD = image_mean_std(DEC_CLIP)
 crops, labels = [], []
 for i in range(len(ds)):
     item = ds[i]
@@ -237,18 +254,18 @@ for i in range(len(ds)):
     if not things:
         continue
     boxes = torch.as_tensor(np.stack([np.asarray(s["box"], dtype=np.float32) for s in things]))
-    crops.append(crop_regions(item["image"], boxes, AD.native_grid[0] * AD.patch_size[0]))
+    crops.append(crop_regions(item["image"], boxes, DEC_AD.native_grid[0] * DEC_AD.patch_size[0]))
     labels += [CAT_ROW[int(s["category_id"])] for s in things]
     if len(labels) >= N_DECOMP:
         break
-crops = normalize_images(torch.cat(crops)[:N_DECOMP], MEAN, STD).to(DEV)
+crops = normalize_images(torch.cat(crops)[:N_DECOMP], DEC_MEAN, DEC_STD).to(DEV)
 labels = torch.tensor(labels[:N_DECOMP])
-dec = cls_decomposition(clip_model, crops, per_head=True)
-jt = joint_terms(clip_model, dec)
-stats = contribution_stats(jt, {**standard_groups(L_BLOCKS, 3),
-                                "attention values (no O-bias), all blocks": TermGroup(attn=tuple(range(L_BLOCKS)),
-                                                                                      attn_value=True)},
-                           text=text.to(jt.embedding), labels=labels)
+dec = cls_decomposition(DEC_CLIP, crops, per_head=True)
+jt = joint_terms(DEC_CLIP, dec)
+stats = contribution_stats(jt, {**standard_groups(DEC_AD.num_blocks, 3),
+                                "attention values (no O-bias), all blocks": TermGroup(
+                                    attn=tuple(range(DEC_AD.num_blocks)), attn_value=True)},
+                           text=DEC_TEXT.to(jt.embedding), labels=labels)
 
 # a random ViT-B/16 (open_clip's "ViT-B-16" config, image tower only) at a tiny input: the same bookkeeping
 import open_clip
@@ -270,9 +287,9 @@ with torch.no_grad():
     own_err_b = float((dec_b.embedding - vitb(xb)).abs().max())
 head_err_b = float((dec_b.heads.sum(2) + dec_b.attn_bias - dec_b.attn).abs().max())
 head_err = float((dec.heads.sum(2) + dec.attn_bias - dec.attn).abs().max())
-own_err = float((dec.embedding - clip_model.encode_image(crops)).abs().max())
+own_err = float((dec.embedding - DEC_CLIP.encode_image(crops)).abs().max())
 TOL = 1e-4
-rows = [["micro CLIP", f"{L_BLOCKS} × {HEADS}", f"{crops.shape[-1]} px, {len(crops)} crops", f"{dec.error():.1e}",
+rows = [[DEC_NAME, f"{DEC_AD.num_blocks} × {DEC_AD.num_heads}", f"{crops.shape[-1]} px, {len(crops)} crops", f"{dec.error():.1e}",
          f"{head_err:.1e}", f"{jt.error():.1e}", f"{own_err:.1e}"],
         ["random ViT-B/16", f"{dec_b.attn.shape[1]} × {dec_b.heads.shape[2]}", f"{VITB_SIZE} px, 2 images",
          f"{dec_b.error():.1e}", f"{head_err_b:.1e}", f"{jt_b.error():.1e}",
@@ -315,7 +332,7 @@ def per_crop_claim(section, text_, a, b, key, expected=+1):
                    verdict(d, lo, hi, expected=expected, n=len(xa))))
 
 
-n_first = L_BLOCKS - min(3, L_BLOCKS)
+n_first = DEC_AD.num_blocks - min(3, DEC_AD.num_blocks)
 per_crop_claim("3.2", "the attention (value) terms carry more of the CLS embedding than the MLP terms (share)",
                "MLP, all blocks", "attention, all blocks", "share")
 per_crop_claim("3.2", "the attention terms are closer to the class text than the MLP terms (cos text)",
@@ -332,10 +349,10 @@ if n_first > 0:
 # (every crop ranks its heads).
 
 # %%
-hc = head_contributions(jt, text.to(jt.embedding), labels)
+hc = head_contributions(jt, DEC_TEXT.to(jt.embedding), labels)
 with torch.no_grad():
     x_loc = torch.stack([student_image(ds[i]["image"], EV.region.image_size)[0] for i in range(min(4, len(ds)))])
-    dist = head_attention_distance(clip_model, normalize_images(x_loc, MEAN, STD).to(DEV)).mean(0).cpu().numpy()
+    dist = head_attention_distance(DEC_CLIP, normalize_images(x_loc, DEC_MEAN, DEC_STD).to(DEV)).mean(0).cpu().numpy()
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
 for ax, (arr, title, cmap) in zip(axes, ((hc["share"].mean(0), "share of the embedding", "RdBu_r"),
                                           (hc["cos_text"].mean(0), "cos to the class text", "RdBu_r"),
@@ -347,7 +364,7 @@ for ax, (arr, title, cmap) in zip(axes, ((hc["share"].mean(0), "share of the emb
     for (r_, c_), v in np.ndenumerate(arr):
         ax.text(c_, r_, f"{v:.2f}", ha="center", va="center", fontsize=6)
     plt.colorbar(im, ax=ax, fraction=0.046)
-fig.suptitle("per-head attention terms of the micro CLIP's CLS token (means over crops / images)", fontsize=9)
+fig.suptitle(f"per-head attention terms of the {DEC_NAME}'s CLS token (means over crops / images)", fontsize=9)
 plt.tight_layout()
 plt.show()
 sh = hc["share"].mean(0)
