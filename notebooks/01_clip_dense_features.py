@@ -43,6 +43,10 @@ allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml; this chapter trains none
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import math
@@ -52,7 +56,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ovlib.config import dry_run_eval
 from ovlib.nb import ci, md, setup, table
+from ovlib.data.coco import dry_run_data
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_name_sets, extract_region_features,
                         score_regions, summarize, text_embeddings)
@@ -70,7 +76,8 @@ from ovlib.train.pretrain import (clip_train_flops_per_sample, forward_flops, ma
 # every contract key comes from the parameters cell above (``backbone``/``recipes`` are not used here)
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
 clip_cfg, vfm_cfg = pretrain_configs(P["profile"], P["steps_scale"], P["seed"])
 
 
@@ -78,7 +85,7 @@ clip_cfg, vfm_cfg = pretrain_configs(P["profile"], P["steps_scale"], P["seed"])
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; "
-   f"{len(EV.modes)} dense modes; evaluation on {P['eval_images'] or 'all'} images.")
+   f"{len(EV.modes)} dense modes; evaluation on {P['eval_images'] or 'all'} images." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 1.1 The micro world
@@ -156,15 +163,18 @@ md(f"{len(world.things)} thing classes ({sum(c.novel for c in world.things)} mar
 # Both are cached under `cache_dir`, keyed by a hash of their config: a second run loads them.
 
 # %%
-if P["profile"] == "paper":  # the real backbones: OpenAI CLIP ViT-B/16 and DINOv2 ViT-B/14 (nothing to train)
+if P["profile"] == "paper":  # the real backbones of params/paper.yaml `models` (OpenAI ViT-B/16, DINOv2 ViT-B/14)
     from ovlib.models import load_clip, load_vfm
 
-    clip_model, tokenizer, _ = load_clip("ViT-B-16", pretrained="openai", device=DEV,
-                                         allow_download=P["allow_download"])
-    vfm = load_vfm("vit_base_patch14_dinov2.lvd142m", pretrained="hub", device=DEV,
-                   allow_download=P["allow_download"])
+    clip_model, tokenizer, _ = load_clip(**P["models"]["clip"], device=DEV, allow_download=P["allow_download"],
+                                         weights_dir=P["weights_dir"] or None, seed=P["seed"])
+    vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
+                   weights_dir=P["weights_dir"] or None, seed=P["seed"])
     clip_info = vfm_info = None
+    CLIP_NAME = f"{P['models']['clip']['name']} CLIP ({P['models']['clip']['pretrained'] or 'random init'})"
+    VFM_NAME = f"{P['models']['vfm']['name']} ({P['models']['vfm']['pretrained'] or 'random init'})"
 else:
+    CLIP_NAME, VFM_NAME = "micro CLIP", "micro VFM"
     clip_model, tokenizer, clip_info = pretrain_clip(clip_cfg, P["cache_dir"], device=DEV)
     vfm, vfm_info = pretrain_vfm(vfm_cfg, P["cache_dir"], device=DEV)
 clip_model.eval()
@@ -249,7 +259,7 @@ md(f"Matmul peak measured now: fp32 **{p32 / 1e9:.0f} GFLOP/s**, bf16 **{p16 / 1
 # %%
 if P["profile"] == "paper":
     ds = CocoPanoptic(P["data_root"], "val2017")
-    templates, this_is = VILD_TEMPLATES, True
+    templates, this_is = VILD_TEMPLATES[:EV.templates or None], True
 else:
     root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size, seed=P["seed"])
     ds = CocoPanoptic(root, "val2017")
@@ -259,8 +269,12 @@ class_ids = [c["id"] for c in categories]
 is_thing = {c["id"]: bool(c.get("isthing", 1)) for c in categories}
 name_sets = {mode: class_name_sets(categories, mode, seed=P["seed"])
              for mode in ("main", "first_synonym", "heldout_synonym", "synonym_ensemble")}
-text = {mode: text_embeddings(clip_model, tokenizer, names, templates, this_is_prefix=this_is, device=DEV).cpu()
-        for mode, names in name_sets.items()}
+_text_of = {}  # name lists -> embeddings, each computed once (COCO has no synonyms: its protocols share one list)
+for names in name_sets.values():
+    if str(names) not in _text_of:
+        _text_of[str(names)] = text_embeddings(clip_model, tokenizer, names, templates, this_is_prefix=this_is,
+                                               device=DEV).cpu()
+text = {mode: _text_of[str(names)] for mode, names in name_sets.items()}
 md(f"{len(ds)} evaluation images, {len(class_ids)} classes. Templates ({len(templates)}): " +
    ", ".join(f"`{t}`" for t in templates[:8]) + (" …" if len(templates) > 8 else ""))
 
@@ -361,7 +375,7 @@ zs_obj_main = zs_obj["main"]["thing.macc1"][0]
 zs_main = zs["main"]["thing.macc1"][0]
 zs_held = zs["heldout_synonym"]["thing.macc1"][0]
 drop = zs_main - zs_held
-md(f"The micro CLIP classifies GT-thing crops with **{zs_obj_main:.1f} %** Top-1 mean accuracy among the "
+md(f"The {CLIP_NAME} classifies GT-thing crops with **{zs_obj_main:.1f} %** Top-1 mean accuracy among the "
    f"{len(thing_ids)} thing names (chance {100 / len(thing_ids):.1f} %) and **{zs_main:.1f} %** among all "
    f"{len(class_ids)} classes (chance {100 / len(class_ids):.1f} %), using main names; with held-out synonyms "
    f"**{zs_held:.1f} %** (all classes), "
@@ -472,8 +486,9 @@ md(f"Crop CLS − vanilla RoIAlign, things Top-1: {gap_claim.describe()}.")
 
 # %%
 t_seg = time.perf_counter()
-ps = getattr(clip_model.visual, "patch_size", 8)
-clip_patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+from ovlib.models import vit_adapter
+
+clip_patch = int(vit_adapter(clip_model).patch_size[0])  # open_clip ViT and EVA (timm) towers alike
 vp = vfm.patch_embed.patch_size
 vfm_patch = int(vp[0] if isinstance(vp, (tuple, list)) else vp)
 seg_rows = []
@@ -492,7 +507,7 @@ for m in EV.modes:
                                  n_boot=EV.n_boot, seed=P["seed"])
     km[m], km_eq[m] = kmeans_both(fn, clip_patch)
     seg_rows.append([f"`{m}`", ci(ov["miou"]), ci(ov["macc"]), ci(km[m]["miou"]), ci(km_eq[m]["miou"])])
-vfm_name = "DINOv2" if P["profile"] == "paper" else "micro VFM"
+vfm_name = VFM_NAME
 fn = dense_fn_for_proxyclip(clip_model, vfm)  # ProxyCLIP: CLIP's values, the VFM's affinities (beta 1.2, gamma 3)
 ovss["proxyclip"] = ov = evaluate_ovss(fn, ds, text["main"], class_ids, EV.ovss, n_images=EV.ovss_images,
                                        n_boot=EV.n_boot, seed=P["seed"])
@@ -500,7 +515,7 @@ km["proxyclip"], km_eq["proxyclip"] = kmeans_both(fn, math.lcm(clip_patch, vfm_p
 seg_rows.append([f"ProxyCLIP (`proxy`, {vfm_name})", ci(ov["miou"]), ci(ov["macc"]), ci(km["proxyclip"]["miou"]),
                  ci(km_eq["proxyclip"]["miou"])])
 km["vfm"], km_eq["vfm"] = kmeans_both(dense_fn_for_vfm(vfm), vfm_patch)
-seg_rows.append(["micro VFM", "", "", ci(km["vfm"]["miou"]), ci(km_eq["vfm"]["miou"])])
+seg_rows.append([VFM_NAME, "", "", ci(km["vfm"]["miou"]), ci(km_eq["vfm"]["miou"])])
 km["colour"], km_eq["colour"] = kmeans_both(lambda x: mean_colour_dense(x, clip_patch), clip_patch)
 seg_rows.append(["colour: mean RGB per patch (no model)", "", "", ci(km["colour"]["miou"]),
                  ci(km_eq["colour"]["miou"])])

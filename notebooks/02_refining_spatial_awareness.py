@@ -48,6 +48,10 @@ allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (clipself, regiontext, sc-clipself, refiner, rsc-*)
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import json
@@ -61,7 +65,9 @@ import numpy as np
 import torch
 from sklearn.metrics import silhouette_score
 
+from ovlib.config import dry_run_cap, dry_run_eval
 from ovlib.nb import ci, md, setup, table
+from ovlib.data.coco import dry_run_data
 from ovlib.eval import affinity_map
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
 from ovlib.eval.profiles import dense_eval_settings
@@ -78,11 +84,13 @@ from ovlib.train.recipes import distill_config
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
+cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 study = Study(P, "02", device=DEV)  # budgets, the shared run cache, claims and the ledger (book/claims/02.json)
 B = study.budget  # params/PROFILE.yaml: budgets["02"]
 SEEDS = study.seeds
-SMOKE = P["profile"] == "smoke"  # only the sizes of two figures (§2.7)
+SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"  # SMOKE: only the sizes of two figures (§2.7)
 
 
 # ---- the chapter's budget: params/PROFILE.yaml (budgets.train: main / ablation / refiner; budgets["02"]) --------
@@ -93,7 +101,8 @@ SMOKE = P["profile"] == "smoke"  # only the sizes of two figures (§2.7)
 MAIN_STEPS, ABL_STEPS, REF_STEPS = (study.train_budget(b).get("max_steps") for b in ("main", "ablation", "refiner"))
 BUDGET_OF = {ABL_STEPS: "ablation", REF_STEPS: "refiner", MAIN_STEPS: "main"}  # steps -> named training budget
 REGION_N, SEG_N = B["region_images"], B["seg_images"] or EV.ovss_images
-EQ7, CR_PAIRS, TSNE_PER_CLASS = B["eq7"], B["cr_pairs"], B["tsne_per_class"]
+EQ7 = {**B["eq7"], "targets": cap(B["eq7"]["targets"]), "n_max": cap(B["eq7"]["n_max"])}
+CR_PAIRS, TSNE_PER_CLASS = cap(B["cr_pairs"]), cap(B["tsne_per_class"])
 TEXT_SEEDS = SEEDS  # RegionText rows (Table 1)
 # R-SC students taught by the Refiner variants (Tables 12, 6(b) L2G, objective) and the number of variants
 VARIANT_STUDENTS, N_REF_VARIANTS = B["variant_students"], B["n_ref_variants"]
@@ -104,7 +113,7 @@ TAUS, GLOBAL_SCD = [tuple(t) for t in B["taus"]], B["global_scd"]
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. Distillation: main rows "
    f"{MAIN_STEPS or 'recipe'} steps × {len(SEEDS)} seed(s), ablations {ABL_STEPS or 'recipe'} steps × 1 seed, "
    f"Refiner {REF_STEPS or 'recipe'} steps; students evaluated on {REGION_N or 'all'} images (regions) and "
-   f"{SEG_N} images (OVSS, k-means).")
+   f"{SEG_N} images (OVSS, k-means)." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 2.1 The frozen CLIP, the evaluation data and the protocols
@@ -127,13 +136,12 @@ md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} thread
 BB = study.backbones("clipself")  # the frozen CLIP, the evaluation split and its class embeddings, loaded once
 clip_model, tokenizer = BB.clip, BB.tokenizer
 MEAN, STD = image_mean_std(clip_model)
-ps = getattr(clip_model.visual, "patch_size", 8)
-PATCH = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
-if P["profile"] == "paper":  # DINOv2 from the hub; the micro profiles' VFM from the pre-training cache
+PATCH = int(vit_adapter(clip_model).patch_size[0])  # open_clip ViT and EVA (timm) towers alike
+if PAPER:
     from ovlib.models import load_vfm
 
-    vfm = load_vfm("vit_base_patch14_dinov2.lvd142m", pretrained="hub", device=DEV,
-                   allow_download=P["allow_download"])
+    vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
+                   weights_dir=P["weights_dir"] or None, seed=P["seed"])
 else:
     from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 

@@ -49,6 +49,10 @@ allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (denserc)
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import json
@@ -78,11 +82,14 @@ from ovlib.methods.derivation import (
     joint_terms,
     optimal_spatial_p,
     patch_gradient_magnitudes,
+    per_head_decomposable,
     random_delta_l_setup,
     simulate_delta_l,
     standard_groups,
 )
 from ovlib.models import vit_adapter
+from ovlib.config import dry_run_cap, dry_run_eval
+from ovlib.data.coco import dry_run_data
 from ovlib.nb import ci, md, ms, setup, table
 from ovlib.stats import Comparison, Sample, bootstrap_ci, ratio_stat
 from ovlib.study import Study
@@ -92,10 +99,13 @@ from ovlib.train.recipes import distill_config
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
+cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 study = Study(P, "03", device=DEV)  # budgets, the shared run cache, claims and the ledger (book/claims/03.json)
 B = study.budget  # params/PROFILE.yaml: budgets["03"]
 SEEDS = study.seeds
+PAPER = P["profile"] == "paper"
 
 
 claim = study.claim_in  # (section, claim, a, b, metric, expected sign): one ledger entry
@@ -117,13 +127,13 @@ LAMBDA = float(CFG.loss_weights.get("coherence", 0.025))
 TRAIN = study.train_budget("denserc")
 STEPS = TRAIN.get("max_steps")  # None: the recipe as it is (paper)
 REGION_N, SEG_N = B["region_images"], B["seg_images"] or EV.ovss_images
-N_DECOMP, N_GRAD, N_GATE = B["n_decomp"], B["n_grad"], B["n_gate"]
+N_DECOMP, N_GRAD, N_GATE = cap(B["n_decomp"]), cap(B["n_grad"]), cap(B["n_gate"])
 GATE_SIZE = B["gate_size"] or EV.region.image_size
 VITB_SIZE = B["vitb_size"]  # random ViT-B/16 (the bookkeeping, not the weights)
 LAYERS = B["layers"]  # the micro CLIP has 4 blocks: n = 4 is "all"
 LAMBDAS = sorted(set(B["lambdas"]) | {LAMBDA})
 EXTRAS = tuple(B["extras"])
-DL_DRAWS = B["dl_draws"]
+DL_DRAWS = cap(B["dl_draws"])
 MAIN_SEEDS = SEEDS  # every Table-5 row is trained for every seed
 # step-time benchmark (§3.9, on the CPU): image size, crop size, batch, boxes per image, alternating pairs
 BENCH = tuple(B["bench"])
@@ -132,7 +142,7 @@ BENCH = tuple(B["bench"])
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. DenseRC runs: "
    f"{STEPS or 'recipe'} steps ({'batch ' + str(TRAIN.get('batch_size', CFG.batch_size))}), Table-5 rows × "
    f"{len(MAIN_SEEDS)} seed(s), sweeps × 1 seed; students evaluated on {REGION_N or 'all'} images (regions) and "
-   f"{SEG_N} images (OVSS, k-means).")
+   f"{SEG_N} images (OVSS, k-means)." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 3.1 The frozen CLIP, the evaluation data and the protocols
@@ -191,6 +201,22 @@ md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {evals['CLIP x+v'].n
 
 # %%
 t = time.perf_counter()
+# the per-head split needs attention outputs affine in the heads; EVA02's sub-LN is not: such a backbone (the paper
+# profile's EVA02-B-16) is analysed through the profile's `models.clip` (OpenAI-style ViT-B/16, no sub-LN)
+if per_head_decomposable(clip_model):
+    DEC_CLIP, DEC_TEXT, DEC_NAME = clip_model, text, "micro CLIP" if not PAPER else P["backbone"]
+else:
+    from ovlib.models import load_clip
+
+    DEC_CLIP, dec_tok, _ = load_clip(**P["models"]["clip"], device=DEV, allow_download=P["allow_download"],
+                                     weights_dir=P["weights_dir"] or None, seed=P["seed"])
+    DEC_CLIP = DEC_CLIP.eval().requires_grad_(False)
+    DEC_TEXT = text_embeddings(DEC_CLIP, dec_tok, class_name_sets(categories, "main", seed=P["seed"]), templates,
+                               this_is_prefix=this_is, device=DEV).cpu()
+    DEC_NAME = f"{P['models']['clip']['name']} ({P['models']['clip']['pretrained'] or 'random init'})"
+    md(f"{P['backbone']}'s attention output is not affine in its heads (sub-LN): §3.2 decomposes **{DEC_NAME}**.")
+DEC_AD = vit_adapter(DEC_CLIP)
+DEC_MEAN, DEC_STD = image_mean_std(DEC_CLIP)
 crops, labels = [], []
 for i in range(len(ds)):
     item = ds[i]
@@ -198,18 +224,18 @@ for i in range(len(ds)):
     if not things:
         continue
     boxes = torch.as_tensor(np.stack([np.asarray(s["box"], dtype=np.float32) for s in things]))
-    crops.append(crop_regions(item["image"], boxes, AD.native_grid[0] * AD.patch_size[0]))
+    crops.append(crop_regions(item["image"], boxes, DEC_AD.native_grid[0] * DEC_AD.patch_size[0]))
     labels += [CAT_ROW[int(s["category_id"])] for s in things]
     if len(labels) >= N_DECOMP:
         break
-crops = normalize_images(torch.cat(crops)[:N_DECOMP], MEAN, STD).to(DEV)
+crops = normalize_images(torch.cat(crops)[:N_DECOMP], DEC_MEAN, DEC_STD).to(DEV)
 labels = torch.tensor(labels[:N_DECOMP])
-dec = cls_decomposition(clip_model, crops, per_head=True)
-jt = joint_terms(clip_model, dec)
-stats = contribution_stats(jt, {**standard_groups(L_BLOCKS, 3),
-                                "attention values (no O-bias), all blocks": TermGroup(attn=tuple(range(L_BLOCKS)),
-                                                                                      attn_value=True)},
-                           text=text.to(jt.embedding), labels=labels)
+dec = cls_decomposition(DEC_CLIP, crops, per_head=True)
+jt = joint_terms(DEC_CLIP, dec)
+stats = contribution_stats(jt, {**standard_groups(DEC_AD.num_blocks, 3),
+                                "attention values (no O-bias), all blocks": TermGroup(
+                                    attn=tuple(range(DEC_AD.num_blocks)), attn_value=True)},
+                           text=DEC_TEXT.to(jt.embedding), labels=labels)
 
 # a random ViT-B/16 (open_clip's "ViT-B-16" config, image tower only) at a tiny input: the same bookkeeping
 import open_clip
@@ -231,9 +257,9 @@ with torch.no_grad():
     own_err_b = float((dec_b.embedding - vitb(xb)).abs().max())
 head_err_b = float((dec_b.heads.sum(2) + dec_b.attn_bias - dec_b.attn).abs().max())
 head_err = float((dec.heads.sum(2) + dec.attn_bias - dec.attn).abs().max())
-own_err = float((dec.embedding - clip_model.encode_image(crops)).abs().max())
+own_err = float((dec.embedding - DEC_CLIP.encode_image(crops)).abs().max())
 TOL = 1e-4
-rows = [["micro CLIP", f"{L_BLOCKS} × {HEADS}", f"{crops.shape[-1]} px, {len(crops)} crops", f"{dec.error():.1e}",
+rows = [[DEC_NAME, f"{DEC_AD.num_blocks} × {DEC_AD.num_heads}", f"{crops.shape[-1]} px, {len(crops)} crops", f"{dec.error():.1e}",
          f"{head_err:.1e}", f"{jt.error():.1e}", f"{own_err:.1e}"],
         ["random ViT-B/16", f"{dec_b.attn.shape[1]} × {dec_b.heads.shape[2]}", f"{VITB_SIZE} px, 2 images",
          f"{dec_b.error():.1e}", f"{head_err_b:.1e}", f"{jt_b.error():.1e}",
@@ -273,7 +299,7 @@ def per_crop_claim(section, text_, a, b, key, expected=+1):
     return claim(section, text_, crop_sample(a, key), crop_sample(b, key), key, expected)
 
 
-n_first = L_BLOCKS - min(3, L_BLOCKS)
+n_first = DEC_AD.num_blocks - min(3, DEC_AD.num_blocks)
 per_crop_claim("3.2", "the attention (value) terms carry more of the CLS embedding than the MLP terms (share)",
                "MLP, all blocks", "attention, all blocks", "share")
 per_crop_claim("3.2", "the attention terms are closer to the class text than the MLP terms (cos text)",
@@ -290,10 +316,10 @@ if n_first > 0:
 # (every crop ranks its heads).
 
 # %%
-hc = head_contributions(jt, text.to(jt.embedding), labels)
+hc = head_contributions(jt, DEC_TEXT.to(jt.embedding), labels)
 with torch.no_grad():
     x_loc = torch.stack([student_image(ds[i]["image"], EV.region.image_size)[0] for i in range(min(4, len(ds)))])
-    dist = head_attention_distance(clip_model, normalize_images(x_loc, MEAN, STD).to(DEV)).mean(0).cpu().numpy()
+    dist = head_attention_distance(DEC_CLIP, normalize_images(x_loc, DEC_MEAN, DEC_STD).to(DEV)).mean(0).cpu().numpy()
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
 for ax, (arr, title, cmap) in zip(axes, ((hc["share"].mean(0), "share of the embedding", "RdBu_r"),
                                           (hc["cos_text"].mean(0), "cos to the class text", "RdBu_r"),
@@ -305,7 +331,7 @@ for ax, (arr, title, cmap) in zip(axes, ((hc["share"].mean(0), "share of the emb
     for (r_, c_), v in np.ndenumerate(arr):
         ax.text(c_, r_, f"{v:.2f}", ha="center", va="center", fontsize=6)
     plt.colorbar(im, ax=ax, fraction=0.046)
-fig.suptitle("per-head attention terms of the micro CLIP's CLS token (means over crops / images)", fontsize=9)
+fig.suptitle(f"per-head attention terms of the {DEC_NAME}'s CLS token (means over crops / images)", fontsize=9)
 plt.tight_layout()
 plt.show()
 sh = hc["share"].mean(0)
@@ -641,7 +667,7 @@ hsg_res = runs[f"{GATE_ROW}-s0"]
 hsg_student = load_student(P, hsg_res, DEV)
 hsg_args = json.loads(Path(hsg_res["results"]).read_text())["config"]["method_args"]
 hsg_cons = load_constructor(hsg_res["weights"], hsg_student, **hsg_args).to(DEV)
-train_dir = Path(P["data_root"]) / "train2017"
+train_dir = Path(P["data_root"]) / CFG.split  # the images the recipe trains on
 files = sorted([p_ for p_ in train_dir.iterdir() if p_.suffix.lower() in (".png", ".jpg", ".jpeg")])[:N_GATE]
 G_MEAN, G_TOK = [], []
 for k0 in range(0, len(files), 50):

@@ -55,6 +55,10 @@ allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (declip, synclip)
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import time
@@ -66,6 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from ovlib.nb import md, ms, setup, table
+from ovlib.config import dry_run_cap, dry_run_eval
+from ovlib.data.coco import dry_run_data
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.eval import (
     MICRO_TEMPLATES,
@@ -97,7 +103,9 @@ from ovlib.train.recipes import distill_config
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
+cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 study = Study(P, "04", device=DEV)  # claims, verdicts and the ledger (book/claims/04.json)
 SEEDS = study.seeds
 
@@ -105,7 +113,7 @@ SEEDS = study.seeds
 R_STEPS = distill_config(P, "synclip").max_steps  # the recipe's steps, already scaled by steps_scale
 if P["profile"] == "paper":
     BUDGET = {"main_steps": None, "sweep_steps": None, "sweep_epochs": 1, "n_region": P["eval_images"] or 0,
-              "n_region_sweep": 500, "n_ovss": EV.ovss_images, "n_ovss_sweep": 100, "n_cons": 200}
+              "n_region_sweep": cap(500), "n_ovss": EV.ovss_images, "n_ovss_sweep": cap(100), "n_cons": cap(200)}
 else:
     # a tenth of the recipe's steps for the multi-seed rows, a twentieth for the one-seed sweeps; students
     # are evaluated on half the evaluation images (a quarter for the sweeps)
@@ -126,7 +134,7 @@ else:
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; seeds {SEEDS}; "
-   f"evaluation on {BUDGET['n_region'] or 'all'} images.")
+   f"evaluation on {BUDGET['n_region'] or 'all'} images." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 4.1 Backbones, evaluation data and class names
@@ -150,7 +158,7 @@ if P["profile"] == "paper":
     corpus_path = corpus.to_json(Path(P["cache_dir"]) / "synonyms" / "coco_wordnet.json")
     categories = [{**c, "synonyms": corpus.synonyms(c["name"]), "definition": corpus.definition(c["name"])}
                   for c in ds.categories]
-    templates, this_is = VILD_TEMPLATES, True
+    templates, this_is = VILD_TEMPLATES[:EV.templates or None], True
 else:
     root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size, seed=P["seed"])
     ds = CocoPanoptic(root, "val2017")

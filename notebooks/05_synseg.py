@@ -50,6 +50,10 @@ allow_download = False
 backbone = "micro-clip"
 recipes = []  # distillation recipes: injected from params/PROFILE.yaml (synseg)
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
+models = {}  # named models of the paper profile (role -> {name, pretrained})
+weights_dir = ""  # local named weights (offline clusters)
+dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
+dry_run_settings = {}
 
 # %%
 import json
@@ -61,6 +65,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ovlib.config import dry_run_cap, dry_run_eval
+from ovlib.data.coco import dry_run_data
 from ovlib.nb import ci, md, ms, setup, table
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabeler, NounVocabulary, excluded_vocabulary
@@ -93,7 +99,9 @@ from ovlib.train.recipes import distill_config
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 T0 = time.perf_counter()
-EV = dense_eval_settings(P["profile"], P["eval_images"])
+P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
+EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
+cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 study = Study(P, "05", device=DEV)  # claims, verdicts and the ledger (book/claims/05.json)
 SEEDS = study.seeds
 R = distill_config(P, "synseg")  # the profile's recipe (steps already scaled by steps_scale)
@@ -108,14 +116,14 @@ THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # Fig. 3 of the paper: robust "near
 # passes x 12 s = 290 s; baselines 64 s; figures, selectivity, latency ~40 s.
 # Total ~ 1600 s ~ 27 min on one loaded thread; with the book's two threads ~ 18-20 min (not measured).
 if P["profile"] == "paper":
-    BUDGET = {"main_steps": None, "sweep_steps": None, "n_eval": EV.ovss_images, "n_eval_sweep": 100}
+    BUDGET = {"main_steps": None, "sweep_steps": None, "n_eval": EV.ovss_images, "n_eval_sweep": cap(100)}
 else:
     BUDGET = {"main_steps": R.max_steps, "sweep_steps": max(1, R.max_steps // 3),
               "n_eval": min(EV.ovss_images, 40) if P["profile"] == "micro" else EV.ovss_images,
               "n_eval_sweep": min(EV.ovss_images, 40) if P["profile"] == "micro" else EV.ovss_images}
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; seeds {SEEDS}; recipe: "
    f"{R.max_steps} steps, batch {R.batch_size}, lr {R.lr:g}, weight decay {R.weight_decay:g}, "
-   f"input {R.method_args.get('input_size')} px; evaluation on {BUDGET['n_eval']} scenes.")
+   f"input {R.method_args.get('input_size')} px; evaluation on {BUDGET['n_eval']} scenes." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 5.1 The method, with the choices the paper leaves open
@@ -236,7 +244,8 @@ if P["profile"] != "paper":
        f"{len(DEFAULT_EXCLUSIONS)} terms, matched as whole words; the paper's substring matching would also drop "
        f"these vocabulary words: {', '.join(sorted(killed)[:8]) or 'none'}.")
 else:
-    md("Paper profile: captions of COCO train2017 through spaCy noun chunks (`extractor: spacy`).")
+    md(f"Paper profile: captions of COCO {R.split} through the `{R.method_args.get('extractor')}` noun-chunk extractor"
+       + (" (a dry run: the synthesised captions are templates, spaCy's parser weights are not needed)." if DRY else "."))
 
 # %% [markdown]
 # ## 5.3 Backbone, evaluation data, baselines
@@ -260,7 +269,7 @@ clip_model, _, _, tokenizer = build_models(R, P, frozenset())
 clip_model = clip_model.to(DEV).eval()
 if P["profile"] == "paper":
     ds = CocoPanoptic(P["data_root"], "val2017")
-    templates = VILD_TEMPLATES
+    templates = VILD_TEMPLATES[:EV.templates or None]
 else:
     ds = CocoPanoptic(ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=EV.export_size,
                                         seed=P["seed"]), "val2017")

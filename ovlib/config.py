@@ -47,6 +47,12 @@ PARAMS: dict[str, Param] = {
     "recipes": Param(list, "training recipes, applied in order (see ovlib.train.recipes)"),
     "budgets": Param(dict, "the chapters' budgets: 'train' (named training budgets) and one entry per chapter "
                            "(see BUDGET_KEYS; read through ovlib.study.Study.budget)"),
+    "models": Param(dict, "named models a chapter loads besides the recipes' backbones: role -> {name, pretrained}"),
+    "weights_dir": Param(str, "local directory holding every named weight ('' = Hugging Face cache / download); "
+                              "see ovlib.models.weights for the file names"),
+    "dry_run": Param(bool, "run the profile's code path at the sizes of `dry_run_settings` (random weights, "
+                           "<= 2 training steps)"),
+    "dry_run_settings": Param(dict, "what a dry run changes: params / recipes / eval / random_init ({} = none)"),
 }
 
 #: The knobs a chapter may set under ``budgets: {NN: {...}}`` (key -> meaning). ``train`` holds named
@@ -107,6 +113,19 @@ def _check_budgets(value: Mapping[str, Any], where: str) -> None:
                              f"{sorted(BUDGET_KEYS[ch])}")
 
 
+#: sections of ``dry_run_settings`` (a dry run changes sizes, step counts, data and weights; nothing else)
+DRY_RUN_SECTIONS = {
+    "params": "contract parameters replaced (not profile, recipes or the dry_run keys themselves)",
+    "recipes": "recipe entries appended to the profile's recipes (later entries override)",
+    "eval": "evaluation sizes (ovlib.eval.profiles.dense_eval_settings keyword arguments)",
+    "random_init": "true: every named weight (models, recipes) is randomly initialised, nothing is read",
+    "cap": "the largest count a chapter's budget may use (images, pairs, draws, sweep values): dry_run_cap",
+}
+#: keys of ``dry_run_settings.eval`` (see :func:`ovlib.eval.profiles.dense_eval_settings`)
+DRY_RUN_EVAL_KEYS = ("region", "ovss", "ovss_images", "n_boot", "templates")
+_DRY_RUN_FORBIDDEN = ("profile", "recipes", "dry_run", "dry_run_settings")
+
+
 def _check_value(key: str, value: Any, where: str) -> Any:
     spec = PARAMS[key]
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
@@ -123,6 +142,38 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _check_models(models: Mapping[str, Any], where: str) -> None:
+    for role, spec in models.items():
+        if not isinstance(spec, Mapping) or set(spec) != {"name", "pretrained"} or not isinstance(spec["name"], str) \
+                or not (spec["pretrained"] is None or isinstance(spec["pretrained"], str)):
+            raise ParamError(f"{where}: models[{role!r}] must be {{name: str, pretrained: str or null}}, got {spec!r}")
+
+
+def _check_dry_run_settings(s: Mapping[str, Any], where: str) -> None:
+    w = f"{where}: dry_run_settings"
+    unknown = sorted(set(s) - set(DRY_RUN_SECTIONS))
+    if unknown:
+        raise ParamError(f"{w} has unknown section(s) {unknown}; known: {sorted(DRY_RUN_SECTIONS)}")
+    ps = s.get("params", {})
+    if not isinstance(ps, Mapping):
+        raise ParamError(f"{w}.params must be a mapping, got {type(ps).__name__}")
+    bad = sorted(set(ps) & set(_DRY_RUN_FORBIDDEN))
+    if bad:
+        raise ParamError(f"{w}.params may not set {bad}")
+    validate(ps, where=f"{w}.params", complete=False)
+    rec = s.get("recipes", [])
+    if s and (not isinstance(rec, list) or not rec or not all(isinstance(e, Mapping) for e in rec)):
+        raise ParamError(f"{w}.recipes must be a non-empty list of mappings (it marks applied dry runs)")
+    ev = s.get("eval", {})
+    if not isinstance(ev, Mapping) or sorted(set(ev) - set(DRY_RUN_EVAL_KEYS)):
+        raise ParamError(f"{w}.eval must be a mapping with keys among {list(DRY_RUN_EVAL_KEYS)}, got {ev!r}")
+    if not isinstance(s.get("random_init", False), bool):
+        raise ParamError(f"{w}.random_init must be true or false")
+    cap = s.get("cap", 1)
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise ParamError(f"{w}.cap must be an int >= 1, got {cap!r}")
+
+
 def validate(params: Mapping[str, Any], where: str = "parameters", complete: bool = True) -> dict[str, Any]:
     """Check keys and types; return a new dict. ``complete`` requires every contract key."""
     unknown = sorted(set(params) - set(PARAMS))
@@ -132,7 +183,42 @@ def validate(params: Mapping[str, Any], where: str = "parameters", complete: boo
         missing = sorted(set(PARAMS) - set(params))
         if missing:
             raise ParamError(f"{where}: missing parameter(s) {missing}")
-    return {k: _check_value(k, v, where) for k, v in params.items()}
+    out = {k: _check_value(k, v, where) for k, v in params.items()}
+    if "models" in out:
+        _check_models(out["models"], where)
+    if "dry_run_settings" in out:
+        _check_dry_run_settings(out["dry_run_settings"], where)
+    return out
+
+
+def apply_dry_run(params: Mapping[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parameters of a dry run (``params["dry_run"]`` true), else ``params`` unchanged.
+
+    ``dry_run_settings.params`` replace contract values (except the keys in ``keep``: explicit overrides win),
+    ``dry_run_settings.recipes`` are appended to ``recipes`` and, with ``random_init``, every ``models`` entry
+    gets ``pretrained: null``. Applying it to parameters whose recipes already end with the dry-run recipes
+    changes nothing (the notebook's :func:`ovlib.nb.setup` sees what the runner applied, explicit overrides
+    included); so a dry-run block must hold at least one recipe entry (checked by the contract)."""
+    out = dict(params)
+    if not out.get("dry_run"):
+        return out
+    s = out.get("dry_run_settings") or {}
+    if not s:
+        raise ParamError(f"dry_run=true but profile {out.get('profile')!r} has no dry_run_settings")
+    extra = [dict(e) for e in s.get("recipes", [])]
+    rec = list(out.get("recipes", []))
+    if extra and rec[-len(extra):] == extra:  # applied already (by the runner): explicit overrides stay
+        return out
+    out.update({k: v for k, v in s.get("params", {}).items() if k not in keep})
+    out["recipes"] = rec + extra
+    if s.get("random_init"):
+        out["models"] = {r: {**m, "pretrained": None} for r, m in out.get("models", {}).items()}
+    return out
+
+
+def dry_run_eval(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``dry_run_settings.eval`` of a dry run (keyword arguments of ``dense_eval_settings``), else ``{}``."""
+    return dict((params.get("dry_run_settings") or {}).get("eval", {})) if params.get("dry_run") else {}
 
 
 def profile_path(profile: str, root: str | Path = ".") -> Path:
@@ -181,4 +267,20 @@ def resolve(profile: str, overrides: list[str] | Mapping[str, Any] = (), root: s
     if "profile" in upd and upd["profile"] != profile:
         raise ParamError("use --profile to change the profile, not -p profile=...")
     params.update(validate(upd, where="overrides", complete=False))
-    return params
+    return apply_dry_run(params, keep=tuple(upd))
+
+
+def dry_run_cap(params: Mapping[str, Any]):
+    """``cap(n)``: a chapter's count ``n`` (images, pairs, Monte Carlo draws) as is, or in a dry run at most
+    ``dry_run_settings.cap`` (a count of 0 = "all" becomes the cap); ``cap(seq)`` keeps the first ``cap`` values of
+    a sweep in a dry run (the first value is the one each sweep varies from)."""
+    limit = int((params.get("dry_run_settings") or {}).get("cap", 0)) if params.get("dry_run") else 0
+
+    def cap(n):
+        if not limit:
+            return n
+        if isinstance(n, (list, tuple)):
+            return type(n)(n[:limit])
+        return limit if n <= 0 else min(int(n), limit)
+
+    return cap

@@ -50,7 +50,7 @@ def setup(namespace: Mapping[str, Any]) -> tuple[dict, torch.device]:
     missing = [k for k in config.PARAMS if k not in namespace]
     if missing:
         raise config.ParamError(f"the parameters cell lacks the contract key(s) {missing}")
-    P = config.validate({key: namespace[key] for key in config.PARAMS})
+    P = config.apply_dry_run(config.validate({key: namespace[key] for key in config.PARAMS}))
     torch.manual_seed(P["seed"])
     return P, resolve_device(P["device"])
 

@@ -131,8 +131,26 @@ def test_refiner_dense_fn_tiles_a_side_by_side_pair(clip):
     # the right tile is refined in the context of the whole pair, not alone
     alone = refiner_dense_fn(ref, mean, std)(x[..., 48:])
     assert not torch.allclose(alone[0], got[0, :, :, 6:], atol=1e-4)
-    with pytest.raises(ValueError, match="multiple of H"):
-        refiner_dense_fn(ref, mean, std)(_imgs(1, 48, 64, 0))
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        refiner_dense_fn(ref, mean, std)(_imgs(1, 48, 60, 0))
+
+
+def test_refiner_dense_fn_pads_a_non_square_image_to_a_square(clip):
+    """A COCO-like 48 x 64 image: its map is the padded 64 x 64 square's map cropped to 6 x 8 tokens."""
+    torch.manual_seed(3)
+    ref = Refiner(clip, 2, (1, 2), True, hidden=32)
+    for p in list(ref.inter.parameters()) + list(ref.cls_gen.parameters()):
+        torch.nn.init.normal_(p, std=0.05)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    x = _imgs(1, 48, 64, 4)
+    got = refiner_dense_fn(ref, mean, std)(x)
+    assert got.shape == (1, 128, 6, 8)
+    square = torch.zeros(1, 3, 64, 64) + torch.tensor(mean).view(1, 3, 1, 1)  # the mean colour normalises to 0
+    square[..., :48, :64] = x
+    want = ref.dense(normalize_images(square, mean, std))[..., :6, :8]
+    assert torch.allclose(got, want, atol=1e-5)
+    portrait = refiner_dense_fn(ref, mean, std)(x.transpose(-1, -2))
+    assert portrait.shape == (1, 128, 8, 6)
 
 
 # --------------------------------------------------------------------------------------------- t-SNE

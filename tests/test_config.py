@@ -79,3 +79,45 @@ def test_profile_field_must_match_file(tmp_path, repo_root):
     _write_profile(tmp_path, data)
     with pytest.raises(config.ParamError, match="'profile' is 'micro' but the file is for 'smoke'"):
         config.load_profile("smoke", tmp_path)
+
+
+def test_dry_run_applies_the_profiles_block_and_explicit_overrides_win(repo_root):
+    base = config.resolve("paper", root=repo_root)
+    dry = config.resolve("paper", ["dry_run=true", "data_root=/elsewhere"], root=repo_root)
+    block = base["dry_run_settings"]
+    assert dry["data_root"] == "/elsewhere"  # explicit -p beats the block
+    assert dry["device"] == block["params"]["device"] and dry["eval_images"] == block["params"]["eval_images"]
+    assert dry["recipes"] == base["recipes"] + block["recipes"]
+    assert all(m["pretrained"] is None for m in dry["models"].values()) and base["models"]
+    # applying it again (the notebook's setup after the runner) changes nothing, the override included
+    assert config.apply_dry_run(dry) == dry
+    assert config.dry_run_eval(dry) == block["eval"] and config.dry_run_eval(base) == {}
+    # only sizes, steps, data and weights change: every recipe still names the profile's architectures
+    from ovlib.train.recipes import distill_config
+
+    for method in ("clipself", "declip", "synclip", "denserc", "refiner", "synseg"):
+        a, b = distill_config(base, method), distill_config(dry, method)
+        assert (a.backbone, a.vfm, a.method_args.get("num_blocks")) == (b.backbone, b.vfm, b.method_args.get("num_blocks"))
+        assert b.max_steps <= 2 and b.pretrained is None and b.vfm_pretrained is None
+
+
+def test_dry_run_settings_are_validated(repo_root, tmp_path):
+    with pytest.raises(config.ParamError, match="has no dry_run_settings"):
+        config.resolve("smoke", ["dry_run=true"], root=repo_root)
+    data = config.load_profile("smoke", repo_root)
+    for bad, msg in (({"sizes": {}}, r"unknown section\(s\) \['sizes'\]"),
+                     ({"params": {"profile": "micro"}, "recipes": [{}]}, "may not set"),
+                     ({"params": {"seed": "x"}, "recipes": [{}]}, "'seed' must be int"),
+                     ({"params": {}}, "non-empty list"),
+                     ({"recipes": [{}], "eval": {"colour": 1}}, "eval must be"),
+                     ({"recipes": [{}], "random_init": "yes"}, "random_init")):
+        data["dry_run_settings"] = bad
+        _write_profile(tmp_path, data) if not (tmp_path / "params").exists() else \
+            (tmp_path / "params" / "smoke.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(config.ParamError, match=msg):
+            config.load_profile("smoke", tmp_path)
+    data["dry_run_settings"] = {}
+    data["models"] = {"clip": {"name": "ViT-B-16"}}
+    (tmp_path / "params" / "smoke.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(config.ParamError, match=r"models\['clip'\] must be"):
+        config.load_profile("smoke", tmp_path)

@@ -86,6 +86,15 @@ def test_cls_decomposition_on_eva02_per_layer_only():
     assert jt.error() <= TOL and (dec.embedding - eva(x)).abs().max() <= TOL
     with pytest.raises(ValueError, match="affine attention output"):  # EVA02's sub-LN mixes the heads
         cls_decomposition(eva, x, per_head=True)
+    from ovlib.methods.derivation import per_head_decomposable
+
+    assert not per_head_decomposable(eva)  # what chapter 03 checks before its per-head analysis
+
+
+def test_per_head_decomposable_towers(micro, vitb16):
+    from ovlib.methods.derivation import per_head_decomposable
+
+    assert per_head_decomposable(micro) and per_head_decomposable(vitb16)
 
 
 def test_contribution_stats(micro):

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CocoPanoptic", "CocoInstances", "CocoCaptions", "read_image", "ImageReadError", "rgb2id", "id2rgb"]
+__all__ = ["CocoPanoptic", "CocoInstances", "CocoCaptions", "read_image", "ImageReadError", "rgb2id", "id2rgb",
+           "dry_run_root", "dry_run_data", "synthesised_captions", "caption_name"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,3 +334,108 @@ class CocoCaptions(_CocoBase):
         if self.load_image:
             out["image"] = read_image(self.image_dir / im["file_name"])
         return out
+
+
+# ------------------------------------------------------------------------------------ dry-run data
+def caption_name(category: dict) -> str:
+    """A category name as a caption word (:func:`ovlib.data.synonyms.normalize_class_name`): COCO panoptic's
+    ``"wall-other-merged"`` -> ``"wall"``, ``"traffic light"`` stays."""
+    from ovlib.data.synonyms import normalize_class_name
+
+    return normalize_class_name(str(category["name"]))
+
+
+def synthesised_captions(names: list[str], n: int = 2) -> list[str]:
+    """``n`` template captions naming ``names`` (largest segment first): caption ``k`` lists the names from
+    position ``k`` on, at most three (``"a person, a dog and a grass."``). Not real language: a stand-in so
+    caption-driven code runs on a panoptic-only COCO subset."""
+    if not names:
+        raise ValueError("synthesised_captions needs at least one name")
+    out = []
+    for k in range(n):
+        picked = (names[k:] + names[:k])[:3]
+        words = [f"a {w}" for w in picked]
+        out.append((", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]) + ".")
+    return out
+
+
+def dry_run_root(src, dst, split: str = "val2017") -> dict:
+    """A COCO root at ``dst`` built from a panoptic-only one at ``src`` (the shared 100-image subset): the
+    images and panoptic files are linked, ``instances_{split}.json`` is **derived** from the panoptic PNGs (one
+    instance per thing segment, RLE mask, the segment's bbox/area/iscrowd) and ``captions_{split}.json`` is
+    **synthesised** from each image's category names (:func:`synthesised_captions`). Rebuilt only when
+    ``src``'s panoptic JSON changed. Returns counts (``images``, ``instances``, ``captions``, ``dst``)."""
+    import hashlib
+    import os
+
+    from pycocotools import mask as mask_utils
+
+    from ovlib.io import atomic_write_text
+
+    src, dst = Path(src).resolve(), Path(dst)
+    pan_json = src / "annotations" / f"panoptic_{split}.json"
+    pan = _load_json(pan_json, "panoptic")
+    stamp = dst / "annotations" / "DERIVED.json"
+    digest = hashlib.sha256(pan_json.read_bytes()).hexdigest()
+    if stamp.is_file():
+        info = json.loads(stamp.read_text())
+        if info.get("source") == digest:
+            return info
+    (dst / "annotations").mkdir(parents=True, exist_ok=True)
+    for link, target in ((dst / split, src / split), (dst / "annotations" / f"panoptic_{split}", src / "annotations" /
+                                                        f"panoptic_{split}"),
+                         (dst / "annotations" / f"panoptic_{split}.json", pan_json)):
+        if not target.exists():
+            raise FileNotFoundError(f"dry-run source {src} lacks {target}")
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(target, link)
+    ds = CocoPanoptic(dst, split, strict=True)
+    cats = {c["id"]: c for c in pan["categories"]}
+    instances, captions = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        segs = sorted(item["segments"], key=lambda s: -s["area"])
+        for s in segs:
+            if not s["isthing"]:
+                continue
+            rle = mask_utils.encode(np.asfortranarray(s["mask"].astype(np.uint8)))
+            instances.append(dict(id=len(instances) + 1, image_id=item["image_id"],
+                                  category_id=s["category_id"], bbox=s["bbox"], area=s["area"],
+                                  iscrowd=s["iscrowd"], segmentation=dict(size=[int(v) for v in rle["size"]],
+                                                                          counts=rle["counts"].decode("ascii"))))
+        names = list(dict.fromkeys(caption_name(cats[s["category_id"]]) for s in segs))
+        for cap in synthesised_captions(names):
+            captions.append(dict(id=len(captions) + 1, image_id=item["image_id"], caption=cap))
+    kept = {it[0]["id"] for it in ds.items}
+    images = [im for im in pan["images"] if im["id"] in kept]
+    thing_cats = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in pan["categories"]
+                  if c.get("isthing", 1)]
+    atomic_write_text(json.dumps(dict(images=images, annotations=instances, categories=thing_cats)),
+                      dst / "annotations" / f"instances_{split}.json")
+    atomic_write_text(json.dumps(dict(images=images, annotations=captions)),
+                      dst / "annotations" / f"captions_{split}.json")
+    info = dict(source=digest, dst=str(dst), images=len(images), instances=len(instances), captions=len(captions))
+    atomic_write_text(json.dumps(info), stamp)
+    return info
+
+
+def dry_run_data(params: dict) -> tuple[dict, str]:
+    """For a dry run (``params["dry_run"]``): ``params`` with ``data_root`` replaced by the :func:`dry_run_root`
+    derived from it (under ``cache_dir/dry-run-coco``), and a sentence for the chapter's output saying what is
+    derived and synthesised. Otherwise ``(params, "")`` unchanged."""
+    if not params.get("dry_run"):
+        return params, ""
+    src = Path(params["data_root"])
+    if (src / "annotations" / "DERIVED.json").is_file():  # derived already (the notebook hands it to the trainer)
+        return params, ""
+    if not (src / "annotations").is_dir():
+        raise FileNotFoundError(f"dry run: data_root {src} is not a COCO root (no annotations/); the dry run reads the "
+                                "shared 100-image COCO panoptic subset (../shared/data/coco_panoptic_val100)")
+    info = dry_run_root(src, Path(params["cache_dir"]) / "dry-run-coco")
+    msg = (f"**Dry run** (random weights, at most 2 training steps, small images: the numbers mean nothing): "
+           f"{info['images']} real COCO val2017 images from `{src}` with their panoptic annotations; the "
+           f"{info['instances']} instances are *derived* from the panoptic thing segments and the "
+           f"{info['captions']} captions are *synthesised* from each image's category names "
+           f"(`ovlib.data.coco.dry_run_root`), both written to `{info['dst']}`; val2017 doubles as the training split.")
+    return {**params, "data_root": info["dst"]}, msg

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from ovlib.data.coco import CocoCaptions
 from ovlib.data.regions import to_chw_float
 
+from ovlib.data.synonyms import normalize_class_name
+
 __all__ = [
     "BOUNDARY_WORDS",
     "DEFAULT_EXCLUSIONS",
@@ -188,8 +190,10 @@ class NounVocabulary:
     """Surface form -> category id over ``categories`` (COCO-style dicts or ``ClassInfo``: ``id``, ``name``,
     optional ``synonyms`` / ``heldout_synonyms``), with plurals; ``extra`` adds ``{surface: id}`` entries.
 
-    ``_`` in names becomes a space (COCO panoptic names like ``"wall-other-merged"`` are kept as they are).
-    A surface form claimed by two categories is an error naming both.
+    ``_`` in names becomes a space. A COCO panoptic name also gets its caption form
+    (:func:`ovlib.data.synonyms.normalize_class_name`: ``"wall-other-merged"`` -> ``"wall"``, ``"floor-wood"`` ->
+    ``"floor wood"``): a caption says "a wall", never "a wall-other-merged", so without it real captions would
+    never label COCO's stuff classes. A surface form claimed by two categories is an error naming both.
     """
 
     def __init__(self, categories: Sequence[Any], use_synonyms: bool = True, extra: dict | None = None):
@@ -198,7 +202,7 @@ class NounVocabulary:
         for c in categories:
             cid, name = int(_get(c, "id")), str(_get(c, "name")).replace("_", " ").lower().strip()
             self.names[cid] = name
-            forms = [name]
+            forms = list(dict.fromkeys([name, normalize_class_name(name)]))
             if use_synonyms:
                 forms += [s.lower().strip() for s in (_get(c, "synonyms") or []) + (_get(c, "heldout_synonyms") or [])]
             for f in forms:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ovlib.eval.region_cls import RegionClsConfig
@@ -22,12 +23,29 @@ class DenseEvalSettings:
     ovss_images: int            # images for OVSS and k-means (a subset of the evaluation images)
     n_boot: int                 # bootstrap resamples for the 95 % intervals
     modes: tuple[str, ...] = field(default=CHAPTER01_MODES)  # dense modes or preset names
+    templates: int = 0          # prompt templates kept for the class embeddings (0 = all of the set)
 
 
-def dense_eval_settings(profile: str, eval_images: int) -> DenseEvalSettings:
+def dense_eval_settings(profile: str, eval_images: int, **sizes) -> DenseEvalSettings:
+    """The profile's settings with ``sizes`` replacing some of them (a dry run's ``dry_run_settings.eval``,
+    :func:`ovlib.config.dry_run_eval`): ``region`` / ``ovss`` (dicts of :class:`RegionClsConfig` /
+    :class:`OVSSConfig` fields), ``ovss_images``, ``n_boot``, ``templates``."""
+    ev = _profile_settings(profile, eval_images)
+    unknown = sorted(set(sizes) - {"region", "ovss", "ovss_images", "n_boot", "templates"})
+    if unknown:
+        raise ValueError(f"dense_eval_settings: unknown size(s) {unknown}")
+    upd = {k: v for k, v in sizes.items() if k not in ("region", "ovss")}
+    if "region" in sizes:
+        upd["region"] = dataclasses.replace(ev.region, **sizes["region"])
+    if "ovss" in sizes:
+        upd["ovss"] = dataclasses.replace(ev.ovss, **sizes["ovss"])
+    return dataclasses.replace(ev, **upd)
+
+
+def _profile_settings(profile: str, eval_images: int) -> DenseEvalSettings:
     """Region classification follows CLIPSelf's conventions by default (``RegionClsConfig``: normalise-then-pool,
     masks resized to the grid ``> 0``); a chapter scoring DeCLIP / SynCLIP students replaces ``pooling``.
-    ``smoke``: everything tiny, three dense maps; ``micro``: 160-px scenes (20x20 grid of the patch-8 micro CLIP), 64-px
+    ``smoke``: everything tiny, three dense modes; ``micro``: 160-px scenes (20x20 grid of the patch-8 micro CLIP), 64-px
     teacher crops, sliding 64-px windows with stride 32 (the CLIP's native size, as SCLIP slides 224-px
     windows; the longest side is the scene's 160 px, ``resize="long"``); ``paper``: ViT-B/16 on COCO, 1024-px
     student images and 224-px crops (CLIPSelf), 448-px short side (``resize="short"``, SCLIP's

@@ -258,8 +258,9 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
         ev.ci["ovss.miou"] = ov["miou"]
         ev.per_image["ovss.miou"] = (ov["confusion"], _ovss_stat)
     if kmeans:
-        ps = getattr(getattr(model, "visual", model), "patch_size", 8)
-        patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+        from ovlib.models import vit_adapter
+
+        patch = int(vit_adapter(model).patch_size[0])  # EVA towers (timm) have no `visual.patch_size`
         km = evaluate_kmeans(fn, dataset, image_size=settings.region.image_size, n_images=n_seg, seed=seed,
                              n_boot=settings.n_boot, patch=patch, progress=progress)
         ev.ci["kmeans.miou"] = km["miou"]

@@ -142,7 +142,10 @@ def refiner_dense_fn(refiner, mean: Sequence[float], std: Sequence[float]) -> En
     A square image is one whole-image region (:meth:`Refiner.dense`). An image ``W = T * H`` wide (e.g. the
     side-by-side pair ``[X_A | X_B]`` of the coupling ratio) is cut into ``T`` square tiles, each refined as a
     region of the *whole* image -- ``f_I^A`` sees every tile, the Refiner's blocks one tile -- exactly how the
-    Refiner produces the R-SCD targets of a region (Eq. 8); the tiles' maps are laid side by side.
+    Refiner produces the R-SCD targets of a region (Eq. 8); the tiles' maps are laid side by side. Any other
+    image (a COCO image resized with its aspect kept, both sides multiples of the patch) is padded bottom/right
+    to a square (the book's student-image convention, zeros after normalisation = the mean colour), refined as
+    one whole-image region, and its map cropped back to the image's ``(H / p, W / p)`` tokens.
     """
 
     patch = int(refiner.adapter.patch_size[0])
@@ -150,9 +153,16 @@ def refiner_dense_fn(refiner, mean: Sequence[float], std: Sequence[float]) -> En
     def fn(images: torch.Tensor) -> torch.Tensor:
         x = normalize_images(images, mean, std)
         B, _, H, W = x.shape
-        if H % patch or W % H:
-            raise ValueError(f"refiner_dense_fn needs H a multiple of the patch ({patch}) and W a multiple of H; "
-                             f"got {(H, W)}")
+        if H % patch or W % patch:
+            raise ValueError(f"refiner_dense_fn needs H and W multiples of the patch ({patch}); got {(H, W)}")
+        if W % H:  # not a row of square tiles: pad to a square, refine, crop the map back
+            S = max(H, W)
+            z = tiles(F.pad(x, (0, S - W, 0, S - H)))  # (B, C, S/p, S/p)
+            return z[..., : H // patch, : W // patch]
+        return tiles(x)
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
         g, T = H // patch, W // H
         boxes = [x.new_tensor([[t * H, 0.0, (t + 1) * H, H] for t in range(T)]) for _ in range(B)]
         z = F.normalize(refiner(x, boxes, g), dim=-1)  # (B*T, g*g, C)

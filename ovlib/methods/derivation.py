@@ -60,6 +60,7 @@ __all__ = [
     "final_linearization",
     "gradient_stats",
     "head_attention_distance",
+    "per_head_decomposable",
     "head_contributions",
     "joint_terms",
     "optimal_spatial_p",
@@ -123,6 +124,14 @@ def _attn_out_is_affine(ad: ViTAdapter, i: int) -> bool:
 
 
 @torch.no_grad()
+def per_head_decomposable(model: nn.Module | ViTAdapter) -> bool:
+    """Whether :func:`cls_decomposition` can split the attention terms per head (``per_head=True``): every
+    block's attention output is affine in the heads' outputs (open_clip's OpenAI-style ViT: yes; EVA02's sub-LN
+    inside the attention: no)."""
+    ad = model if isinstance(model, ViTAdapter) else vit_adapter(model)
+    return all(_attn_out_is_affine(ad, i) for i in range(ad.num_blocks))
+
+
 def cls_decomposition(model: nn.Module | ViTAdapter, images: torch.Tensor, per_head: bool = False,
                       per_source: bool = False) -> ClsDecomposition:
     """Decompose the final cls token of ``images (B, 3, H, W)`` into ``c^(0)`` and per-block attention / MLP terms

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ovlib.io import CheckpointError, safe_load
+from ovlib.models.weights import local_weight_file, weight_stem
 
 __all__ = [
     "MicroClipConfig",
@@ -254,6 +255,7 @@ def load_clip(
     *,
     allow_download: bool = True,
     seed: int = 0,
+    weights_dir: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, Callable, Callable]:
     """Load a CLIP model; returns ``(model, tokenizer, preprocess)`` with the model in eval mode.
 
@@ -265,6 +267,9 @@ def load_clip(
         device: where the model is put.
         allow_download: may a named weight be downloaded (the ``allow_download`` book parameter).
         seed: seed of the random initialisation (the global RNG is left untouched).
+        weights_dir: a directory holding named weights as local files (:mod:`ovlib.models.weights`): a tag is
+            read from ``weights_dir/<name>.<tag>.safetensors`` (or .pth/.pt/.bin), never downloaded; a missing
+            file is a :class:`WeightsUnavailable` naming the parameter and the file.
     """
     import open_clip
 
@@ -311,7 +316,13 @@ def load_clip(
         if tag not in tags:
             raise ValueError(f"{name!r} has no pretrained tag {tag!r}; open_clip knows: {tags}")
         quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
-        hint = f"pretrained='/path/to/checkpoint.pt' (a state_dict file of {name}{'-quickgelu' if quick_gelu else ''})"
+        hint = (f"weights_dir=DIR holding {weight_stem(name, tag)}.safetensors, or pretrained='/path/to/checkpoint.pt' "
+                f"(a state_dict file of {name}{'-quickgelu' if quick_gelu else ''})")
+        if weights_dir:  # the tag's own activation (OpenAI weights: QuickGELU), weights from the local file
+            local = local_weight_file(weights_dir, name, tag)
+            model, preprocess = _create(force_quick_gelu=quick_gelu)
+            load_state_dict_checked(model, read_checkpoint(local), source=f"weights file {local}")
+            return model.to(device).eval(), tokenizer, preprocess
         cached = _cached_open_clip_file(name, tag)
         if cached is not None:
             model, preprocess = _create(force_quick_gelu=quick_gelu)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import WeightsUnavailable, is_offline, load_state_dict_checked, read_checkpoint
+from .weights import local_weight_file
 
 __all__ = ["MicroVfmConfig", "MICRO_VFM_CONFIGS", "register_micro_vfm", "load_vfm", "vfm_patch_features",
            "patch_correlation", "renormalize"]
@@ -69,8 +70,11 @@ def _is_path(p) -> bool:
 
 
 def load_vfm(name: str, pretrained: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
-             *, allow_download: bool = True, seed: int = 0) -> nn.Module:
-    """Load a VFM (eval mode, ``requires_grad`` left as is). See the module docstring."""
+             *, allow_download: bool = True, seed: int = 0,
+             weights_dir: Union[str, os.PathLike, None] = None) -> nn.Module:
+    """Load a VFM (eval mode, ``requires_grad`` left as is). See the module docstring. ``weights_dir``: with
+    ``pretrained="hub"`` the weights are read from ``weights_dir/<name>.safetensors`` (or .pth/.pt/.bin,
+    :mod:`ovlib.models.weights`), never downloaded."""
     import timm
 
     if name in MICRO_VFM_CONFIGS:
@@ -98,7 +102,10 @@ def load_vfm(name: str, pretrained: Union[str, os.PathLike, None] = None, device
         return model.to(device).eval()
     if str(pretrained) != "hub":
         raise ValueError(f"pretrained for {name!r} must be None, a local path or 'hub', got {pretrained!r}")
-    hint = f"pretrained='/path/to/{base}.pth' (a timm state_dict file)"
+    if weights_dir:
+        local = local_weight_file(weights_dir, name, "hub", what=f"of timm {name}")
+        return load_vfm(name, local, device, allow_download=False, seed=seed)
+    hint = f"weights_dir=DIR holding {name}.safetensors, or pretrained='/path/to/{base}.pth' (a timm state_dict file)"
     cached = None
     try:
         from huggingface_hub import try_to_load_from_cache

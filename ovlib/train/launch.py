@@ -46,7 +46,7 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
         student, tokenizer, _ = pretrain_clip(clip_cfg, params["cache_dir"], progress=False)
     else:
         student, tokenizer, _ = load_clip(cfg.backbone, pretrained=cfg.pretrained, allow_download=params["allow_download"],
-                                  seed=cfg.seed)
+                                          seed=cfg.seed, weights_dir=params.get("weights_dir") or None)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     vfm = None
     if "vfm" in needs:
@@ -59,7 +59,7 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
             vfm = pretrain_vfm(vfm_cfg, params["cache_dir"], progress=False)[0]
         else:
             vfm = load_vfm(cfg.vfm, pretrained=cfg.vfm_pretrained, allow_download=params["allow_download"],
-                           seed=cfg.seed)
+                           seed=cfg.seed, weights_dir=params.get("weights_dir") or None)
     return student, teacher, vfm, tokenizer
 
 
@@ -165,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = params_lib.resolve(args.profile, args.param, root=args.root)
+        if params["dry_run"]:  # the shared COCO subset with derived instances and synthesised captions
+            from ovlib.data.coco import dry_run_data
+
+            params = dry_run_data(params)[0]
         overrides = {}
         for o in args.overrides:
             if "=" not in o:

@@ -87,3 +87,54 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
         key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "device", "num_workers")}
         cfg.out_dir = f"{params['cache_dir']}/runs/{method}-{backbone}-{config_hash(key)}"
     return cfg
+
+
+def named_weights(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every named weight ``(model name, tag)`` a resolved profile uses: its ``models`` and, for every method and
+    backbone its recipes name (plus the profile's ``backbone``), the resolved recipe's ``pretrained`` and
+    ``vfm`` / ``vfm_pretrained``. Local paths and random initialisations (``None``) are not named weights."""
+    from ovlib.models.clip import _looks_like_path
+
+    recipes = params.get("recipes", [])
+    methods, backbones = set(), {params["backbone"]}
+    for e in recipes:
+        for key, acc in (("method", methods), ("backbone", backbones)):
+            sel = e.get(key)
+            if sel is not None:
+                acc.update([sel] if isinstance(sel, str) else sel)
+    out: list[tuple[str, str]] = []
+
+    def add(name, tag):
+        if name and tag and not _looks_like_path(tag) and (name, tag) not in out:
+            out.append((name, tag))
+
+    for spec in params.get("models", {}).values():
+        add(spec["name"], spec["pretrained"])
+    for b in sorted(backbones):
+        for m in sorted(methods) or ["clipself"]:
+            r = resolve_recipe(recipes, m, b)
+            add(b, r.get("pretrained"))
+            add(r.get("vfm"), r.get("vfm_pretrained"))
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m ovlib.train.recipes --profile paper [-p key=value]``: the local files ``weights_dir`` must hold."""
+    import argparse
+
+    from ovlib import config
+    from ovlib.models.weights import WEIGHT_SUFFIXES, weight_stem
+
+    ap = argparse.ArgumentParser(prog="python -m ovlib.train.recipes", description=main.__doc__)
+    ap.add_argument("--profile", default="paper", choices=config.PROFILES)
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--root", default=".")
+    args = ap.parse_args(argv)
+    params = config.resolve(args.profile, args.param, root=args.root)
+    for name, tag in named_weights(params):
+        print(f"{weight_stem(name, tag)}{WEIGHT_SUFFIXES[0]}\t{name} {tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The paper profile's dry run: every chapter's paper branch executes on CPU (`-p dry_run=true`).
+
+Real architectures of params/paper.yaml randomly initialised, at most 2 training steps, small images, on the shared
+100-image COCO panoptic subset (``../shared/data/coco_panoptic_val100``; instances derived from it, captions
+synthesised from its category names). Skipped with the reason when the subset is absent. The chapters share one
+project copy, so a run one chapter trains is loaded by the next (as in the book).
+"""
+
+import io
+import os
+import shutil
+
+import nbformat
+import pytest
+
+from ovlib import book
+from tests.conftest import shared_dir
+
+# Chapter 01 trains nothing: it runs in the default set. Chapters 02-05 train 10-30 real-size runs each; every run
+# writes ~1.8 GB of checkpoints (last.pt with AdamW state + ensemble-final.pt of a ViT-B), 18-28 GB per chapter, and
+# they took 17-46 min per chapter on a loaded 2-core machine: slow until dry runs keep smaller checkpoints.
+# They have not yet completed within any budget (see the closing note of the session that added them), so they run
+# only on request: OVBOOK_DRY_RUN_ALL=1 (never in CI's `make test`, which includes the slow tests).
+_ALL = os.environ.get("OVBOOK_DRY_RUN_ALL") == "1"
+CHAPTERS = ("01", *(pytest.param(n, marks=[pytest.mark.slow, pytest.mark.skipif(
+    not _ALL, reason="paper dry runs of chapters 02-05 write ~1.8 GB per run and take 17-46 min on 2 cores: "
+                     "OVBOOK_DRY_RUN_ALL=1 runs them")]) for n in ("02", "03", "04", "05")))
+
+
+@pytest.fixture(scope="module")
+def dry_project(tmp_path_factory, repo_root):
+    shared = shared_dir()
+    subset = shared / "data" / "coco_panoptic_val100" if shared else None
+    if subset is None or not (subset / "annotations" / "panoptic_val2017.json").is_file():
+        pytest.skip("the shared COCO panoptic subset ../shared/data/coco_panoptic_val100 is absent (set OVBOOK_SHARED)")
+    root = tmp_path_factory.mktemp("paper_dry")
+    for d in ("notebooks", "params", "book", "benchmarks"):
+        shutil.copytree(repo_root / d, root / d, ignore=shutil.ignore_patterns("*.ipynb", ".stamps", "_work"))
+    for f in ("_config.yml", "_toc.yml"):
+        shutil.copy(repo_root / f, root / f)
+    return root, subset
+
+
+@pytest.mark.parametrize("number", CHAPTERS)
+def test_paper_branch_executes_in_a_dry_run(dry_project, number):
+    root, subset = dry_project
+    if number == "04":
+        from ovlib.data.synonyms import find_wordnet_dir
+
+        if find_wordnet_dir() is None:
+            pytest.skip("chapter 04's paper branch reads a local WordNet (apt-get install wordnet-base)")
+    out = io.StringIO()
+    res = book.run(root, "paper", only=[number], overrides=["dry_run=true", f"data_root={subset}"], force=True,
+                   out=out)
+    assert [r.status for r in res] == ["ok"], out.getvalue()
+    (ch,) = book.select(book.chapters(root), [number])
+    nb = nbformat.read(ch.output, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code), f"{ch.name} has unexecuted cells"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = "".join(str(o.get("data", {}).get("text/markdown", "")) for c in code for o in c.outputs)
+    assert "**Dry run**" in text and "synthesised" in text  # the chapter says what its data is
+    shutil.rmtree(root / "data" / "cache-paper-dry" / "runs", ignore_errors=True)  # GBs of ViT-B checkpoints
