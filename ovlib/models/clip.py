@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ovlib.io import CheckpointError, safe_load
-from ovlib.models.weights import local_weight_file, weight_stem
+from ovlib.models.weights import WeightsUnavailable, local_weight_file, weight_stem  # re-exported
 
 __all__ = [
     "MicroClipConfig",
@@ -61,10 +61,6 @@ _HUB_HOST = ("huggingface.co", 443)
 
 class CheckpointMismatch(CheckpointError):
     """A checkpoint's keys or shapes do not match the model it is loaded into."""
-
-
-class WeightsUnavailable(RuntimeError):
-    """Named pretrained weights were asked for but cannot be obtained here (offline / download not allowed)."""
 
 
 @dataclass(frozen=True)

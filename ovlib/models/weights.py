@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["WEIGHT_SUFFIXES", "weight_stem", "local_weight_file", "weights_dir_error"]
+__all__ = ["WEIGHT_SUFFIXES", "WeightsUnavailable", "weight_stem", "local_weight_file", "weights_dir_error"]
 
 #: accepted suffixes of a local weight file, in the order they are looked for
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -41,9 +41,11 @@ def weight_stem(name: str, tag: str | None = None) -> str:
     return f"{name}.{tag}"
 
 
-def weights_dir_error(weights_dir: str | os.PathLike, stem: str, what: str):
-    from ovlib.models.clip import WeightsUnavailable
+class WeightsUnavailable(RuntimeError):
+    """Named pretrained weights were asked for but cannot be obtained here (offline / download not allowed)."""
 
+
+def weights_dir_error(weights_dir: str | os.PathLike, stem: str, what: str):
     d = Path(weights_dir)
     others = " / ".join(stem + s for s in WEIGHT_SUFFIXES[1:])
     return WeightsUnavailable(
