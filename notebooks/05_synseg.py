@@ -491,8 +491,8 @@ else:
     CS_EVAL, t_cs = {}, time.perf_counter()
     for name, ov in CS_VARIANTS.items():
         for s_ in SEEDS:
-            res = train_or_load(P, "synseg", {**ov, **step_overrides("main"), "seed": s_}, RUN_ROOT,
-                                name=f"clipseg-{slug(name)}-s{s_}")
+            res = study.run("synseg", seed=s_, budget="synseg_main", row=f"CLIPSeg init {name}", evaluate=False,
+                            **ov).res  # the shared run cache (ovlib.study), the main rows' training budget
             cfg_ = json.loads(Path(res["results"]).read_text())["config"]
             m_ = load_synseg(res["weights"], clip_model, tokenizer, categories=categories,
                              **cfg_["method_args"]).to(DEV)
