@@ -132,6 +132,7 @@ def per_head_decomposable(model: nn.Module | ViTAdapter) -> bool:
     return all(_attn_out_is_affine(ad, i) for i in range(ad.num_blocks))
 
 
+@torch.no_grad()
 def cls_decomposition(model: nn.Module | ViTAdapter, images: torch.Tensor, per_head: bool = False,
                       per_source: bool = False) -> ClsDecomposition:
     """Decompose the final cls token of ``images (B, 3, H, W)`` into ``c^(0)`` and per-block attention / MLP terms
