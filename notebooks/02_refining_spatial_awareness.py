@@ -810,16 +810,8 @@ md(study.cost_table())
 
 # %%
 md(study.claims_table())
-tally = study.tally()
-held = [c.text for c in study.claims if c.comparison.kind == "claim" and c.verdict == "holds"]
-rev = [c.text for c in study.claims if c.comparison.kind == "claim" and c.verdict == "reversed"]
-md(f"Of {len(study.claims)} claims, {tally['holds'] + tally['reversed'] + tally['not resolved']} are judged on "
-   f"seeds: **{tally['holds']} hold**, **{tally['reversed']} are reversed** and **{tally['not resolved']} are not "
-   f"resolved**; {tally['indicative']} rest on one seed (*indicative*: shown, not counted) "
-   f"({P['profile']} profile, {MAIN_STEPS or 'recipe'} distillation steps, {len(SEEDS)} seed(s) for the main rows). "
-   f"Headline claims are Holm–Bonferroni corrected; the book's Claims ledger collects every chapter's.\n\n" +
-   ("Hold: " + "; ".join(held) + ".\n\n" if held else "No claim judged on seeds holds at this budget.\n\n") +
-   ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed."))
+md(study.summary(f"{P['profile']} profile, {MAIN_STEPS or 'recipe'} distillation steps, {len(SEEDS)} seed(s) for "
+                 "the main rows"))
 study.ledger()  # book/claims/02.json
 
 # %% [markdown]

@@ -800,16 +800,8 @@ study.check("3.2-bookkeeping-exact", f"the CLS decomposition is exact on both to
             max(dec.error(), dec_b.error(), jt.error(), jt_b.error(), head_err, head_err_b), 0.0, tol=TOL,
             section="3.2", paper_ref="denserc.eq.decomp")
 md(study.claims_table())
-tally = study.tally()
-held = [c.text for c in study.claims if c.comparison.kind == "claim" and c.verdict == "holds"]
-rev = [c.text for c in study.claims if c.comparison.kind == "claim" and c.verdict == "reversed"]
-md(f"Of {len(study.claims)} entries, {tally['holds'] + tally['reversed'] + tally['not resolved']} are judged claims: "
-   f"**{tally['holds']} hold**, **{tally['reversed']} are reversed** and **{tally['not resolved']} are not "
-   f"resolved**; {tally['indicative']} rest on one seed (*indicative*: shown, not counted); "
-   f"{tally['checks_passed']} checks passed, {tally['checks_failed']} failed ({P['profile']} profile, "
-   f"{STEPS or 'recipe'} distillation steps, {len(MAIN_SEEDS)} seed(s) for Table 5).\n\n" +
-   ("Hold: " + "; ".join(held) + ".\n\n" if held else "No judged claim holds at this budget.\n\n") +
-   ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed."))
+md(study.summary(f"{P['profile']} profile, {STEPS or 'recipe'} distillation steps, {len(MAIN_SEEDS)} seed(s) for "
+                 "Table 5"))
 study.ledger()  # book/claims/03.json
 
 # %% [markdown]

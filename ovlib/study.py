@@ -509,6 +509,23 @@ class Study:
                 out["checks_passed" if c.verdict == "holds" else "checks_failed"] += 1
         return out
 
+    def summary(self, setting: str) -> str:
+        """The chapter's closing paragraph, generated from the ledger: how many claims are judged on seeds and
+        how they came out (the texts of those that hold / are reversed), the indicative ones and the checks;
+        ``setting`` says what budget produced them (e.g. ``"micro profile, 100 steps, 3 seeds"``)."""
+        t = self.tally()
+        judged = [c for c in self.claims if c.comparison.kind == "claim"]
+        held = [c.text for c in judged if c.verdict == "holds"]
+        rev = [c.text for c in judged if c.verdict == "reversed"]
+        checks = (f"; {t['checks_passed']} checks passed, {t['checks_failed']} failed"
+                  if t["checks_passed"] or t["checks_failed"] else "")
+        return (f"Of {len(self.claims)} entries, {len(judged)} are claims judged on seeds: **{t['holds']} hold**, "
+                f"**{t['reversed']} are reversed** and **{t['not resolved']} are not resolved**; "
+                f"{t['indicative']} rest on one seed (*indicative*: shown, not counted){checks} ({setting}). "
+                "Headline claims are Holm–Bonferroni corrected; the book's Claims ledger collects every chapter's.\n\n"
+                + ("Hold: " + "; ".join(held) + ".\n\n" if held else "No claim judged on seeds holds at this budget.\n\n")
+                + ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed."))
+
     # ------------------------------------------------------------------------------------------- cost
     def cost_table(self) -> str:
         """What the chapter's runs cost: one row per run (trained now or loaded from the shared cache)."""

@@ -122,6 +122,11 @@ def test_claims_kinds_holm_and_the_ledger_file(project):
     assert t["indicative"] == 1 and t["checks_passed"] == 1 and t["checks_failed"] == 1
     assert sum(t[v] for v in ("holds", "reversed", "not resolved")) == 3
     assert "B beats A" in st.claims_table()
+    summ = st.summary("test budget")
+    assert "3 are claims judged on seeds" in summ and f"**{t['holds']} hold**" in summ and "(test budget)" in summ
+    assert "1 checks passed, 1 failed" in summ
+    for c in (c1, c2, c4):  # every judged claim that holds / is reversed is named, none that is not
+        assert (c.text in summ) == (c.verdict in ("holds", "reversed"))
 
 
 def test_unknown_paper_reference_is_an_error(project):
