@@ -626,7 +626,7 @@ if P["profile"] != "paper":
 
     cs_eval = evaluate_protocols(synseg_score_fn(clipseg, text["main"], 5), ds, class_ids,
                                  [c for c in class_ids if is_thing[c]], (0.5,), image_size=EV.ovss.image_size,
-                                 n_images=EV.ovss_images, n_boot=EV.n_boot, seed=P["seed"])["all"]
+                                 resize=EV.ovss.resize, n_images=EV.ovss_images, n_boot=EV.n_boot, seed=P["seed"])["all"]
     confs = {"micro CLIPSeg": cs_eval["confusion"], **{f"training-free `{m}`": ovss[m]["confusion"] for m in EV.modes}}
     allm = {"micro CLIPSeg": cs_eval["miou"], **{f"training-free `{m}`": ovss[m]["miou"] for m in EV.modes}}
     CS = {k: {g: group_miou(c, r) for g, r in groups.items()} for k, c in confs.items()}

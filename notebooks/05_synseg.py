@@ -284,7 +284,7 @@ t_base = time.perf_counter()
 BASE = {}
 for m in EV.modes:  # chapter 01's rows: vanilla + method presets by name (three at smoke)
     fn = dense_score_fn(dense_fn_for_clip(clip_model, m), text, EV.ovss.crop, EV.ovss.stride)
-    BASE[m] = evaluate_protocols(fn, ds, class_ids, thing_ids, THRESHOLDS, image_size=EV.ovss.image_size,
+    BASE[m] = evaluate_protocols(fn, ds, class_ids, thing_ids, THRESHOLDS, image_size=EV.ovss.image_size, resize=EV.ovss.resize,
                                  n_images=N_EVAL, n_boot=EV.n_boot, seed=P["seed"], bg_scores="cosine",
                                  fg_logit_scale=EV.ovss.logit_scale)
 t_base = time.perf_counter() - t_base
@@ -414,11 +414,11 @@ for key, rec in RUNS.items():
     n = N_EVAL if main else BUDGET["n_eval_sweep"]
     m = model_of(rec)
     EVAL[key] = {"5": evaluate_protocols(synseg_score_fn(m, text, 5), ds, class_ids, thing_ids, THRESHOLDS,
-                                         image_size=EV.ovss.image_size, n_images=n, n_boot=EV.n_boot,
+                                         image_size=EV.ovss.image_size, resize=EV.ovss.resize, n_images=n, n_boot=EV.n_boot,
                                          seed=P["seed"], present_only=main or rec["kind"] == "diag")}
     if main or rec["kind"] == "diag":
         EVAL[key]["1"] = evaluate_protocols(synseg_score_fn(m, text, 1), ds, class_ids, thing_ids, THRESHOLDS,
-                                            image_size=EV.ovss.image_size, n_images=n, n_boot=EV.n_boot,
+                                            image_size=EV.ovss.image_size, resize=EV.ovss.resize, n_images=n, n_boot=EV.n_boot,
                                             seed=P["seed"])
     _models.clear()
 t_eval = time.perf_counter() - t_eval
@@ -497,7 +497,7 @@ else:
             m_ = load_synseg(res["weights"], clip_model, tokenizer, categories=categories,
                              **cfg_["method_args"]).to(DEV)
             CS_EVAL[(name, s_)] = evaluate_protocols(synseg_score_fn(m_, text, 5), ds, class_ids, thing_ids,
-                                                     THRESHOLDS, image_size=EV.ovss.image_size, n_images=N_EVAL,
+                                                     THRESHOLDS, image_size=EV.ovss.image_size, resize=EV.ovss.resize, n_images=N_EVAL,
                                                      n_boot=EV.n_boot, seed=P["seed"])
     if CS_NAME == "micro-clipseg":  # the initialisation alone: the cached micro CLIPSeg in an untrained SynSeg
         from ovlib.train.proxies import clipseg_config, pretrain_clipseg
@@ -511,7 +511,7 @@ else:
     m_init = SynSeg(clip_model, {}, tokenizer=tokenizer, categories=categories,
                     **{**R.method_args, **init_kw}).to(DEV).eval()
     CS_INIT = evaluate_protocols(synseg_score_fn(m_init, text, 5), ds, class_ids, thing_ids, THRESHOLDS,
-                                 image_size=EV.ovss.image_size, n_images=N_EVAL, n_boot=EV.n_boot, seed=P["seed"])
+                                 image_size=EV.ovss.image_size, resize=EV.ovss.resize, n_images=N_EVAL, n_boot=EV.n_boot, seed=P["seed"])
     t_cs = time.perf_counter() - t_cs
 
     def groups_ci(confs):
@@ -543,7 +543,7 @@ key0 = ("paper reading", "main", SEEDS[0])
 m0 = model_of(RUNS[key0])
 item = ds[1]
 img = np.asarray(item["image"])
-x0 = _resized(img, EV.ovss.image_size)
+x0 = _resized(img, EV.ovss.image_size, side=EV.ovss.resize)
 present = sorted({class_ids.index(int(s["category_id"])) for s in item["segments"]})[:5]
 p1 = predict_probs(m0, x0, text, 1)
 p5 = predict_probs(m0, x0, text, 5)
@@ -730,7 +730,7 @@ n_sel = min(5, N_EVAL)
 def selectivity(model):
     across, spatial = [], []
     for i in range(n_sel):
-        pr = predict_probs(model, _resized(np.asarray(ds[i]["image"]), EV.ovss.image_size), text, 1)  # (C, h, w)
+        pr = predict_probs(model, _resized(np.asarray(ds[i]["image"]), EV.ovss.image_size, side=EV.ovss.resize), text, 1)  # (C, h, w)
         across.append(float(pr.std(0).mean()))
         spatial.append(float(pr.flatten(1).std(1).mean()))
     return float(np.mean(across)) / max(float(np.mean(spatial)), 1e-12)
@@ -750,7 +750,7 @@ def csa_views_fn(image):
     return merge_views(q, boxes, *image.shape[-2:])
 
 
-csa_v = evaluate_protocols(csa_views_fn, ds, class_ids, thing_ids, (THR0,), image_size=EV.ovss.image_size,
+csa_v = evaluate_protocols(csa_views_fn, ds, class_ids, thing_ids, (THR0,), image_size=EV.ovss.image_size, resize=EV.ovss.resize,
                            n_images=n_sw, n_boot=EV.n_boot, seed=P["seed"], present_only=True)
 rows = []
 for name in MAIN:

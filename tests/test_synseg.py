@@ -449,3 +449,24 @@ def test_config_validation():
     with pytest.raises(ValueError, match="templates"):
         SynSegConfig(templates="coco")
     assert SynSegConfig.from_options({"extract_layers": [1, 3]}).extract_layers == (1, 3)
+
+
+@pytest.mark.parametrize("resize, expect", [("long", (16, 32)), ("short", (32, 64))])
+def test_evaluate_protocols_resizes_the_side_of_the_protocol(resize, expect):
+    """A 2:1 image at image_size 32: the long side (micro) or the short side (paper, SCLIP-style) becomes 32."""
+    import numpy as np
+
+    from ovlib.eval.synseg import evaluate_protocols
+
+    seen = []
+
+    def score_fn(x):  # (3, h, w) -> (C, h, w)
+        seen.append(tuple(x.shape[-2:]))
+        return torch.zeros(2, *x.shape[-2:])
+
+    mask = np.zeros((50, 100), dtype=bool)
+    mask[:, :50] = True
+    item = {"image": np.zeros((50, 100, 3), dtype=np.uint8),
+            "segments": [{"category_id": 1, "mask": mask}, {"category_id": 2, "mask": ~mask}]}
+    evaluate_protocols(score_fn, [item], [1, 2], [1], (0.5,), image_size=32, n_boot=2, resize=resize)
+    assert seen == [expect]

@@ -26,13 +26,15 @@ __all__ = ["SynSegEvalConfig", "dense_score_fn", "evaluate_protocols", "evaluate
 
 @dataclass(frozen=True)
 class SynSegEvalConfig:
-    """``image_size``: longest side the image is resized to before the views (aspect kept); ``views``: 5 or 1;
+    """``image_size``: the side (``resize``: ``"long"`` or ``"short"``, :func:`ovlib.eval.segmentation.resized_size`)
+    the image is resized to before the views (aspect kept); ``views``: 5 or 1;
     ``threshold``: activation threshold of the background class; ``background``: evaluate with a background
     class (classes = ``class_ids``; pixels of other segments are background, as VOC / COCO-Object);
     ``present_only``: the classes absent from the image's ground truth are removed before the argmax -- an
     oracle that separates localisation from recognition (not the paper's protocol)."""
 
     image_size: int = 160
+    resize: str = "long"
     views: int = 5
     threshold: float = 0.3
     background: bool = False
@@ -70,7 +72,7 @@ def evaluate_synseg(model: SynSeg, dataset: Sequence, text: torch.Tensor, class_
         it = dataset[i]
         image = np.asarray(it["image"])
         H, W = image.shape[:2]
-        x = _resized(image, cfg.image_size)  # (3, h, w) in [0, 1]
+        x = _resized(image, cfg.image_size, side=cfg.resize)  # (3, h, w) in [0, 1]
         probs = predict_probs(model, x, text, cfg.views)  # (C, h, w)
         probs = F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].cpu()
         gt = _target(it["segments"], (H, W), cidx, cfg.background)
@@ -104,7 +106,7 @@ def _protocol_summary(cs: list[np.ndarray], C: int, n_boot: int, seed: int) -> d
 def evaluate_protocols(score_fn, dataset: Sequence, class_ids: Sequence[int], fg_ids: Sequence[int],
                        thresholds: Sequence[float], image_size: int = 160, n_images: int = 0, n_boot: int = 1000,
                        seed: int = 0, present_only: bool = False, bg_scores: str = "probs",
-                       fg_logit_scale: float = 40.0) -> dict[str, Any]:
+                       fg_logit_scale: float = 40.0, resize: str = "long") -> dict[str, Any]:
     """Both OVSS protocols of the chapter from **one** inference pass per image (SynSeg or a training-free
     baseline, the same images and targets):
 
@@ -118,7 +120,8 @@ def evaluate_protocols(score_fn, dataset: Sequence, class_ids: Sequence[int], fg
     as they are); ``"cosine"`` -- cosine logits (a training-free CLIP): foreground probabilities are
     ``softmax(fg_logit_scale * cos)`` over the foreground rows only (chapter 01's MaskCLIP-style rule).
     ``present_only``: the ``"all"`` argmax only among the classes of the image's ground truth (an oracle that
-    separates localisation from recognition; also reported as ``"oracle"``). Summaries as evaluate_ovss's."""
+    separates localisation from recognition; also reported as ``"oracle"``). ``resize``: which side becomes
+    ``image_size`` (``OVSSConfig.resize``: ``"short"`` in the paper profile). Summaries as evaluate_ovss's."""
     if bg_scores not in ("probs", "cosine"):
         raise ValueError(f"bg_scores must be 'probs' or 'cosine', got {bg_scores!r}")
     cidx = category_index(class_ids)
@@ -134,7 +137,7 @@ def evaluate_protocols(score_fn, dataset: Sequence, class_ids: Sequence[int], fg
         it = dataset[i]
         image = np.asarray(it["image"])
         H, W = image.shape[:2]
-        s = score_fn(_resized(image, image_size)).float()  # (C, h, w)
+        s = score_fn(_resized(image, image_size, side=resize)).float()  # (C, h, w)
         s = F.interpolate(s[None], size=(H, W), mode="bilinear", align_corners=False)[0].cpu()
         gt = semantic_target(it["segments"], (H, W), cidx)
         confs["all"].append(confusion_matrix(s.argmax(0), gt, C))
