@@ -505,6 +505,27 @@ def _vfm_embed(vfm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vfm.forward_head(vfm.forward_features(x), pre_logits=True)
 
 
+def _resume_self_distillation(run: "_RunLog", s_net: nn.Module, t_net: nn.Module, center: torch.Tensor, opt,
+                              sched, gen: torch.Generator) -> Callable[[], dict]:
+    """Restore a DINO-style run (student, EMA teacher, centre, optimiser, schedule, generator) from the
+    resumable state of ``run`` when there is one, and return the ``payload()`` that saves exactly that state
+    (shared by the DINO and the dense micro VFM)."""
+    st = run.resume()
+    if st is not None:
+        s_net.load_state_dict(st["student"])
+        t_net.load_state_dict(st["teacher"])
+        center.copy_(st["center"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+
+    def payload() -> dict:
+        return {"student": s_net.state_dict(), "teacher": t_net.state_dict(), "center": center,
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}
+
+    return payload
+
+
 def pretrain_vfm(cfg: Any, cache_dir: str | Path, device: str | torch.device = "cpu",
                  progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, dict]:
     """Load the DINO-trained micro VFM from the cache, else train it. Returns ``(teacher backbone (eval),
@@ -535,18 +556,7 @@ def pretrain_vfm(cfg: Any, cache_dir: str | Path, device: str | torch.device = "
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     run = _RunLog(final, cfg, "pretrain_vfm", f"pretrain {cfg.model} (DINO)", progress)
-    st = run.resume()
-    if st is not None:
-        s_net.load_state_dict(st["student"])
-        t_net.load_state_dict(st["teacher"])
-        center.copy_(st["center"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        gen.set_state(st["gen"])
-
-    def payload() -> dict:
-        return {"student": s_net.state_dict(), "teacher": t_net.state_dict(), "center": center,
-                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}
+    payload = _resume_self_distillation(run, s_net, t_net, center, opt, sched, gen)
 
     mean, std = image_mean_std(student)
     use_bf16 = resolve_precision(cfg.precision, device)
@@ -847,18 +857,7 @@ def pretrain_vfm_dense(cfg: DenseVfmPretrainConfig, cache_dir: str | Path, devic
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     run = _RunLog(final, cfg, "pretrain_vfm_dense", f"pretrain {cfg.model} (dense)", progress)
-    st = run.resume()
-    if st is not None:
-        s_net.load_state_dict(st["student"])
-        t_net.load_state_dict(st["teacher"])
-        center.copy_(st["center"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        gen.set_state(st["gen"])
-
-    def payload() -> dict:
-        return {"student": s_net.state_dict(), "teacher": t_net.state_dict(), "center": center,
-                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}
+    payload = _resume_self_distillation(run, s_net, t_net, center, opt, sched, gen)
 
     mean, std = image_mean_std(student)
     use_bf16 = resolve_precision(cfg.precision, device)
