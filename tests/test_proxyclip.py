@@ -12,14 +12,7 @@ import torch.nn.functional as F
 from ovlib.eval._common import dense_fn_for_proxyclip
 from ovlib.models import dense_features, load_clip, load_vfm
 from ovlib.models.dense import proxy_attention
-
-
-def _perturb(model, seed: int, std: float = 0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model.eval()
+from tests.test_models_dense import _perturb  # the same perturbed micro CLIP as the dense-mode tests
 
 
 @pytest.fixture(scope="module")
