@@ -1,7 +1,8 @@
 # ovbook: two commands do everything on a fresh machine with Python 3.11 and access to PyPI.
 #   make book   - create .venv if missing, install, execute every chapter (micro profile), build _build/html
-#   make test   - create .venv if missing, install, run the whole test suite, slow tests included (offline; what CI
-#                 runs). `make test-all` is the same; `make test-quick` leaves out the tests marked slow.
+#   make test   - create .venv if missing, install, lint (ruff check .), run the whole test suite, slow tests
+#                 included (offline; what CI runs). `make test-all` is the same; `make test-quick` leaves out the
+#                 tests marked slow.
 #   make install-locked - install the exact, hash-checked versions of requirements/lock.txt (the published book's)
 #   make lock   - regenerate requirements/lock.txt from pyproject.toml (after changing dependencies)
 #   make fingerprints - regenerate tests/fixtures/dense_fingerprints.json (after an intended change of dense_features)
@@ -55,6 +56,7 @@ build: $(STAMP)
 	$(PY) -m ovlib.book build
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m pytest -m ''
 
 test-all: test

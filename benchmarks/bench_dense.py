@@ -7,7 +7,8 @@ Random-init weights, eval mode, ``torch.no_grad``. Timing: all cases in one proc
 ``--repeats`` rounds after a warm-up (so CPU contention from other processes hits every case alike); the
 table gives the median and the minimum and their ratios to ``encode_image``. Memory: each case in a fresh
 subprocess, the peak resident memory *added* by one cold call (Linux ``VmHWM`` after resetting it through
-``/proc/self/clear_refs``, minus the resident size before the call). Target: ``dense_features(mode="x+v")`` <= 1.05x ``encode_image``.
+``/proc/self/clear_refs``, minus the resident size before the call). Target: ``dense_features(mode="x+v")``
+<= 1.05x ``encode_image``.
 The ``x+v@224`` case uses a model built for 224 px, so the position embedding is interpolated to the grid.
 """
 
@@ -136,7 +137,8 @@ def main(argv=None) -> None:
         for case in cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", args.model,
                    "--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
-            res = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            res = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if res.returncode:
                 raise SystemExit(f"case {case} failed:\n{res.stderr}")
             mem[case] = json.loads(res.stdout.strip().splitlines()[-1])

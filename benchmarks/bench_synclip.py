@@ -9,8 +9,11 @@ images of ``--size`` px, ``--boxes`` GT boxes per image with 64-px teacher crops
 same grid, ``--labels`` image labels per image drawn from the micro world's classes (with synonyms and
 definitions). Cases, round-robin over ``--repeats`` rounds after a warm-up so that CPU contention hits all
 alike: ``declip-qq`` (DeCLIP ``main``), ``declip-csa`` (the same last block as SynCLIP), ``synclip``
-(code reading: huber_kl, SAR k=7), ``synclip-nosar``. Prints the median and minimum per case and the
-ratios to ``declip-csa`` and ``declip-qq``; ``--json`` also writes them.
+(code reading: huber_kl, SAR k=7), ``synclip-nosar``, and ``clipself`` (issue 22's reference: DeCLIP and SynCLIP
+<= 1.3x CLIPSelf); each case without and with (``+cache``) the teacher-target cache (:mod:`ovlib.train.targets`,
+the trainer's default; the batch is fixed, so after the warm-up every frozen output -- crop CLS, VFM features,
+the teacher's csa map -- is a hit). Prints the median and minimum per case and the ratios to ``declip-csa``,
+``declip-qq`` and ``clipself`` in the same cache setting; ``--json`` also writes them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import json
 import statistics
 import time
 
-CASES = ["declip-qq", "declip-csa", "synclip", "synclip-nosar"]
+BASE_CASES = ["clipself", "declip-qq", "declip-csa", "synclip", "synclip-nosar"]
+CACHE_TAGS = ("", "+cache")
+CASES = [c + t for t in CACHE_TAGS for c in BASE_CASES]
 
 
 def build_batch(args, world, device):
@@ -43,15 +48,18 @@ def build_batch(args, world, device):
             "vfm_images": torch.randn(B, 3, grid * 8, grid * 8, generator=g).to(device)}
 
 
-def make_step(case, student, teacher, vfm, tok, cats):
+def make_step(case, student, teacher, vfm, tok, cats, cache=None):
     import torch
 
+    from ovlib.methods.clipself import CLIPSelf
     from ovlib.methods.declip import DeCLIP
     from ovlib.methods.synclip import SynCLIP
 
     s = copy.deepcopy(student)
     frozen = {"teacher": teacher, "vfm": vfm}
-    if case == "declip-qq":
+    if case == "clipself":
+        m, w = CLIPSelf(s, {"teacher": teacher}), {"rla": 1.0}
+    elif case == "declip-qq":
         m, w = DeCLIP(s, frozen, mode="qq"), {"content": 1.0, "context": 0.1}
     elif case == "declip-csa":
         m, w = DeCLIP(s, frozen, mode="csa"), {"content": 1.0, "context": 0.25}
@@ -59,6 +67,7 @@ def make_step(case, student, teacher, vfm, tok, cats):
         m = SynCLIP(s, frozen, tokenizer=tok, categories=cats, sar=case == "synclip")
         w = {"content": 1.0, "context": 0.25, "semantic": 0.1}
     m.train()
+    m.target_cache = cache
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
 
     def step(batch):
@@ -88,16 +97,20 @@ def main(argv=None):
 
     from ovlib.data.microworld import MicroWorld
     from ovlib.models import load_clip, load_vfm
+    from ovlib.train.targets import TargetCache
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     world = MicroWorld(seed=0)
-    cats = [{"id": c.id, "name": c.name, "synonyms": list(c.synonyms), "definition": c.definition} for c in world.classes]
+    cats = [{"id": c.id, "name": c.name, "synonyms": list(c.synonyms), "definition": c.definition}
+            for c in world.classes]
     student, tok, _ = load_clip("micro-clip", seed=0, device=dev)
     teacher, _, _ = load_clip("micro-clip", seed=0, device=dev)
     vfm = load_vfm("micro-vfm", seed=1, device=dev)
     batch = build_batch(args, world, dev)
-    steps = {c: make_step(c, student, teacher, vfm, tok, cats) for c in CASES}
+    cache = TargetCache(max_mb=1024)
+    steps = {c + t: make_step(c, student, teacher, vfm, tok, cats, cache if t else None)
+             for t in CACHE_TAGS for c in BASE_CASES}
 
     def sync():
         if dev.type == "cuda":
@@ -120,15 +133,20 @@ def main(argv=None):
     mcpu = {c: statistics.median(v) for c, v in cpu.items()}
     print(f"device={dev} size={args.size} batch={args.batch} boxes/img={args.boxes} labels/img<={args.labels} "
           f"repeats={args.repeats} threads={args.threads}")
-    print(f"{'case':<15}{'median s':>10}{'min s':>10}{'cpu s':>10}{'med/declip-csa':>16}{'min/declip-csa':>16}"
-          f"{'cpu/declip-csa':>16}{'med/declip-qq':>15}")
+    print(f"{'case':<21}{'median s':>10}{'min s':>10}{'cpu s':>10}{'med/declip-csa':>16}{'min/declip-csa':>16}"
+          f"{'cpu/declip-csa':>16}{'med/declip-qq':>15}{'med/clipself':>14}")
     for c in CASES:
-        print(f"{c:<15}{med[c]:>10.4f}{mn[c]:>10.4f}{mcpu[c]:>10.3f}{med[c] / med['declip-csa']:>16.3f}"
-              f"{mn[c] / mn['declip-csa']:>16.3f}{mcpu[c] / mcpu['declip-csa']:>16.3f}"
-              f"{med[c] / med['declip-qq']:>15.3f}")
+        t = c[len(c.split("+")[0]):]  # the cache tag: ratios within the same setting
+        print(f"{c:<21}{med[c]:>10.4f}{mn[c]:>10.4f}{mcpu[c]:>10.3f}{med[c] / med['declip-csa' + t]:>16.3f}"
+              f"{mn[c] / mn['declip-csa' + t]:>16.3f}{mcpu[c] / mcpu['declip-csa' + t]:>16.3f}"
+              f"{med[c] / med['declip-qq' + t]:>15.3f}{med[c] / med['clipself' + t]:>14.3f}")
     ratio = med["synclip"] / med["declip-csa"]
     print(f"SynCLIP / DeCLIP(csa) median step time: {ratio:.3f}x (target <= 1.3x): "
           f"{'PASS' if ratio <= 1.3 else 'MISS'}; CPU-time ratio {mcpu['synclip'] / mcpu['declip-csa']:.3f}x")
+    for m in ("declip-qq", "synclip"):
+        r = med[m + "+cache"] / med["clipself+cache"]
+        print(f"{m} / clipself with the teacher cache (the trainer's default): {r:.3f}x (target <= 1.3x): "
+              f"{'PASS' if r <= 1.3 else 'MISS'}; without it {med[m] / med['clipself']:.3f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "median_s": med, "min_s": mn, "cpu_s": mcpu,

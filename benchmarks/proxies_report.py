@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm
     from ovlib.eval.profiles import dense_eval_settings
     from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity, evaluate_ovss
-    from ovlib.eval.unsupervised import mean_colour_dense
     from ovlib.eval.synseg import evaluate_protocols, synseg_score_fn
+    from ovlib.eval.unsupervised import mean_colour_dense
     from ovlib.methods.synseg import SynSeg
     from ovlib.train.pretrain import pretrain_clip, pretrain_configs, pretrain_vfm
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg

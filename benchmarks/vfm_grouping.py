@@ -5,7 +5,8 @@ and scores k-means mIoU on the chapter's evaluation images (160-px micro-world s
 segments, Hungarian matching), as is and with segment colours equalised (the measure colour cannot solve).
 The no-model colour baseline is scored once. The record (JSON) holds, per trial: objective, steps, batch,
 training wall seconds and process CPU seconds of the run that trained it (so the time of a cached model is
-that of its own run), and both mIoU with 95 % intervals. Chapter 01 renders the record as its trials table.
+that of its own run), and both mIoU with 95 % intervals, and the point affinity inside / outside the query's object
+(:func:`~ovlib.eval.segmentation.evaluate_object_affinity`). Chapter 01 renders the record as its trials table.
 
     python benchmarks/vfm_grouping.py --profile micro --out benchmarks/results/vfm_trials.json
     python benchmarks/vfm_grouping.py --profile smoke --out /tmp/vfm_trials.json   # seconds, for tests
@@ -38,6 +39,18 @@ TRIALS: dict[str, tuple[str, object]] = {
                   DenseVfmPretrainConfig(mask_ratio=0.3)),
     "dense-96": ("dense across views, 96-px views (12x12 tokens), 24 pairs/step",
                  DenseVfmPretrainConfig(view_size=96, batch_size=24)),
+    "dense-ms": (("dense across views of 0.5-2.5x the eval scale (a token of one view covers a whole part of "
+                  "the other)"), DenseVfmPretrainConfig(view_scale=(0.5, 2.5))),
+    "dense-ms+perm": ("dense-ms + colour permuted per view (channel shuffle p 0.5, grey p 0.2)",
+                      DenseVfmPretrainConfig(view_scale=(0.5, 2.5), channel_shuffle=0.5, grayscale=0.2)),
+    "dense-ms-100": ("dense self-distillation across 2 views of 0.5-2.5x the eval scale (64 px), 100 steps",
+                     DenseVfmPretrainConfig(view_scale=(0.5, 2.5), steps=100, warmup=10)),
+    "dense-ms+perm-100": (("dense self-distillation across 2 views of 0.5-2.5x the eval scale (64 px), "
+                           "colour permuted per view (channel shuffle p 0.5, grey p 0.2), 100 steps"),
+                          DenseVfmPretrainConfig(view_scale=(0.5, 2.5), channel_shuffle=0.5, grayscale=0.2,
+                                                 steps=100, warmup=10)),
+    "dense+perm": ("dense across views + colour permuted per view (channel shuffle p 0.5, grey p 0.2)",
+                   DenseVfmPretrainConfig(channel_shuffle=0.5, grayscale=0.2)),
 }
 
 
@@ -47,11 +60,12 @@ def _smoke(cfg):
     return replace(cfg, steps=4, warmup=1, batch_size=8, n_local=2, ckpt_every=1000)
 
 
-def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images: int, out: Path) -> dict:
+def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images: int, out: Path,
+        rescore_colour: bool = False) -> dict:
     from ovlib.data import CocoPanoptic, ensure_microworld
     from ovlib.eval._common import dense_fn_for_vfm
     from ovlib.eval.profiles import dense_eval_settings
-    from ovlib.eval.segmentation import evaluate_kmeans
+    from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity
     from ovlib.eval.unsupervised import mean_colour_dense
     from ovlib.train.pretrain import pretrain_vfm
     from ovlib.train.proxies import pretrain_vfm_dense
@@ -72,7 +86,10 @@ def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images
             r[colour] = list(k["miou"])
         return r
 
-    record["colour_baseline"] = score(lambda x: mean_colour_dense(x, 8), 8)
+    same_images = record.get("colour_baseline_images") == [profile, n_images]
+    if rescore_colour or not same_images or "colour_baseline" not in record:  # no model: the same every run
+        record["colour_baseline"] = score(lambda x: mean_colour_dense(x, 8), 8)
+        record["colour_baseline_images"] = [profile, n_images]
     for name in names:
         desc, cfg = TRIALS[name]
         if profile == "smoke":
@@ -87,10 +104,16 @@ def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images
         same = prev.get("config") == json.loads(json.dumps(asdict(cfg)))
         entry = {"objective": desc, "steps": cfg.steps, "batch": cfg.batch_size,
                  "train_seconds": info["train_seconds"], "config": asdict(cfg),
-                 "cpu_seconds": (prev.get("cpu_seconds") if info.get("loaded") and same else cpu),
-                 "loadavg": (prev.get("loadavg") if info.get("loaded") and same else os.getloadavg()[0]),
-                 "threads": torch.get_num_threads(), "final_loss": info["history"][-1]["loss"],
+                 # a model loaded from the cache: its run's CPU time and load are those recorded then, else unknown
+                 "cpu_seconds": ((prev.get("cpu_seconds") if same else None) if info.get("loaded") else cpu),
+                 "loadavg": ((prev.get("loadavg") if same else None) if info.get("loaded") else os.getloadavg()[0]),
+                 "threads": ((prev.get("threads") if same else None) if info.get("loaded")
+                             else torch.get_num_threads()),
+                 "final_loss": info["history"][-1]["loss"],
                  **score(dense_fn_for_vfm(vfm), 8)}
+        aff = evaluate_object_affinity(dense_fn_for_vfm(vfm), ds, image_size=ev.region.image_size, n_images=n_images,
+                                       seed=0, n_boot=ev.n_boot, patch=8)
+        entry["affinity_inside"], entry["affinity_outside"] = list(aff["inside"]), list(aff["outside"])
         record["trials"][name] = entry
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))
@@ -107,11 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default="data/microworld")
     ap.add_argument("--n-images", type=int, default=0, help="0: the chapter's number of k-means images")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vfm_trials.json"))
+    ap.add_argument("--rescore-colour", action="store_true", help="score the colour baseline even if recorded")
     a = ap.parse_args(argv)
     unknown = sorted(set(a.trials) - set(TRIALS))
     if unknown:
         ap.error(f"unknown trial(s) {unknown}; choose from {sorted(TRIALS)}")
-    run(a.profile, a.trials, a.cache_dir, a.data_root, a.n_images, a.out)
+    run(a.profile, a.trials, a.cache_dir, a.data_root, a.n_images, a.out, a.rescore_colour)
     return 0
 
 

@@ -57,21 +57,35 @@ import numpy as np
 import torch
 
 from ovlib.config import dry_run_eval
-from ovlib.nb import ci, md, setup, table
-from ovlib.data.coco import dry_run_data
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
-from ovlib.eval import (MICRO_TEMPLATES, VILD_TEMPLATES, affinity_map, class_name_sets, extract_region_features,
-                        score_regions, summarize, text_embeddings)
+from ovlib.data.coco import dry_run_data
+from ovlib.eval import (
+    MICRO_TEMPLATES,
+    VILD_TEMPLATES,
+    affinity_map,
+    class_name_sets,
+    extract_region_features,
+    score_regions,
+    summarize,
+    text_embeddings,
+)
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_proxyclip, dense_fn_for_vfm, student_image
-from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.metrics import macc_from_counts
+from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity, evaluate_ovss
 from ovlib.eval.unsupervised import mean_colour_dense
 from ovlib.eval.zeroshot import isolated_objects, zero_shot_hits, zero_shot_summary
+from ovlib.nb import ci, md, setup, table
 from ovlib.stats import Sample
 from ovlib.study import Study
-from ovlib.train.pretrain import (clip_train_flops_per_sample, forward_flops, matmul_peak, pretrain_clip,
-                                  pretrain_configs, pretrain_vfm)
+from ovlib.train.pretrain import (
+    clip_train_flops_per_sample,
+    forward_flops,
+    matmul_peak,
+    pretrain_clip,
+    pretrain_configs,
+    pretrain_vfm,
+)
 
 # every contract key comes from the parameters cell above (``backbone``/``recipes`` are not used here)
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
@@ -152,8 +166,9 @@ md(f"{len(world.things)} thing classes ({sum(c.novel for c in world.things)} mar
 #
 # **Micro VFM** (`load_vfm("micro-vfm")`, a timm ViT of the same size; `ovlib.train.proxies`): *dense*
 # self-distillation at the evaluation scale, self-supervised only (scenes; no labels, captions or masks). Two
-# views of a 160-px scene — square crops of 0.8–1.25 × 64 px resized to 64 px (objects keep about their
-# evaluation size), flips, colour jitter — an EMA teacher (momentum 0.99 → 1, cosine), and for every student
+# views of a 160-px scene — square crops of a range of scales × 64 px resized to 64 px (the range is printed
+# below; around 1 objects keep their evaluation size), flips, colour jitter and, where the config asks, colour
+# permuted per view (channels shuffled, grey) — an EMA teacher (momentum 0.99 → 1, cosine), and for every student
 # token the teacher's prototype distribution **at the same scene point** in the other view (bilinear sampling
 # of the teacher's token logits at the known geometric correspondence). The loss is DINO's centred,
 # sharpened cross-entropy (Caron et al. 2021, Eq. 1–3; 256 prototypes, temperatures 0.05 / 0.1) applied per
@@ -183,7 +198,10 @@ if clip_info is not None:
     md(f"micro CLIP: {clip_cfg.steps} steps × batch {clip_cfg.batch_size}, lr {clip_cfg.lr:g} (warm-up "
        f"{clip_cfg.warmup}), object views {100 * clip_cfg.object_views:.0f} % (context "
        f"{clip_cfg.view_context[0]:g}–{clip_cfg.view_context[1]:g}× the box, rendered at "
-       f"{clip_cfg.view_render_size} px); micro VFM: {vfm_cfg.steps} steps × batch {vfm_cfg.batch_size}.")
+       f"{clip_cfg.view_render_size} px); micro VFM: {vfm_cfg.steps} steps × batch {vfm_cfg.batch_size}" +
+       (f", views of {vfm_cfg.view_scale[0]:g}–{vfm_cfg.view_scale[1]:g} × {vfm_cfg.view_size} px, channels "
+        f"shuffled with p {vfm_cfg.channel_shuffle:g}, grey with p {vfm_cfg.grayscale:g}."
+        if hasattr(vfm_cfg, "view_scale") else "."))
 
 fig, ax = plt.subplots(1, 3, figsize=(13, 3))
 h = clip_info["history"] if clip_info else []
@@ -562,27 +580,39 @@ md("**Point affinity inside vs outside the query's object** (`ovlib.models.affin
 # `benchmarks/results/vfm_trials.json`, is rendered here; rerun the script to refresh it). Minutes are the
 # training wall time of the run that trained each model, *on the machine and load of that run* (the CPU minutes,
 # the torch threads and the load average of that run are in the record: on a loaded machine wall time says
-# little). A row appears once the script has run that trial; the micro VFM above is the `dense` configuration.
+# little). A row appears once the script has run that trial; ★ marks the trial whose config is the micro VFM of
+# this run (none at the `smoke` profile, whose budgets are cut).
 
 # %%
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 TRIALS = Path("benchmarks/results/vfm_trials.json")
 if TRIALS.is_file():
     rec = json.loads(TRIALS.read_text())
     tr = rec["trials"]
+    this_vfm = json.loads(json.dumps(asdict(vfm_cfg)))  # the record's configs went through JSON (tuples -> lists)
     cb = rec["colour_baseline"]
     md(f"Trials at the `{rec['profile']}` profile, {rec['n_images']} evaluation scenes (k-means mIoU, 95 % "
        "intervals over scenes):\n\n" + table(
            ["trial", "objective", "steps", "batch", "train min (wall)", "CPU min", "load avg", "k-means mIoU",
-            "colours equalised"],
-           [[f"`{k}`", t["objective"], t["steps"], t["batch"], f"{t['train_seconds'] / 60:.1f}",
+            "colours equalised", "affinity inside − outside"],
+           [[f"`{k}`" + (" ★" if t.get("config") == this_vfm else ""), t["objective"], t["steps"], t["batch"],
+             f"{t['train_seconds'] / 60:.1f}",
              f"{t['cpu_seconds'] / 60:.1f}" if t.get("cpu_seconds") else "—",
-             f"{t['loadavg']:.1f}" if t.get("loadavg") is not None else "—", ci(t["as_is"]), ci(t["equalized"])]
+             f"{t['loadavg']:.1f}" if t.get("loadavg") is not None else "—", ci(t["as_is"]), ci(t["equalized"]),
+             f"{t['affinity_inside'][0] - t['affinity_outside'][0]:.3f}" if "affinity_inside" in t else "—"]
             for k, t in tr.items()]
            + [["colour", "mean RGB per patch (no model, no training)", "", "", "", "", "", ci(cb["as_is"]),
-               ci(cb["equalized"])]]))
+               ci(cb["equalized"]), ""]]))
+    best = max(tr, key=lambda k: tr[k]["as_is"][0])
+    above = tr[best]["as_is"][1] > cb["as_is"][2]  # the two 95 % intervals do not overlap
+    md(f"Best trial by k-means mIoU: `{best}`, {tr[best]['as_is'][0] - cb['as_is'][0]:+.1f} points against the "
+       f"colour baseline ({tr[best]['equalized'][0] - cb['equalized'][0]:+.1f} with colours equalised): "
+       + ("its interval lies above the baseline's." if above else
+          "its interval does not lie above the baseline's — no objective tried so far groups better than colour "
+          "alone."))
 else:
     md(f"(no trials record at `{TRIALS}`: run `python benchmarks/vfm_grouping.py --profile micro`)")
 
@@ -601,14 +631,14 @@ else:
 # (`ovlib.models.clipseg`), so the same loader reads a real CLIPSeg checkpoint in the `paper` profile.
 #
 # Below: OVSS mIoU (argmax over all classes, SynSeg's five-view inference for CLIPSeg, chapter 1's sliding
-# windows for the training-free modes) on base things, novel things and stuff. CLIPSeg should localise base
-# classes well and transfer partially to novel ones.
+# windows for the training-free modes, the same images) on the **base** classes (the ones the CLIPSeg saw:
+# base things and stuff), the **novel** things and the stuff alone. CLIPSeg should localise base classes well
+# and transfer partially to novel ones; the two comparisons with the best training-free mode of each group are
+# claims of the ledger (deterministic models: paired bootstrap over the images).
 
 # %%
 if P["profile"] != "paper":
-    from ovlib.eval.metrics import miou_over
-    from ovlib.stats import bootstrap_ci
-    from ovlib.eval.synseg import evaluate_protocols, synseg_score_fn
+    from ovlib.eval.synseg import ProtocolEval, class_groups, evaluate_protocols, synseg_score_fn
     from ovlib.methods.synseg import SynSeg
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg
 
@@ -617,26 +647,30 @@ if P["profile"] != "paper":
     torch.manual_seed(P["seed"])
     clipseg = SynSeg(clip_model, {}, tokenizer=tokenizer, categories=categories, input_size=clip_cfg.image_size,
                      clipseg="micro-clipseg", clipseg_state=cs_state).to(DEV).eval()
-    split = {c["id"]: c.get("split", "base") for c in categories}
-    groups = {g: [i for i, c in enumerate(class_ids) if split[c] == key]
-              for g, key in (("base things", "base"), ("novel things", "novel"), ("stuff", "stuff"))}
-
-    def group_miou(confs, rows):
-        return bootstrap_ci(confs, lambda c: miou_over(c, rows), n_boot=EV.n_boot, seed=P["seed"])
-
-    cs_eval = evaluate_protocols(synseg_score_fn(clipseg, text["main"], 5), ds, class_ids,
-                                 [c for c in class_ids if is_thing[c]], (0.5,), image_size=EV.ovss.image_size,
-                                 resize=EV.ovss.resize, n_images=EV.ovss_images, n_boot=EV.n_boot, seed=P["seed"])["all"]
-    confs = {"micro CLIPSeg": cs_eval["confusion"], **{f"training-free `{m}`": ovss[m]["confusion"] for m in EV.modes}}
-    allm = {"micro CLIPSeg": cs_eval["miou"], **{f"training-free `{m}`": ovss[m]["miou"] for m in EV.modes}}
-    CS = {k: {g: group_miou(c, r) for g, r in groups.items()} for k, c in confs.items()}
+    groups = class_groups(categories)  # base: the classes the CLIPSeg saw (things and stuff); novel: never shown
+    cs_res = evaluate_protocols(synseg_score_fn(clipseg, text["main"], 5), ds, class_ids, thing_ids, (0.5,),
+                                image_size=EV.ovss.image_size, resize=EV.ovss.resize, n_images=EV.ovss_images,
+                                n_boot=EV.n_boot, seed=P["seed"])
+    CS = {"micro CLIPSeg": ProtocolEval(cs_res, groups),  # the training-free rows: section 1.7's OVSS, same images
+          **{f"training-free `{m}`": ProtocolEval({"all": ovss[m], "bg": {}}, groups) for m in EV.modes}}
+    for row, ev in CS.items():
+        study.record(row, ev, fixed=True)
+    cs_claims = []
+    for g in ("base", "novel"):
+        best_g = max(EV.modes, key=lambda m: CS[f"training-free `{m}`"].point(f"mIoU {g}"))
+        cs_claims.append(study.claim(f"1.7-clipseg-{g}", f"the micro CLIPSeg segments {g} classes better than the "
+                                     f"best training-free mode (`{best_g}`)", f"training-free `{best_g}`",
+                                     "micro CLIPSeg", f"mIoU {g}", section="1.7"))
+    study.ledger()
     hcs = cs_info["history"]
     md(f"micro CLIPSeg: {cs_cfg.steps} steps × {cs_cfg.batch_size} scenes × {cs_cfg.prompts_per_image} prompts, "
-       f"{sum(split[c] != 'novel' for c in class_ids)} base classes of {len(class_ids)}; BCE "
-       f"{hcs[0]['loss']:.3f} → {hcs[-1]['loss']:.3f}; trained in {cs_info['train_seconds']:.0f} s "
+       f"{int(groups['base'].sum())} base classes of {len(class_ids)}; BCE {hcs[0]['loss']:.3f} → "
+       f"{hcs[-1]['loss']:.3f}; trained in {cs_info['train_seconds']:.0f} s "
        f"({'cache' if cs_info.get('loaded') else 'this run'}).\n\n" +
-       table(["model", "all classes mIoU", "base things", "novel things", "stuff"],
-             [[k, ci(allm[k]), *(ci(v[g]) for g in groups)] for k, v in CS.items()]))
+       table(["model", "all classes mIoU", "base classes", "novel things", "stuff"],
+             [[k, *(ci(ev.interval(m, EV.n_boot, P["seed"])) for m in ("mIoU", "mIoU base", "mIoU novel",
+                                                                        "mIoU stuff"))] for k, ev in CS.items()])
+       + "\n\n" + study.claims_table([c.id for c in cs_claims]))
 
 # %% [markdown]
 # ## 1.8 Point affinity maps

@@ -54,32 +54,29 @@ dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
 dry_run_settings = {}
 
 # %%
-import json
 import math
 import re
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.metrics import silhouette_score
 
 from ovlib.config import dry_run_cap, dry_run_eval
-from ovlib.nb import ci, md, setup, table
 from ovlib.data.coco import dry_run_data
-from ovlib.eval import affinity_map
 from ovlib.eval._common import dense_fn_for_clip, dense_fn_for_vfm, student_image
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.segmentation import evaluate_kmeans
+from ovlib.eval.segmentation import evaluate_kmeans, kmeans_sample
 from ovlib.eval.students import load_student
-from ovlib.methods.analysis import ContextAggregate, coupling_ratio, refiner_dense_fn, tsne_embed
+from ovlib.methods.analysis import ContextAggregate, coupling_ratio_pairs, refiner_dense_fn
 from ovlib.methods.rsc import load_refiner, untrained_refiner
 from ovlib.models import vit_adapter
+from ovlib.nb import ci, md, setup, table
 from ovlib.stats import Sample, bootstrap_ci, mean_std, ratio_stat
 from ovlib.study import Study
 from ovlib.train.pretrain import image_mean_std
 from ovlib.train.recipes import distill_config
+from ovlib.viz.figures import affinity_row, frequent_class_pick, tsne_panels
 
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
@@ -90,7 +87,6 @@ cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 study = Study(P, "02", device=DEV)  # budgets, the shared run cache, claims and the ledger (book/claims/02.json)
 B = study.budget  # params/PROFILE.yaml: budgets["02"]
 SEEDS = study.seeds
-SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"  # SMOKE: only the sizes of two figures (§2.7)
 
 
 # ---- the chapter's budget: params/PROFILE.yaml (budgets.train: main / ablation / refiner; budgets["02"]) --------
@@ -100,7 +96,7 @@ SMOKE, PAPER = P["profile"] == "smoke", P["profile"] == "paper"  # SMOKE: only t
 # with the same budget); the Refiner the `refiner` budget. steps_scale multiplies all three; paper: the recipes.
 MAIN_STEPS, ABL_STEPS, REF_STEPS = (study.train_budget(b).get("max_steps") for b in ("main", "ablation", "refiner"))
 BUDGET_OF = {ABL_STEPS: "ablation", REF_STEPS: "refiner", MAIN_STEPS: "main"}  # steps -> named training budget
-REGION_N, SEG_N = B["region_images"], B["seg_images"] or EV.ovss_images
+REGION_N, SEG_N = study.region_images, B["seg_images"] or EV.ovss_images  # 0: all
 EQ7 = {**B["eq7"], "targets": cap(B["eq7"]["targets"]), "n_max": cap(B["eq7"]["n_max"])}
 CR_PAIRS, TSNE_PER_CLASS = cap(B["cr_pairs"]), cap(B["tsne_per_class"])
 TEXT_SEEDS = SEEDS  # RegionText rows (Table 1)
@@ -137,17 +133,7 @@ BB = study.backbones("clipself")  # the frozen CLIP, the evaluation split and it
 clip_model, tokenizer = BB.clip, BB.tokenizer
 MEAN, STD = image_mean_std(clip_model)
 PATCH = int(vit_adapter(clip_model).patch_size[0])  # open_clip ViT and EVA (timm) towers alike
-if PAPER:
-    from ovlib.models import load_vfm
-
-    vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
-                   weights_dir=P["weights_dir"] or None, seed=P["seed"])
-else:
-    from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
-
-    vfm = pretrain_vfm(pretrain_configs(P["profile"], P["steps_scale"], P["seed"])[1], P["cache_dir"],
-                       device=DEV, progress=False)[0]
-vfm.eval()
+vfm = study.vfm()  # the micro VFM (DINO) of the cache; the paper profile's named VFM
 ds, categories, class_ids, text = BB.dataset, BB.categories, BB.class_ids, BB.text
 cat_name = {c["id"]: c["name"] for c in categories}
 
@@ -188,23 +174,18 @@ md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {e.n_regions} region
 # k-means mIoU of the student's tokens against the frozen CLIP's.
 
 # %%
-def run(name, method, seed=0, steps=MAIN_STEPS, **over):
-    """Train (or load) one distillation run from the shared run cache (``ovlib.study``)."""
-    r = study.run(method, seed=seed, budget=BUDGET_OF[steps], row=name, evaluate=False, **over)
-    runs[name] = {**r.res, "steps": steps, "seed": seed}
-    return r.res
+def train_eval(name, method, seed=0, steps=MAIN_STEPS, main=True, keep_model=False, evaluate=True, **over):
+    """Train (or load from the shared run cache, ``ovlib.study``) one distillation run; evaluate its student."""
+    r = runs[name] = study.run(method, seed=seed, budget=BUDGET_OF[steps], row=name, evaluate=False, **over)
+    if evaluate:
+        student = load_student(P, r.res, DEV)
+        evaluate_model(name, student, main=main, keep=keep_model)
+        if keep_model:  # for the figures (§2.7)
+            models[name] = student
+    return r
 
 
-def train_eval(name, method, seed=0, steps=MAIN_STEPS, main=True, keep_model=False, **over):
-    res = run(name, method, seed, steps, **over)
-    student = load_student(P, res, DEV)
-    evaluate_model(name, student, main=main, keep=keep_model)
-    if keep_model:
-        models[name] = student
-    return student
-
-
-for s in SEEDS:
+for s in SEEDS:  # L_RLA = 1 − mean_r cos(RoIAlign(f_s(X), b_r), f_t(crop_r))  (Eq. 1)
     train_eval(f"CLIPSelf-s{s}", "clipself", s, keep_model=(s == 0))
 for s in TEXT_SEEDS:
     train_eval(f"RegionText-s{s}", "regiontext", s)
@@ -242,12 +223,12 @@ md(table(["model", "Boxes Top-1", "Thing masks Top-1", "Stuff masks Top-1", "k-m
 # implemented here — only the CLIPSelf → +SCD row pair is reproduced.
 
 # %%
-for s in SEEDS:
+for s in SEEDS:  # L = L_RLA + λ CE(softmax(C_t / τ), softmax(C_s / τ)), C = Z Zᵀ per region  (Eqs. 2-6)
     train_eval(f"SC-CLIPSelf-s{s}", "sc-clipself", s, keep_model=(s == 0))
 
 # Qiu et al. 2025, Table 6(a) (ViT-B/16, COCO; the column labels of the printed table swap Thing and Stuff in
-# their header; the values below follow Table 2, where the same rows read Boxes / Thing / Stuff).
-PAPER_T6A = {"CLIPSelf": (74.0, 76.3, 36.8, 37.6), "+SCD": (76.0, 77.9, 49.4, 39.1)}
+# their header; book/paper_numbers.yaml follows Table 2, where the same rows read Boxes / Thing / Stuff).
+PAPER_T6A = study.paper_value("rsc.table.t6a")
 rows = []
 for name, label in (("CLIPSelf", "CLIPSelf"), ("SC-CLIPSelf", "+SCD")):
     rows.append([label] + [pm(name, m) for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou",
@@ -280,19 +261,13 @@ N_LIST = sorted({1, 2, 4, 8, 16, 32, n_ctx} & set(range(1, n_ctx + 1)))
 eq7 = {}
 for mode in ("x+v", "vanilla"):
     fn = dense_fn_for_clip(clip_model, mode)
-    agg = ContextAggregate(fn, contexts.to(DEV), PATCH, seed=P["seed"])
+    agg = ContextAggregate(fn, contexts.to(DEV), PATCH, seed=P["seed"])  # Z̄ = 1/N Σ_i Z_{X_t | X_i}  (Eq. 7)
     eq7[(mode, 0)] = evaluate_kmeans(fn, ds, image_size=TS, n_images=T, seed=P["seed"], n_boot=EV.n_boot,
                                      patch=PATCH, progress=False)
     for n in N_LIST:
         eq7[(mode, n)] = evaluate_kmeans(agg.at(n), ds, image_size=TS, n_images=T, seed=P["seed"],
                                          n_boot=EV.n_boot, patch=PATCH, progress=False)
     models[f"Eq7-{mode}"] = agg
-
-
-def km_sample(res):
-    """A k-means result as a one-run :class:`ovlib.stats.Sample` of per-image ``[mIoU, 1]`` (a frozen model)."""
-    per = np.asarray(res["per_image"], dtype=np.float64)
-    return Sample((np.stack([per, np.ones_like(per)], 1),), ratio_stat, fixed=True)
 
 
 fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -309,7 +284,7 @@ ax.legend(fontsize=7)
 plt.tight_layout()
 plt.show()
 eq7_cmp = {mode: claim("2.4", f"Aggregating over more contexts (N = {n_ctx} vs 1) improves k-means mIoU ({mode})",
-                       km_sample(eq7[(mode, 1)]), km_sample(eq7[(mode, n_ctx)]), "kmeans.miou")
+                       kmeans_sample(eq7[(mode, 1)]), kmeans_sample(eq7[(mode, n_ctx)]), "kmeans.miou")
            for mode in ("x+v", "vanilla")}
 md(table(["mode", "alone"] + [f"N = {n}" for n in N_LIST],
          [[m, ci(eq7[(m, 0)]["miou"])] + [ci(eq7[(m, n)]["miou"]) for n in N_LIST] for m in ("x+v", "vanilla")]) +
@@ -351,14 +326,14 @@ def refiner_eval(name, res):
     fn = refiner_dense_fn(ref, MEAN, STD)
     models[name] = fn
     evaluate_model(name, clip_model, main=False, dense_fn=fn, region=False)
-    runs[name]["eval_s"] = evals[name].seconds
     return ref, fn
 
 
 K_MAIN = int(distill_config(P, "refiner").method_args.get("num_blocks", 4))
-ref_res = run("Refiner", "refiner", 0, REF_STEPS)
-REF = ref_res["weights"]
-refiner, refiner_fn = refiner_eval("Refiner", ref_res)
+# stage 1: f_R(RoIAlign(f_I^A(X) + Z_inter, b)) matched to f_t(crop_b) token by token by InfoNCE  (Eqs. 8-13)
+REF_RUN = train_eval("Refiner", "refiner", 0, REF_STEPS, evaluate=False)
+REF = REF_RUN.res["weights"]
+refiner, refiner_fn = refiner_eval("Refiner", REF_RUN.res)
 km_ref_t = evaluate_kmeans(refiner_fn, ds, image_size=TS, n_images=T, seed=P["seed"], n_boot=EV.n_boot, patch=PATCH,
                            progress=False)
 # controls: the CLIP's vanilla map (the Refiner's initialisation and target) and the untrained Refiner
@@ -372,12 +347,11 @@ km_ref0_t = evaluate_kmeans(refiner0_fn, ds, image_size=TS, n_images=T, seed=P["
 with torch.no_grad():
     _x0 = torch.stack([student_image(ds[i]["image"], TS)[0] for i in range(min(4, len(ds)))]).to(DEV)
     ref0_gap = float((refiner0_fn(_x0) - vanilla_fn(_x0)).abs().max())
-hist = [r for r in (Path(ref_res["out_dir"]) / "metrics.jsonl").read_text().splitlines() if r]
-g2l = [json.loads(r)["g2l"] for r in hist]
+g2l = [r["g2l"] for r in REF_RUN.history]
 c_ref = claim("2.5", "The Refiner's dense map groups better than the frozen CLIP's vanilla map, its initialisation "
               "and target (k-means mIoU)", "CLIP vanilla", "Refiner", "kmeans.miou")
 c_ref_eq7 = claim("2.5", f"The Refiner beats the Eq. 7 aggregate (N = {n_ctx}, vanilla) on the targets",
-                  km_sample(eq7[("vanilla", n_ctx)]), km_sample(km_ref_t), "kmeans.miou")
+                  kmeans_sample(eq7[("vanilla", n_ctx)]), kmeans_sample(km_ref_t), "kmeans.miou")
 g_crop = int(vit_adapter(clip_model).native_grid[0])  # token grid of a crop (G2LConfig.crop_grid = None)
 md(f"Refiner InfoNCE loss (log every {distill_config(P, 'refiner').log_every} steps): {g2l[0]:.3f} first → "
    f"{g2l[-1]:.3f} last (chance level ln L = {math.log(g_crop ** 2):.2f} for a {g_crop}×{g_crop} crop grid).\n\n" +
@@ -415,16 +389,8 @@ xa = torch.stack([student_image(ds[int(i)]["image"], half)[0] for i in pool[:CR_
 xb = torch.stack([student_image(ds[int(i)]["image"], half)[0] for i in pool[CR_PAIRS:]]).to(DEV)
 
 
-def cr_per_pair(encode):
-    """(pairs, 2): each pair's CR and a count of 1 (0, 0 for a pair without a usable token)."""
-    with torch.no_grad():
-        out = coupling_ratio(encode, xa, xb)["cr_per_pair"].astype(np.float64)
-    ok = np.isfinite(out)
-    return np.stack([np.where(ok, out, 0.0), ok.astype(np.float64)], 1)
-
-
-def cr_mean(x):
-    return float(x[:, 0].sum() / max(x[:, 1].sum(), 1.0))
+def cr_per_pair(encode):  # (pairs, 2) [CR, 1]: CR = E_i[cos(Z_A|AB[i], Z_B|AB[j]) / cos(Z_A[i], Z_B[j])]
+    return coupling_ratio_pairs(encode, xa, xb)
 
 
 CR = {"CLIP": cr_per_pair(dense_fn_for_clip(clip_model, "x+v")),
@@ -451,7 +417,7 @@ REF_VARIANTS.update({"Refiner cosine": {"objective": "cosine"}, "Refiner L2G": {
 REF_VARIANTS = dict(list(REF_VARIANTS.items())[:N_REF_VARIANTS])
 variant_weights = {f"Refiner K={K_MAIN}": REF, "Refiner": REF}
 for name, args in REF_VARIANTS.items():
-    res = run(name, "refiner", 0, REF_STEPS, method_args=args)
+    res = train_eval(name, "refiner", 0, REF_STEPS, evaluate=False, method_args=args).res
     variant_weights[name] = res["weights"]
     _, fn = refiner_eval(name, res)
     CR[name] = cr_per_pair(fn)
@@ -468,7 +434,7 @@ CR[f"Refiner K={K_MAIN}"] = CR["Refiner"]
 # targets being the live Refiner's outputs (detached).
 
 # %%
-for s in SEEDS:
+for s in SEEDS:  # R-SCD: the SCD targets C_t taken from the frozen Refiner's tokens of each region
     train_eval(f"R-SC-CLIPSelf-s{s}", "rsc-clipself", s, keep_model=(s == 0), method_args={"refiner": REF})
 for s in TEXT_SEEDS:
     train_eval(f"R-SC-RegionText-s{s}", "rsc-clipself", s, regions="gt_boxes",
@@ -477,12 +443,10 @@ train_eval("R-SC-V-s0", "rsc-v", 0, MAIN_STEPS, main=False, method_args={"refine
 train_eval("E2E-s0", "rsc-e2e", 0, ABL_STEPS, main=False)
 
 # Qiu et al. 2025, Table 1 (ViT-B/16 EVA-CLIP, COCO panoptic val2017, Top-1 / Top-5 mean accuracy; rows trained
-# on image patches, without RPN proposals, as ours; the RegionText rows as printed).
-PAPER_T1 = {"CLIP": (18.2, 33.2, 20.6, 36.5, 18.4, 43.5), "CLIPSelf": (72.1, 91.3, 74.4, 91.8, 46.8, 80.2),
-            "R-SC-CLIPSelf": (76.0, 93.1, 76.2, 92.5, 53.5, 84.4), "RegionText": (71.1, 90.7, 73.7, 91.4, 34.2, 68.6),
-            "R-SC-RegionText": (72.0, 91.3, 74.3, 91.6, 41.6, 73.3)}
+# on image patches, without RPN proposals, as ours; the RegionText rows as printed): the three Top-1
+PAPER_T1 = study.paper_table("rsc.table.t1", slice(0, None, 2), "/")
 T1M = ("boxes.top1", "boxes.top5", "thing.top1", "thing.top5", "stuff.top1", "stuff.top5")
-rows = [[n] + [pm(n, m) for m in T1M] + ["/".join(f"{v:.1f}" for v in PAPER_T1[n][::2])] for n in PAPER_T1]
+rows = [[n] + [pm(n, m) for m in T1M] + [PAPER_T1[n]] for n in PAPER_T1]
 md("**Table 1, micro analogue** (ours: Top-1 / Top-5 mean accuracy, mean ± std over seeds; paper: the three Top-1)\n\n"
    + table(["method", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1", "Stuff T5",
             "paper Boxes/Thing/Stuff T1"], rows))
@@ -492,10 +456,9 @@ for m in ("boxes.top1", "thing.top1", "stuff.top1"):
     claim("2.6", f"R-SC-RegionText beats RegionText ({m})", "RegionText", "R-SC-RegionText", m)
 
 # Table 2 (ViT-B/16, with RPN proposals) -- Boxes, Thing, Stuff Top-1 / Top-5.
-PAPER_T2 = {"CLIPSelf": (74.0, 92.6, 76.3, 92.8, 36.8, 75.0), "SC-CLIPSelf": (76.0, 93.5, 77.9, 93.9, 49.4, 82.6),
-            "R-SC-CLIPSelf": (77.3, 94.0, 78.9, 94.2, 52.5, 83.9)}
+PAPER_T2 = study.paper_table("rsc.table.t2", slice(0, None, 2), "/")
 rows = [[n] + [pm(n, m) for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou", "ovss.miou")] +
-        ["/".join(f"{v:.1f}" for v in PAPER_T2[n][::2])] for n in PAPER_T2]
+        [PAPER_T2[n]] for n in PAPER_T2]
 c_r_sc = {m: claim("2.6", f"the Refiner's targets beat the teacher's: R-SC > SC ({m})", "SC-CLIPSelf", "R-SC-CLIPSelf", m,
                    headline=m == "boxes.top1", paper_ref="rsc.t2.rsc_sc.boxes" if m == "boxes.top1" else None)
           for m in ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou")}
@@ -550,8 +513,7 @@ def abl_rows(entries, paper=None):
 
 
 # Table 6(b) (Boxes / Thing / Stuff Top-1, OV-COCO AP50 novel)
-PAPER_T6B = {"w/ SCD (no Refiner)": "76.0 / 77.9 / 49.4 / 39.1", "R-SCD (E2E)": "76.8 / 78.4 / 51.9 / 40.0",
-             "R-SCD (L2G)": "75.2 / 76.9 / 43.2 / 38.0", "R-SCD (ours, two-stage G2L)": "77.3 / 78.9 / 52.5 / 40.9"}
+PAPER_T6B = study.paper_table("rsc.table.t6b")
 hdr = ["variant", "Boxes T1", "Thing T1", "Stuff T1", "k-means mIoU", "Δ vs reference (Boxes / Thing / Stuff / k-means)"]
 t6b = [("R-SCD (ours, two-stage G2L)", ABL_BASE), ("R-SCD (E2E)", "E2E-s0"), ("R-SCD (L2G)", "R-SC via Refiner L2G-s0")]
 md(f"**Table 6(b), micro analogue** ({ABL_STEPS} steps, seed 0; SC-CLIPSelf (no Refiner) is in Table 2)\n\n" +
@@ -560,8 +522,7 @@ for label, name in t6b[1:]:
     claim("2.6", f"two-stage G2L R-SCD beats {label} (Boxes Top-1)", abl_name(name), abl_name(ABL_BASE), "boxes.top1")
 
 # Table 12 (depth K): OV-COCO AP50 novel, Boxes / Thing / Stuff Top-1
-PAPER_T12 = {2: "40.3 / 76.3 / 78.0 / 50.7", 3: "40.7 / 77.0 / 78.5 / 52.5", 4: "40.9 / 77.3 / 78.9 / 52.5",
-             5: "40.5 / 76.9 / 78.1 / 51.6"}
+PAPER_T12 = study.paper_table("rsc.table.t12")
 t12 = [(f"K = {k}", ABL_BASE if k == K_MAIN else f"R-SC via Refiner K={k}-s0") for k in K_LIST]
 rows = abl_rows(t12)
 
@@ -569,7 +530,7 @@ rows = abl_rows(t12)
 def refiner_cols(row, rname):
     """The Refiner variant's own k-means mIoU and coupling ratio ('–' where it was not trained)."""
     row.insert(5, ci(evals[rname].ci["kmeans.miou"]) if rname in evals else "–")
-    row.append(f"{cr_mean(CR[rname]):.2f}" if rname in CR else "–")
+    row.append(f"{ratio_stat(CR[rname].sum(0)):.2f}" if rname in CR else "–")
 
 
 for r, k in zip(rows, K_LIST):
@@ -593,16 +554,15 @@ claim("2.6", "the InfoNCE Refiner teaches a better student than the cosine one (
       "R-SC via Refiner cosine", abl_name(ABL_BASE), "boxes.top1")
 
 # Table 13 (temperatures; OV-COCO AP50 novel)
-PAPER_T13 = {(0.1, 0.1): "39.2", (0.15, 0.15): "39.6", (0.2, 0.15): "39.2", (0.2, 0.2): "40.9", (0.2, 0.3): "38.5",
-             (0.25, 0.25): "39.8"}
+PAPER_T13 = study.paper_table("rsc.table.t13")  # "τs/τt" -> OV-COCO AP50 novel
 t13 = [("τs = 0.2, τt = 0.2", ABL_BASE)] + [(f"τs = {a}, τt = {b}", f"R-SC tau {a}-{b}-s0") for a, b in TAUS]
 rows = abl_rows(t13)
 for r, key in zip(rows, [(0.2, 0.2)] + TAUS):
-    r.append(PAPER_T13.get(key, ""))
+    r.append(PAPER_T13.get(f"{key[0]}/{key[1]}", ""))
 md("**Table 13, micro analogue** (SCD temperatures)\n\n" + table(hdr + ["paper OV-COCO"], rows))
 
 # Table 14 (local vs global R-SCD): OV-COCO, Boxes, Thing, Stuff
-PAPER_T14 = {"local (regions)": "40.9 / 77.3 / 78.9 / 52.5", "global (whole image)": "39.7 / 75.6 / 77.8 / 50.2"}
+PAPER_T14 = study.paper_table("rsc.table.t14")
 t14 = [("local (regions)", ABL_BASE), ("global (whole image)", "R-SC global-s0")]
 md("**Table 14, micro analogue** (paper: OV-COCO / Boxes / Thing / Stuff)\n\n" +
    table(hdr + ["paper"], abl_rows(t14, PAPER_T14)))
@@ -623,25 +583,25 @@ md(f"**R-SC-V** (R-SCD only, {MAIN_STEPS} steps, seed 0): k-means mIoU {ci(evals
 t = time.perf_counter()
 for s in SEEDS:
     for name in ("CLIPSelf", "SC-CLIPSelf", "R-SC-CLIPSelf"):
-        st = models[f"{name}-s{s}"] if f"{name}-s{s}" in models else load_student(P, runs[f"{name}-s{s}"], DEV)
+        st = models.get(f"{name}-s{s}") or load_student(P, runs[f"{name}-s{s}"].res, DEV)
         CR[f"{name}-s{s}"] = cr_per_pair(dense_fn_for_clip(st, "x+v"))
 t_cr += time.perf_counter() - t
 
 
 def cr_row(name):
     keys = [name] if name in CR else [f"{name}-s{s}" for s in SEEDS]
-    m, sd, n = mean_std([cr_mean(CR[k]) for k in keys])
+    m, sd, n = mean_std([ratio_stat(CR[k].sum(0)) for k in keys])
     if n > 1:
         return f"{m:.2f} ± {sd:.2f}"
-    _, lo, hi = bootstrap_ci(CR[keys[0]], lambda s: s[0] / s[1], n_boot=EV.n_boot, seed=P["seed"])
+    _, lo, hi = bootstrap_ci(CR[keys[0]], ratio_stat, n_boot=EV.n_boot, seed=P["seed"])
     return f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-PAPER_T9 = {"CLIP": 2.32, "CLIPSelf": 1.86, "Refiner": 0.95, "R-SC-CLIPSelf": 0.97}
+PAPER_T9 = study.paper_table("rsc.table.t9", digits=2)
 md("**Table 9, micro analogue** (coupling ratio ↓; seeds: mean ± std of the per-seed CR; one model: "
    f"bootstrap interval over {CR_PAIRS} pairs; {t_cr:.0f} s)\n\n" +
    table(["model", "CR (ours)", "paper (EVA-CLIP B/16)"],
-         [[n, cr_row(n), f"{PAPER_T9[n]:.2f}" if n in PAPER_T9 else ""]
+         [[n, cr_row(n), PAPER_T9.get(n, "")]
           for n in ("CLIP", "CLIP vanilla", "CLIPSelf", "SC-CLIPSelf", "Refiner (untrained)", "Refiner",
                     "R-SC-CLIPSelf")]))
 
@@ -684,21 +644,8 @@ show = {"CLIP x+v": dense_fn_for_clip(clip_model, "x+v"), "CLIPSelf": dense_fn_f
         "SC-CLIPSelf": dense_fn_for_clip(models["SC-CLIPSelf-s0"], "x+v"),
         "R-SC-CLIPSelf": dense_fn_for_clip(models["R-SC-CLIPSelf-s0"], "x+v"), "Refiner": refiner_fn,
         "micro VFM": dense_fn_for_vfm(vfm)}
-fig, axes = plt.subplots(1, len(show) + 1, figsize=(2.0 * (len(show) + 1), 2.3))
-axes[0].imshow(x_img.permute(1, 2, 0).numpy())
-axes[0].plot(*px, "r.", ms=8)
-axes[0].set_title("image", fontsize=8)
-for ax, (name, fn) in zip(axes[1:], show.items()):
-    with torch.no_grad():
-        dense = fn(x_img[None].to(DEV)).cpu()
-    h, w = dense.shape[-2:]
-    cell = torch.tensor([[min(h - 1, int(px[1] * h / x_img.shape[1])), min(w - 1, int(px[0] * w / x_img.shape[2]))]])
-    ax.imshow(affinity_map(dense, cell)[0].numpy(), cmap="viridis", vmin=-0.2, vmax=1.0)
-    ax.plot(cell[0, 1], cell[0, 0], "r.", ms=6)
-    ax.set_title(name, fontsize=8)
-for ax in axes:
-    ax.axis("off")
-plt.tight_layout()
+with torch.no_grad():  # affinity of the token under the red dot: cos(z_i, z_j) for every token j
+    affinity_row(x_img, {name: fn(x_img[None].to(DEV)).cpu() for name, fn in show.items()}, px)
 plt.show()
 
 # Eq. 7 affinity (paper Fig. 9(a)): one target, alone / N = 1 / N = max, vanilla mode
@@ -707,20 +654,9 @@ agg = models["Eq7-vanilla"]
 maps = {"alone": dense_fn_for_clip(clip_model, "vanilla")(tgt[None].to(DEV)).cpu(),
         "N = 1": agg.at(1)(tgt[None]).cpu(), f"N = {n_ctx}": agg.at(n_ctx)(tgt[None]).cpu(),
         "Refiner": refiner_fn(tgt[None].to(DEV)).cpu()}
-hh = maps["alone"].shape[-1]
-cell = torch.tensor([[min(hh - 1, int(px[1] / scale * TS / item["image"].shape[0] / PATCH)),
-                      min(hh - 1, int(px[0] / scale * TS / item["image"].shape[1] / PATCH))]])
-fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.0 * (len(maps) + 1), 2.3))
-axes[0].imshow(tgt.permute(1, 2, 0).numpy())
-axes[0].plot((cell[0, 1] + 0.5) * PATCH, (cell[0, 0] + 0.5) * PATCH, "r.", ms=8)
-axes[0].set_title(f"target ({TS} px)", fontsize=8)
-for ax, (name, z) in zip(axes[1:], maps.items()):
-    ax.imshow(affinity_map(z, cell)[0].numpy(), cmap="viridis", vmin=-0.2, vmax=1.0)
-    ax.plot(cell[0, 1], cell[0, 0], "r.", ms=6)
-    ax.set_title(name, fontsize=8)
-for ax in axes:
-    ax.axis("off")
-plt.tight_layout()
+hh = maps["alone"].shape[-1]  # the same token of the object, at the centre of its cell of the target's grid
+cell = [min(hh - 1, int(px[i] / scale * TS / item["image"].shape[1 - i] / PATCH)) for i in (1, 0)]  # (row, col)
+affinity_row(tgt, maps, ((cell[1] + 0.5) * PATCH, (cell[0] + 0.5) * PATCH), f"target ({TS} px)")
 plt.show()
 
 # %% [markdown]
@@ -732,7 +668,7 @@ plt.show()
 # %% tags=["hide-input"]
 from ovlib.viz import AffinityExplorer, RegionExplorer, images_from_dataset
 
-ex_images, ex_meta = images_from_dataset(ds, range(min(2 if SMOKE else 6, len(ds))), EV.region.image_size)
+ex_images, ex_meta = images_from_dataset(ds, range(min(B["explorer_images"], len(ds))), EV.region.image_size)
 AffinityExplorer(ex_images, show, device=DEV).select(point=px).show()
 
 # %% tags=["hide-input"]
@@ -743,30 +679,13 @@ RegionExplorer(ex_images, {k_: v_ for k_, v_ in show.items() if k_ not in ("Refi
 # %%
 t = time.perf_counter()
 tsne_models = {"CLIP": "CLIP", "CLIPSelf": "CLIPSelf-s0", "R-SC-CLIPSelf": "R-SC-CLIPSelf-s0"}
-rf_ref = evals["CLIP"].regions
-counts = np.bincount(rf_ref.category_id[rf_ref.isthing].numpy())
-top = [int(c) for c in np.argsort(-counts)[:7] if counts[c] > 0]
-rng = np.random.default_rng(P["seed"])
-pick = np.concatenate([rng.permutation(np.nonzero((rf_ref.category_id == c).numpy() & rf_ref.isthing.numpy())[0])
-                       [:TSNE_PER_CLASS] for c in top])
+rf_ref = evals["CLIP"].regions  # thing segments of the seven most frequent classes (the same for every model)
+pick, top = frequent_class_pick(np.where(rf_ref.isthing.numpy(), rf_ref.category_id.numpy(), -1), 7, TSNE_PER_CLASS,
+                                seed=P["seed"])
 labels = rf_ref.category_id.numpy()[pick]
-fig, axes = plt.subplots(1, len(tsne_models), figsize=(4.0 * len(tsne_models), 3.6))
-sil = {}
-for ax, (name, key) in zip(axes, tsne_models.items()):
-    feats = evals[key].regions.features["maskpool/x+v"][pick]  # the same segments, in the same order
-    ok = 2 <= len(set(labels)) <= len(labels) - 1  # silhouette needs 2 .. n-1 classes
-    sil[name] = float(silhouette_score(feats.numpy(), labels, metric="cosine")) if ok else float("nan")
-    emb = tsne_embed(feats, seed=P["seed"], max_iter=500 if SMOKE else 1000) if len(pick) >= 3 else \
-        np.zeros((len(pick), 2))
-    for c in top:
-        sel = labels == c
-        ax.scatter(emb[sel, 0], emb[sel, 1], s=6, label=cat_name[c])
-    ax.set_title(f"{name} (silhouette {sil[name]:.2f})", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-axes[-1].legend(fontsize=6, markerscale=2, loc="best")
+fig, sil = tsne_panels({name: evals[key].regions.features["maskpool/x+v"][pick] for name, key in tsne_models.items()},
+                       labels, cat_name, seed=P["seed"], max_iter=B["tsne_iter"])
 fig.suptitle("t-SNE of mask-pooled x+v features of thing segments (seed-0 students)")
-plt.tight_layout()
 plt.show()
 md(f"Silhouette (cosine, by class, {len(pick)} segments of {len(top)} classes): " +
    ", ".join(f"{k_} {v:.3f}" for k_, v in sil.items()) + f". ({time.perf_counter() - t:.0f} s)")

@@ -65,18 +65,27 @@ import torch
 from PIL import Image
 from scipy.stats import friedmanchisquare, norm
 
-from ovlib.data.regions import crop_regions, sample_grid_boxes
+from ovlib.config import dry_run_cap, dry_run_eval
+from ovlib.data.coco import dry_run_data
+from ovlib.data.regions import thing_crops
 from ovlib.eval._common import category_index, normalize_images, student_image
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.students import load_student
-from ovlib.methods.denserc import (DenseConstructor, DenseRCConfig, denserc_dense_fn, load_constructor,
-                                   table5_rows)
+from ovlib.methods.denserc import (
+    DenseConstructor,
+    DenseRCConfig,
+    denserc_dense_fn,
+    gate_statistics,
+    load_constructor,
+    table5_rows,
+)
 from ovlib.methods.derivation import (
     TermGroup,
     cls_decomposition,
     contribution_stats,
     delta_l_closed_form,
     gradient_stats,
+    grid_region_batch,
     head_attention_distance,
     head_contributions,
     joint_terms,
@@ -84,17 +93,25 @@ from ovlib.methods.derivation import (
     patch_gradient_magnitudes,
     per_head_decomposable,
     random_delta_l_setup,
+    random_vision_tower,
     simulate_delta_l,
     standard_groups,
 )
 from ovlib.models import vit_adapter
-from ovlib.config import dry_run_cap, dry_run_eval
-from ovlib.data.coco import dry_run_data
 from ovlib.nb import ci, md, ms, setup, table
-from ovlib.stats import Comparison, Sample, bootstrap_ci, ratio_stat
-from ovlib.study import Study
+from ovlib.stats import (
+    Comparison,
+    Sample,
+    bootstrap_ci,
+    eta_squared,
+    eta_squared_units,
+    mean_units,
+    ratio_stat,
+)
+from ovlib.study import Study, load_benchmark
 from ovlib.train.pretrain import image_mean_std
 from ovlib.train.recipes import distill_config
+from ovlib.viz.figures import heatmap_row
 
 # every contract key comes from the parameters cell above
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
@@ -105,7 +122,6 @@ cap = dry_run_cap(P)  # a dry run caps the paper budget's counts
 study = Study(P, "03", device=DEV)  # budgets, the shared run cache, claims and the ledger (book/claims/03.json)
 B = study.budget  # params/PROFILE.yaml: budgets["03"]
 SEEDS = study.seeds
-PAPER = P["profile"] == "paper"
 
 
 claim = study.claim_in  # (section, claim, a, b, metric, expected sign): one ledger entry
@@ -126,7 +142,7 @@ LAMBDA = float(CFG.loss_weights.get("coherence", 0.025))
 # (§3.6) is chapter 02's run from the shared cache (trained here only when chapter 02 has not run).
 TRAIN = study.train_budget("denserc")
 STEPS = TRAIN.get("max_steps")  # None: the recipe as it is (paper)
-REGION_N, SEG_N = B["region_images"], B["seg_images"] or EV.ovss_images
+REGION_N, SEG_N = study.region_images, B["seg_images"] or EV.ovss_images  # 0: all
 N_DECOMP, N_GRAD, N_GATE = cap(B["n_decomp"]), cap(B["n_grad"]), cap(B["n_gate"])
 GATE_SIZE = B["gate_size"] or EV.region.image_size
 VITB_SIZE = B["vitb_size"]  # random ViT-B/16 (the bookkeeping, not the weights)
@@ -134,14 +150,13 @@ LAYERS = B["layers"]  # the micro CLIP has 4 blocks: n = 4 is "all"
 LAMBDAS = sorted(set(B["lambdas"]) | {LAMBDA})
 EXTRAS = tuple(B["extras"])
 DL_DRAWS = cap(B["dl_draws"])
-MAIN_SEEDS = SEEDS  # every Table-5 row is trained for every seed
 # step-time benchmark (§3.9, on the CPU): image size, crop size, batch, boxes per image, alternating pairs
 BENCH = tuple(B["bench"])
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. DenseRC runs: "
    f"{STEPS or 'recipe'} steps ({'batch ' + str(TRAIN.get('batch_size', CFG.batch_size))}), Table-5 rows × "
-   f"{len(MAIN_SEEDS)} seed(s), sweeps × 1 seed; students evaluated on {REGION_N or 'all'} images (regions) and "
+   f"{len(SEEDS)} seed(s), sweeps × 1 seed; students evaluated on {REGION_N or 'all'} images (regions) and "
    f"{SEG_N} images (OVSS, k-means)." + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
@@ -167,15 +182,10 @@ CAT_ROW = category_index(class_ids)
 evals, runs = {}, {}
 
 
-def evaluate_frozen(name, model, dense_fn=None, kmeans=True):
-    """Region classification, OVSS and k-means of one model (no crop CLS: DenseRC changes the dense map)."""
-    evals[name] = study.evaluate(name, model, fixed=True, dense_fn=dense_fn, crops=False, kmeans=kmeans)
-    return evals[name]
-
-
 frozen_multi_v = DenseConstructor.for_model(DenseRCConfig(construct="none", n_layers=3), clip_model).eval()
-evaluate_frozen("CLIP x+v", clip_model)
-evaluate_frozen("CLIP multi-v", clip_model, dense_fn=denserc_dense_fn(clip_model, frozen_multi_v, MEAN, STD))
+for name, fn in (("CLIP x+v", None), ("CLIP multi-v", denserc_dense_fn(clip_model, frozen_multi_v, MEAN, STD))):
+    # region classification, OVSS and k-means (no crop CLS: DenseRC changes the dense map)
+    evals[name] = study.evaluate(name, clip_model, fixed=True, dense_fn=fn, crops=False)
 md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {evals['CLIP x+v'].n_regions} regions in the first "
    f"{REGION_N or len(ds)} images. The frozen CLIP before any training: " + "; ".join(
        f"`{n[5:]}` Boxes Top-1 {ci(evals[n].ci['boxes.top1'])}, OVSS {ci(evals[n].ci['ovss.miou'])}"
@@ -204,32 +214,14 @@ t = time.perf_counter()
 # the per-head split needs attention outputs affine in the heads; EVA02's sub-LN is not: such a backbone (the paper
 # profile's EVA02-B-16) is analysed through the profile's `models.clip` (OpenAI-style ViT-B/16, no sub-LN)
 if per_head_decomposable(clip_model):
-    DEC_CLIP, DEC_TEXT, DEC_NAME = clip_model, text, "micro CLIP" if not PAPER else P["backbone"]
+    DEC_CLIP, DEC_TEXT, DEC_NAME = clip_model, text, P["backbone"]
 else:
-    from ovlib.models import load_clip
-
-    DEC_CLIP, dec_tok, _ = load_clip(**P["models"]["clip"], device=DEV, allow_download=P["allow_download"],
-                                     weights_dir=P["weights_dir"] or None, seed=P["seed"])
-    DEC_CLIP = DEC_CLIP.eval().requires_grad_(False)
-    DEC_TEXT = text_embeddings(DEC_CLIP, dec_tok, class_name_sets(categories, "main", seed=P["seed"]), templates,
-                               this_is_prefix=this_is, device=DEV).cpu()
-    DEC_NAME = f"{P['models']['clip']['name']} ({P['models']['clip']['pretrained'] or 'random init'})"
+    DEC_CLIP, _, DEC_TEXT, DEC_NAME = study.named_clip("clip")
     md(f"{P['backbone']}'s attention output is not affine in its heads (sub-LN): §3.2 decomposes **{DEC_NAME}**.")
 DEC_AD = vit_adapter(DEC_CLIP)
 DEC_MEAN, DEC_STD = image_mean_std(DEC_CLIP)
-crops, labels = [], []
-for i in range(len(ds)):
-    item = ds[i]
-    things = [s for s in item["segments"] if s["isthing"] and int(s["category_id"]) in CAT_ROW]
-    if not things:
-        continue
-    boxes = torch.as_tensor(np.stack([np.asarray(s["box"], dtype=np.float32) for s in things]))
-    crops.append(crop_regions(item["image"], boxes, DEC_AD.native_grid[0] * DEC_AD.patch_size[0]))
-    labels += [CAT_ROW[int(s["category_id"])] for s in things]
-    if len(labels) >= N_DECOMP:
-        break
-crops = normalize_images(torch.cat(crops)[:N_DECOMP], DEC_MEAN, DEC_STD).to(DEV)
-labels = torch.tensor(labels[:N_DECOMP])
+crops, labels = thing_crops(ds, CAT_ROW, DEC_AD.native_grid[0] * DEC_AD.patch_size[0], N_DECOMP)  # native size
+crops = normalize_images(crops, DEC_MEAN, DEC_STD).to(DEV)
 dec = cls_decomposition(DEC_CLIP, crops, per_head=True)
 jt = joint_terms(DEC_CLIP, dec)
 stats = contribution_stats(jt, {**standard_groups(DEC_AD.num_blocks, 3),
@@ -238,19 +230,8 @@ stats = contribution_stats(jt, {**standard_groups(DEC_AD.num_blocks, 3),
                            text=DEC_TEXT.to(jt.embedding), labels=labels)
 
 # a random ViT-B/16 (open_clip's "ViT-B-16" config, image tower only) at a tiny input: the same bookkeeping
-import open_clip
-from open_clip.model import _build_vision_tower
-
-with torch.random.fork_rng():
-    torch.manual_seed(P["seed"])
-    vb_cfg = open_clip.get_model_config("ViT-B-16")
-    vitb = _build_vision_tower(vb_cfg["embed_dim"], {**vb_cfg["vision_cfg"], "image_size": VITB_SIZE})
-    vitb = vitb.eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(P["seed"])
-    with torch.no_grad():  # perturb: open_clip initialises biases to 0 and LayerNorms to 1
-        for p_ in vitb.parameters():
-            p_.add_(torch.randn(p_.shape, generator=g) * 0.02)
-xb = torch.randn(2, 3, VITB_SIZE, VITB_SIZE, generator=g)
+vitb = random_vision_tower("ViT-B-16", VITB_SIZE, seed=P["seed"])  # biases and LayerNorms perturbed
+xb = torch.randn(2, 3, VITB_SIZE, VITB_SIZE, generator=torch.Generator().manual_seed(P["seed"] + 1))
 dec_b = cls_decomposition(vitb, xb, per_head=True)
 jt_b = joint_terms(vitb, dec_b)
 with torch.no_grad():
@@ -275,8 +256,7 @@ md("**Bookkeeping errors** (max abs): `c^(0) + Σ a + Σ m` vs the model's own C
 # %%
 def stat_ci(name, key, digits=2):
     """Mean over crops of one per-crop statistic with a 95 % bootstrap interval over crops."""
-    v = np.asarray(stats[name][key], dtype=np.float64)
-    t_ = bootstrap_ci(np.stack([v, np.ones_like(v)], 1), lambda s: s[0] / s[1], n_boot=EV.n_boot, seed=P["seed"])
+    t_ = bootstrap_ci(mean_units(stats[name][key]), ratio_stat, n_boot=EV.n_boot, seed=P["seed"])
     return ci(t_, digits) if key != "top1" else ci(tuple(100 * x for x in t_), 1)
 
 
@@ -288,15 +268,10 @@ md(f"**How much of the CLS embedding each group of terms carries** ({len(crops)}
    "*cos text* = cosine to the crop's class text embedding; *Top-1* = zero-shot accuracy of e_S alone.\n\n" +
    table(["terms", "share", "norm ratio", "cos cls", "cos text", "Top-1 (%)"], rows))
 
-def crop_sample(name, key):
-    """A per-crop statistic of the frozen CLIP's term group ``name`` as a deterministic one-run Sample."""
-    v = np.asarray(stats[name][key], dtype=np.float64)
-    return Sample((np.stack([v, np.ones_like(v)], 1),), ratio_stat, fixed=True)
-
-
 def per_crop_claim(section, text_, a, b, key, expected=+1):
-    """b − a of a per-crop statistic of the frozen CLIP (paired bootstrap over crops)."""
-    return claim(section, text_, crop_sample(a, key), crop_sample(b, key), key, expected)
+    """b − a of a per-crop statistic of the frozen CLIP's term groups (deterministic: paired bootstrap over crops)."""
+    sa, sb = (Sample((mean_units(stats[n][key]),), ratio_stat, fixed=True) for n in (a, b))
+    return claim(section, text_, sa, sb, key, expected)
 
 
 n_first = DEC_AD.num_blocks - min(3, DEC_AD.num_blocks)
@@ -320,19 +295,10 @@ hc = head_contributions(jt, DEC_TEXT.to(jt.embedding), labels)
 with torch.no_grad():
     x_loc = torch.stack([student_image(ds[i]["image"], EV.region.image_size)[0] for i in range(min(4, len(ds)))])
     dist = head_attention_distance(DEC_CLIP, normalize_images(x_loc, DEC_MEAN, DEC_STD).to(DEV)).mean(0).cpu().numpy()
-fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
-for ax, (arr, title, cmap) in zip(axes, ((hc["share"].mean(0), "share of the embedding", "RdBu_r"),
-                                          (hc["cos_text"].mean(0), "cos to the class text", "RdBu_r"),
-                                          (dist, "mean attention distance (patches)", "viridis"))):
-    lim = float(np.abs(arr).max()) or 1.0
-    im = ax.imshow(arr, cmap=cmap, vmin=-lim if cmap == "RdBu_r" else None, vmax=lim if cmap == "RdBu_r" else None)
-    ax.set(title=title, xlabel="head", ylabel="block", xticks=range(arr.shape[1]), yticks=range(arr.shape[0]),
-           yticklabels=[str(b_ + 1) for b_ in range(arr.shape[0])])
-    for (r_, c_), v in np.ndenumerate(arr):
-        ax.text(c_, r_, f"{v:.2f}", ha="center", va="center", fontsize=6)
-    plt.colorbar(im, ax=ax, fraction=0.046)
-fig.suptitle(f"per-head attention terms of the {DEC_NAME}'s CLS token (means over crops / images)", fontsize=9)
-plt.tight_layout()
+heatmap_row([(hc["share"].mean(0), "share of the embedding", "RdBu_r"),
+             (hc["cos_text"].mean(0), "cos to the class text", "RdBu_r"),
+             (dist, "mean attention distance (patches)", "viridis")],
+            suptitle=f"per-head attention terms of the {DEC_NAME}'s CLS token (means over crops / images)")
 plt.show()
 sh = hc["share"].mean(0)
 hs = hc["share"].reshape(len(labels), -1).astype(np.float64)  # (crops, L*H)
@@ -370,6 +336,7 @@ for J, d_, C_, temp in ((4, 8, 8, 1.0), (16, 8, 8, 0.5), (16, 16, 8, 2.0), (64, 
         s_ = random_delta_l_setup(J, d_, C_, gen, temperature=temp, matched=(kind == "P = M / S_rr"))
         if kind == "best P*":
             s_["P"] = optimal_spatial_p(s_["S_row"], s_["M"], s_["cov"])
+        # ΔL = E‖(M − S_rr P) v_r‖² + Σ_{j∈U_r} S_rj² E‖P v_j‖²  (Eq. 6 plus the mismatch term)
         cf = delta_l_closed_form(s_["S_row"], s_["P"], s_["M"], s_["cov"])
         mc = simulate_delta_l(s_["S_row"], s_["P"], s_["M"], s_["cov"], noise_std=0.1, n=DL_DRAWS, generator=gen)
         z = (mc["delta"] - cf["delta"]) / mc["se"]
@@ -409,42 +376,32 @@ t = time.perf_counter()
 GRAD_CONS = {c: DenseConstructor.for_model(DenseRCConfig(construct=c, n_layers=3), clip_model).eval()
              for c in ("qq", "qk", "none", "hsg")}
 size = EV.region.image_size
-crop_px = AD.native_grid[0] * AD.patch_size[0]
-imgs, boxes_l, teach = [], [], []
-for i in range(N_GRAD):
-    x_i, _ = student_image(ds[i]["image"], size)
-    b_i = sample_grid_boxes(size, size, generator=P["seed"] * 1000 + i, max_split=6, max_boxes=20)
-    imgs.append(x_i)
-    boxes_l.append(b_i.to(DEV))
-    with torch.no_grad():
-        teach.append(clip_model.encode_image(normalize_images(crop_regions(x_i, b_i, crop_px), MEAN, STD).to(DEV)))
-imgs = normalize_images(torch.stack(imgs), MEAN, STD).to(DEV)
-teach = torch.cat(teach)
+# the semantic loss's inputs: CLIPSelf grid regions of each image and the frozen CLIP's embeddings of their crops
+imgs, boxes_l, teach = grid_region_batch(clip_model, torch.stack([student_image(ds[i]["image"], size)[0]
+                                                                  for i in range(N_GRAD)]), MEAN, STD, P["seed"],
+                                         device=DEV)
 GRADS = {c: patch_gradient_magnitudes(clip_model, cons, imgs, boxes_l, teach).cpu() for c, cons in GRAD_CONS.items()}
 GSTAT = {c: [gradient_stats(g_[b]) for b in range(len(g_))] for c, g_ in GRADS.items()}
 GKEYS = ("peak_over_mean", "top_share", "gini", "starved")
 
 
-def gstat_arr(c, k):
-    v = np.array([s_[k] for s_ in GSTAT[c]], dtype=np.float64)
-    return np.stack([v, np.ones_like(v)], 1)
-
-
-ratio = ratio_stat
+def gstat_arr(c, k):  # per image [value, 1]
+    return mean_units([s_[k] for s_ in GSTAT[c]])
 
 
 rows = []
 for c, g_all in GRADS.items():
     pooled = gradient_stats(g_all)
     rows.append([c, f"{pooled['peak']:.3g}", f"{pooled['mean']:.3g}"] +
-                [ci(bootstrap_ci(gstat_arr(c, k), ratio, n_boot=EV.n_boot, seed=P["seed"]), 2) for k in GKEYS])
+                [ci(bootstrap_ci(gstat_arr(c, k), ratio_stat, n_boot=EV.n_boot, seed=P["seed"]), 2) for k in GKEYS])
 md(f"**Per-patch gradient magnitude** on {N_GRAD} images ({size} px, {GRADS['qq'].shape[-1]}² patches), "
    f"{len(teach)} grid regions. Paper (Fig. 3, ViT-B/16): spatial aggregation peak ≈ 10, mean 0.26; HSG mean "
    "0.7.\n\n" + table(["construction", "peak (pooled)", "mean (pooled)", "peak / mean", "top-5 % share", "Gini",
                        "starved"], rows))
 for k, txt in (("gini", "Gini"), ("top_share", "top-5 % share"), ("peak_over_mean", "peak / mean")):
     claim("3.4", f"without spatial aggregation the gradient is spread more evenly: HSG − qq {txt} < 0",
-          Sample((gstat_arr("qq", k),), ratio, fixed=True), Sample((gstat_arr("hsg", k),), ratio, fixed=True), k, -1)
+          Sample((gstat_arr("qq", k),), ratio_stat, fixed=True), Sample((gstat_arr("hsg", k),), ratio_stat, fixed=True),
+          k, -1)
 
 fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
 for c in ("qq", "qk", "none", "hsg"):
@@ -511,21 +468,21 @@ def train_denserc(name, seed, method_args, loss_weights=None, kmeans=True):
     ov = {"method_args": method_args} | ({"loss_weights": loss_weights} if loss_weights else {})
     r = study.run("denserc", seed=seed, budget="denserc", row=name, eval_kw={"crops": False, "kmeans": kmeans}, **ov)
     evals[f"{name}-s{seed}"] = r.eval
-    runs[f"{name}-s{seed}"] = {**r.res, "seed": seed, "steps": STEPS}
+    runs[f"{name}-s{seed}"] = r
     return r.res
 
 
 t_grid = time.perf_counter()
 for row, args in {**T5, **LR_ROWS}.items():
-    for s in MAIN_SEEDS:
-        train_denserc(row, s, args)
+    for s in SEEDS:
+        train_denserc(row, s, args)  # X_dense = Σ_l A_p^(l) v_p^(l) (Eq. 3); L = L_sem + λ L_coh (Eq. 8)
 # the CLIPSelf baseline (RLA distillation) with chapter 02's main budget: loaded from the shared run cache when
 # chapter 02 trained it
-for s in MAIN_SEEDS:
+for s in SEEDS:
     evals[f"CLIPSelf-s{s}"] = study.run("clipself", seed=s, budget="main", row="CLIPSelf",
                                         eval_kw={"crops": False}).eval
 t_grid = time.perf_counter() - t_grid
-md(f"{len(T5) + len(LR_ROWS)} rows × {len(MAIN_SEEDS)} seed(s) and the CLIPSelf baseline in {t_grid:.0f} s.")
+md(f"{len(T5) + len(LR_ROWS)} rows × {len(SEEDS)} seed(s) and the CLIPSelf baseline in {t_grid:.0f} s.")
 
 # %% [markdown]
 # ## 3.6 Table 5: the dense base and the construction
@@ -536,12 +493,8 @@ md(f"{len(T5) + len(LR_ROWS)} rows × {len(MAIN_SEEDS)} seed(s) and the CLIPSelf
 # a direction).
 
 # %%
-PAPER_T5 = {  # DenseRC (CVPR'26) Table 5, ViT-B/16: A-847 / PC-459 / A-150 mIoU, OV-COCO AP50 novel
-    "x+v": (15.2, 21.7, 36.6, 41.3), "v": (15.4, 22.1, 36.7, 41.9), "multi-v": (15.7, 22.3, 37.2, 44.4),
-    "qk": (14.7, 21.3, 36.0, 39.1), "qq": (15.4, 21.9, 36.7, 42.3), "HSG": (15.9, 22.7, 37.6, 45.6)}
-# DenseRC's zero-shot region classification (ViT-B/16, COCO, Top-1: Boxes / Thing masks / Stuff masks) and
-# R-SC-CLIPSelf's as the paper quotes it.
-PAPER_RC = {"DenseRC": (76.7, 78.1, 55.8), "R-SC-CLIPSelf": (76.0, 76.2, 53.5)}
+PAPER_T5 = study.paper_table("denserc.table.t5")  # A-847 / PC-459 / A-150 mIoU, OV-COCO AP50 novel (ViT-B/16)
+PAPER_RC = study.paper_table("denserc.table.rc")  # zero-shot region classification: Boxes / Thing / Stuff Top-1
 M5 = ("boxes.top1", "thing.top1", "stuff.top1", "ovss.miou", "kmeans.miou")
 
 
@@ -550,7 +503,7 @@ vals = study.values  # per-seed values of a row
 
 rows = [[n, "", *[ms(vals(n, m)) for m in M5], ""] for n in ("CLIP x+v", "CLIP multi-v")]
 rows += [[n, str(len(vals(n, "boxes.top1"))), *[ms(vals(n, m)) for m in M5],
-          " / ".join(f"{v:.1f}" for v in PAPER_T5[n])] for n in T5]
+          PAPER_T5[n]] for n in T5]
 rows += [[n + " (ours: the recipe's extra W_H learning rate, not a paper row)", str(len(vals(n, "boxes.top1"))),
           *[ms(vals(n, m)) for m in M5], ""] for n in LR_ROWS]
 rows += [["CLIPSelf (RLA, chapter 02's budget)", str(len(vals("CLIPSelf", "boxes.top1"))),
@@ -560,7 +513,7 @@ md(f"**Table 5, micro analogue** ({STEPS or 'recipe'} steps; frozen rows: the CL
    table(["row", "seeds", "Boxes T1", "Thing T1", "Stuff T1", "OVSS mIoU", "k-means mIoU",
           "paper A-847 / PC-459 / A-150 / OV-COCO"], rows) +
    "\n\nPaper, zero-shot region classification (Boxes / Thing / Stuff Top-1): DenseRC "
-   + " / ".join(map(str, PAPER_RC["DenseRC"])) + ", R-SC-CLIPSelf " + " / ".join(map(str, PAPER_RC["R-SC-CLIPSelf"]))
+   + PAPER_RC["DenseRC"] + ", R-SC-CLIPSelf " + PAPER_RC["R-SC-CLIPSelf"]
    + " — compare with the HSG row's first three columns only as a direction.")
 
 T5_CLAIMS = [("multi-layer values are a better base than CLIPSelf's x+v", "x+v", "multi-v", +1),
@@ -663,55 +616,29 @@ md(f"{len(SWEEP)} sweep runs in {t_sw:.0f} s.")
 # %%
 t = time.perf_counter()
 GATE_ROW = next(iter(LR_ROWS), "HSG")  # the gates of the run whose W_H had a chance to move (3.5)
-hsg_res = runs[f"{GATE_ROW}-s0"]
+hsg_res = runs[f"{GATE_ROW}-s0"].res
 hsg_student = load_student(P, hsg_res, DEV)
 hsg_args = json.loads(Path(hsg_res["results"]).read_text())["config"]["method_args"]
 hsg_cons = load_constructor(hsg_res["weights"], hsg_student, **hsg_args).to(DEV)
 train_dir = Path(P["data_root"]) / CFG.split  # the images the recipe trains on
 files = sorted([p_ for p_ in train_dir.iterdir() if p_.suffix.lower() in (".png", ".jpg", ".jpeg")])[:N_GATE]
-G_MEAN, G_TOK = [], []
-for k0 in range(0, len(files), 50):
-    x_ = torch.stack([student_image(np.asarray(Image.open(f_).convert("RGB")), GATE_SIZE)[0]
-                      for f_ in files[k0:k0 + 50]])
-    gm = hsg_cons.gate_maps(hsg_student, normalize_images(x_, MEAN, STD).to(DEV)).cpu().double()  # (B, n, N, H)
-    G_MEAN.append(gm.mean(2))
-    G_TOK.append(gm.std(2))
-G_MEAN = torch.cat(G_MEAN).numpy()  # (I, n_used, H)
-G_TOK = torch.cat(G_TOK).numpy()
+batches = (normalize_images(torch.stack([student_image(np.asarray(Image.open(f_).convert("RGB")), GATE_SIZE)[0]
+                                          for f_ in files[k0:k0 + 50]]), MEAN, STD).to(DEV)
+           for k0 in range(0, len(files), 50))
+G_MEAN, G_TOK = (g_.numpy() for g_ in gate_statistics(hsg_cons, hsg_student, batches))  # (I, n_used, H) each
 I_, NL, NH = G_MEAN.shape
 flat = G_MEAN.reshape(I_, -1)
-per_img = np.concatenate([flat, flat ** 2, np.ones((I_, 1))], 1)  # sums of these give means and variances
-
-
-def eta2(s):
-    n = s[-1]
-    k = (len(s) - 1) // 2
-    mu, m2 = s[:k] / n, s[k:2 * k] / n
-    within = float(np.mean(np.maximum(m2 - mu ** 2, 0.0)))
-    between = float(np.var(mu))
-    return between / (between + within) if between + within > 0 else float("nan")
-
-
-# the same η² straight from the per-image means (pins the sums-based statistic the bootstrap resamples)
-_direct = float(np.var(flat.mean(0)) / (np.var(flat.mean(0)) + np.mean(flat.var(0))))
-assert abs(eta2(per_img.sum(0)) - _direct) < 1e-9, (eta2(per_img.sum(0)), _direct)
-eta = bootstrap_ci(per_img, eta2, n_boot=EV.n_boot, seed=P["seed"])
+# η² = Var_heads(mean over images) / (that + mean over heads of Var_images), bootstrapped over images
+eta = bootstrap_ci(eta_squared_units(flat), eta_squared, n_boot=EV.n_boot, seed=P["seed"])
 mu = flat.mean(0).reshape(NL, NH)
 sd_img = flat.std(0).reshape(NL, NH)
 tok = G_TOK.mean(0)
 moved = float(np.abs(mu - 0.5).mean())
-fig, axes = plt.subplots(1, 3, figsize=(11, 2.6))
-for ax, (arr, title) in zip(axes, ((mu, "mean gate over images"), (sd_img, "std of the per-image mean across images"),
-                                   (tok, "std over the tokens of an image (mean)"))):
-    im = ax.imshow(arr, cmap="viridis")
-    ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(NH), yticks=range(NL),
-           yticklabels=[str(l_ + 1) for l_ in hsg_cons.used])
-    for (r_, c_), v in np.ndenumerate(arr):
-        ax.text(c_, r_, f"{v:.4f}", ha="center", va="center", fontsize=6, color="w")
-    plt.colorbar(im, ax=ax, fraction=0.046)
-fig.suptitle(f"HSG gates of the seed-0 student ({GATE_ROW}) on {I_} training images at {GATE_SIZE} px "
-             "(layers = blocks used, 1-based)", fontsize=9)
-plt.tight_layout()
+heatmap_row([(mu, "mean gate over images", "viridis"), (sd_img, "std of the per-image mean across images", "viridis"),
+             (tok, "std over the tokens of an image (mean)", "viridis")], ylabel="layer",
+            yticklabels=[str(l_ + 1) for l_ in hsg_cons.used], fmt="{:.4f}",
+            suptitle=f"HSG gates of the seed-0 student ({GATE_ROW}) on {I_} training images at {GATE_SIZE} px "
+                     "(layers = blocks used, 1-based)")
 plt.show()
 # one trained student (seed 0): its images' bootstrap is evaluation noise only -> indicative
 c_eta = study.add_claim("3.8-gates-image-independent", "HSG gates are image-independent (η² of (layer, head) "
@@ -737,22 +664,11 @@ md(f"η² = **{ci(eta, 3)}** ({I_} images, {NL} layers × {NH} heads) → *{v_et
 # ratio, steadier than wall time when other jobs share the cores.
 
 # %%
-import importlib.util
-import sys
-
-import ovlib
-
-# benchmarks/ sits beside the ovlib package in the repository (an editable install); elsewhere it may be absent
-BENCH_DIR = next((d for d in (Path(ovlib.__file__).resolve().parents[1] / "benchmarks", Path("benchmarks").resolve())
-                  if (d / "bench_denserc.py").is_file()), None)
 t = time.perf_counter()
-if BENCH_DIR is None:
+bench_denserc = load_benchmark("bench_denserc")  # benchmarks/ beside ovlib (absent outside the repository)
+if bench_denserc is None:
     md("`benchmarks/bench_denserc.py` is not available next to this `ovlib`: the step-time measurement is skipped.")
 else:
-    sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("bench_denserc", BENCH_DIR / "bench_denserc.py")
-    bench_denserc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_denserc)
     from _common import machine_info
     from _common import verdict as bench_verdict
 
@@ -800,7 +716,7 @@ study.check("3.2-bookkeeping-exact", f"the CLS decomposition is exact on both to
             max(dec.error(), dec_b.error(), jt.error(), jt_b.error(), head_err, head_err_b), 0.0, tol=TOL,
             section="3.2", paper_ref="denserc.eq.decomp")
 md(study.claims_table())
-md(study.summary(f"{P['profile']} profile, {STEPS or 'recipe'} distillation steps, {len(MAIN_SEEDS)} seed(s) for "
+md(study.summary(f"{P['profile']} profile, {STEPS or 'recipe'} distillation steps, {len(SEEDS)} seed(s) for "
                  "Table 5"))
 study.ledger()  # book/claims/03.json
 

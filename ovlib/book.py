@@ -45,8 +45,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 
@@ -606,7 +607,8 @@ def ledger_page(root: Path | str = ".") -> Path:
                 if ch is not None:
                     title_ = _section_titles(ch.source).get(sec, "")
                     anchor = f"#{make_id(title_)}" if title_ else ""
-                    link = f'<a href="{ch.name}.html{anchor}">{html.escape(c["chapter"] + (" §" + sec if sec else ""))}</a>'
+                    label = html.escape(c["chapter"] + (" §" + sec if sec else ""))
+                    link = f'<a href="{ch.name}.html{anchor}">{label}</a>'
                 pv = c.get("paper_value")
                 paper = html.escape(c.get("paper_ref") or "") + (f": {pv:+g}" if isinstance(pv, (int, float)) else "")
                 kind = c["kind"]
@@ -832,7 +834,8 @@ def build(root: Path | str = ".", out=sys.stdout, vendor_dir: Path | str | None 
     if LEDGER_PAGE.removesuffix(".md") in {Path(e).with_suffix("").as_posix() for e in _toc_files(toc)}:
         ledger_page(root)  # generated from the chapters' claims files (book/claims/*.json)
     if not exe.is_file():
-        raise BookError(f"jupyter-book not found next to {sys.executable}; install the book extra: pip install -e '.[book]'")
+        raise BookError(f"jupyter-book not found next to {sys.executable}; install the book extra: "
+                        "pip install -e '.[book]'")
     cmd = [str(exe), "build", str(root), "--path-output", str(root)]
     vendor_dir = vendor_dir or os.environ.get(VENDOR_ENV) or None
     if vendor_dir:

@@ -11,9 +11,11 @@ profile files, so the contract stays one table.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -45,7 +47,8 @@ PARAMS: dict[str, Param] = {
     "allow_download": Param(bool, "may named pretrained weights be downloaded (needs internet)"),
     "backbone": Param(str, "CLIP backbone of the distillation chapters ('micro-clip', 'EVA02-B-16', 'ViT-B-16', ...)"),
     "recipes": Param(list, "training recipes, applied in order (see ovlib.train.recipes)"),
-    "budgets": Param(dict, "the chapters' budgets: 'train' (named training budgets) and one entry per chapter "
+    "budgets": Param(dict, "the profile's sizes: 'pretrain' and 'eval' (the library's, SIZE_KEYS; read through "
+                           "profile_sizes), 'train' (named training budgets) and one entry per chapter "
                            "(see BUDGET_KEYS; read through ovlib.study.Study.budget)"),
     "models": Param(dict, "named models a chapter loads besides the recipes' backbones: role -> {name, pretrained}"),
     "weights_dir": Param(str, "local directory holding every named weight ('' = Hugging Face cache / download); "
@@ -74,6 +77,8 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "taus": "SCD temperature pairs of Table 13 ([] skips the table)",
         "global_scd": "train Table 14's global R-SCD row",
         "k_list": "numbers of crops K of the Refiner's global-to-local loss",
+        "explorer_images": "evaluation images offered by the affinity and region explorers",
+        "tsne_iter": "t-SNE iterations of the feature figures",
     },
     "03": {
         "seeds": "training seeds of the Table-5 rows (0: the profile's 'seeds')",
@@ -90,15 +95,76 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "dl_draws": "Monte-Carlo draws of the ΔL check",
         "bench": "step-time benchmark: image size, crop size, batch, boxes per image, pairs",
     },
-    "04": {"seeds": "training seeds of the main rows (0: the profile's 'seeds')"},
-    "05": {"seeds": "training seeds of the main rows (0: the profile's 'seeds')"},
+    "04": {
+        "seeds": "training seeds of the main rows (0: the profile's 'seeds')",
+        "region_images": "evaluation images of region classification, main rows (0: all)",
+        "region_images_sweep": "evaluation images of region classification, sweep rows (0: all)",
+        "seg_images": "evaluation images of OVSS, main rows (0: the evaluation settings' default)",
+        "seg_images_sweep": "evaluation images of OVSS, sweep rows (0: the evaluation settings' default)",
+        "cons_images": "evaluation images of the synonym map statistics (0: all)",
+        "ks": "numbers of semantic tokens k swept",
+        "ab": "spatial / semantic mixing pairs (alpha, beta) swept",
+        "extras": "the further one-seed variants (loss l2, paper reading, held-out synonyms excluded, "
+                  "teacher text = synonyms only)",
+        "explorer_images": "evaluation images offered by the attention explorer",
+        "max_synonyms": "WordNet synonyms kept per COCO class (real data; SEViC-style corpus)",
+    },
+    "05": {
+        "seeds": "training seeds of the main rows (0: the profile's 'seeds')",
+        "ablation_seeds": "training seeds of the loss ablation (the four removals and their reference)",
+        "n_eval": "evaluation scenes of the main rows (0: the evaluation settings' default)",
+        "n_eval_sweep": "evaluation scenes of the ablation and the extended rows (0: as n_eval)",
+        "extended": "also run the one-seed rows: bounded-cosine reading, lr / weight sweep, diagnostics",
+    },
 }
+
+
+#: The library's profile-dependent sizes, ``budgets.pretrain`` and ``budgets.eval`` of every profile file (all keys
+#: required; read through :func:`profile_sizes`): section -> key -> type, or a nested table of the same form.
+#: ``pretrain``: the micro backbones' pre-training budgets at ``steps_scale == 1`` (:func:`ovlib.train.pretrain.
+#: pretrain_configs`, :func:`ovlib.train.proxies.clipseg_config`; ``steps`` and ``warmup`` are scaled by
+#: ``steps_scale``, at least ``min_steps``, the other keys replace fields of the trainer's config); ``eval``: the
+#: evaluation settings (:func:`ovlib.eval.profiles.dense_eval_settings`; ``export_size`` > 0: the profile's data
+#: is the micro world, exported at that size, see :func:`micro_world`).
+_PRETRAIN_RUN: dict[str, Any] = {"steps": int, "warmup": int, "min_steps": int, "batch_size": int, "ckpt_every": int}
+SIZE_KEYS: dict[str, dict[str, Any]] = {
+    "pretrain": {"clip": _PRETRAIN_RUN, "vfm": {**_PRETRAIN_RUN, "pairs_per_scene": int}, "clipseg": _PRETRAIN_RUN},
+    "eval": {
+        "export_size": int,   # px of the exported micro-world evaluation images; 0 = real data (COCO), not exported
+        "region": {"image_size": int, "crop_size": int, "min_size": float, "batch_size": int, "crop_batch": int},
+        "ovss": {"image_size": int, "crop": int, "stride": int, "resize": str},
+        "ovss_images": int,   # images for OVSS and k-means (at most the evaluation images)
+        "n_boot": int,        # bootstrap resamples of the 95 % intervals
+        "modes": list,        # chapter 01's dense modes (vanilla or ovlib.models.PRESETS names)
+        "templates": int,     # prompt templates kept for the class embeddings (0 = all of the set)
+    },
+}
+
+
+def _check_sizes(value: Any, schema: Mapping[str, Any], where: str) -> None:
+    """``value`` has exactly the keys of ``schema``, each of its type (a nested schema: a mapping of the same form)."""
+    if not isinstance(value, Mapping):
+        raise ParamError(f"{where} must be a mapping, got {type(value).__name__}")
+    unknown, missing = sorted(set(value) - set(schema)), sorted(set(schema) - set(value))
+    if unknown:
+        raise ParamError(f"{where}: unknown key(s) {unknown}; known: {sorted(schema)}")
+    if missing:
+        raise ParamError(f"{where}: missing key(s) {missing}")
+    for k, t in schema.items():
+        v = value[k]
+        if isinstance(t, Mapping):
+            _check_sizes(v, t, f"{where}.{k}")
+        elif not (isinstance(v, t) and not isinstance(v, bool)) and not (t is float and type(v) is int):
+            raise ParamError(f"{where}.{k} must be {t.__name__}, got {type(v).__name__} {v!r}")
 
 
 def _check_budgets(value: Mapping[str, Any], where: str) -> None:
     for ch, entry in value.items():
         if not isinstance(entry, dict):
             raise ParamError(f"{where}: budgets[{ch!r}] must be a mapping, got {type(entry).__name__}")
+        if ch in SIZE_KEYS:
+            _check_sizes(entry, SIZE_KEYS[ch], f"{where}: budgets.{ch}")
+            continue
         if ch == "train":
             for name, ov in entry.items():
                 if not isinstance(ov, dict):
@@ -106,7 +172,8 @@ def _check_budgets(value: Mapping[str, Any], where: str) -> None:
                                      f"overrides, got {type(ov).__name__}")
             continue
         if ch not in BUDGET_KEYS:
-            raise ParamError(f"{where}: unknown chapter {ch!r} in budgets; known: {['train', *BUDGET_KEYS]}")
+            raise ParamError(f"{where}: unknown chapter {ch!r} in budgets; known: "
+                             f"{[*SIZE_KEYS, 'train', *BUDGET_KEYS]}")
         unknown = sorted(set(entry) - set(BUDGET_KEYS[ch]))
         if unknown:
             raise ParamError(f"{where}: unknown key(s) {unknown} in budgets[{ch!r}]; known: "
@@ -117,6 +184,8 @@ def _check_budgets(value: Mapping[str, Any], where: str) -> None:
 DRY_RUN_SECTIONS = {
     "params": "contract parameters replaced (not profile, recipes or the dry_run keys themselves)",
     "recipes": "recipe entries appended to the profile's recipes (later entries override)",
+    "budgets": "merged into `budgets` (a chapter's keys given replace the profile's; a named training budget given "
+               "replaces the profile's): sweeps cut to the fewest points that still run every code path, sizes",
     "eval": "evaluation sizes (ovlib.eval.profiles.dense_eval_settings keyword arguments)",
     "random_init": "true: every named weight (models, recipes) is randomly initialised, nothing is read",
     "cap": "the largest count a chapter's budget may use (images, pairs, draws, sweep values): dry_run_cap",
@@ -164,6 +233,10 @@ def _check_dry_run_settings(s: Mapping[str, Any], where: str) -> None:
     rec = s.get("recipes", [])
     if s and (not isinstance(rec, list) or not rec or not all(isinstance(e, Mapping) for e in rec)):
         raise ParamError(f"{w}.recipes must be a non-empty list of mappings (it marks applied dry runs)")
+    bud = s.get("budgets", {})
+    if not isinstance(bud, Mapping):
+        raise ParamError(f"{w}.budgets must be a mapping, got {type(bud).__name__}")
+    _check_budgets(bud, f"{w}.budgets")
     ev = s.get("eval", {})
     if not isinstance(ev, Mapping) or sorted(set(ev) - set(DRY_RUN_EVAL_KEYS)):
         raise ParamError(f"{w}.eval must be a mapping with keys among {list(DRY_RUN_EVAL_KEYS)}, got {ev!r}")
@@ -195,10 +268,12 @@ def apply_dry_run(params: Mapping[str, Any], keep: tuple[str, ...] = ()) -> dict
     """The parameters of a dry run (``params["dry_run"]`` true), else ``params`` unchanged.
 
     ``dry_run_settings.params`` replace contract values (except the keys in ``keep``: explicit overrides win),
-    ``dry_run_settings.recipes`` are appended to ``recipes`` and, with ``random_init``, every ``models`` entry
-    gets ``pretrained: null``. Applying it to parameters whose recipes already end with the dry-run recipes
-    changes nothing (the notebook's :func:`ovlib.nb.setup` sees what the runner applied, explicit overrides
-    included); so a dry-run block must hold at least one recipe entry (checked by the contract)."""
+    ``dry_run_settings.recipes`` are appended to ``recipes``, ``dry_run_settings.budgets`` are merged into
+    ``budgets`` (a chapter's keys given replace the profile's, a named training budget given replaces the
+    profile's) and, with ``random_init``, every ``models`` entry gets ``pretrained: null``. Applying it to
+    parameters whose recipes already end with the dry-run recipes changes nothing (the notebook's
+    :func:`ovlib.nb.setup` sees what the runner applied, explicit overrides included); so a dry-run block must
+    hold at least one recipe entry (checked by the contract)."""
     out = dict(params)
     if not out.get("dry_run"):
         return out
@@ -211,6 +286,14 @@ def apply_dry_run(params: Mapping[str, Any], keep: tuple[str, ...] = ()) -> dict
         return out
     out.update({k: v for k, v in s.get("params", {}).items() if k not in keep})
     out["recipes"] = rec + extra
+    if s.get("budgets"):
+        budgets = {k: dict(v) for k, v in (out.get("budgets") or {}).items()}
+        for ch, entry in s["budgets"].items():
+            if ch == "train":
+                budgets["train"] = {**budgets.get("train", {}), **{n: dict(v) for n, v in entry.items()}}
+            else:
+                budgets[ch] = {**budgets.get(ch, {}), **entry}
+        out["budgets"] = budgets
     if s.get("random_init"):
         out["models"] = {r: {**m, "pretrained": None} for r, m in out.get("models", {}).items()}
     return out
@@ -239,9 +322,40 @@ def load_profile(profile: str, root: str | Path = ".") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ParamError(f"{path}: must be a mapping of parameter: value")
     params = validate(data, where=str(path))
+    missing = sorted(set(SIZE_KEYS) - set(params["budgets"]))
+    if missing:
+        raise ParamError(f"{path}: budgets lacks the section(s) {missing} (see ovlib.config.SIZE_KEYS)")
     if params["profile"] != profile:
         raise ParamError(f"{path}: 'profile' is {params['profile']!r} but the file is for {profile!r}")
     return params
+
+
+#: the project root (``params/`` lives there): where :func:`profile_sizes` reads a profile given by name
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def profile_sizes(params: Mapping[str, Any] | str, section: str) -> dict[str, Any]:
+    """The one reader of the library's profile-dependent sizes: ``budgets[section]`` (``section`` in
+    :data:`SIZE_KEYS`: ``"pretrain"`` or ``"eval"``) of resolved parameters, or of ``params/PROFILE.yaml`` of the
+    project (:data:`PROJECT_ROOT`) when ``params`` is a profile name. Returns a copy."""
+    if section not in SIZE_KEYS:
+        raise ParamError(f"unknown size section {section!r}; known: {sorted(SIZE_KEYS)}")
+    if isinstance(params, str):
+        where = str(profile_path(params, PROJECT_ROOT))
+        params = load_profile(params, PROJECT_ROOT)
+    else:
+        where = f"parameters of profile {params.get('profile')!r}"
+    sizes = (params.get("budgets") or {}).get(section)
+    if sizes is None:
+        raise ParamError(f"{where}: no budgets.{section} (see ovlib.config.SIZE_KEYS)")
+    _check_sizes(sizes, SIZE_KEYS[section], f"{where}: budgets.{section}")
+    return copy.deepcopy(dict(sizes))
+
+
+def micro_world(params: Mapping[str, Any] | str) -> bool:
+    """Is the profile's data the micro world the book generates (``budgets.eval.export_size > 0``), rather than
+    real images on disk (COCO)? Micro-world profiles export their splits before training and evaluation."""
+    return profile_sizes(params, "eval")["export_size"] > 0
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -43,7 +43,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "safe_load", "config_hash", "cache_path", "CheckpointError",
+__all__ = ["atomic_save", "atomic_write_text", "safe_load", "model_state", "config_hash", "key_fields",
+           "cache_path",
+           "CheckpointError",
            "DIGEST_KEY", "FAULT_ENV", "fault_point", "load_cache", "rebuild_counts", "append_jsonl", "read_jsonl",
            "rewrite_jsonl", "set_aside", "remove_stale_temps", "read_done", "mark_done", "run_once", "DONE"]
 
@@ -198,6 +200,27 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
 
 # ------------------------------------------------------------------------------------------ caches
 _rebuilds: collections.Counter = collections.Counter()
+
+
+def model_state(ck: Any, base: Mapping[str, torch.Tensor] | None = None, where: str = "checkpoint"
+                ) -> dict[str, torch.Tensor]:
+    """The ``model`` state dict of a trainer checkpoint (or ``ck`` itself when it is a bare state dict), whole.
+
+    A run saved with ``DistillConfig.checkpoint = "final"`` (the dry run's) leaves out its frozen student weights,
+    which equal those of the model the run started from, and lists their keys under ``ck["omitted"]``; they are
+    taken from ``base`` (that model's state dict, keys as in the checkpoint). Without ``base`` such a checkpoint is
+    an error naming ``where``; so is an omitted key ``base`` lacks."""
+    sd = ck["model"] if isinstance(ck, dict) and isinstance(ck.get("model"), dict) else ck
+    omitted = list(ck.get("omitted", ())) if isinstance(ck, dict) and "model" in ck else []
+    if not omitted:
+        return dict(sd)
+    if base is None:
+        raise ValueError(f"{where} leaves out {len(omitted)} frozen weights (a checkpoint='final' run): its loader "
+                         "must pass the state dict of the model the run started from")
+    lacking = [k for k in omitted if k not in base]
+    if lacking:
+        raise ValueError(f"{where}: the base model lacks {len(lacking)} of the omitted weights, e.g. {lacking[:3]}")
+    return {**{k: base[k] for k in omitted}, **sd}
 
 
 def rebuild_counts() -> dict[str, int]:
@@ -360,9 +383,20 @@ def run_once(folder: str | os.PathLike, produce: Callable[[], Mapping[str, Any]]
     return rec, True
 
 
+def key_fields(cfg: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(cfg)`` without the fields marked ``metadata={"cache_key": False}``: options that
+    change how an artefact is computed but not the artefact (e.g. a pre-training's data pipeline), so neither
+    :func:`config_hash` nor a saved-config check tells two such configs apart."""
+    d = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("cache_key", True):
+            d.pop(f.name)
+    return d
+
+
 def _canonical(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"__dataclass__": type(obj).__name__, **{k: _canonical(v) for k, v in dataclasses.asdict(obj).items()}}
+        return {"__dataclass__": type(obj).__name__, **{k: _canonical(v) for k, v in key_fields(obj).items()}}
     if isinstance(obj, dict):
         return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):

@@ -10,8 +10,9 @@ Plain functions, no state; a chapter imports them instead of re-defining them::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -39,6 +39,9 @@ __all__ = [
     "Comparison",
     "Sample",
     "bootstrap_ci",
+    "eta_squared",
+    "eta_squared_units",
+    "mean_units",
     "check",
     "compare",
     "hierarchical_bootstrap_diff",
@@ -49,6 +52,7 @@ __all__ = [
     "paired_t",
     "ratio_stat",
     "verdict",
+    "vs_reference",
     "welch",
 ]
 
@@ -382,6 +386,22 @@ def compare(a: Sample, b: Sample, expect: int = 1, n_boot: int = 1000, seed: int
     return Comparison(d, lo, hi, float("nan"), "indicative", test, **common)
 
 
+def vs_reference(ref: float, values: Sequence[float], expect: int = 1, what: str = "") -> Comparison:
+    """``mean(values) - ref`` for a per-seed quantity against a fixed reference value (a rule's bound, not a
+    model): a *claim* judged by the one-sample t-test over the seeds (>= 2 seeds; its interval the t interval
+    of the mean), *indicative* with one seed (no interval). ``what`` names the quantity in the test's text."""
+    from scipy import stats as ss
+
+    v = np.asarray(values, dtype=np.float64)
+    d, p = one_sample_t(ref, v)
+    if v.size >= 2:
+        half = float(ss.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+        return Comparison(d, d - half, d + half, p, "claim", f"one-sample t over {v.size} seeds{what}", expect,
+                          ours_a=float(ref), ours_b=float(v.mean()), seeds_b=int(v.size))
+    return Comparison(d, float("nan"), float("nan"), float("nan"), "indicative", f"1 seed{what}", expect,
+                      ours_a=float(ref), ours_b=float(v.mean()) if v.size else float("nan"), seeds_b=int(v.size))
+
+
 def check(value: float, target: float = 0.0, tol: float = 1e-6, relation: str = "==") -> Comparison:
     """A numerical check (an identity or an inequality that holds by derivation): ``value relation target``
     within ``tol`` (``==``: ``|value - target| <= tol``; ``>=``: ``value >= target - tol``; ``<=``)."""
@@ -397,3 +417,32 @@ def check(value: float, target: float = 0.0, tol: float = 1e-6, relation: str = 
     return Comparison(float(value - target), float("nan"), float("nan"), float("nan"), "check",
                       f"check: value {relation} {target:g} (tol {tol:g})", 1, ours_b=float(value),
                       ours_a=float(target), extra={"passed": passed})
+
+
+def mean_units(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per-unit ``(N, 2)`` ``[value, valid]`` of ``values (N,)`` (a non-finite value -> ``[0, 0]``): the units
+    whose :func:`ratio_stat` of the sum is the mean over the valid units (what :func:`bootstrap_ci` and
+    :class:`Sample` resample)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(v)
+    return np.stack([np.where(ok, v, 0.0), ok.astype(np.float64)], 1)
+
+
+def eta_squared_units(values: np.ndarray) -> np.ndarray:
+    """Per-unit ``(N, 2K + 1)`` ``[x, x², 1]`` of ``values (N, K)`` (units x groups): sums of these give every
+    group's mean and variance over the units, so :func:`eta_squared` of a (resampled) sum needs no raw data."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"eta_squared_units: values must be (units, groups), got shape {x.shape}")
+    return np.concatenate([x, x ** 2, np.ones((len(x), 1))], 1)
+
+
+def eta_squared(s: np.ndarray) -> float:
+    """η² = Var_groups(mean over units) / (that + mean over groups of Var_units): the share of the variance of
+    the per-unit values that the group identity explains (1 = every unit has its group's value), from the sum
+    ``s (2K + 1,)`` of :func:`eta_squared_units` (population variances; ``nan`` when there is no variance)."""
+    n, k = s[-1], (len(s) - 1) // 2
+    mu, m2 = s[:k] / n, s[k:2 * k] / n
+    within = float(np.mean(np.maximum(m2 - mu ** 2, 0.0)))
+    between = float(np.var(mu))
+    return between / (between + within) if between + within > 0 else float("nan")

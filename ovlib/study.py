@@ -41,20 +41,20 @@ import torch
 import yaml
 
 from ovlib import stats
-from ovlib.config import BUDGET_KEYS, ParamError
+from ovlib.config import BUDGET_KEYS, ParamError, dry_run_eval, micro_world
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.data.microworld import export_hash
 from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.students import evaluate_student, load_student, student_dense_fn, student_pooling, train_or_load
 from ovlib.io import atomic_write_text, cache_path
-from ovlib.models import MICRO_CLIP_CONFIGS
+from ovlib.models import MICRO_CLIP_CONFIGS, load_clip, load_vfm
 from ovlib.nb import ms, table
-from ovlib.train.launch import MICRO_PROFILES, build_models
-from ovlib.train.pretrain import pretrain_configs
+from ovlib.train.launch import build_models
+from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 from ovlib.train.recipes import distill_config
 
-__all__ = ["Backbones", "Claim", "Row", "Run", "Study", "paper_numbers", "LEDGER_FIELDS"]
+__all__ = ["Backbones", "Claim", "Row", "Run", "Study", "load_benchmark", "paper_numbers", "LEDGER_FIELDS"]
 
 #: The fields of one ledger entry (``book/claims/NN.json``), in order.
 LEDGER_FIELDS = ("id", "chapter", "paper", "paper_ref", "paper_value", "claim", "section", "metric", "ours_a",
@@ -65,7 +65,8 @@ CLAIMS_DIR = Path("book") / "claims"
 
 
 def paper_numbers(root: str | Path = ".") -> dict[str, Any]:
-    """``book/paper_numbers.yaml``: ``papers`` (key -> title, chapter) and ``numbers`` (key -> paper, ref, value)."""
+    """``book/paper_numbers.yaml``: ``papers`` (key -> title, chapter) and ``numbers`` (key -> paper, ref, value;
+    a table the chapters print is one entry whose value maps row names to value lists, e.g. ``rsc.table.t1``)."""
     path = Path(root) / PAPER_NUMBERS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the papers' reported numbers)")
@@ -79,6 +80,24 @@ def paper_numbers(root: str | Path = ".") -> dict[str, Any]:
         if v["paper"] not in data["papers"]:
             raise ValueError(f"{path}: numbers[{k!r}] names unknown paper {v['paper']!r}")
     return data
+
+
+def load_benchmark(name: str) -> Any:
+    """The module ``benchmarks/<name>.py`` of the repository (beside the ``ovlib`` package of an editable install,
+    else under the working directory), its folder put on ``sys.path`` (for its ``_common``); ``None`` when absent."""
+    import importlib.util
+    import sys
+
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    folder = next((d for d in (here, Path("benchmarks").resolve()) if (d / f"{name}.py").is_file()), None)
+    if folder is None:
+        return None
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -102,6 +121,8 @@ class Backbones:
     text: torch.Tensor    # (C, D) unit-norm class embeddings of the categories' main names
     settings: Any         # ovlib.eval.profiles.DenseEvalSettings
     checkpoint: str       # content hash of the CLIP's weights file (or the named pretrained weights)
+    templates: tuple[str, ...] = ()  # the prompt templates of the class embeddings
+    this_is: bool = False            # the "This is a photo of ..." prefix (real data)
 
 
 @dataclass
@@ -168,17 +189,34 @@ class Claim:
     paper_value: Any = None
     section: str = ""
     rows: tuple[str, str] = ("", "")
+    negligible: float | None = None  # a resolved |delta| below this is flagged negligible (in the metric's unit)
 
     @property
     def verdict(self) -> str:
         return self.comparison.verdict
+
+    @property
+    def is_negligible(self) -> bool:
+        """Resolved (holds / reversed) with ``|delta|`` below :attr:`negligible`."""
+        c = self.comparison
+        return (self.negligible is not None and c.kind == "claim" and c.verdict in ("holds", "reversed")
+                and abs(c.delta) < self.negligible)
 
     def describe(self, digits: int = 1) -> str:
         """``+1.2 [-0.3, +2.5], p = 0.040 → holds`` (indicative: ``… → indicative, higher``)."""
         c = self.comparison
         tail = f"indicative ({c.indication})" if c.kind == "indicative" else (
             ("check passed" if c.verdict == "holds" else "check FAILED") if c.kind == "check" else c.verdict)
-        return f"{c.describe(digits)} → *{tail}*"
+        small = f" (|Δ| < {self.negligible:g}: negligible)" if self.is_negligible else ""
+        return f"{c.describe(digits)} → *{tail}*{small}"
+
+    @property
+    def paper_text(self) -> str:
+        """The paper's reported number for the claim: ``Tab. 1: 3.9`` (``–`` without one)."""
+        if not self.paper_ref:
+            return "–"
+        return self.paper_ref + ("" if self.paper_value is None else f": {self.paper_value:+g}"
+                                 if isinstance(self.paper_value, (int, float)) else f": {self.paper_value}")
 
 
 class Study:
@@ -204,15 +242,36 @@ class Study:
         self.runs: list[Run] = []
         self.claims: list[Claim] = []
         self.section = ""  # the chapter section claims are made in when they do not name one (the ledger links it)
+        self.negligible: float | None = None  # default of claim(negligible=...): flag smaller resolved differences
         self._backbones: dict[tuple, Backbones] = {}
         self._hashes: dict[str, str] = {}
         self._numbers: dict[str, Any] | None = None
+        self._vfm: Any = None
         self.t0 = time.perf_counter()
+
+    @property
+    def region_images(self) -> int:
+        """Images of region classification: the budget's ``region_images``, else the profile's ``eval_images``
+        (0: the whole evaluation split). A dry run's ``eval_images`` is its handful of images."""
+        return int(self.budget.get("region_images") or 0) or int(self.params["eval_images"])
 
     @property
     def n_boot(self) -> int:
         """Bootstrap replicates of the profile's evaluation settings."""
-        return int(dense_eval_settings(self.params["profile"], self.params["eval_images"]).n_boot)
+        return int(self.eval_settings.n_boot)
+
+    @property
+    def eval_settings(self) -> Any:
+        """The profile's evaluation settings (:func:`ovlib.eval.profiles.dense_eval_settings`), at a dry run's
+        sizes (``dry_run_settings.eval``) in a dry run."""
+        return dense_eval_settings(self.params, self.params["eval_images"], **dry_run_eval(self.params))
+
+    def prompts(self) -> tuple[tuple[str, ...], bool]:
+        """``(templates, this_is)`` of the profile's class embeddings: the micro world's caption frames, else
+        ViLD's prompts, ``this is``-prefixed (a dry run keeps ``templates`` of them)."""
+        if micro_world(self.params):
+            return tuple(MICRO_TEMPLATES), False
+        return tuple(VILD_TEMPLATES[:self.eval_settings.templates or None]), True
 
     # ------------------------------------------------------------------------------------------- budgets
     def train_budget(self, name: str) -> dict[str, Any]:
@@ -246,28 +305,62 @@ class Study:
         clip = clip.to(self.device).eval().requires_grad_(False)
         if vfm_model is not None:
             vfm_model = vfm_model.to(self.device).eval().requires_grad_(False)
-        settings = dense_eval_settings(P["profile"], P["eval_images"])
-        if P["profile"] in MICRO_PROFILES:
+        settings = self.eval_settings
+        if micro_world(P):
             root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=settings.export_size,
                                      seed=P["seed"], progress=False)
-            templates, this_is = MICRO_TEMPLATES, False
         else:
-            root, templates, this_is = P["data_root"], VILD_TEMPLATES, True
+            root = P["data_root"]
         ds = CocoPanoptic(root, "val2017")
         cats = list(ds.categories)
-        text = text_embeddings(clip, tok, class_name_sets(cats, "main", seed=P["seed"]), templates,
-                               this_is_prefix=this_is, device=self.device).cpu()
+        text = self.class_text(clip, tok, cats)
         bb = Backbones(clip, tok, vfm_model, ds, cats, [c["id"] for c in cats], text, settings,
-                       self._checkpoint_hash(cfg))
+                       self._checkpoint_hash(cfg), *self.prompts())
         self._backbones[key] = bb
         return bb
+
+    def named_clip(self, role: str = "clip") -> tuple[Any, Any, torch.Tensor, str]:
+        """The profile's named model ``models[role]`` (e.g. an OpenAI-style ViT-B/16 beside the recipes' EVA02),
+        frozen, with its tokenizer, the chapter's class embeddings under it (:meth:`backbones`' categories and
+        templates) and a display name."""
+        P = self.params
+        if role not in (P.get("models") or {}):
+            raise ParamError(f"params/{P['profile']}.yaml: no named model {role!r} under models")
+        spec = P["models"][role]
+        clip, tok, _ = load_clip(**spec, device=self.device, allow_download=P["allow_download"],
+                                 weights_dir=P["weights_dir"] or None, seed=P["seed"])
+        clip = clip.eval().requires_grad_(False)
+        text = self.class_text(clip, tok)
+        return clip, tok, text, f"{spec['name']} ({spec['pretrained'] or 'random init'})"
+
+    def vfm(self) -> Any:
+        """The profile's VFM for the chapters' analyses (k-means baselines, figures), frozen, loaded once: the
+        micro VFM pre-trained into the cache (micro profiles), else the named ``models.vfm`` (paper)."""
+        if self._vfm is None:
+            P = self.params
+            if micro_world(P):
+                cfg = pretrain_configs(P, P["steps_scale"], P["seed"])[1]
+                m = pretrain_vfm(cfg, P["cache_dir"], device=self.device, progress=False)[0]
+            else:
+                m = load_vfm(**P["models"]["vfm"], device=self.device, allow_download=P["allow_download"],
+                             weights_dir=P["weights_dir"] or None, seed=P["seed"])
+            self._vfm = m.to(self.device).eval().requires_grad_(False)
+        return self._vfm
+
+    def class_text(self, clip: Any, tokenizer: Any, categories: Sequence[Mapping] | None = None) -> torch.Tensor:
+        """``(C, D)`` unit-norm embeddings of the categories' main names (default: the evaluation split's, from
+        :meth:`backbones`) by ``clip``'s text tower, with the profile's prompts (:meth:`prompts`). On CPU."""
+        cats = list(categories) if categories is not None else self.backbones().categories
+        templates, this_is = self.prompts()
+        return text_embeddings(clip, tokenizer, class_name_sets(cats, "main", seed=self.params["seed"]), templates,
+                               this_is_prefix=this_is, device=self.device).cpu()
 
     def _checkpoint_hash(self, cfg: Any) -> str:
         """Content hash of the backbone weights a run starts from: the micro CLIP's pre-training checkpoint, a
         local ``pretrained`` file, or the name of downloadable weights (their content is fixed by the name)."""
         if cfg.backbone in MICRO_CLIP_CONFIGS and not cfg.pretrained:
 
-            clip_cfg, _ = pretrain_configs(self.params["profile"], self.params["steps_scale"], self.params["seed"])
+            clip_cfg, _ = pretrain_configs(self.params, self.params["steps_scale"], self.params["seed"])
             path = cache_path(self.params["cache_dir"], clip_cfg.model, clip_cfg)
         elif cfg.pretrained and Path(cfg.pretrained).is_file():
             path = Path(cfg.pretrained)
@@ -284,7 +377,7 @@ class Study:
         """What the training data is: the micro world export's content key (world config, split, images, size,
         start: :func:`ovlib.data.microworld.export_hash`, what the export's manifest stores), or the COCO
         annotation file of the split (name and size)."""
-        if self.params["profile"] in MICRO_PROFILES:
+        if micro_world(self.params):
             return {"microworld": export_hash(cfg.split, cfg.max_images, cfg.student_size, int(self.params["seed"]))}
         ann = Path(cfg.data_root) / "annotations" / f"instances_{cfg.split}.json"
         return {"annotations": ann.name, "bytes": ann.stat().st_size if ann.is_file() else None,
@@ -328,13 +421,14 @@ class Study:
     def evaluate(self, row: str, model: Any, seed: int | None = None, fixed: bool = False, dense_fn: Any = None,
                  mode: str = "x+v", **kw: Any) -> Any:
         """The chapter-01 protocols (:func:`ovlib.eval.students.evaluate_student`) on the chapter's evaluation
-        images (``budget``: ``region_images``, ``seg_images``), recorded as ``row`` / ``seed`` (``fixed``: a
+        images (``budget``: ``region_images``, else the profile's ``eval_images``, see :attr:`region_images`;
+        ``seg_images``), recorded as ``row`` / ``seed`` (``fixed``: a
         deterministic model, one evaluation). ``kw``: ``crops``, ``ovss``, ``kmeans``, ``region``,
         ``keep_regions``."""
         bb = self.backbones()
         ev = evaluate_student(model, bb.dataset, bb.text, bb.class_ids, bb.settings, mode=mode,
                               name=f"{row}" if seed is None else f"{row}-s{seed}",
-                              region_images=int(self.budget.get("region_images", 0) or 0),
+                              region_images=self.region_images,
                               seg_images=int(self.budget.get("seg_images", 0) or 0), dense_fn=dense_fn,
                               seed=int(self.params["seed"]), device=self.device, **kw)
         self.record(row, ev, seed=seed, fixed=fixed)
@@ -372,6 +466,19 @@ class Study:
         n = nums[paper_ref]
         return n["paper"], n["ref"], n["value"]
 
+    def paper_value(self, key: str) -> Any:
+        """The ``value`` of a reported number (or table) of ``book/paper_numbers.yaml``."""
+        return self._paper(key)[2]
+
+    def paper_table(self, key: str, cols: slice = slice(None), sep: str = " / ", digits: int = 1) -> dict[str, str]:
+        """A table of ``book/paper_numbers.yaml`` (value: ``{row: number or list}``) as printable cells:
+        ``{str(row): "76.0 / 77.9"}`` (``cols`` picks the list's entries)."""
+        val = self.paper_value(key)
+        if not isinstance(val, Mapping):
+            raise ValueError(f"{self.root / PAPER_NUMBERS}: {key!r} is not a table (row -> values)")
+        return {str(k): sep.join(f"{x:.{digits}f}" for x in (v[cols] if isinstance(v, list) else [v]))
+                for k, v in val.items()}
+
     def _sample(self, side: str | stats.Sample, metric: str) -> stats.Sample | None:
         if isinstance(side, stats.Sample):
             return side
@@ -389,12 +496,13 @@ class Study:
 
     def claim(self, id: str, text: str, a: str | stats.Sample, b: str | stats.Sample, metric: str, expect: int = 1,
               headline: bool = False, paper_ref: str | None = None, section: str = "",
-              paper: str | None = None) -> Claim | None:
+              paper: str | None = None, negligible: float | None = None) -> Claim | None:
         """``b - a`` on ``metric``, expected with sign ``expect``, judged by :func:`ovlib.stats.compare`.
 
         ``a`` / ``b``: row names (:meth:`run`, :meth:`evaluate`) or :class:`ovlib.stats.Sample` s. A row not
         run at this budget gives no claim (``None``). ``headline``: one of the chapter's main claims (Holm
-        across them in :meth:`ledger`). ``paper_ref``: key of ``book/paper_numbers.yaml``."""
+        across them in :meth:`ledger`). ``paper_ref``: key of ``book/paper_numbers.yaml``. ``negligible``: a
+        resolved difference smaller than this is flagged in the tables (not in the verdict)."""
         if any(c.id == id for c in self.claims):
             raise ValueError(f"claim id {id!r} is used twice in chapter {self.chapter}")
         cmp_ = self.compare(a, b, metric, expect)
@@ -402,7 +510,8 @@ class Study:
             return None
         pp, ref, val = self._paper(paper_ref)
         c = Claim(id, text, metric, cmp_, headline, paper or pp, ref, val, section or self.section,
-                  (a if isinstance(a, str) else "", b if isinstance(b, str) else ""))
+                  (a if isinstance(a, str) else "", b if isinstance(b, str) else ""),
+                  self.negligible if negligible is None else negligible)
         self.claims.append(c)
         return c
 
@@ -418,22 +527,25 @@ class Study:
         return c
 
     def judge(self, text: str, res: tuple[stats.Sample, stats.Sample] | stats.Comparison, expect: int = 1,
-              metric: str = "", headline: bool = False, paper_ref: str | None = None, section: str = "") -> Claim:
+              metric: str = "", headline: bool = False, paper_ref: str | None = None, section: str = "",
+              negligible: float | None = None) -> Claim:
         """A claim from two :class:`ovlib.stats.Sample` s (judged by :meth:`claim`) or a ready comparison
         (:meth:`add_claim`), its id made of the chapter, its rank and the text."""
         cid = f"{self.chapter}-{len(self.claims)}-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:70]
         if isinstance(res, stats.Comparison):
             return self.add_claim(cid, text, res, metric, headline=headline, paper_ref=paper_ref, section=section)
         c = self.claim(cid, text, res[0], res[1], metric, expect, headline=headline, paper_ref=paper_ref,
-                       section=section)
+                       section=section, negligible=negligible)
         assert c is not None  # two Samples always compare
         return c
 
     def claim_in(self, section: str, text: str, a: str | stats.Sample, b: str | stats.Sample, metric: str,
-                 expected: int = 1, headline: bool = False, paper_ref: str | None = None) -> Claim | None:
+                 expected: int = 1, headline: bool = False, paper_ref: str | None = None,
+                 negligible: float | None = None) -> Claim | None:
         """:meth:`claim` with the id made of the section, the text and the metric (``expected``: the sign)."""
         cid = f"{section}-" + re.sub(r"[^a-z0-9]+", "-", f"{text} {metric}".lower()).strip("-")[:80]
-        return self.claim(cid, text, a, b, metric, expected, headline=headline, paper_ref=paper_ref, section=section)
+        return self.claim(cid, text, a, b, metric, expected, headline=headline, paper_ref=paper_ref, section=section,
+                          negligible=negligible)
 
     def check(self, id: str, text: str, value: float, target: float = 0.0, tol: float = 1e-6,
               relation: str = "==", section: str = "", paper_ref: str | None = None,
@@ -483,16 +595,18 @@ class Study:
         atomic_write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", path)
         return path
 
-    def claims_table(self, ids: Sequence[str] | None = None) -> str:
-        """A Markdown table of the chapter's claims (all, or ``ids``): claim, test, effect, verdict."""
+    def claims_table(self, ids: Sequence[str] | None = None, since: int | None = None, digits: int = 1) -> str:
+        """A Markdown table of the chapter's claims (all, those with ``ids``, or those recorded after the first
+        ``since``): claim, test, effect, verdict; a ``paper`` column (table and number of
+        ``book/paper_numbers.yaml``) when one of them quotes the paper."""
         self.finalize()
-        rows = []
-        for c in self.claims:
-            if ids is not None and c.id not in ids:
-                continue
-            rows.append([c.section, c.text + (" **(headline)**" if c.headline else ""), c.metric,
-                         c.comparison.test, c.describe()])
-        return table(["§", "claim (paper's direction)", "metric", "test", "measured → verdict"], rows)
+        sel = [c for i, c in enumerate(self.claims)
+               if (ids is None or c.id in ids) and (since is None or i >= since)]
+        quote = any(c.paper_ref for c in sel)
+        rows = [[c.section, c.text + (" **(headline)**" if c.headline else ""), c.metric, c.comparison.test]
+                + ([c.paper_text] if quote else []) + [c.describe(digits)] for c in sel]
+        return table(["§", "claim (paper's direction)", "metric", "test"] + (["paper"] if quote else [])
+                     + ["measured → verdict"], rows)
 
     def tally(self) -> dict[str, int]:
         """Counts of the verdicts of kind ``claim`` (indicative comparisons and checks are counted apart)."""
@@ -523,7 +637,8 @@ class Study:
                 f"**{t['reversed']} are reversed** and **{t['not resolved']} are not resolved**; "
                 f"{t['indicative']} rest on one seed (*indicative*: shown, not counted){checks} ({setting}). "
                 "Headline claims are Holm–Bonferroni corrected; the book's Claims ledger collects every chapter's.\n\n"
-                + ("Hold: " + "; ".join(held) + ".\n\n" if held else "No claim judged on seeds holds at this budget.\n\n")
+                + ("Hold: " + "; ".join(held) + ".\n\n" if held
+                   else "No claim judged on seeds holds at this budget.\n\n")
                 + ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed."))
 
     # ------------------------------------------------------------------------------------------- cost

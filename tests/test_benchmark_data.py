@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import shared_dir
 from helpers.benchmarks import NUM, write_benchmark
+from PIL import Image
+
 from ovlib.data.benchmarks import BENCHMARKS, coco_object_from_stuff, load_benchmark, reduce_zero_label
 
 

@@ -22,8 +22,8 @@ VERDICTS = {"", "met", "met at median", "missed at median", "missed"}
 def _run(tmp_path: Path, *args: str, timeout: int) -> tuple[dict, str]:
     out = tmp_path / "results.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    res = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out), *args], check=False, cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out), *args], check=False, cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(out.read_text()), res.stdout
 
@@ -84,4 +84,7 @@ def test_quick_every_section(tmp_path):
     for m in METHODS:
         assert f"micro {m}: step time" in names
     assert {"micro synclip / declip", "micro clipself / clipself (noise floor)"} <= names
-    assert {"micro CLIP pre-training", "MFU vs fp32 matmul peak"} <= names
+    assert {"micro CLIP pre-training, inline data (old)", "micro CLIP pre-training, shards incl. rendering (new)",
+            "new / old end to end (shards incl. rendering / inline)", "MFU inline (old) vs bf16 matmul peak",
+            "MFU shards incl. rendering (new) vs fp32 matmul peak"} <= names
+    assert data["sections"]["pretrain"]["meta"]["render_s"][0] > 0  # the shards were rendered by the run

@@ -114,12 +114,17 @@ def test_refiner_dense_fn_square_is_refiner_dense(clip):
     assert got.shape == (2, 128, 8, 8) and torch.allclose(got, want, atol=1e-5)
 
 
-def test_refiner_dense_fn_tiles_a_side_by_side_pair(clip):
-    torch.manual_seed(2)
+def _random_refiner(clip, seed: int):
+    """A 2-block Refiner whose trainable parts are random (not the zero-start identity), and image statistics."""
+    torch.manual_seed(seed)
     ref = Refiner(clip, 2, (1, 2), True, hidden=32)
     for p in list(ref.inter.parameters()) + list(ref.cls_gen.parameters()):
         torch.nn.init.normal_(p, std=0.05)
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    return ref, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def test_refiner_dense_fn_tiles_a_side_by_side_pair(clip):
+    ref, mean, std = _random_refiner(clip, seed=2)
     x = _imgs(1, 48, 96, 3)  # two 48-px tiles, 6x6 tokens each
     got = refiner_dense_fn(ref, mean, std)(x)
     assert got.shape == (1, 128, 6, 12)
@@ -137,11 +142,7 @@ def test_refiner_dense_fn_tiles_a_side_by_side_pair(clip):
 
 def test_refiner_dense_fn_pads_a_non_square_image_to_a_square(clip):
     """A COCO-like 48 x 64 image: its map is the padded 64 x 64 square's map cropped to 6 x 8 tokens."""
-    torch.manual_seed(3)
-    ref = Refiner(clip, 2, (1, 2), True, hidden=32)
-    for p in list(ref.inter.parameters()) + list(ref.cls_gen.parameters()):
-        torch.nn.init.normal_(p, std=0.05)
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    ref, mean, std = _random_refiner(clip, seed=3)
     x = _imgs(1, 48, 64, 4)
     got = refiner_dense_fn(ref, mean, std)(x)
     assert got.shape == (1, 128, 6, 8)

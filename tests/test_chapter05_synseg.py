@@ -223,3 +223,31 @@ def test_skip_logprobs_and_argmax_at_init(clip_and_cats):
     assert _model(clip_and_cats).skip_logprobs(imgs, text) is None
     with pytest.raises(ValueError, match="skip must be"):
         SynSegConfig(skip="clipseg")
+
+
+# ------------------------------------------------------------------------------------------------ study rows
+def test_protocol_eval_metrics_by_hand():
+    """ProtocolEval's metrics on hand-made confusion matrices: the group mIoU, the things+bg curve and the
+    spread rule; class_groups from the categories' split."""
+    from ovlib.eval.synseg import ProtocolEval, class_groups
+
+    cats = [{"id": 1, "split": "base"}, {"id": 2, "split": "novel"}, {"id": 3, "split": "stuff"}]
+    groups = class_groups(cats)
+    assert groups["base"].tolist() == [True, False, True] and groups["novel"].tolist() == [False, True, False]
+    assert class_groups([{"id": 1}])["base"].tolist() == [True]
+    # one image, 3 classes (rows: ground truth): class 0 perfect (IoU 1); half of class 1 predicted as 2: IoU 2/4
+    # for both
+    conf = np.array([[[4, 0, 0], [0, 2, 2], [0, 0, 2]]], dtype=float)
+    bg = {0.1: {"confusion": np.array([[[3, 1], [0, 4]]], dtype=float)},  # IoU 3/4, 4/5
+          0.5: {"confusion": np.array([[[2, 2], [0, 4]]], dtype=float)}}  # IoU 2/4, 4/6
+    ev = ProtocolEval({"all": {"confusion": conf}, "bg": bg}, groups)
+    assert ev.point("mIoU") == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
+    assert ev.point("mIoU base") == pytest.approx(100 * (1 + 0.5) / 2)
+    assert ev.point("mIoU novel") == pytest.approx(50.0)
+    lo_t, hi_t = 100 * (2 / 4 + 4 / 6) / 2, 100 * (3 / 4 + 4 / 5) / 2
+    assert ev.point("bg mIoU @ 0.1") == pytest.approx(hi_t) and ev.point("bg mIoU @ 0.5") == pytest.approx(lo_t)
+    assert ev.point("bg spread") == pytest.approx(hi_t - lo_t)
+    assert ev.point("bg spread rule") == pytest.approx(hi_t - lo_t - 0.1 * (hi_t + lo_t) / 2)
+    assert ev.interval("mIoU", n_boot=10)[0] == pytest.approx(ev.point("mIoU"))
+    with pytest.raises(KeyError, match="mIoU stuf"):
+        ev.point("mIoU stuf")

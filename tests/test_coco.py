@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ovlib.data.coco import CocoCaptions, CocoInstances, CocoPanoptic, ImageReadError
-from ovlib.data.coco import id2rgb
+from ovlib.data.coco import CocoCaptions, CocoInstances, CocoPanoptic, ImageReadError, id2rgb
 from ovlib.data.microworld import MicroWorld
 from ovlib.data.regions import mask_to_box
 

@@ -92,13 +92,25 @@ def test_dry_run_applies_the_profiles_block_and_explicit_overrides_win(repo_root
     # applying it again (the notebook's setup after the runner) changes nothing, the override included
     assert config.apply_dry_run(dry) == dry
     assert config.dry_run_eval(dry) == block["eval"] and config.dry_run_eval(base) == {}
+    # the block's budgets are merged per chapter / named training budget; the others stay the profile's
+    assert block["budgets"] and set(dry["budgets"]) == set(base["budgets"]) | set(block["budgets"])
+    for ch, entry in dry["budgets"].items():
+        given = block["budgets"].get(ch, {})
+        if ch == "train":
+            assert entry == {**base["budgets"]["train"], **given}
+        elif ch in config.SIZE_KEYS:  # pre-training / evaluation sizes: the profile's (the block gives none)
+            assert entry == base["budgets"][ch] and ch not in block["budgets"]
+        else:
+            assert entry == {**base["budgets"].get(ch, {}), **given} and set(entry) <= set(config.BUDGET_KEYS[ch])
     # only sizes, steps, data and weights change: every recipe still names the profile's architectures
     from ovlib.train.recipes import distill_config
 
     for method in ("clipself", "declip", "synclip", "denserc", "refiner", "synseg"):
         a, b = distill_config(base, method), distill_config(dry, method)
-        assert (a.backbone, a.vfm, a.method_args.get("num_blocks")) == (b.backbone, b.vfm, b.method_args.get("num_blocks"))
+        assert (a.backbone, a.vfm, a.method_args.get("num_blocks")) == \
+            (b.backbone, b.vfm, b.method_args.get("num_blocks"))
         assert b.max_steps <= 2 and b.pretrained is None and b.vfm_pretrained is None
+        assert (a.checkpoint, b.checkpoint) == ("full", "final")  # no optimiser state, no last.pt in a dry run
 
 
 def test_dry_run_settings_are_validated(repo_root, tmp_path):
@@ -110,6 +122,8 @@ def test_dry_run_settings_are_validated(repo_root, tmp_path):
                      ({"params": {"seed": "x"}, "recipes": [{}]}, "'seed' must be int"),
                      ({"params": {}}, "non-empty list"),
                      ({"recipes": [{}], "eval": {"colour": 1}}, "eval must be"),
+                     ({"recipes": [{}], "budgets": {"02": {"colour": 1}}}, r"unknown key\(s\) \['colour'\]"),
+                     ({"recipes": [{}], "budgets": {"07": {}}}, "unknown chapter '07'"),
                      ({"recipes": [{}], "random_init": "yes"}, "random_init")):
         data["dry_run_settings"] = bad
         _write_profile(tmp_path, data) if not (tmp_path / "params").exists() else \
@@ -121,3 +135,85 @@ def test_dry_run_settings_are_validated(repo_root, tmp_path):
     (tmp_path / "params" / "smoke.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(config.ParamError, match=r"models\['clip'\] must be"):
         config.load_profile("smoke", tmp_path)
+
+
+# ------------------------------------------------------------------------------- profile sizes (budgets.*)
+def _key_tree(params):
+    """What a profile file must declare like every other: the contract keys, the budgets' sections, every key of
+    the library's size sections and the chapters' budgets (nested mappings included), the named training budgets.
+    Values, recipes, models and the dry-run block are the profile's own."""
+    def tree(v):
+        return {k: tree(x) for k, x in v.items()} if isinstance(v, dict) else None
+
+    b = params["budgets"]
+    return {"params": sorted(params), "budgets": {k: (sorted(v) if k == "train" else tree(v)) for k, v in b.items()}}
+
+
+def test_every_profile_file_declares_the_same_keys(repo_root):
+    trees = {p: _key_tree(config.load_profile(p, repo_root)) for p in config.PROFILES}
+    for p in config.PROFILES[1:]:
+        assert trees[p] == trees[config.PROFILES[0]], f"params/{p}.yaml declares other keys than smoke.yaml"
+    assert set(config.SIZE_KEYS) <= set(trees["micro"]["budgets"])
+
+
+def test_size_sections_name_file_and_key(tmp_path, repo_root):
+    data = config.load_profile("smoke", repo_root)
+    _write_profile(tmp_path, data)
+    path = tmp_path / "params" / "smoke.yaml"
+    cases = (
+        (lambda d: d["budgets"]["eval"].update(colour=1), r"smoke\.yaml: budgets\.eval: unknown key\(s\) \['colour'\]"),
+        (lambda d: d["budgets"]["pretrain"]["clip"].update(stepz=3),
+         r"smoke\.yaml: budgets\.pretrain\.clip: unknown key\(s\) \['stepz'\]"),
+        (lambda d: d["budgets"]["pretrain"]["vfm"].pop("pairs_per_scene"),
+         r"budgets\.pretrain\.vfm: missing key\(s\) \['pairs_per_scene'\]"),
+        (lambda d: d["budgets"]["eval"]["ovss"].update(stride="32"),
+         r"budgets\.eval\.ovss\.stride must be int, got str"),
+        (lambda d: d["budgets"]["eval"].update(n_boot=True), r"budgets\.eval\.n_boot must be int, got bool"),
+        (lambda d: d["budgets"].pop("pretrain"), r"smoke\.yaml: budgets lacks the section\(s\) \['pretrain'\]"),
+    )
+    for change, msg in cases:
+        d = yaml.safe_load(yaml.safe_dump(data))
+        change(d)
+        path.write_text(yaml.safe_dump(d))
+        with pytest.raises(config.ParamError, match=msg):
+            config.load_profile("smoke", tmp_path)
+    d = yaml.safe_load(yaml.safe_dump(data))
+    d["budgets"]["eval"]["region"]["min_size"] = 2  # an int where a float is asked for is fine
+    path.write_text(yaml.safe_dump(d))
+    assert config.load_profile("smoke", tmp_path)["budgets"]["eval"]["region"]["min_size"] == 2
+
+
+def test_profile_sizes_read_resolved_parameters_or_the_profile_file(repo_root):
+    p = config.resolve("micro", root=repo_root)
+    assert config.profile_sizes(p, "eval") == config.profile_sizes("micro", "eval") == p["budgets"]["eval"]
+    got = config.profile_sizes(p, "pretrain")
+    got["clip"]["steps"] = -1  # a copy: the parameters are not changed through it
+    assert p["budgets"]["pretrain"]["clip"]["steps"] != -1
+    with pytest.raises(config.ParamError, match="unknown size section 'train'"):
+        config.profile_sizes(p, "train")
+    with pytest.raises(config.ParamError, match=r"no budgets\.pretrain"):
+        config.profile_sizes({"profile": "micro", "budgets": {}}, "pretrain")
+    with pytest.raises(config.ParamError, match="unknown profile 'huge'"):
+        config.profile_sizes("huge", "eval")
+    assert config.micro_world("smoke") and config.micro_world(p) and not config.micro_world("paper")
+
+
+def test_size_keys_are_fields_of_the_configs_they_set():
+    """A key of budgets.pretrain / budgets.eval that no config has would be dropped or fail late: each is a field."""
+    from dataclasses import fields
+
+    from ovlib.eval.profiles import DenseEvalSettings
+    from ovlib.eval.region_cls import RegionClsConfig
+    from ovlib.eval.segmentation import OVSSConfig
+    from ovlib.train.pretrain import ClipPretrainConfig, DenseVfmPretrainConfig
+    from ovlib.train.proxies import ClipSegPretrainConfig
+
+    def names(cls):
+        return {f.name for f in fields(cls)}
+
+    scaled = {"min_steps"}  # read by scaled_budget, not a field
+    for key, cls in (("clip", ClipPretrainConfig), ("vfm", DenseVfmPretrainConfig), ("clipseg", ClipSegPretrainConfig)):
+        assert set(config.SIZE_KEYS["pretrain"][key]) - scaled <= names(cls), key
+    ev = config.SIZE_KEYS["eval"]
+    assert set(ev["region"]) <= names(RegionClsConfig) and set(ev["ovss"]) <= names(OVSSConfig)
+    assert set(ev) - {"region", "ovss"} <= names(DenseEvalSettings)

@@ -155,8 +155,8 @@ def test_final_each_projection(micro):
     each3 = DenseConstructor.for_model(DenseRCConfig(construct="none", n_layers=3, projection="final_each"), micro)
     ad = vit_adapter(micro)
     stack = each3.values(micro, x)
-    ref = sum(micro.visual.ln_post(ad.ls1(l, ad.attn_out(l, v))[:, 1:]) @ micro.visual.proj
-              for l, v in zip(stack.layers, stack.v))
+    ref = sum(micro.visual.ln_post(ad.ls1(blk, ad.attn_out(blk, v))[:, 1:]) @ micro.visual.proj
+              for blk, v in zip(stack.layers, stack.v))
     torch.testing.assert_close(each3.construct(micro, stack), ref, rtol=1e-5, atol=1e-5)
     own3 = DenseConstructor.for_model(DenseRCConfig(construct="none", n_layers=3), micro)
     assert not torch.allclose(own3(micro, x), each3(micro, x), atol=1e-3)
@@ -234,7 +234,8 @@ def test_coherence_loss_is_mse_and_zero_for_identical():
     assert coherence_loss(a, b).item() == pytest.approx(brute, rel=1e-6)
     assert coherence_loss(a, a.clone()).item() == 0.0
     feats = torch.randn(2, 4, 3, 3, generator=g)
-    assert coherence_loss(patch_correlation(feats), patch_correlation(feats * 3.0)).item() == pytest.approx(0, abs=1e-12)
+    scaled = coherence_loss(patch_correlation(feats), patch_correlation(feats * 3.0)).item()
+    assert scaled == pytest.approx(0, abs=1e-12)
     with pytest.raises(ValueError):
         coherence_loss(a, b[:, :4, :4])
 
@@ -406,3 +407,21 @@ def test_table5_rows_train_at_one_learning_rate_and_the_multiplier_is_its_own_ro
     assert table5_rows(1.0)[1] == {}  # the paper's single learning rate: no extra row
     with pytest.raises(ValueError, match="gate_lr_mult"):
         table5_rows(0.0)
+
+
+def test_gate_statistics_are_per_image_means_and_stds_of_the_gate_maps(micro):
+    from ovlib.methods.denserc import gate_statistics
+
+    cons = DenseConstructor.for_model(DenseRCConfig(construct="hsg", n_layers=2), micro).eval()
+    with torch.no_grad():
+        for lin in cons.hsg.proj:  # gates that depend on the token
+            lin.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    x1, x2 = _x(2, 32, 1), _x(3, 32, 2)
+    mean, std = gate_statistics(cons, micro, [x1, x2])
+    g = torch.cat([cons.gate_maps(micro, x1), cons.gate_maps(micro, x2)]).double()  # (5, n, N, H)
+    assert mean.shape == std.shape == (5, 2, micro.visual.transformer.resblocks[0].attn.num_heads)
+    torch.testing.assert_close(mean, g.mean(2))
+    torch.testing.assert_close(std, g.std(2))
+    assert float(std.max()) > 0
+    with pytest.raises(ValueError, match="no images"):
+        gate_statistics(cons, micro, [])

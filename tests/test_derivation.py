@@ -238,3 +238,37 @@ def test_gate_maps(micro):
     torch.testing.assert_close(g, torch.full_like(g, float(torch.sigmoid(torch.tensor(1.0)))))
     with pytest.raises(ValueError, match="no gates"):
         DenseConstructor.for_model(DenseRCConfig(construct="qq"), micro).gate_maps(micro, _x(size=32))
+
+
+def test_random_vision_tower_is_seeded_perturbed_and_leaves_the_rng():
+    from ovlib.methods.derivation import random_vision_tower
+
+    state = torch.random.get_rng_state()
+    a = random_vision_tower("ViT-B-16", 32, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    b = random_vision_tower("ViT-B-16", 32, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not any(p.requires_grad for p in a.parameters()) and not a.training
+    ln = next(m for m in a.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert not torch.allclose(ln.weight, torch.ones_like(ln.weight))  # perturbed away from open_clip's init
+    x = _x(1, 32)
+    assert cls_decomposition(a, x, per_head=True).error() <= TOL
+    with pytest.raises(ValueError, match="unknown open_clip config"):
+        random_vision_tower("ViT-nope", 32)
+
+
+def test_grid_region_batch_is_the_semantic_loss_input(micro):
+    from ovlib.data.regions import crop_regions, sample_grid_boxes
+    from ovlib.methods.derivation import grid_region_batch
+    from ovlib.models.images import normalize_images
+
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    imgs, boxes, teach = grid_region_batch(micro, x, mean, std, seed=2)
+    torch.testing.assert_close(imgs, normalize_images(x, mean, std))
+    b1 = sample_grid_boxes(96, 96, generator=2 * 1000 + 1, max_split=6, max_boxes=20)
+    torch.testing.assert_close(boxes[1], b1)
+    assert teach.shape[0] == sum(len(b) for b in boxes)
+    with torch.no_grad():
+        want = micro.encode_image(normalize_images(crop_regions(x[1], b1, 64), mean, std))
+    torch.testing.assert_close(teach[len(boxes[0]):], want)

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovlib.train.distill import (DistillConfig, NonFiniteLoss, ResumableSampler, default_betas, lock_visual,
-                                 param_groups, warmup_cosine, weight_ensemble)
+from ovlib.train.distill import (
+    DistillConfig,
+    NonFiniteLoss,
+    ResumableSampler,
+    default_betas,
+    lock_visual,
+    param_groups,
+    warmup_cosine,
+    weight_ensemble,
+)
 from tests.helpers.synthetic_distill import build, small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +220,44 @@ def test_alpha_ensemble_is_saved_at_epoch_ends_and_training_continues_from_raw_s
     assert torch.allclose(ens["model"][k], 0.7 * raw[k] + 0.3 * teacher[k[len("student."):]])
     assert not torch.allclose(raw[k], ens["model"][k])  # the live student is not the mixture
     assert (tmp_path / "ensemble-epoch1.pt").is_file()
+
+
+def test_checkpoint_final_keeps_only_what_training_changed(tmp_path):
+    """checkpoint="final" (the paper dry run's): no last.pt, no epoch ensembles, no optimiser state; ensemble-final.pt
+    holds the full run's ensemble minus the frozen student weights, which model_state takes from the base."""
+    from ovlib.io import model_state, safe_load
+
+    kw = dict(max_steps=0, epochs=2, batch_size=8, alpha=0.7, unlocked_blocks=2)  # 4 steps per epoch
+    full = build(small_config(str(tmp_path / "full"), **kw))
+    full.fit(resume=False)
+    fin = build(small_config(str(tmp_path / "final"), checkpoint="final", **kw))
+    base = {f"student.{k}": v.clone() for k, v in fin.teacher_state.items()}
+    fin.fit(resume=False)
+    names = sorted(p.name for p in (tmp_path / "final").iterdir())
+    assert "last.pt" not in names and not [n for n in names if n.startswith("ensemble-epoch")]
+    assert "ensemble-final.pt" in names and "results.json" in names
+    a, b = safe_load(tmp_path / "full" / "ensemble-final.pt"), safe_load(tmp_path / "final" / "ensemble-final.pt")
+    frozen = sorted(f"student.{n}" for n, p in fin.method.student.named_parameters() if not p.requires_grad)
+    assert frozen and b["omitted"] == frozen and "optimizer" not in b
+    assert set(b["model"]) == set(a["model"]) - set(frozen)
+    assert all(torch.equal(b["model"][k], a["model"][k]) for k in b["model"])  # the trained weights, ensembled
+    whole = model_state(b, base, where="final")
+    assert set(whole) == set(a["model"]) and all(torch.equal(whole[k], base[k]) for k in frozen)
+    assert all(torch.allclose(whole[k], a["model"][k]) for k in frozen)  # 0.7 x + 0.3 x = x up to rounding
+    with pytest.raises(ValueError, match="frozen weights"):
+        model_state(b)
+    with pytest.raises(ValueError, match="lacks"):
+        model_state(b, {})
+    # a killed "final" run leaves nothing to resume: the next one starts afresh and logs every step once
+    again = build(small_config(str(tmp_path / "killed"), checkpoint="final", **kw))
+    again.fit(resume=False, stop_after=3)
+    assert not (tmp_path / "killed" / "last.pt").exists()
+    rerun = build(small_config(str(tmp_path / "killed"), checkpoint="final", **kw))
+    assert not rerun.resume() and rerun.fit(resume=True)["steps"] == 8
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        small_config(str(tmp_path), checkpoint="none")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -3,10 +3,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ovlib.eval.metrics import (confusion_matrix, iou_acc_from_confusion, macc_from_counts, mean_class_accuracy,
-                                miou_from_confusion, miou_statistic, per_class_counts, topk_hits)
+from ovlib.eval.metrics import (
+    confusion_matrix,
+    iou_acc_from_confusion,
+    macc_from_counts,
+    mean_class_accuracy,
+    miou_from_confusion,
+    miou_statistic,
+    per_class_counts,
+    topk_hits,
+)
 from ovlib.stats import bootstrap_ci
 
 

@@ -6,12 +6,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import shared_dir
-from ovlib.eval.region_cls import (RegionClsConfig, extract_region_features, region_masks_at_grid, score_regions,
-                                   summarize)
-from ovlib.eval.segmentation import (OVSSConfig, evaluate_kmeans, evaluate_ovss, predict_labels, sliding_logits,
-                                     window_starts)
+
+from ovlib.eval.region_cls import (
+    RegionClsConfig,
+    extract_region_features,
+    region_masks_at_grid,
+    score_regions,
+    summarize,
+)
+from ovlib.eval.segmentation import (
+    OVSSConfig,
+    evaluate_kmeans,
+    evaluate_ovss,
+    predict_labels,
+    sliding_logits,
+    window_starts,
+)
 from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
 
 
@@ -98,7 +109,7 @@ def test_region_classification_micro_end_to_end(micro_export, micro_clip):
     text = text_embeddings(model, tok, [n for n in class_name_sets(ds.categories)], templates=MICRO_TEMPLATES[:1])
     scores = score_regions(rf, text, ids)
     # counts add up: every region of each part is counted once, hits never exceed totals, top-5 >= top-1
-    for key, parts in scores.items():
+    for parts in scores.values():
         assert parts["thing"][:, 0].sum() == int(rf.isthing.sum())
         assert parts["stuff"][:, 0].sum() == int((~rf.isthing).sum())
         for arr in parts.values():

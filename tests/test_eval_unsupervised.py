@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ovlib.models.affinity import affinity_map, pixel_to_cell
 from ovlib.eval.unsupervised import hungarian_miou, iou_matrix, kmeans_labels
+from ovlib.models.affinity import affinity_map, pixel_to_cell
 
 
 def test_iou_matrix_hand_case():
@@ -140,3 +140,12 @@ def test_object_affinity_hand_case():
     assert all(v != v for v in object_affinity(dense, seg, [5]))  # absent segment: nan
     with pytest.raises(ValueError, match="segments"):
         object_affinity(dense, seg[:2], [0])
+
+
+def test_kmeans_sample_is_a_fixed_mean_over_images():
+    from ovlib.eval.segmentation import kmeans_sample
+
+    s = kmeans_sample({"per_image": [50.0, 70.0, 90.0], "miou": (70.0, 50.0, 90.0)})
+    assert s.fixed and s.seeds == () and len(s.runs) == 1
+    np.testing.assert_allclose(s.runs[0], [[50.0, 1.0], [70.0, 1.0], [90.0, 1.0]])
+    assert s.statistic(s.runs[0].sum(0)) == pytest.approx(70.0)

@@ -7,9 +7,9 @@ never tests a lock that the ranges no longer describe. The lock targets Python 3
 from __future__ import annotations
 
 import re
-import tomllib
 
 import pytest
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

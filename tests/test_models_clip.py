@@ -79,6 +79,37 @@ def test_seeded_init_and_global_rng_untouched():
     assert not torch.equal(a.visual.conv1.weight, c.visual.conv1.weight)
 
 
+def test_random_init_of_a_named_model_is_built_once_and_copied(monkeypatch):
+    """pretrained=None (the dry run): the seeded init is built once per process and seed; every call gets an
+    independent deep copy, equal to a fresh build, and the global RNG does not move."""
+    import open_clip
+
+    from ovlib.models import clip as clip_mod
+
+    monkeypatch.setattr(clip_mod, "_RANDOM_INITS", type(clip_mod._RANDOM_INITS)())
+    calls = []
+    real = open_clip.create_model_and_transforms
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: calls.append(a) or real(*a, **k))
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    a, _, _ = load_clip("ViT-B-16", seed=3)
+    b, _, _ = load_clip("ViT-B-16", seed=3)
+    assert torch.rand(1) == before and len(calls) == 1  # one build for two calls; global RNG untouched
+    w = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert a is not b and torch.equal(a.state_dict()[w], b.state_dict()[w])
+    with torch.no_grad():
+        a.visual.conv1.weight.add_(1.0)  # a copy: changing one leaves the other and the cached build alone
+    c, _, _ = load_clip("ViT-B-16", seed=3)
+    assert torch.equal(b.visual.conv1.weight, c.visual.conv1.weight)
+    assert not torch.equal(a.visual.conv1.weight, c.visual.conv1.weight)
+    d, _, _ = load_clip("ViT-B-16", seed=4)
+    assert len(calls) == 2 and not torch.equal(c.state_dict()[w], d.state_dict()[w])
+    clip_mod._RANDOM_INITS.clear()  # a fresh build equals the copies
+    fresh, _, _ = load_clip("ViT-B-16", seed=3)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in c.state_dict().items())
+
+
 def test_register_micro_variant():
     cfg = MicroClipConfig(vision_layers=2)
     register_micro_clip("micro-clip-test-l2", cfg, overwrite=True)

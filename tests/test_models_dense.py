@@ -29,7 +29,6 @@ from ovlib.models import (
 from ovlib.models.clip import MicroClipConfig
 
 
-
 def _perturb(model: nn.Module, seed: int, std: float = 0.05) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

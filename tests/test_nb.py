@@ -1,7 +1,6 @@
 """The chapters' shared helpers (ovlib.nb): formats, tables, the setup contract."""
 
 import math
-
 from pathlib import Path
 
 import pytest

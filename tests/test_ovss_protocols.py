@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers.benchmarks import write_benchmark
+
 from ovlib.data.benchmarks import BENCHMARKS
 from ovlib.eval.profiles import dense_eval_settings
 from ovlib.eval.protocols import CARDS, card_templates, protocol_card
@@ -112,7 +112,8 @@ def test_cli_prints_card_and_number(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "ovlib.eval.ovss", "--benchmark", "voc21", "--root", str(tmp_path / "voc"),
            "--method", "sclip", "--backbone", "micro-clip", "--pretrained", "none", "--device", "cpu",
-           "--set", "short_side=64", "--set", "slide_crop=64", "--set", "slide_stride=32", "--set", "templates=micro", "--n-boot", "10",
+           "--set", "short_side=64", "--set", "slide_crop=64", "--set", "slide_stride=32", "--set", "templates=micro",
+           "--n-boot", "10",
            "--out", str(out)]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -4,9 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovlib.train.pretrain import (PRETRAIN_NO_DECAY, ClipPretrainConfig, DinoPretrainConfig, clip_loss, dino_loss,
-                                  multicrop, param_groups, pretrain_clip, pretrain_configs, pretrain_vfm,
-                                  warmup_cosine)
+from ovlib.train.pretrain import (
+    PRETRAIN_NO_DECAY,
+    ClipPretrainConfig,
+    DinoPretrainConfig,
+    clip_loss,
+    dino_loss,
+    multicrop,
+    param_groups,
+    pretrain_clip,
+    pretrain_configs,
+    pretrain_vfm,
+    warmup_cosine,
+)
 
 
 def test_clip_loss_matches_brute_force():
@@ -85,6 +95,39 @@ def test_pretrain_configs_profiles():
     assert c3.steps == round(c2.steps * 0.5)
     with pytest.raises(ValueError, match="profile"):
         pretrain_configs("huge")
+    with pytest.raises(ValueError, match="steps_scale"):
+        pretrain_configs("micro", 0.0)
+
+
+def test_profile_files_keep_the_pretraining_configs_and_their_cache_keys(repo_root):
+    """The budgets moved from code (``_PROFILE_SIZES``, ``_DENSE_SMOKE``, ``clipseg_config``'s branch) to
+    ``budgets.pretrain`` of the profile files without changing a config: the trained micro backbones in the caches
+    stay valid. Expected: the configs the code built before the move (micro = the dataclass defaults; smoke = small
+    batches and step floors at steps_scale 0.01), and the cache key of the micro CLIP the book trains."""
+    from dataclasses import replace
+
+    from ovlib import config
+    from ovlib.io import config_hash
+    from ovlib.train.pretrain import DenseVfmPretrainConfig
+    from ovlib.train.proxies import ClipSegPretrainConfig, clipseg_config
+
+    for profile in ("micro", "paper"):
+        c, v = pretrain_configs(profile, 1.0, 0)
+        assert c == ClipPretrainConfig() and v == DenseVfmPretrainConfig()
+        assert clipseg_config(profile, 1.0, 0) == ClipSegPretrainConfig(clip=config_hash(c))
+    assert config_hash(ClipPretrainConfig()) == "82ba1d99b897"  # data/cache/micro-clip/micro-clip-82ba1d99b897.pt
+    c, v = pretrain_configs("smoke", 0.01, 0)
+    assert c == replace(ClipPretrainConfig(), batch_size=16, ckpt_every=1000, steps=30, warmup=3)
+    assert v == replace(DenseVfmPretrainConfig(), batch_size=8, pairs_per_scene=4, ckpt_every=1000, steps=5, warmup=1)
+    assert clipseg_config("smoke", 0.01, 0) == replace(ClipSegPretrainConfig(clip=config_hash(c)), batch_size=8,
+                                                       ckpt_every=1000, steps=20, warmup=2)
+    c, v = pretrain_configs("micro", 0.5, 3)  # steps and warm-up scale; the seed sets the world's
+    assert (c.steps, c.warmup, c.seed, c.world_seed) == (180, 18, 3, 3) and (v.steps, v.warmup) == (200, 20)
+    # resolved parameters give what the profile name gives, and their budgets (an override) are the ones read
+    p = config.resolve("micro", root=repo_root)
+    assert pretrain_configs(p, 1.0, 0) == pretrain_configs("micro", 1.0, 0)
+    p["budgets"]["pretrain"]["clip"]["batch_size"] = 64
+    assert pretrain_configs(p, 1.0, 0)[0].batch_size == 64
 
 
 def test_smoke_clip_pretraining_loss_decreases_and_caches(tmp_path):

@@ -1,6 +1,8 @@
 """The micro proxies: dense self-supervised VFM and micro CLIPSeg (ovlib.train.proxies, ovlib.models.clipseg)."""
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from ovlib.train.proxies import (
     DenseVfmPretrainConfig,
     base_class_ids,
     clipseg_batches,
+    colour_permute,
     dense_dino_loss,
     paired_views,
     pretrain_clipseg,
@@ -107,7 +110,8 @@ def test_vfm_tokens_is_timm_forward_without_mask():
 
 # ------------------------------------------------------------------------------------------- dense VFM
 _VFM = DenseVfmPretrainConfig(steps=20, warmup=2, batch_size=8, pairs_per_scene=4, scene_size=96, view_size=32,
-                              out_dim=64, hidden_dim=64, mask_ratio=0.2, ckpt_every=1000, precision="fp32")
+                              out_dim=64, hidden_dim=64, mask_ratio=0.2, ckpt_every=1000, precision="fp32",
+                              view_scale=(0.5, 2.0), channel_shuffle=0.5, grayscale=0.2)  # every option drawn
 
 
 def test_dense_vfm_trains_caches_and_resumes_exactly(tmp_path):
@@ -127,11 +131,35 @@ def test_dense_vfm_trains_caches_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(p, q, msg=n)
 
 
+def test_colour_permute_hand_cases():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 4, 4, generator=gen)
+    # probability 0: untouched, and no random draw changes the views
+    torch.testing.assert_close(colour_permute(x, 0.0, 0.0, torch.Generator().manual_seed(1)), x)
+    # always shuffled: every view is its own channels in some order (the multiset of channels is kept)
+    y = colour_permute(x, 1.0, 0.0, torch.Generator().manual_seed(1))
+    for v, w in zip(x, y):
+        perm = [int((v - w[c]).abs().flatten(1).sum(1).argmin()) for c in range(3)]
+        assert sorted(perm) == [0, 1, 2]
+        torch.testing.assert_close(w, v[perm])
+    orders = {tuple(int((v - w[c]).abs().flatten(1).sum(1).argmin()) for c in range(3)) for v, w in zip(x, y)}
+    assert len(orders) == 6  # 64 draws: every one of the 3! permutations occurs (p of a miss < 1e-4)
+    # always grey: three equal channels holding the BT.601 luma
+    g = colour_permute(x, 0.0, 1.0, torch.Generator().manual_seed(1))
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    for c in range(3):
+        torch.testing.assert_close(g[:, c], luma)
+    with pytest.raises(ValueError, match="probabilities"):
+        colour_permute(x, 1.5, 0.0, gen)
+
+
 # ------------------------------------------------------------------------------------------- CLIPSeg
 def _vitb16_clipseg_state(gen):
     """A state dict with the key names and shapes of CLIPSeg's released rd64-uni.pth (ViT-B/16: width 768,
     text 512, 3 levels, reduce_dim 64, 4 heads, feed-forward 2048, 16x16 transposed convolution)."""
-    r = lambda *s: torch.randn(*s, generator=gen) * 0.02
+    def r(*s):
+        return torch.randn(*s, generator=gen) * 0.02
+
     sd = {"film_mul.weight": r(64, 512), "film_mul.bias": 1 + r(64), "film_add.weight": r(64, 512),
           "film_add.bias": r(64), "reduce.weight": r(64, 768), "reduce.bias": r(64),
           "trans_conv.weight": r(64, 1, 16, 16), "trans_conv.bias": r(1)}
@@ -271,7 +299,62 @@ def test_vfm_trials_script_writes_the_record_the_chapter_reads(tmp_path):
     mod.run("smoke", ["dense"], str(tmp_path / "cache"), str(tmp_path / "mw"), 0, out)
     rec = json.loads(out.read_text())
     t = rec["trials"]["dense"]
-    for key in ("objective", "steps", "batch", "train_seconds", "cpu_seconds", "loadavg", "as_is", "equalized"):
+    for key in ("objective", "steps", "batch", "train_seconds", "cpu_seconds", "loadavg", "as_is", "equalized",
+                "affinity_inside", "affinity_outside"):
         assert key in t, key
     assert len(t["as_is"]) == 3 and 0 <= t["as_is"][0] <= 100
     assert set(rec["colour_baseline"]) == {"as_is", "equalized"}
+
+
+def _budgets(profile: str) -> dict:
+    """The profile file's budgets (its pre-training sizes among them), as resolved parameters carry them."""
+    from ovlib.config import load_profile
+
+    return load_profile(profile, Path(__file__).resolve().parents[1])["budgets"]
+
+
+def test_clipseg_weights_resolves_every_profile_form(tmp_path, clip_and_cats):
+    """SynSeg's CLIPSeg initialisation as the profiles name it: none, a named CLIPSeg file in weights_dir (the
+    error names the file), a dry run with random weights, a path, and the micro CLIPSeg (cached)."""
+    from ovlib.models.weights import WeightsUnavailable
+    from ovlib.train.proxies import clipseg_weights
+
+    clip, tok, _ = clip_and_cats
+    params = {"profile": "paper", "steps_scale": 1.0, "seed": 0, "cache_dir": str(tmp_path), "weights_dir": ""}
+    assert clipseg_weights(params, None, clip, tok) is None
+    with pytest.raises(WeightsUnavailable, match=r"rd64-uni\.pth"):
+        clipseg_weights(params, "rd64-uni", clip, tok)
+    with pytest.raises(WeightsUnavailable, match=r"rd64-uni\.safetensors"):
+        clipseg_weights({**params, "weights_dir": str(tmp_path)}, "rd64-uni", clip, tok)
+    dry = {**params, "dry_run": True, "dry_run_settings": {"random_init": True}}
+    assert clipseg_weights(dry, "rd64-uni", clip, tok) is None
+    sd = _vitb16_clipseg_state(torch.Generator().manual_seed(0))
+    torch.save(sd, tmp_path / "rd64-uni.pth")
+    got = clipseg_weights({**params, "weights_dir": str(tmp_path)}, "rd64-uni", clip, tok)
+    assert set(got) == set(sd) and torch.equal(got["film_mul.weight"], sd["film_mul.weight"])
+    assert set(clipseg_weights(params, str(tmp_path / "rd64-uni.pth"), clip, tok)) == set(sd)
+    # the micro CLIPSeg: trained once into cache_dir, then loaded (the smoke budget, cut short by a tiny scale)
+    smoke = {**params, "profile": "smoke", "steps_scale": 0.01, "budgets": _budgets("smoke")}
+    clip = copy.deepcopy(clip)  # pre-training freezes the CLIP it is given
+    a = clipseg_weights(smoke, "micro-clipseg", clip, tok)
+    assert "trans_conv.weight" in a and list(tmp_path.glob("micro-clipseg/*.pt"))
+    b = clipseg_weights(smoke, "micro-clipseg", clip, tok)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_micro_clipseg_is_keyed_to_the_clip_it_was_trained_on(tmp_path, clip_and_cats):
+    """A run whose CLIP comes from a file gets a micro CLIPSeg of its own (clip_key = the file's content hash),
+    never the profile's cached one; file_key is the content, not the path."""
+    from ovlib.train.proxies import clipseg_weights, file_key
+
+    clip, tok, _ = clip_and_cats
+    (tmp_path / "a.pt").write_bytes(b"weights")
+    (tmp_path / "b.pt").write_bytes(b"weights")
+    assert file_key(str(tmp_path / "a.pt")) == file_key(str(tmp_path / "b.pt")) != file_key("openai")
+    params = {"profile": "smoke", "steps_scale": 0.01, "seed": 0, "cache_dir": str(tmp_path / "c"),
+              "budgets": _budgets("smoke")}
+    clip = copy.deepcopy(clip)
+    clipseg_weights(params, "micro-clipseg", clip, tok)
+    clipseg_weights(params, "micro-clipseg", clip, tok, clip_key="micro-clip:" + file_key(str(tmp_path / "a.pt")))
+    assert len(list((tmp_path / "c" / "micro-clipseg").glob("micro-clipseg-*.pt"))) == 2

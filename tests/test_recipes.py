@@ -36,7 +36,8 @@ def test_paper_profile_clipself_recipe_is_reference_13(repo_root, backbone, stud
     c = distill_config(p, "clipself")
     assert (c.lr, c.weight_decay, c.epochs, c.warmup_steps) == (1e-5, 0.1, 6, 1000)
     assert (c.regions, c.max_split, c.max_boxes) == ("grid", 6, 20)
-    assert (c.student_size, c.crop_size, c.alpha, c.unlocked_blocks, c.pretrained) == (student, crop, alpha, blocks, tag)
+    got = (c.student_size, c.crop_size, c.alpha, c.unlocked_blocks, c.pretrained)
+    assert got == (student, crop, alpha, blocks, tag)
     assert c.batch_size * p["gpus"] == 16  # 8 GPUs x 2
     assert c.data_root == "data/coco" and c.split == "train2017"
 

@@ -267,3 +267,20 @@ def test_sample_box_regions_seeded():
     b = sample_box_regions(boxes, 100, 100, torch.Generator().manual_seed(7))
     assert torch.equal(a["index"], b["index"]) and torch.equal(a["crops"], b["crops"])
     assert not torch.equal(a["index"], sample_box_regions(boxes, 100, 100, 8)["index"])
+
+
+def test_thing_crops_in_image_order_with_rows():
+    from ovlib.data.regions import crop_regions, thing_crops
+
+    img = np.zeros((20, 20, 3), np.uint8)
+    img[:10] = 255
+    seg = lambda cid, box, thing=True: {"category_id": cid, "isthing": thing, "box": box}  # noqa: E731
+    data = [{"image": img, "segments": [seg(5, [0, 0, 10, 10]), seg(9, [0, 0, 20, 20], False)]},
+            {"image": img, "segments": []},
+            {"image": img, "segments": [seg(7, [5, 5, 15, 15]), seg(5, [10, 10, 20, 20]), seg(6, [0, 0, 4, 4])]}]
+    crops, rows = thing_crops(data, {5: 0, 7: 1}, 8, n=2)  # class 6 unknown, 9 is stuff
+    assert crops.shape == (2, 3, 8, 8) and rows.tolist() == [0, 1]
+    torch.testing.assert_close(crops[1], crop_regions(img, torch.tensor([[5.0, 5, 15, 15]]), 8)[0])
+    assert thing_crops(data, {5: 0, 7: 1}, 8, n=10)[1].tolist() == [0, 1, 0]
+    empty, r = thing_crops(data[1:2], {5: 0}, 8, n=3)
+    assert empty.shape == (0, 3, 8, 8) and len(r) == 0

@@ -119,3 +119,19 @@ def test_mask_pooled_tsne_is_seeded():
         m[:, 0, 0] = True
     a, b = (mask_pooled_tsne(dense, masks, seed=1, max_iter=250) for _ in range(2))
     assert a.shape == (9, 2) and (a == b).all()
+
+
+def test_coupling_ratio_pairs_are_the_per_pair_ratios_with_a_valid_count():
+    import numpy as np
+
+    from ovlib.methods.analysis import coupling_ratio_pairs
+    from ovlib.stats import ratio_stat
+
+    a, b = _imgs(4, 16, 16, 2), _imgs(4, 16, 16, 3)
+    arr = coupling_ratio_pairs(Mixing(), a, b)
+    per = coupling_ratio(Mixing(), a, b)["cr_per_pair"]
+    assert arr.shape == (4, 2) and (arr[:, 1] == 1.0).all()
+    np.testing.assert_allclose(arr[:, 0], per)
+    assert ratio_stat(arr.sum(0)) == pytest.approx(float(np.mean(per)))
+    ones = coupling_ratio_pairs(PerToken(), _imgs(2, 16, 12, 0), _imgs(2, 16, 12, 1))
+    np.testing.assert_allclose(ones[ones[:, 1] > 0, 0], 1.0, atol=1e-5)  # context-free: CR = 1 per pair

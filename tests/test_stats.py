@@ -23,6 +23,7 @@ from ovlib.stats import (
     paired_t,
     ratio_stat,
     verdict,
+    vs_reference,
     welch,
 )
 
@@ -149,7 +150,8 @@ def test_compare_kinds_and_tests():
     rng = np.random.default_rng(5)
     runs = lambda shift, k: [np.stack([rng.random(20) + shift + 0.05 * i, np.ones(20)], 1)  # noqa: E731
                              for i in range(k)]
-    three_a, three_b = Sample(tuple(runs(0, 3)), ratio_stat, (0, 1, 2)), Sample(tuple(runs(1, 3)), ratio_stat, (0, 1, 2))
+    three_a = Sample(tuple(runs(0, 3)), ratio_stat, (0, 1, 2))
+    three_b = Sample(tuple(runs(1, 3)), ratio_stat, (0, 1, 2))
     c = compare(three_a, three_b, expect=1, n_boot=200)
     assert c.kind == "claim" and c.test.startswith("paired t") and c.verdict == "holds"
     assert c.p == pytest.approx(ss.ttest_rel(three_b.values, three_a.values).pvalue)
@@ -185,3 +187,36 @@ def test_checks_pass_and_fail():
     assert check(0.0).kind == "check"
     with pytest.raises(ValueError, match="relation"):
         check(0.0, relation="<")
+
+
+def test_mean_units_and_eta_squared_hand_cases():
+    from ovlib.stats import eta_squared, eta_squared_units, mean_units, ratio_stat
+
+    u = mean_units([1.0, float("nan"), 3.0])
+    np.testing.assert_allclose(u, [[1, 1], [0, 0], [3, 1]])
+    assert ratio_stat(u.sum(0)) == 2.0
+    # groups identical on every unit: the group identity explains everything
+    same = np.tile([[0.2, 0.8, 0.5]], (4, 1))
+    assert eta_squared(eta_squared_units(same).sum(0)) == pytest.approx(1.0)
+    # one group, units vary: nothing explained; no variance at all: nan
+    assert eta_squared(eta_squared_units(np.array([[1.0], [3.0]])).sum(0)) == 0.0
+    assert math.isnan(eta_squared(eta_squared_units(np.ones((3, 2))).sum(0)))
+    # brute force: Var_groups(means) / (that + mean of within-group population variances)
+    x = np.random.default_rng(0).normal(size=(7, 5)) + np.arange(5)
+    direct = np.var(x.mean(0)) / (np.var(x.mean(0)) + np.mean(x.var(0)))
+    assert eta_squared(eta_squared_units(x).sum(0)) == pytest.approx(direct, abs=1e-12)
+    with pytest.raises(ValueError, match="units, groups"):
+        eta_squared_units(np.ones(3))
+
+
+def test_vs_reference_is_scipys_one_sample_t_and_its_interval():
+    v = np.array([-2.0, -2.2, -2.5])
+    c = vs_reference(0.0, v, expect=-1, what=": spread rule")
+    res = ss.ttest_1samp(v, 0.0)
+    lo, hi = res.confidence_interval(0.95)
+    assert c.kind == "claim" and c.delta == pytest.approx(v.mean()) and c.p == pytest.approx(res.pvalue)
+    assert (c.ci_low, c.ci_high) == (pytest.approx(lo), pytest.approx(hi))
+    assert c.verdict == "holds" and c.seeds_b == 3 and "spread rule" in c.test
+    assert vs_reference(0.0, -v, expect=-1).verdict == "reversed"
+    one = vs_reference(1.0, [0.5])
+    assert one.kind == "indicative" and one.verdict == "not resolved" and one.delta == pytest.approx(-0.5)

@@ -51,6 +51,24 @@ def _study(root: Path, chapter="02", **over) -> Study:
 
 
 # ------------------------------------------------------------------------------------------------ budgets
+def test_a_dry_run_study_evaluates_at_the_dry_run_sizes_with_its_budgets(project):
+    """The paper profile's dry run: evaluation sizes, bootstrap replicates and budgets are the dry run's."""
+    from ovlib.eval.profiles import dense_eval_settings
+
+    p = config.resolve("paper", {"dry_run": True}, root=project)
+    st = Study(p, "02", root=project, log=False)
+    block = p["dry_run_settings"]
+    assert st.eval_settings == dense_eval_settings(p, p["eval_images"], **block["eval"])
+    assert st.eval_settings.region.image_size == block["eval"]["region"]["image_size"]
+    assert st.n_boot == block["eval"]["n_boot"]
+    assert st.eval_settings != dense_eval_settings(p, p["eval_images"])
+    assert st.budget == {**config.resolve("paper", root=project)["budgets"]["02"], **block["budgets"]["02"]}
+    assert len(st.seeds) == block["params"]["seeds"]
+    # region classification reads the dry run's handful of images (the paper budget's 0 = the whole split)
+    assert st.budget["region_images"] == 0 and st.region_images == block["params"]["eval_images"] > 0
+    assert Study(config.resolve("paper", root=project), "02", root=project, log=False).region_images == 0
+
+
 def test_budget_and_training_budgets_come_from_the_profile(project):
     st = _study(project)
     smoke = yaml.safe_load((project / "params" / "smoke.yaml").read_text())["budgets"]
@@ -129,6 +147,54 @@ def test_claims_kinds_holm_and_the_ledger_file(project):
         assert (c.text in summ) == (c.verdict in ("holds", "reversed"))
 
 
+def test_negligible_flag_claims_table_slices_and_paper_values(project):
+    st = _study(project)
+    for s in (0, 1, 2):  # B is clearly higher than A, by 0.2 (in the metric's unit)
+        st.record("A", FakeEval(_per_image(0.5 + 0.01 * s, noise=0.01, seed=s)), seed=s)
+        st.record("B", FakeEval(_per_image(0.7 + 0.01 * s, noise=0.01, seed=10 + s)), seed=s)
+    st.negligible = 0.5  # the chapter's default: 0.2 < 0.5 is flagged
+    c1 = st.claim_in("2.2", "B beats A", "A", "B", "m", paper_ref="rsc.t1.rsc.boxes")
+    c2 = st.claim_in("2.3", "B beats A, finely", "A", "B", "m", negligible=0.1)  # 0.2 >= 0.1: not flagged
+    assert c1.verdict == c2.verdict == "holds"  # the flag never changes a verdict
+    assert c1.is_negligible and "negligible" in c1.describe() and not c2.is_negligible
+    assert c1.paper_text == "Tab. 1: +3.9" and c2.paper_text == "–"
+    full = st.claims_table()
+    assert "| paper |" in full and "Tab. 1: +3.9" in full
+    tail = st.claims_table(since=1)  # only the claims recorded after the first
+    assert "finely" in tail and "B beats A |" not in tail and "| paper |" not in tail
+    assert st.paper_value("rsc.t1.rsc.boxes") == paper_numbers(project)["numbers"]["rsc.t1.rsc.boxes"]["value"]
+    assert isinstance(st.paper_value("synclip.table.ablation"), dict)  # a table of the paper
+    with pytest.raises(KeyError, match="no reported number"):
+        st.paper_value("nope")
+
+
+def test_paper_table_cells_and_the_vfm_is_loaded_once(project, monkeypatch):
+    import torch
+
+    import ovlib.study as study_mod
+
+    st = _study(project)
+    t1 = st.paper_table("rsc.table.t1", slice(0, None, 2), "/")
+    assert t1["CLIPSelf"] == "72.1/74.4/46.8"  # the three Top-1 of Tab. 1
+    assert st.paper_table("rsc.table.t9", digits=2)["Refiner"] == "0.95"
+    assert st.paper_table("rsc.table.t12")["4"] == "40.9 / 77.3 / 78.9 / 52.5"
+    with pytest.raises(ValueError, match="not a table"):
+        st.paper_table("rsc.t1.rsc.boxes")
+    calls = []
+    monkeypatch.setattr(study_mod, "pretrain_vfm", lambda cfg, cache, **kw: (calls.append("micro") or
+                                                                             torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(study_mod, "load_vfm", lambda **kw: calls.append(kw["name"]) or torch.nn.Linear(2, 2))
+    v = st.vfm()
+    assert st.vfm() is v and calls == ["micro"] and not v.training  # once, frozen
+    assert not any(p.requires_grad for p in v.parameters())
+    real_data = {**st.params["budgets"], "eval": {**st.params["budgets"]["eval"], "export_size": 0}}  # COCO, not micro
+    paper = Study({**st.params, "profile": "paper", "budgets": real_data,
+                   "models": {"vfm": {"name": "dinov2-b", "pretrained": None}}},
+                  "02", root=project, log=False)
+    paper.vfm()
+    assert calls == ["micro", "dinov2-b"]
+
+
 def test_unknown_paper_reference_is_an_error(project):
     st = _study(project)
     st.record("A", FakeEval(_per_image(0.5)), seed=0)
@@ -161,3 +227,34 @@ def test_ledger_page_tables_links_and_totals(project):
 def test_ledger_page_without_claims_says_so(project):
     page = book.ledger_page(project).read_text()
     assert "No chapter has written its claims yet" in page
+
+
+def test_load_benchmark_and_named_clip(project, monkeypatch):
+    import sys
+
+    import torch
+
+    import ovlib.study as study_mod
+    from ovlib.study import load_benchmark
+
+    bench = load_benchmark("bench_denserc")  # benchmarks/ beside the ovlib package of this checkout
+    assert bench is not None and callable(bench.run) and hasattr(bench, "TARGET")
+    assert any(p.endswith("benchmarks") for p in sys.path)  # its _common imports
+    assert load_benchmark("no_such_bench") is None
+    st = _study(project, "03")
+    with pytest.raises(config.ParamError, match="no named model 'clip'"):
+        st.named_clip("clip")
+
+    class Bb:  # what named_clip needs of the chapter's backbones
+        categories = [{"id": 1, "name": "cup"}, {"id": 2, "name": "boat"}]
+        templates, this_is = ("a {}.",), False
+
+    seen = {}
+    monkeypatch.setattr(st, "backbones", lambda *a, **k: Bb)
+    monkeypatch.setattr(study_mod, "load_clip", lambda **kw: (seen.update(kw) or torch.nn.Linear(2, 2), "tok", None))
+    monkeypatch.setattr(study_mod, "text_embeddings",
+                        lambda clip, tok, names, templates, this_is_prefix, device: torch.ones(len(names), 3))
+    st.params["models"] = {"clip": {"name": "ViT-B-16", "pretrained": None}}
+    clip, tok, text, name = st.named_clip("clip")
+    assert seen["name"] == "ViT-B-16" and tok == "tok" and text.shape == (2, 3) and name == "ViT-B-16 (random init)"
+    assert not clip.training and not any(p.requires_grad for p in clip.parameters())

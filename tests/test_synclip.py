@@ -90,7 +90,8 @@ def test_huber_kl_hand_computed():
     kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
     assert huber_kl_loss(s, t, valid).item() == pytest.approx(hb + 0.1 * kl, rel=1e-6)
     # the reference form F.kl_div(q.log(), p, reduction="sum") is KL(p || q)
-    ref = F.kl_div(torch.tensor(q, dtype=torch.float64).log(), torch.tensor(p, dtype=torch.float64), reduction="sum").item()
+    ref = F.kl_div(torch.tensor(q, dtype=torch.float64).log(), torch.tensor(p, dtype=torch.float64),
+                   reduction="sum").item()
     assert ref == pytest.approx(kl, rel=1e-6)
     # two valid copies -> same value (divided by the number of valid texts)
     s2, t2 = torch.cat([s[:, :1], s[:, :1]], 1), torch.cat([t[:, :1], t[:, :1]], 1)
@@ -333,3 +334,25 @@ def test_forward_under_bf16_autocast(nets):
     for k in ref:
         assert torch.isfinite(out[k]) and out[k].dtype == torch.float32
         assert out[k].item() == pytest.approx(ref[k].item(), rel=0.1, abs=0.02)
+
+
+def test_synonyms_that_fit_and_teacher_text_coverage():
+    """A whitespace tokenizer: "name, definition, syn_1, …" cut at context - 2 tokens."""
+    from ovlib.methods.synclip import synonyms_that_fit, teacher_text_coverage
+
+    class Tok:
+        @staticmethod
+        def encode(text):
+            return text.split()
+
+    bus = {"name": "bus", "definition": "a long vehicle.", "synonyms": ["coach", "omnibus", "autobus"],
+           "heldout_synonyms": ["autobus"]}
+    # "bus, a long vehicle" = 4 tokens; each synonym adds one
+    assert synonyms_that_fit(Tok, bus, context=6) == 0
+    assert synonyms_that_fit(Tok, bus, context=8) == 2
+    assert synonyms_that_fit(Tok, bus, context=20) == 3
+    assert synonyms_that_fit(Tok, bus, context=5) == -1  # even the definition is cut
+    cov = teacher_text_coverage(Tok, [bus, {"name": "sky", "synonyms": []}], context=8)
+    assert cov == {"synonyms": 3, "kept": 2, "cut_definition": 0, "no_synonym": 1, "classes": 2, "heldout": 1,
+                   "heldout_kept": 0}
+    assert teacher_text_coverage(Tok, [bus], context=20)["heldout_kept"] == 1

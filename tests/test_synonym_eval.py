@@ -178,3 +178,102 @@ def test_heldout_protocol(world_classes):
     for c, n in zip(world_classes, names):
         assert n == ([c.heldout_synonyms[0]] if c.heldout_synonyms else [c.name])
     assert protocol_runs(("original", "heldout_synonym"), (0, 1)) == [("original", 0), ("heldout_synonym", 0)]
+
+
+# ------------------------------------------------------------------------------------------------ SynonymEval
+def _counts(rows):
+    """(N, 2, C) [regions, Top-1 hits] from per-image lists of (regions, hits) per class."""
+    return np.asarray(rows, dtype=np.int64).transpose(0, 2, 1)
+
+
+def _synonym_eval():
+    from ovlib.eval.synonyms import SynonymEval
+
+    # classes: cup (base), boat (novel), sky (stuff); two images; boat: 2 regions per image
+    orig = _counts([[(1, 1), (2, 2), (0, 0)], [(1, 0), (2, 2), (0, 0)]])     # boat 4/4
+    syn = _counts([[(1, 1), (2, 1), (0, 0)], [(1, 0), (2, 0), (0, 0)]])      # boat 1/4
+    r0 = _counts([[(1, 1), (2, 2), (0, 0)], [(1, 1), (2, 1), (0, 0)]])       # boat 3/4
+    r1 = _counts([[(1, 0), (2, 0), (0, 0)], [(1, 0), (2, 1), (0, 0)]])       # boat 1/4
+    stuff = np.zeros_like(orig)
+
+    def reg(a):
+        return {"rois/dense": {"thing": a, "stuff": stuff}}
+
+    region = {("original", 0): reg(orig), ("synonym_ensemble", 0): reg(syn), ("random_synonym", 0): reg(r0),
+              ("random_synonym", 1): reg(r1)}
+    eye = np.stack([np.diag([3.0, 1.0, 0.0])] * 2)  # (N, C, C): perfect on cup and boat
+    ovss = {("original", 0): eye}
+    cons = {"rel_spread": np.array([0.2, np.nan, 0.4]), "split": ["base", "novel", "novel"],
+            "spread": np.zeros(3), "corr": np.ones(3), "hit": np.ones(3)}
+    return SynonymEval(region, ovss, np.asarray(class_splits(CATS)), np.array([True, True, False]), cons)
+
+
+def test_synonym_eval_metrics_hand_case():
+    ev = _synonym_eval()
+    assert ev.point("boxes novel") == pytest.approx(100.0)
+    assert ev.point("boxes base") == pytest.approx(50.0)          # cup 1 of 2
+    assert ev.point("boxes novel [synonym_ensemble]") == pytest.approx(25.0)
+    assert ev.point("drop boxes novel [synonym_ensemble]") == pytest.approx(-75.0)
+    # a seeded protocol: the mean over its draws (75 % and 25 %)
+    assert ev.point("boxes novel [random_synonym]") == pytest.approx(50.0)
+    assert ev.point("drop boxes novel [random_synonym]") == pytest.approx(-50.0)
+    assert ev.point("OVSS mIoU") == pytest.approx(100.0)          # sky absent everywhere: nan, excluded
+    assert math.isnan(ev.point("OVSS mIoU [synonym_ensemble]"))   # not scored
+    assert ev.point("maps rel_spread") == pytest.approx(0.3)      # nan object invalid
+    assert ev.point("maps rel_spread [novel]") == pytest.approx(0.4)
+    # per_image: what ovlib.study rows read; the drop array's statistic on its sum is the point
+    assert "boxes novel" in ev.per_image and "OVSS mIoU [synonym_ensemble]" not in ev.per_image
+    arr, f = ev.per_image["drop boxes novel [random_synonym]"]
+    assert arr.shape == (2, 3, 2, 3) and f(arr.sum(0)) == pytest.approx(-50.0)
+    with pytest.raises(KeyError, match="unknown metric"):
+        ev.point("boxes rare")
+    with pytest.raises(KeyError, match="unknown map statistic"):
+        ev.point("maps size")
+
+
+def test_synonym_eval_is_a_study_row(tmp_path, repo_root):
+    """Two seeds of SynonymEval recorded as a study row compare on a drop metric (seeds decide)."""
+    import shutil
+
+    from ovlib import config
+    from ovlib.study import Study
+
+    shutil.copytree(repo_root / "params", tmp_path / "params")
+    (tmp_path / "book").mkdir()
+    shutil.copy(repo_root / "book" / "paper_numbers.yaml", tmp_path / "book" / "paper_numbers.yaml")
+    st = Study(config.resolve("smoke", {}, root=tmp_path), "04", root=tmp_path, log=False)
+    for s in (0, 1):
+        st.record("A", _synonym_eval(), seed=s)
+        st.record("B", _synonym_eval(), seed=s)
+    assert st.values("A", "drop boxes novel [synonym_ensemble]") == pytest.approx([-75.0, -75.0])
+    c = st.claim_in("4.7", "B loses less", "A", "B", "drop boxes novel [synonym_ensemble]", negligible=0.5)
+    assert c.comparison.delta == pytest.approx(0.0) and c.comparison.seeds_a == 2
+
+
+def test_map_stat_array_and_pick_object():
+    from ovlib.eval.synonyms import map_stat_array, pick_object
+
+    a = map_stat_array({"corr": [0.5, np.nan, 1.0], "split": ["base", "novel", "novel"]}, "corr", "novel")
+    np.testing.assert_allclose(a, [[0, 0], [0, 0], [1.0, 1.0]])
+    small, big = np.zeros((4, 4), bool), np.ones((4, 4), bool)
+    small[0, 0] = True
+    data = [{"segments": [{"category_id": 3, "isthing": True, "mask": big},   # base, largest
+                          {"category_id": 7, "isthing": False, "mask": big}]},
+            {"segments": [{"category_id": 1, "isthing": True, "mask": small}]}]  # novel, small
+    i, seg = pick_object(data, CATS)
+    assert (i, seg["category_id"]) == (1, 1)  # a novel thing is preferred over a larger base one
+    assert pick_object(data, CATS, prefer="base")[0] == 0
+    with pytest.raises(ValueError, match="no thing segment"):
+        pick_object([{"segments": []}], CATS)
+
+
+def test_synonym_class_text_matches_per_class_embedding(micro_clip):
+    from ovlib.eval.synonyms import synonym_class_text
+    from ovlib.models.text import text_embeddings
+
+    model, tok = micro_clip
+    ct = synonym_class_text(model, tok, CATS, MICRO_TEMPLATES[:2])
+    assert sorted(ct) == [1, 3]  # things only
+    for c in CATS[:2]:
+        want = text_embeddings(model, tok, [c["name"]] + c["synonyms"], MICRO_TEMPLATES[:2]).cpu()
+        torch.testing.assert_close(ct[c["id"]], want, atol=1e-5, rtol=0)

@@ -191,3 +191,16 @@ def test_corpus_validation(tmp_path):
     sevic = {"person": {"synonyms": ["human"], "definition": "a human being", "translation": "x"}}
     p.write_text(json.dumps(sevic))
     assert SynonymCorpus.from_json(p)["person"]["translation"] == "x"
+
+
+def test_with_synonyms_keeps_own_synonyms_and_fills_from_wordnet(wn, tmp_path):
+    from ovlib.data.synonyms import with_synonyms
+
+    own = [{"id": 1, "name": "cup", "synonyms": ["mug"], "definition": "a vessel"}]
+    cats, path = with_synonyms(own, tmp_path / "cache", wn)
+    assert cats == own and cats[0] is not own[0] and path is None  # copies, no corpus written
+    coco = [{"id": 1, "name": "person"}, {"id": 2, "name": "unicorn"}]
+    cats, path = with_synonyms(coco, tmp_path / "cache", wn)
+    assert cats[0]["synonyms"][:2] == ["individual", "someone"] and cats[0]["definition"] == "a human being"
+    assert cats[1]["synonyms"] == [] and cats[1]["definition"] == ""
+    assert path.is_file() and "person" in json.loads(path.read_text())

@@ -303,11 +303,10 @@ def test_model_shapes_options_and_text_bank(clip_and_cats):
     logits = m.activation_logits(torch.randn(2, 3, 64, 64), m.text_bank[:5])
     assert logits.shape == (2, 5, 64, 64)
     m.cfg.chunk = 3  # chunked decoding gives the same maps
-    torch.testing.assert_close(m.activation_logits(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
-                                                   m.text_bank[:5]),
-                               _model(clip_and_cats).activation_logits(
-                                   torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
-                                   m.text_bank[:5]), atol=1e-5, rtol=1e-4)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(m.activation_logits(x, m.text_bank[:5]),
+                               _model(clip_and_cats).activation_logits(x.clone(), m.text_bank[:5]),
+                               atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="unknown option"):
         _model(clip_and_cats, reduce=32)
     with pytest.raises(ValueError, match="not among"):
@@ -315,7 +314,8 @@ def test_model_shapes_options_and_text_bank(clip_and_cats):
     with pytest.raises(KeyError, match="category_ids"):
         m({"images": torch.randn(1, 3, 64, 64)})
     # GT image-level tags are accepted when there are no caption labels (benchmarks, ablations)
-    assert set(m({"images": torch.randn(1, 3, 64, 64), "image_labels": [torch.tensor([1, 2])]})) == set(SynSeg.loss_names)
+    out = m({"images": torch.randn(1, 3, 64, 64), "image_labels": [torch.tensor([1, 2])]})
+    assert set(out) == set(SynSeg.loss_names)
     empty = m({"images": torch.randn(2, 3, 64, 64), "category_ids": [torch.tensor([]), torch.tensor([])]})
     assert all(v.item() == 0.0 and v.requires_grad for v in empty.values())
 
@@ -437,7 +437,9 @@ def test_trains_through_the_launcher_from_captions(tmp_path, repo_root, monkeypa
     from ovlib.data.nouns import _load_categories
 
     cats = _load_categories(tmp_path / "mw", "train2017")
-    m = load_synseg(res["weights"], clip, tok, cats, input_size=64, caption_pick="all")
+    args = json.loads((Path(res["out_dir"]) / "results.json").read_text())["config"]["method_args"]
+    assert args["clipseg"] == "micro-clipseg" and args["input_size"] == 64  # the smoke recipe's CLIPSeg init
+    m = load_synseg(res["weights"], clip, tok, cats, **args)  # the run's options: the decoder's shape follows them
     assert m.text_bank.shape == (34, 128)
     ref = load_clip("micro-clip", seed=0)[0].state_dict()
     assert all(torch.equal(m.student.state_dict()[k], ref[k]) for k in ref)  # the CLIP did not move

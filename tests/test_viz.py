@@ -17,8 +17,8 @@ from ovlib.viz import (
     cell_on_grid,
     images_from_dataset,
     logic,
-    targets_from_meta,
     resolve_query,
+    targets_from_meta,
     threshold_labels,
     threshold_mask,
     token_from_index,
@@ -394,3 +394,71 @@ def test_widgets_drive_the_explorers(clip, images):
     assert th.threshold == 0.9 and w.children[1].value != before
     cls.value = "b"
     assert th.class_index == 1 and "coverage" in w.children[1].value
+
+
+def test_map_grid_and_affinity_row_figures():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ovlib.viz.figures import affinity_row, map_grid
+
+    img = torch.rand(3, 32, 48)
+    maps = torch.rand(3, 4, 6)
+    fig = map_grid(img, [("a", maps), ("b", maps[:2])], ["n1", "n2", "n3"], "t", box=(1, 2, 10, 12), deviations=True)
+    axes = np.asarray(fig.axes).reshape(4, 4)  # 2 rows + their deviation rows; image + 3 maps
+    assert axes[1, 0].get_title() == "a: map − mean" and len(axes[0, 0].patches) == 1
+    dev = axes[1, 1].get_images()[0]
+    assert dev.get_clim()[0] == pytest.approx(-dev.get_clim()[1])  # symmetric deviation scale
+    np.testing.assert_allclose(dev.get_array(), (maps - maps.mean(0, keepdim=True))[0].numpy(), atol=1e-6)
+    plt.close(fig)
+    z = F.normalize(torch.randn(1, 8, 4, 6), dim=1)
+    fig = affinity_row(img, {"m": z, "m2": z[..., :2, :3]}, point=(47.0, 31.0))
+    first = fig.axes[1].get_images()[0].get_array()
+    np.testing.assert_allclose(first, affinity_map(z, torch.tensor([[3, 5]]))[0].numpy(), atol=1e-6)  # last cell
+    assert fig.axes[2].get_images()[0].get_array().shape == (2, 3)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="rows is empty"):
+        map_grid(img, [], [], "")
+
+
+def test_frequent_class_pick_and_tsne_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ovlib.viz.figures import frequent_class_pick, tsne_panels
+
+    labels = np.array([3, 3, 3, 5, 5, -1, 7, 3, 5, 9])
+    pick, top = frequent_class_pick(labels, n_classes=2, per_class=2, seed=0)
+    assert top == [3, 5] and len(pick) == 4
+    assert (labels[pick[:2]] == 3).all() and (labels[pick[2:]] == 5).all()  # grouped by class, most frequent first
+    assert (frequent_class_pick(labels, 2, 2, seed=0)[0] == pick).all()  # seeded
+    assert frequent_class_pick(np.array([-1, -1]))[1] == []
+    g = torch.Generator().manual_seed(0)
+    lab = np.repeat([0, 1], 6)
+    feats = torch.cat([torch.randn(6, 8, generator=g) + 5 * torch.eye(8)[0], torch.randn(6, 8, generator=g)
+                       + 5 * torch.eye(8)[1]])
+    fig, sil = tsne_panels({"sep": feats, "noise": torch.randn(12, 8, generator=g)}, lab, {0: "a", 1: "b"},
+                           max_iter=250)
+    assert len(fig.axes) == 2 and sil["sep"] > 0.5 > sil["noise"]  # separated classes: high silhouette
+    plt.close(fig)
+
+
+def test_heatmap_row_scales_and_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ovlib.viz.figures import heatmap_row
+
+    a = np.array([[0.5, -1.0], [0.25, 0.0]])
+    fig = heatmap_row([(a, "div", "RdBu_r"), (a + 2, "seq", "viridis")], yticklabels=["3", "4"], fmt="{:.1f}")
+    div, seq = (ax.get_images()[0] for ax in fig.axes[:2])  # then the two colour bars
+    assert div.get_clim() == (-1.0, 1.0) and seq.get_clim() == (1.0, 2.5)  # symmetric only when diverging
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["3", "4"]
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(["0.5", "-1.0", "0.2", "0.0"])
+    plt.close(fig)

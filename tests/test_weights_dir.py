@@ -39,7 +39,8 @@ def test_missing_file_names_the_parameter_and_the_exact_file(tmp_path):
     with pytest.raises(WeightsUnavailable) as e:
         load_clip("ViT-B-16", pretrained="openai", weights_dir=tmp_path, allow_download=False)
     assert "weights_dir=" in str(e.value) and str(tmp_path / "ViT-B-16.openai.safetensors") in str(e.value)
-    with pytest.raises(WeightsUnavailable, match=re.escape(str(tmp_path / "vit_small_patch14_dinov2.lvd142m.safetensors"))):
+    missing = tmp_path / "vit_small_patch14_dinov2.lvd142m.safetensors"
+    with pytest.raises(WeightsUnavailable, match=re.escape(str(missing))):
         load_vfm("vit_small_patch14_dinov2.lvd142m", pretrained="hub", weights_dir=tmp_path)
 
 
@@ -61,6 +62,7 @@ def test_recipes_cli_lists_the_files(repo_root, capsys):
     assert recipes_main(["--profile", "paper", "--root", str(repo_root)]) == 0
     out = capsys.readouterr().out
     assert "ViT-B-16.openai.safetensors" in out and "vit_base_patch14_dinov2.lvd142m.safetensors" in out
+    assert "rd64-uni.pth" in out  # SynSeg's CLIPSeg initialisation (params/paper.yaml)
 
 
 def test_no_notebook_hard_codes_a_pretrained_tag(repo_root):

@@ -43,9 +43,10 @@ trainIds, ADE20K ``objectInfo150``), in the benchmarks' label order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

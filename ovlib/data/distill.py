@@ -19,16 +19,14 @@ run sees exactly the same batches (call :meth:`set_epoch`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
-
-from ovlib.data.coco import CocoInstances
-from ovlib.data.regions import ResizeLongestPad, crop_regions, sample_box_regions, sample_grid_boxes, to_chw_float
-
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
+from ovlib.data.coco import CocoInstances
+from ovlib.data.regions import ResizeLongestPad, crop_regions, sample_box_regions, sample_grid_boxes, to_chw_float
 from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD
 
 
@@ -44,7 +42,7 @@ class RegionDistillDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, split: str = "train2017", regions: str = "grid", student_size: int = 160,
                  crop_size: int = 64, max_split: int = 6, max_boxes: int = 20, thing_crop_scale: float = 1.5,
                  mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
-                 vfm_size: Optional[int] = None, vfm_mean: Sequence[float] = IMAGENET_MEAN,
+                 vfm_size: int | None = None, vfm_mean: Sequence[float] = IMAGENET_MEAN,
                  vfm_std: Sequence[float] = IMAGENET_STD, seed: int = 0, max_images: int = 0):
         if regions not in ("grid", "gt_boxes"):
             raise ValueError(f"regions must be 'grid' or 'gt_boxes', got {regions!r}")

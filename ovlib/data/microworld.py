@@ -39,9 +39,9 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy.spatial import ConvexHull
@@ -1336,8 +1336,8 @@ class MicroWorld:
 
         if not 1.0 <= context[0] <= context[1]:
             raise ValueError(f"context must be (lo, hi) with 1 <= lo <= hi, got {context!r}")
-        lay = self.layout(i)
         sc = self.sample(i, render_size, annotations=False)
+        lay = sc.layout  # the scene's own layout (not computed a second time: ~20 % of a stream item's time)
         if not lay.things:
             img = np.asarray(Image.fromarray(sc.image).resize((size, size), Image.BILINEAR))
             return img, list(lay.captions), 0

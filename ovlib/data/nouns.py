@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from ovlib.data.coco import CocoCaptions
 from ovlib.data.regions import to_chw_float
-
 from ovlib.data.synonyms import normalize_class_name
 
 __all__ = [
@@ -66,10 +65,18 @@ __all__ = [
 #: Words that end a noun chunk in the template extractor: coordinating conjunctions, prepositions,
 #: auxiliaries/copulas, the template verb "showing", expletives and pronouns. None may occur inside a
 #: vocabulary surface form (checked by :meth:`NounVocabulary.check_boundaries`).
-BOUNDARY_WORDS = frozenset(["and", "or", "but", "nor", "of", "with", "without", "on", "in", "at", "against", "near", "by", "under", "over", "above", "below", "beside", "behind", "between", "among", "into", "onto", "from", "to", "for", "about", "along", "across", "through", "toward", "towards", "around", "inside", "outside", "next", "up", "down", "off", "is", "are", "was", "were", "be", "been", "being", "am", "has", "have", "had", "do", "does", "did", "showing", "shows", "show", "there", "here", "it", "this", "that", "these", "those", "which", "who", "what", "where", "while"])
+BOUNDARY_WORDS = frozenset(["and", "or", "but", "nor", "of", "with", "without", "on", "in", "at", "against", "near",
+                            "by", "under", "over", "above", "below", "beside", "behind", "between", "among", "into",
+                            "onto", "from", "to", "for", "about", "along", "across", "through", "toward", "towards",
+                            "around", "inside", "outside", "next", "up", "down", "off", "is", "are", "was", "were",
+                            "be", "been", "being", "am", "has", "have", "had", "do", "does", "did", "showing", "shows",
+                            "show", "there", "here", "it", "this", "that", "these", "those", "which", "who", "what",
+                            "where", "while"])
 
 #: Leading words stripped from a phrase before the vocabulary lookup (articles, quantifiers, numbers).
-DETERMINERS = frozenset(["a", "an", "the", "some", "any", "each", "every", "no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many", "few", "much", "more", "most", "other", "another", "its", "their", "his", "her", "my", "our", "your", "lots", "lot"])
+DETERMINERS = frozenset(["a", "an", "the", "some", "any", "each", "every", "no", "one", "two", "three", "four", "five",
+                         "six", "seven", "eight", "nine", "ten", "several", "many", "few", "much", "more", "most",
+                         "other", "another", "its", "their", "his", "her", "my", "our", "your", "lots", "lot"])
 
 #: Default exclusion list (paper App. A2: generic / non-referential phrases such as "reflection",
 #: "southwest", "background"; §IV-A: direction and unit nouns), plus the frame nouns of caption templates

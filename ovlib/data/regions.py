@@ -20,13 +20,14 @@ pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``, so a mask's tight box is
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "thing_crops",
     "grid_choices",
     "grid_boxes",
     "sample_grid_boxes",
@@ -323,3 +324,20 @@ def crop_regions(image, boxes, size: int, interpolation: str = "bicubic") -> tor
     if len(b) == 0:
         return t.new_zeros((0, 3, size, size))
     return torch.stack([tf(t, bx)[0] for bx in b])
+
+
+def thing_crops(dataset, class_row: dict[int, int], size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` ground-truth thing crops of a panoptic dataset (classes in ``class_row``: category id ->
+    row), in image order: ``(n', 3, size, size)`` crops in [0, 1] (:func:`crop_regions`) and their rows ``(n',)``."""
+    crops, labels = [], []
+    for i in range(len(dataset)):
+        if len(labels) >= n:
+            break
+        things = [s for s in dataset[i]["segments"] if s["isthing"] and int(s["category_id"]) in class_row]
+        if things:
+            boxes = torch.as_tensor(np.stack([np.asarray(s["box"], dtype=np.float32) for s in things]))
+            crops.append(crop_regions(dataset[i]["image"], boxes, size))
+            labels += [class_row[int(s["category_id"])] for s in things]
+    if not crops:
+        return torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long)
+    return torch.cat(crops)[:n], torch.tensor(labels[:n], dtype=torch.long)

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any
 
 from ovlib.io import atomic_write_text
 
@@ -32,6 +33,7 @@ __all__ = [
     "WordNetDB",
     "find_wordnet_dir",
     "normalize_class_name",
+    "with_synonyms",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ class SynonymCorpus:
         return atomic_write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), path)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "SynonymCorpus":
+    def from_json(cls, path: str | os.PathLike) -> SynonymCorpus:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"synonym corpus not found: {path}")
@@ -273,3 +275,19 @@ def build_wordnet_corpus(
             "WordNet (%s) has no noun entry for %d of %d names: %s", root, len(missing), len(entries), missing
         )
     return SynonymCorpus(entries, missing=missing)
+
+
+def with_synonyms(categories: Sequence[Mapping[str, Any]], cache_dir: str | os.PathLike,
+                  wordnet_dir: str | os.PathLike | None = None,
+                  max_synonyms: int = 10) -> tuple[list[dict[str, Any]], Path | None]:
+    """The categories with ``synonyms`` and ``definition``: unchanged when every category has synonyms (the
+    micro world's), else from a WordNet corpus of their names (:func:`build_wordnet_corpus`; COCO), written to
+    ``cache_dir/synonyms/wordnet.json`` (its path is returned: SynCLIP's ``synonym_corpus``; ``None`` when the
+    categories carried their own). ``max_synonyms``: kept per class (:func:`build_wordnet_corpus`)."""
+    cats = [dict(c) for c in categories]
+    if all(c.get("synonyms") is not None for c in cats):
+        return cats, None
+    corpus = build_wordnet_corpus([c["name"] for c in cats], wordnet_dir, max_synonyms=max_synonyms)
+    path = corpus.to_json(Path(cache_dir) / "synonyms" / "coco_wordnet.json")
+    return [{**c, "synonyms": corpus.synonyms(c["name"]), "definition": corpus.definition(c["name"])}
+            for c in cats], path

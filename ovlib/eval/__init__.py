@@ -10,8 +10,15 @@
 
 from ovlib.models.affinity import affinity_map, pixel_to_cell
 from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, fill_template, text_embeddings
-from .metrics import (confusion_matrix, iou_acc_from_confusion, macc_from_counts,
-                      mean_class_accuracy, miou_from_confusion, topk_hits)
+
+from .metrics import (
+    confusion_matrix,
+    iou_acc_from_confusion,
+    macc_from_counts,
+    mean_class_accuracy,
+    miou_from_confusion,
+    topk_hits,
+)
 from .region_cls import RegionClsConfig, RegionFeatures, extract_region_features, score_regions, summarize
 from .segmentation import OVSSConfig, evaluate_kmeans, evaluate_ovss, sliding_logits
 from .unsupervised import hungarian_miou, kmeans_labels

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ovlib.models.images import image_mean_std, normalize_images
 from ovlib.data.regions import ResizeLongestPad
 from ovlib.models import dense_features, dense_spec, vfm_patch_features
+from ovlib.models.images import image_mean_std, normalize_images
 
 __all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
            "dense_fn_for_vfm", "dense_fn_for_proxyclip"]

@@ -39,22 +39,22 @@ matrices (:func:`score_regions`), e.g. main names vs synonyms.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ovlib.eval._common import category_index, dataset_indices, normalize_images, student_image
-from ovlib.eval.metrics import macc_from_counts, per_class_counts, topk_hits
-from ovlib.train.pretrain import _quiet
-from ovlib.stats import bootstrap_ci
 from ovlib.data.regions import crop_regions
-from ovlib.eval._common import dense_fn_for_clip
+from ovlib.eval._common import category_index, dataset_indices, dense_fn_for_clip, normalize_images, student_image
+from ovlib.eval.metrics import macc_from_counts, per_class_counts, topk_hits
 from ovlib.models import mask_pool, roi_features
 from ovlib.models.images import image_mean_std
+from ovlib.stats import bootstrap_ci
+from ovlib.train.pretrain import _quiet
 
 __all__ = ["RegionClsConfig", "RegionFeatures", "region_masks_at_grid", "extract_region_features",
            "score_regions", "summarize", "pool_regions", "PREDICTORS", "POOLINGS", "MASK_GRIDS"]
@@ -186,7 +186,6 @@ def pool_regions(dense: torch.Tensor, pooling: str, image_size: tuple[int, int],
     (:func:`ovlib.models.mask_pool`). ``"normalize-then-pool"`` L2-normalises every token first (CLIPSelf),
     ``"pool-then-normalize"`` pools the raw tokens (DeCLIP / SynCLIP); both normalise the pooled rows.
     Returns ``(rois (R, C) or None, maskpool (R', C) or None)``."""
-    from ovlib.models import mask_pool, roi_features
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -353,6 +352,8 @@ def summarize(scores: dict[str, dict[str, np.ndarray]], ks: tuple[int, ...] = (1
         out[key] = {}
         for part, arr in parts.items():
             for i, k in enumerate(ks):
-                stat = (lambda s, i=i: macc_from_counts(s[1 + i], s[0]))
+                def stat(s, i=i):
+                    return macc_from_counts(s[1 + i], s[0])
+
                 out[key][f"{part}.macc{k}"] = bootstrap_ci(arr, stat, n_boot=n_boot, seed=seed)
     return out

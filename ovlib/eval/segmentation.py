@@ -21,8 +21,9 @@ absent from both ground truth and prediction is excluded from the mean (mmseg ``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +33,11 @@ from tqdm.auto import tqdm
 from ovlib.eval._common import category_index, dataset_indices
 from ovlib.eval.metrics import confusion_matrix, iou_acc_from_confusion, miou_from_confusion
 from ovlib.eval.unsupervised import equalize_segment_colours, hungarian_miou, kmeans_labels
+from ovlib.stats import Sample, bootstrap_ci, ratio_stat
 from ovlib.train.pretrain import _quiet
-from ovlib.stats import bootstrap_ci
 
-__all__ = ["OVSSConfig", "RESIZE_SIDES", "resized_size", "window_starts", "sliding_logits", "predict_labels",
-           "semantic_target", "label_target", "evaluate_ovss", "evaluate_kmeans",
+__all__ = ["kmeans_sample", "OVSSConfig", "RESIZE_SIDES", "resized_size", "window_starts", "sliding_logits",
+           "predict_labels", "semantic_target", "label_target", "evaluate_ovss", "evaluate_kmeans",
            "evaluate_object_affinity"]
 
 #: ``"long"``: the longest side becomes ``image_size``; ``"short"``: the short side does (SCLIP-style).
@@ -305,3 +306,10 @@ def evaluate_object_affinity(dense_fn: Callable[[torch.Tensor], torch.Tensor], d
     ones = np.ones((arr.shape[0], 1))
     return {k: bootstrap_ci(np.concatenate([arr[:, j:j + 1], ones], 1), lambda s: s[0] / s[1], n_boot=n_boot,
                             seed=seed) for j, k in enumerate(("inside", "outside"))}
+
+
+def kmeans_sample(res: dict[str, Any]) -> Sample:
+    """An :func:`evaluate_kmeans` result of a deterministic model (frozen CLIP, an aggregate of it) as a fixed
+    :class:`ovlib.stats.Sample` of per-image ``[mIoU, 1]`` (the mean over images): what claims compare."""
+    per = np.asarray(res["per_image"], dtype=np.float64)  # (N,)
+    return Sample((np.stack([per, np.ones_like(per)], 1),), ratio_stat, fixed=True)

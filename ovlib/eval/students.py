@@ -71,7 +71,7 @@ def run_key(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any]
     if cfg.backbone in MICRO_CLIP_CONFIGS and not cfg.pretrained:
         from ovlib.train.pretrain import pretrain_configs
 
-        clip_cfg, vfm_cfg = pretrain_configs(params["profile"], params["steps_scale"], params["seed"])
+        clip_cfg, vfm_cfg = pretrain_configs(params, params["steps_scale"], params["seed"])
         key["_clip_pretrain"] = dataclasses.asdict(clip_cfg)
         if cfg.vfm:
             key["_vfm_pretrain"] = dataclasses.asdict(vfm_cfg)
@@ -124,16 +124,18 @@ def load_student(params: Mapping[str, Any], res: Mapping[str, Any], device: str 
 
     ``res``: a :func:`train_or_load` / ``launch`` result (``results`` = results.json, ``weights`` =
     ensemble-final.pt). The base CLIP is built as the trainer built it (:func:`ovlib.train.launch.build_models`
-    with the run's config), then the checkpoint's ``student.*`` entries are loaded strictly."""
-    from ovlib.io import safe_load
+    with the run's config), then the checkpoint's ``student.*`` entries are loaded strictly (those a
+    ``checkpoint="final"`` run leaves out, its frozen weights, are the base's: :func:`ovlib.io.model_state`)."""
+    from ovlib.io import model_state, safe_load
     from ovlib.train.distill import DistillConfig
     from ovlib.train.launch import build_models
 
     rec = json.loads(Path(res["results"]).read_text())
     cfg = DistillConfig.from_dict(rec["config"])
-    student, _, _, _ = build_models(cfg, params, frozenset())
-    ck = safe_load(res["weights"])
-    sd = ck["model"] if isinstance(ck, dict) and isinstance(ck.get("model"), dict) else ck
+    student, _, _, _ = build_models(cfg, params, frozenset(), teacher=False)
+    # a checkpoint="final" run leaves out its frozen weights: the base CLIP just built supplies them
+    sd = model_state(safe_load(res["weights"]), {f"student.{k}": v for k, v in student.state_dict().items()},
+                     where=str(res["weights"]))
     sub = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
     if not sub:
         raise ValueError(f"{res['weights']} holds no 'student.*' weights (keys start with "

@@ -35,32 +35,50 @@ replaced by a synonym; the differences between trained variants are judged by
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ovlib.models.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
 from ovlib.eval._common import dataset_indices, student_image
-from ovlib.eval.region_cls import region_masks_at_grid, score_regions
+from ovlib.eval.metrics import macc_from_counts, miou_statistic
+from ovlib.eval.region_cls import (
+    RegionClsConfig,
+    extract_region_features,
+    region_masks_at_grid,
+    score_regions,
+)
 from ovlib.eval.segmentation import OVSSConfig, evaluate_ovss
+from ovlib.models.text import MICRO_TEMPLATES, class_name_sets, text_embeddings
+from ovlib.stats import ratio_stat
 
 __all__ = [
     "EXTRA_PROTOCOLS",
+    "MAP_STATS",
+    "OVSS_METRICS",
     "PROTOCOLS",
+    "REGION_METRICS",
     "SEEDED",
+    "SynonymEval",
     "class_ids",
     "class_splits",
     "drop_table",
+    "evaluate_synonym_protocols",
     "format_drop_table",
+    "map_stat_array",
     "ovss_synonym_robustness",
     "per_class_accuracy",
+    "pick_object",
     "protocol_names",
     "protocol_runs",
     "protocol_text_embeddings",
     "region_synonym_robustness",
     "synonym_attention_consistency",
+    "synonym_class_text",
     "synonym_map_stats",
 ]
 
@@ -241,7 +259,8 @@ def ovss_synonym_robustness(dense_fn: Callable[[torch.Tensor], torch.Tensor], da
 
     ``cache_dense`` computes the dense maps of the sliding windows once and reuses them for every protocol
     (exact: only the class embeddings change). ``texts`` may pass precomputed
-    :func:`protocol_text_embeddings` (then ``protocols``/``seeds``/``templates`` are not used). Returns ``{"per_class": {(protocol, seed): (C,) IoU},
+    :func:`protocol_text_embeddings` (then ``protocols``/``seeds``/``templates`` are not used). Returns
+    ``{"per_class": {(protocol, seed): (C,) IoU},
     "miou": {(protocol, seed): (pt, lo, hi)}, "confusion": {(protocol, seed): (N, C, C) per image},
     "table": rows, "class_ids": [...]}``."""
 
@@ -306,6 +325,22 @@ def synonym_map_stats(maps: torch.Tensor, inside: torch.Tensor | None = None) ->
 
 
 @torch.no_grad()
+def synonym_class_text(model: Any, tokenizer: Callable, categories: Sequence[Any],
+                       templates: Sequence[str] = MICRO_TEMPLATES, this_is_prefix: bool = False,
+                       device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+    """``{category id: (S, D)}`` unit-norm embeddings of every thing's names (row 0 = the class name, then its
+    synonyms, held-out ones included), all names embedded in one call (template ensemble)."""
+    pairs = [(int(_get(c, "id")), n) for c in categories if bool(_get(c, "isthing", True))
+             for n in [_get(c, "name")] + [x for x in (_get(c, "synonyms") or []) if x and x != _get(c, "name")]]
+    if not pairs:
+        return {}
+    emb = text_embeddings(model, tokenizer, [n for _, n in pairs], templates, this_is_prefix=this_is_prefix,
+                          device=device).cpu()  # (sum S, D)
+    ids = np.asarray([c for c, _ in pairs])
+    return {cid: emb[torch.as_tensor(np.nonzero(ids == cid)[0])] for cid in dict.fromkeys(c for c, _ in pairs)}
+
+
+@torch.no_grad()
 def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence, model: Any,
                                   tokenizer: Callable, categories: Sequence[Any], image_size: int = 160,
                                   n_images: int = 0, templates: Sequence[str] = MICRO_TEMPLATES,
@@ -323,13 +358,7 @@ def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tenso
 
     splits = dict(zip(class_ids(categories), class_splits(categories)))
     if class_text is None:
-        class_text = {}
-        for c in categories:
-            if not bool(_get(c, "isthing", True)):
-                continue
-            name = _get(c, "name")
-            names = [name] + [x for x in (_get(c, "synonyms") or []) if x and x != name]
-            class_text[int(_get(c, "id"))] = text_embeddings(model, tokenizer, names, templates, device=device).cpu()
+        class_text = synonym_class_text(model, tokenizer, categories, templates, device=device)
     rec: dict[str, list] = {k: [] for k in ("category_id", "split", "spread", "rel_spread", "corr", "hit")}
     idx = dataset_indices(dataset, n_images)
     for s in range(0, len(idx), batch_size):
@@ -355,3 +384,161 @@ def synonym_attention_consistency(dense_fn: Callable[[torch.Tensor], torch.Tenso
     out: dict[str, Any] = {k: (np.asarray(v) if k != "split" else list(v)) for k, v in rec.items()}
     out["class_text"] = class_text
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One model evaluated under every protocol, read as per-image arrays (the rows of ovlib.study)
+# ---------------------------------------------------------------------------------------------------------
+#: region metrics: name -> (feature key of :func:`score_regions`, part, class selection)
+REGION_METRICS = {"boxes base": ("rois/dense", "thing", "base"), "boxes novel": ("rois/dense", "thing", "novel"),
+                  "stuff masks": ("maskpool/dense", "stuff", "stuff"), "global zero-shot": ("crops", "thing", "things")}
+#: OVSS metrics: name -> class selection
+OVSS_METRICS = {"OVSS mIoU": "all", "OVSS base": "base", "OVSS novel": "novel"}
+#: the map statistics of :func:`synonym_attention_consistency` a comparison may use (metric ``maps <stat>``)
+MAP_STATS = ("spread", "rel_spread", "corr", "hit")
+_METRIC = re.compile(r"^(?P<drop>drop )?(?P<name>.+?)(?: \[(?P<protocol>\w+)\])?$")
+
+
+def pick_object(dataset: Sequence, categories: Sequence[Any], n_images: int = 40, prefer: str = "novel"
+                ) -> tuple[int, dict[str, Any]]:
+    """``(image index, segment)`` of the largest thing among the first ``n_images`` images, one of the class
+    split ``prefer`` (:func:`class_splits`) when there is one."""
+    split = dict(zip(class_ids(categories), class_splits(categories)))
+    best = None
+    for i in range(min(len(dataset), n_images)):
+        for seg in dataset[i]["segments"]:
+            if seg["isthing"]:
+                score = (split.get(int(seg["category_id"])) == prefer, int(np.asarray(seg["mask"]).sum()))
+                if best is None or score > best[0]:
+                    best = (score, i, seg)
+    if best is None:
+        raise ValueError(f"pick_object: no thing segment in the first {n_images} images")
+    return best[1], best[2]
+
+
+def map_stat_array(cons: Mapping[str, Any], key: str, split: str | None = None) -> np.ndarray:
+    """Per-object ``(N, 2)`` ``[value, valid]`` of one map statistic (``nan`` -> invalid; ``split``: only the
+    objects of that class split), the units of :func:`ovlib.stats.ratio_stat` (the mean over valid objects)."""
+    if key not in MAP_STATS:
+        raise KeyError(f"unknown map statistic {key!r}; known: {MAP_STATS}")
+    v = np.asarray(cons[key], dtype=np.float64)
+    if split is not None:
+        v = np.where(np.asarray(cons["split"]) == split, v, np.nan)
+    ok = np.isfinite(v)
+    return np.stack([np.where(ok, v, 0.0), ok.astype(np.float64)], 1)
+
+
+@dataclass
+class SynonymEval:
+    """One model's scores under the synonym protocols, per image, so that one bootstrap serves every table.
+
+    ``region``: ``{(protocol, seed): score_regions(...)}``; ``ovss``: ``{(protocol, seed): (N, C, C)}``
+    confusions; ``cons``: :func:`synonym_attention_consistency` (or ``None``); ``splits``: per class
+    ``base``/``novel``/``stuff`` (:func:`class_splits`), ``thing``: per class bool.
+
+    Metric names (what :meth:`point` and :attr:`per_image` take, as :class:`ovlib.study.Study` rows do):
+    ``"boxes novel"`` under the original names; ``"boxes novel [synonym_ensemble]"`` under a protocol (seeded
+    protocols: the mean over their draws); ``"drop boxes novel [synonym_ensemble]"`` = that minus the original;
+    ``"maps rel_spread"`` / ``"maps rel_spread [novel]"``: a map statistic over the (novel) objects."""
+
+    region: dict[tuple[str, int], dict]
+    ovss: dict[tuple[str, int], np.ndarray]
+    splits: np.ndarray
+    thing: np.ndarray
+    cons: dict[str, Any] | None = None
+    n_regions: int = 0
+    protocol: dict[str, Any] = field(default_factory=dict)
+    seconds: float = float("nan")
+
+    def _selection(self, name: str) -> np.ndarray:
+        return {"things": self.thing, "all": np.ones(len(self.splits), dtype=bool)}.get(name, self.splits == name)
+
+    def keys(self, metric: str, protocol: str) -> list[tuple[str, int]]:
+        """The ``(protocol, seed)`` keys scored for ``metric`` (region metrics: every protocol; OVSS: those run)."""
+        return [k for k in (self.region if metric in REGION_METRICS else self.ovss) if k[0] == protocol]
+
+    def _array(self, metric: str, pk: tuple[str, int]) -> tuple[np.ndarray, Callable] | None:
+        if metric in REGION_METRICS:
+            key, part, sel = REGION_METRICS[metric]
+            if key not in self.region.get(pk, {}):
+                return None
+            m = self._selection(sel)
+            return self.region[pk][key][part], lambda s: macc_from_counts(s[1][m], s[0][m])
+        if metric in OVSS_METRICS:
+            return (self.ovss[pk], miou_statistic(self._selection(OVSS_METRICS[metric]))) if pk in self.ovss else None
+        raise KeyError(f"unknown metric {metric!r}; known: {list(REGION_METRICS) + list(OVSS_METRICS)}")
+
+    def sample(self, metric: str) -> tuple[np.ndarray, Callable] | None:
+        """``(per-unit array, statistic)`` of a metric name (class docstring); ``None`` when not evaluated."""
+        m = _METRIC.match(metric)
+        name, protocol, drop = m["name"], m["protocol"], bool(m["drop"])
+        if name.startswith("maps "):
+            if self.cons is None or drop:
+                return None
+            return map_stat_array(self.cons, name[5:], protocol), ratio_stat
+        keys = [("original", 0)] if protocol is None else self.keys(name, protocol)
+        parts = [self._array(name, k) for k in ([("original", 0)] if drop else []) + keys]
+        if not keys or any(p is None for p in parts):
+            return None
+        f = parts[0][1]
+        if not drop and len(parts) == 1:
+            return parts[0]
+        stacked = np.stack([p[0] for p in parts], 1)  # (N, [original,] draws, ...)
+        if drop:  # mean over the protocol's draws minus the original
+            return stacked, lambda s: float(np.mean([f(s[j]) for j in range(1, s.shape[0])])) - f(s[0])
+        return stacked, lambda s: float(np.mean([f(s[j]) for j in range(s.shape[0])]))
+
+    @property
+    def per_image(self) -> Mapping[str, tuple[np.ndarray, Callable]]:
+        """The metrics as a read-only mapping ``metric -> (per-unit array, statistic)`` (evaluated ones only)."""
+        return _PerImage(self)
+
+    def point(self, metric: str) -> float:
+        """The metric's value on all units (``nan`` when not evaluated)."""
+        s = self.sample(metric)
+        return float("nan") if s is None else float(s[1](s[0].sum(0)))
+
+
+class _PerImage(Mapping):
+    def __init__(self, ev: SynonymEval) -> None:
+        self.ev = ev
+
+    def __getitem__(self, metric: str) -> tuple[np.ndarray, Callable]:
+        s = self.ev.sample(metric)
+        if s is None:
+            raise KeyError(metric)
+        return s
+
+    def __contains__(self, metric: object) -> bool:
+        return isinstance(metric, str) and self.ev.sample(metric) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(REGION_METRICS) + list(OVSS_METRICS))
+
+    def __len__(self) -> int:
+        return len(REGION_METRICS) + len(OVSS_METRICS)
+
+
+def evaluate_synonym_protocols(dense_fn: Callable[[torch.Tensor], torch.Tensor], model: Any, dataset: Sequence,
+                               tokenizer: Callable, categories: Sequence[Any],
+                               texts: Mapping[tuple[str, int], torch.Tensor], region_cfg: RegionClsConfig,
+                               n_region: int, ovss_cfg: Any, n_ovss: int,
+                               ovss_protocols: Sequence[str] = ("original", "synonym_ensemble"), crops: bool = True,
+                               cons: dict[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
+                               device: str | torch.device = "cpu") -> SynonymEval:
+    """Region classification (boxes, masks and, with ``crops``, the model's own crop CLS) of the first
+    ``n_region`` images scored under every protocol key of ``texts`` (features extracted once), and OVSS of the
+    first ``n_ovss`` images under the keys whose protocol is in ``ovss_protocols`` (dense maps computed once).
+    ``dense_fn``: raw (unnormalised) tokens -- ``region_cfg.pooling`` decides where they are normalised."""
+    t = time.perf_counter()
+    preds = ("rois", "maskpool", "crops") if crops else ("rois", "maskpool")
+    rf = extract_region_features(model, dataset, region_cfg, modes=(), dense_fns={"dense": dense_fn},
+                                 predictors=preds, n_images=n_region, device=device, progress=False)
+    ids = class_ids(categories)
+    region = {pk: score_regions(rf, text, ids, ks=(1,)) for pk, text in texts.items()}
+    ov = ovss_synonym_robustness(dense_fn, dataset, model, tokenizer, categories, ovss_cfg, n_images=n_ovss,
+                                 device=device, n_boot=n_boot, boot_seed=seed,
+                                 texts={k: v for k, v in texts.items() if k[0] in ovss_protocols})
+    return SynonymEval(region, ov["confusion"], np.asarray(class_splits(categories)),
+                       np.asarray([bool(_get(c, "isthing", True)) for c in categories]), cons,
+                       len(rf.category_id), rf.protocol, time.perf_counter() - t)

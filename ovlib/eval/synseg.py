@@ -5,8 +5,10 @@ pass per image for SynSeg or a training-free dense baseline. The model and its i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,13 +17,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ovlib.eval._common import category_index, dataset_indices
-from ovlib.eval.metrics import confusion_matrix, iou_acc_from_confusion, miou_from_confusion
+from ovlib.eval.metrics import confusion_matrix, iou_acc_from_confusion, miou_from_confusion, miou_statistic
 from ovlib.eval.segmentation import _resized, semantic_target, sliding_logits
-from ovlib.methods.synseg import SynSeg, label_map, predict_probs
+from ovlib.methods.synseg import SynSeg, label_map, load_synseg, predict_probs
 from ovlib.stats import bootstrap_ci
 from ovlib.train.pretrain import _quiet
 
-__all__ = ["SynSegEvalConfig", "dense_score_fn", "evaluate_protocols", "evaluate_synseg", "synseg_score_fn"]
+__all__ = ["ProtocolEval", "SynSegEvalConfig", "class_groups", "dense_score_fn", "evaluate_protocols",
+           "evaluate_synseg",
+           "synseg_from_run", "synseg_score_fn"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +175,85 @@ def dense_score_fn(dense_fn, text: torch.Tensor, crop: int, stride: int):
     def fn(image: torch.Tensor) -> torch.Tensor:
         return sliding_logits(dense_fn, image, text, crop, stride)
     return fn
+
+
+# --------------------------------------------------------------------------------------------- study rows
+def class_groups(categories: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Boolean selections over the rows of ``categories`` (the ``"all"`` protocol's classes): ``base`` -- every
+    class the micro CLIPSeg was trained on (``split`` not ``"novel"``: base things and stuff), ``novel`` --
+    the novel things (never shown to it), ``stuff``. A dataset without ``split`` (COCO) is all base."""
+    split = np.array([str(c.get("split", "base")) for c in categories])
+    return {"base": split != "novel", "novel": split == "novel", "stuff": split == "stuff"}
+
+
+@dataclass
+class ProtocolEval:
+    """:func:`evaluate_protocols`' result as one evaluation of a study row (:meth:`ovlib.study.Study.record`):
+    ``point(metric)`` and ``per_image[metric] = (per-image array, statistic of its sum)`` for
+
+    * ``mIoU`` -- things + stuff, argmax over every class; ``mIoU base`` / ``mIoU novel`` / ``mIoU stuff`` --
+      the same confusion matrices, mean IoU over a :func:`class_groups` selection;
+    * ``bg mIoU @ t`` -- things + background at threshold ``t``;
+    * ``bg spread`` -- max − min of the things + background mIoU over the thresholds, and ``bg spread rule`` --
+      that spread minus 10 % of its mean over the thresholds (< 0: "robust" in the chapter's reading of Fig. 3):
+      statistics of the per-image confusions of every threshold, ``(N, T, C+1, C+1)``."""
+
+    res: dict[str, Any]
+    groups: dict[str, np.ndarray]
+    seconds: float = float("nan")
+    per_image: dict[str, tuple[np.ndarray, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        conf = np.asarray(self.res["all"]["confusion"], dtype=np.float64)  # (N, C, C)
+        self.per_image = {"mIoU": (conf, miou_statistic())}
+        for g, sel in self.groups.items():
+            if np.asarray(sel).any():
+                self.per_image[f"mIoU {g}"] = (conf, miou_statistic(sel))
+        thr = sorted(self.res["bg"])
+        for t in thr:
+            self.per_image[f"bg mIoU @ {t:g}"] = (np.asarray(self.res["bg"][t]["confusion"], dtype=np.float64),
+                                                   miou_statistic())
+        if len(thr) > 1:
+            stack = np.stack([np.asarray(self.res["bg"][t]["confusion"], dtype=np.float64) for t in thr], 1)
+            self.per_image["bg spread"] = (stack, _spread)
+            self.per_image["bg spread rule"] = (stack, _spread_rule)
+
+    def point(self, metric: str) -> float:
+        """The metric on all the evaluation images."""
+        arr, stat = self._get(metric)
+        return float(stat(arr.sum(0)))
+
+    def interval(self, metric: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+        """``(point, low, high)``: the percentile bootstrap over the evaluation images (:func:`bootstrap_ci`)."""
+        arr, stat = self._get(metric)
+        return bootstrap_ci(arr, stat, n_boot=n_boot, seed=seed)
+
+    def _get(self, metric: str) -> tuple[np.ndarray, Any]:
+        if metric not in self.per_image:
+            raise KeyError(f"ProtocolEval has no metric {metric!r}; known: {sorted(self.per_image)}")
+        return self.per_image[metric]
+
+
+def _bg_curve(conf: np.ndarray) -> np.ndarray:
+    """``(T, C, C)`` summed confusions of the thresholds -> ``(T,)`` mIoU."""
+    f = miou_statistic()
+    return np.array([f(c) for c in conf])
+
+
+def _spread(conf: np.ndarray) -> float:
+    c = _bg_curve(conf)
+    return float(c.max() - c.min())
+
+
+def _spread_rule(conf: np.ndarray) -> float:
+    c = _bg_curve(conf)
+    return float(c.max() - c.min() - 0.1 * c.mean())
+
+
+def synseg_from_run(res: Mapping[str, Any], clip: torch.nn.Module, tokenizer: Any, categories: list[dict],
+                    device: str | torch.device = "cpu") -> SynSeg:
+    """The trained SynSeg of a run (``res``: ``results`` = the run's results.json, ``weights`` = its checkpoint,
+    as :meth:`ovlib.study.Study.run` returns them) over the frozen ``clip``, built with the run's own options."""
+    rec = json.loads(Path(res["results"]).read_text())
+    args = rec["config"]["method_args"]
+    return load_synseg(res["weights"], clip, tokenizer, categories=categories, **args).to(device)

@@ -11,7 +11,8 @@ Top-k mean per-class accuracy with a percentile-bootstrap interval over images.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 
 from ovlib.eval._common import category_index, normalize_images
 from ovlib.eval.metrics import macc_from_counts, topk_hits
-from ovlib.stats import bootstrap_ci
 from ovlib.models.images import image_mean_std
+from ovlib.stats import bootstrap_ci
 
 __all__ = ["isolated_objects", "zero_shot_hits", "zero_shot_summary"]
 

@@ -8,7 +8,7 @@ from ovlib.methods.base import Distiller
 from ovlib.methods.clipself import CLIPSelf, rla_loss
 from ovlib.methods.declip import DeCLIP
 from ovlib.methods.denserc import DenseRC
-from ovlib.methods.rsc import RSCV, RSCE2E, RefinerStage, RegionText, RSCCLIPSelf, SCCLIPSelf
+from ovlib.methods.rsc import RSCE2E, RSCV, RefinerStage, RegionText, RSCCLIPSelf, SCCLIPSelf
 from ovlib.methods.synclip import SynCLIP
 from ovlib.methods.synseg import SynSeg
 

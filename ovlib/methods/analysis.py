@@ -16,8 +16,8 @@ from ovlib.models import mask_pool
 from ovlib.models.affinity import affinity_map
 from ovlib.models.images import normalize_images
 
-__all__ = ["ContextAggregate", "affinity_map", "context_aggregation", "coupling_ratio", "embed_positions",
-           "mask_pooled_tsne", "refiner_dense_fn", "tsne_embed"]
+__all__ = ["ContextAggregate", "affinity_map", "context_aggregation", "coupling_ratio", "coupling_ratio_pairs",
+           "embed_positions", "mask_pooled_tsne", "refiner_dense_fn", "tsne_embed"]
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -97,7 +97,9 @@ def coupling_ratio(encode: Encode, images_a: torch.Tensor, images_b: torch.Tenso
     if zab.shape[-2:] != (h, 2 * w):
         raise ValueError(f"the concatenation gave a {tuple(zab.shape[-2:])} grid; expected {(h, 2 * w)} "
                          "(image width must be a multiple of the patch size)")
-    fl = lambda z: z.flatten(2).transpose(1, 2)
+    def fl(z):  # (B, C, h, w) -> (B, hw, C)
+        return z.flatten(2).transpose(1, 2)
+
     a_ab, b_ab = fl(zab[..., :w]), fl(zab[..., w:])
     a, b = fl(za), fl(zb)
     sim_ab = a_ab @ b_ab.transpose(1, 2)  # (B, hw, hw)
@@ -113,6 +115,15 @@ def coupling_ratio(encode: Encode, images_a: torch.Tensor, images_b: torch.Tenso
     per_pair = torch.where(kept > 0, ratio.sum(1) / kept.clamp(min=1), torch.full_like(ratio[:, 0], float("nan")))
     return {"cr": float(r.mean()), "cr_ratio_of_means": float(num[keep].mean() / den[keep].mean()),
             "n_tokens": int(keep.numel()), "n_excluded": n_excl, "cr_per_pair": per_pair.cpu().numpy()}
+
+
+def coupling_ratio_pairs(encode: Encode, images_a: torch.Tensor, images_b: torch.Tensor) -> np.ndarray:
+    """Per pair ``(B, 2)`` ``[CR, 1]`` of :func:`coupling_ratio` (``[0, 0]`` for a pair without a usable token):
+    the units a bootstrap over pairs resamples (:func:`ovlib.stats.ratio_stat` of their sum is the mean CR)."""
+    with torch.no_grad():
+        cr = np.asarray(coupling_ratio(encode, images_a, images_b)["cr_per_pair"], dtype=np.float64)
+    ok = np.isfinite(cr)
+    return np.stack([np.where(ok, cr, 0.0), ok.astype(np.float64)], 1)
 
 
 def tsne_embed(features: torch.Tensor | np.ndarray, seed: int = 0, perplexity: float = 30.0,

@@ -25,7 +25,8 @@ def rla_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     0 when every region embedding points where its teacher does; in [0, 2].
     """
     if student.ndim != 2 or student.shape != teacher.shape:
-        raise ValueError(f"student and teacher must both be (R, C); got {tuple(student.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(f"student and teacher must both be (R, C); got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
     if student.shape[0] == 0:
         raise ValueError("rla_loss needs at least one region (R = 0)")
     cos = (F.normalize(student.float(), dim=-1) * F.normalize(teacher.float(), dim=-1)).sum(-1)  # (R,)
@@ -57,6 +58,5 @@ class CLIPSelf(Distiller):
         images = batch["images"]  # (B, 3, S, S) student images
         dense = dense_features(self.student, images, self.dense_mode, normalize=True)  # (B, C, h, w)
         rois = roi_features(dense, batch["boxes"], images.shape[-2:])  # (R, C)
-        with torch.no_grad():
-            teacher = self.frozen["teacher"].encode_image(batch["crops"])  # (R, C) CLS of each crop
+        teacher = self.teacher_crop_cls(batch["crops"])  # (R, C) CLS of each crop, no grad
         return {"rla": rla_loss(rois, teacher)}

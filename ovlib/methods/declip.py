@@ -42,6 +42,7 @@ __all__ = [
     "merge_heads",
     "resize_tokens",
     "student_context_similarity",
+    "vfm_grid",
 ]
 
 CONTEXT_MODES = ("qq", "kk", "csa")
@@ -121,7 +122,9 @@ def context_loss(student_sim: torch.Tensor, teacher_sim: torch.Tensor) -> torch.
     return torch.linalg.vector_norm(diff, dim=-1).mean()
 
 
-def _vfm_grid(vfm: torch.nn.Module, vfm_images: torch.Tensor) -> tuple[int, int]:
+def vfm_grid(vfm: torch.nn.Module, vfm_images: torch.Tensor) -> tuple[int, int]:
+    """The VFM's own token grid ``(h', w')`` of ``vfm_images (B, 3, H, W)``; an error unless the size is a
+    multiple of its patch."""
     p = vfm.patch_embed.patch_size
     ph, pw = (p, p) if isinstance(p, int) else tuple(p)
     H, W = vfm_images.shape[-2:]
@@ -168,16 +171,16 @@ class DeCLIP(Distiller):
     def vfm_similarity(self, vfm_images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The VFM's patch cosine matrix ``(B, M, M)`` on the VFM's own grid of ``vfm_images``, and that grid."""
         vfm = self.frozen["vfm"]
-        grid = _vfm_grid(vfm, vfm_images)
-        feats = vfm_patch_features(vfm, vfm_images, grid)  # (B, C_v, h', w')
+        grid = vfm_grid(vfm, vfm_images)
+        feats = self.frozen_call("vfm.patch_features", vfm, lambda x: vfm_patch_features(vfm, x, grid),
+                                 vfm_images)  # (B, C_v, h', w'), cached per image
         return patch_correlation(feats.float()), grid
 
     def losses(self, batch: dict[str, Any], dense: torch.Tensor, qkv: dict[str, torch.Tensor],
                vfm_sim: torch.Tensor, vfm_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
         images = batch["images"]  # (B, 3, S, S)
         rois = roi_features(dense, batch["boxes"], images.shape[-2:])  # (R, C) of the unnormalised map
-        with torch.no_grad():
-            teacher = self.frozen["teacher"].encode_image(batch["crops"])  # (R, C) CLS of each crop
+        teacher = self.teacher_crop_cls(batch["crops"])  # (R, C) CLS of each crop, no grad
         s_sim = student_context_similarity(qkv, self.mode, tuple(dense.shape[-2:]), vfm_grid)  # (B, M, M)
         return {"content": content_loss(rois, teacher), "context": context_loss(s_sim, vfm_sim)}
 

@@ -69,15 +69,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovlib.io import safe_load
 from ovlib.methods.base import Distiller
 from ovlib.methods.clipself import rla_loss
-from ovlib.methods.declip import resize_tokens
+from ovlib.methods.declip import resize_tokens, vfm_grid
 from ovlib.models import dense_features, patch_correlation, roi_features, vfm_patch_features
 from ovlib.models.adapter import ViTAdapter, vit_adapter
 from ovlib.models.images import image_mean_std, normalize_images
-from ovlib.io import safe_load
 
 __all__ = [
+    "gate_statistics",
     "BASES",
     "CONSTRUCTS",
     "GATE_SOURCES",
@@ -314,8 +315,8 @@ class DenseConstructor(nn.Module):
         ad = self._adapter(model)
         P = stack.num_prefix
         acc = None
-        for l, v in zip(stack.layers, self.layer_values(stack)):
-            y = ad.ls1(l, ad.attn_out(l, v))  # (B, P+N, D): what block l adds to the stream from these values
+        for blk, v in zip(stack.layers, self.layer_values(stack)):
+            y = ad.ls1(blk, ad.attn_out(blk, v))  # (B, P+N, D): what block blk adds to the stream from these values
             if self.config.projection == "final_each":
                 y = ad.final(y[:, P:])  # (B, N, C)
             acc = y if acc is None else acc + y
@@ -351,7 +352,8 @@ class DenseConstructor(nn.Module):
             return []
         ad = self._adapter(model)
         last = ad.block(ad.num_blocks - 1)
-        mods = [getattr(last, n) for n in ("ln_2", "norm2", "mlp", "ls_2") if isinstance(getattr(last, n, None), nn.Module)]
+        mods = [getattr(last, n) for n in ("ln_2", "norm2", "mlp", "ls_2")
+                if isinstance(getattr(last, n, None), nn.Module)]
         params = [p for m in mods for p in m.parameters()]
         if isinstance(getattr(last, "gamma_2", None), nn.Parameter):
             params.append(last.gamma_2)
@@ -386,12 +388,7 @@ def coherence_loss(student_sim: torch.Tensor, teacher_sim: torch.Tensor) -> torc
 @torch.no_grad()
 def vfm_similarity(vfm: nn.Module, vfm_images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """The VFM's cosine patch-correlation matrix ``(B, M, M)`` on its own grid of ``vfm_images``, and that grid."""
-    p = vfm.patch_embed.patch_size
-    ph, pw = (p, p) if isinstance(p, int) else tuple(p)
-    H, W = vfm_images.shape[-2:]
-    if H % ph or W % pw:
-        raise ValueError(f"vfm_images of size {H}x{W} are not a multiple of the VFM patch {ph}x{pw}")
-    grid = (H // ph, W // pw)
+    grid = vfm_grid(vfm, vfm_images)
     return patch_correlation(vfm_patch_features(vfm, vfm_images, grid).float()), grid
 
 
@@ -436,11 +433,14 @@ class DenseRC(Distiller):
         images = batch["images"]  # (B, 3, S, S)
         src = F.normalize(dense, dim=1) if self.config.pool == "normalize_first" else dense
         rois = roi_features(src, batch["boxes"], images.shape[-2:])  # (R, C)
-        with torch.no_grad():
-            teacher = self.frozen["teacher"].encode_image(batch["crops"])  # (R, C) CLS of each crop
-        vfm_sim, vfm_grid = vfm_similarity(self.frozen["vfm"], batch["vfm_images"])  # (B, M, M)
+        teacher = self.teacher_crop_cls(batch["crops"])  # (R, C) CLS of each crop, no grad
+        vfm, vfm_images = self.frozen["vfm"], batch["vfm_images"]
+        grid = vfm_grid(vfm, vfm_images)
+        feats = self.frozen_call("vfm.patch_features", vfm, lambda x: vfm_patch_features(vfm, x, grid),
+                                 vfm_images)  # (B, C_v, h', w'), cached per image (shared with DeCLIP/SynCLIP)
+        vfm_sim = patch_correlation(feats.float())  # (B, M, M), as vfm_similarity
         tokens = dense.flatten(2).transpose(1, 2)  # (B, N, C)
-        tokens = resize_tokens(tokens, tuple(dense.shape[-2:]), vfm_grid)  # (B, M, C)
+        tokens = resize_tokens(tokens, tuple(dense.shape[-2:]), grid)  # (B, M, C)
         return {"semantics": semantics_loss(rois, teacher),
                 "coherence": coherence_loss(patch_correlation(tokens.float()), vfm_sim)}
 
@@ -477,3 +477,18 @@ def denserc_dense_fn(model: nn.Module, constructor: DenseConstructor, mean: Sequ
         return constructor(ad, normalize_images(images, mean, std), normalize=True)
 
     return fn
+
+
+@torch.no_grad()
+def gate_statistics(constructor: DenseConstructor, model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSG gates of every image of ``batches`` (an iterable of normalised ``(B, 3, H, W)`` images): per image,
+    the mean over its patch tokens and the standard deviation over them, each ``(I, n_used, H)`` (float64; layer
+    order = ``constructor.used``)."""
+    means, stds = [], []
+    for x in batches:
+        g = constructor.gate_maps(model, x).cpu().double()  # (B, n_used, N, H)
+        means.append(g.mean(2))
+        stds.append(g.std(2))
+    if not means:
+        raise ValueError("gate_statistics: no images")
+    return torch.cat(means), torch.cat(stds)

@@ -46,11 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovlib.models.adapter import ViTAdapter, vit_adapter
+from ovlib.data.regions import crop_regions, sample_grid_boxes
 from ovlib.methods.denserc import semantics_loss
 from ovlib.models import roi_features
+from ovlib.models.adapter import ViTAdapter, vit_adapter
+from ovlib.models.images import normalize_images
 
 __all__ = [
+    "grid_region_batch",
+    "random_vision_tower",
     "ClsDecomposition",
     "JointTerms",
     "TermGroup",
@@ -489,7 +493,48 @@ def gradient_stats(mags: torch.Tensor, top: float = 0.05, starved: float = 0.1) 
     idx = torch.arange(1, n + 1, dtype=torch.float64)
     gini = float(2 * (idx * xs).sum() / (n * xs.sum()) - (n + 1) / n) if total > 0 else 0.0
     mean = float(x.mean())
-    return {"peak": float(xs[-1]), "mean": mean, "median": float(xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2),
+    median = float(xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
+    return {"peak": float(xs[-1]), "mean": mean, "median": median,
             "peak_over_mean": float(xs[-1]) / mean if mean > 0 else float("nan"),
             "top_share": float(xs[-k:].sum()) / total if total > 0 else float("nan"),
             "gini": gini, "starved": float((x < starved * mean).double().mean())}
+
+
+def random_vision_tower(name: str = "ViT-B-16", image_size: int = 224, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """open_clip's image tower of config ``name`` at ``image_size`` with random weights (seeded, the global RNG
+    left untouched), every parameter perturbed by ``N(0, std²)`` so that biases and LayerNorms are non-trivial
+    (open_clip initialises them to 0 / 1): the bookkeeping checks do not depend on trained weights."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"random_vision_tower: unknown open_clip config {name!r}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tower = _build_vision_tower(cfg["embed_dim"], {**cfg["vision_cfg"], "image_size": image_size})
+    if hasattr(tower, "trunk"):  # timm trunks are built at their default size (as create_model(force_image_size))
+        tower.set_input_size(image_size)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return tower.eval().requires_grad_(False)
+
+
+
+@torch.no_grad()
+def grid_region_batch(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                      seed: int = 0, max_split: int = 6, max_boxes: int = 20, device: str | torch.device = "cpu"
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """What the semantic loss (Eq. 8) sees on ``images (B, 3, S, S)`` in [0, 1]: the images normalised with
+    ``mean``/``std``, CLIPSelf grid regions per image ``(K_b, 4)`` xyxy px (seeded per image: ``seed * 1000 + b``)
+    and the frozen ``model``'s embeddings of the regions' crops at its native size ``(sum K_b, D)``."""
+    ad = vit_adapter(model)
+    crop_px = ad.native_grid[0] * ad.patch_size[0]
+    S = images.shape[-1]
+    boxes = [sample_grid_boxes(S, S, generator=seed * 1000 + b, max_split=max_split, max_boxes=max_boxes)
+             for b in range(len(images))]
+    teach = torch.cat([model.encode_image(normalize_images(crop_regions(x, bx, crop_px), mean, std).to(device))
+                       for x, bx in zip(images, boxes)])
+    return normalize_images(images, mean, std).to(device), [b.to(device) for b in boxes], teach

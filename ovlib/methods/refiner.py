@@ -162,30 +162,46 @@ class Refiner(nn.Module):
         ``boxes``: list (len B) of ``(K_b, 4)`` xyxy in pixels of ``images (B, 3, H, W)``.
         """
         ad, P = self._ad, self._ad.num_prefix
+        prefix, base, pmap = self.image_part(images)
+        if self.late:  # Eq. 12: refine the whole image, RoIAlign the refined map
+            B, _, h, w = pmap.shape
+            patch = pmap.flatten(2).transpose(1, 2)  # (B, N, D)
+            y = self.run_blocks(torch.cat([prefix, patch], dim=1), ad.rope((h, w)))
+            dense = ad.final(y[:, P:]).transpose(1, 2).reshape(B, -1, h, w)  # (B, C, h, w)
+            z = roi_features(dense, boxes, images.shape[-2:], output_size=grid)
+            z = z[:, :, None, None] if grid == 1 else z
+            return z.flatten(2).transpose(1, 2)  # (R, L, C)
+        return self.region_part(prefix, base, pmap, boxes, images.shape[-2:], grid)
+
+    def image_part(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`forward` computes per image: the prefix tokens of ``f_I^A(X)`` ``(B, P, D)``, its patch map
+        ``(B, D, h, w)`` (the region [CLS] generator's input) and the map the regions are cut from, ``f_I^A(X) +
+        Z_inter`` ``(B, D, h, w)`` (Eq. 11). A function of each image alone (a frozen Refiner's is cacheable)."""
+        P = self._ad.num_prefix
         x, (h, w), inter = self.early(images)  # (B, P+N, D)
         B, _, D = x.shape
         patch = x[:, P:]  # (B, N, D) f_I^A(X)
         base = patch.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
         if self.inter is not None:
             patch = patch + self.inter(inter)  # Eq. 11
-        pmap = patch.transpose(1, 2).reshape(B, D, h, w)
-        image_size = images.shape[-2:]
+        return x[:, :P], base, patch.transpose(1, 2).reshape(B, D, h, w)
+
+    def region_part(self, prefix: torch.Tensor, base: torch.Tensor, pmap: torch.Tensor,
+                    boxes: Sequence[torch.Tensor], image_size: Sequence[int], grid: int) -> torch.Tensor:
+        """Refined tokens ``(R, grid*grid, C)`` of each box from :meth:`image_part`'s outputs (Eqs. 8, 10):
+        every box is refined on its own (a function of its image's maps and the box alone)."""
+        ad, P = self._ad, self._ad.num_prefix
+        B = pmap.shape[0]
         counts = [len(b) for b in boxes]
-        if self.late:  # Eq. 12: refine the whole image, RoIAlign the refined map
-            y = self.run_blocks(torch.cat([x[:, :P], patch], dim=1), ad.rope((h, w)))
-            dense = ad.final(y[:, P:]).transpose(1, 2).reshape(B, -1, h, w)  # (B, C, h, w)
-            z = roi_features(dense, boxes, image_size, output_size=grid)
-            z = z[:, :, None, None] if grid == 1 else z
-            return z.flatten(2).transpose(1, 2)  # (R, L, C)
         roi = roi_features(pmap, boxes, image_size, output_size=grid)  # (R, D, k, k)
         roi = roi[:, :, None, None] if grid == 1 else roi
         roi = roi.flatten(2).transpose(1, 2)  # (R, L, D)
-        idx = torch.repeat_interleave(torch.arange(B, device=x.device), torch.tensor(counts, device=x.device))
-        prefix = x[idx, :P]  # (R, P, D) the image's own [CLS] (+ registers)
+        idx = torch.repeat_interleave(torch.arange(B, device=pmap.device), torch.tensor(counts, device=pmap.device))
+        pre = prefix[idx]  # (R, P, D) the image's own [CLS] (+ registers)
         if self.cls_gen is not None:  # Eq. 10
             pooled = roi_features(base, boxes, image_size, output_size=1)  # (R, D)
-            prefix = torch.cat([prefix[:, :1] + self.cls_gen(pooled)[:, None], prefix[:, 1:]], dim=1)
-        y = self.run_blocks(torch.cat([prefix, roi], dim=1), ad.rope((grid, grid)))  # (R, P+L, D)
+            pre = torch.cat([pre[:, :1] + self.cls_gen(pooled)[:, None], pre[:, 1:]], dim=1)
+        y = self.run_blocks(torch.cat([pre, roi], dim=1), ad.rope((grid, grid)))  # (R, P+L, D)
         return ad.final(y[:, P:])  # (R, L, C)
 
     def dense(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -224,7 +240,8 @@ def infonce_tokens(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1) -
 def cosine_tokens(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. 14 ablation: ``1 - mean_{i,j} cos(pred_ij, target_ij)`` for ``(R, L, C)``."""
     if pred.ndim != 3 or pred.shape != target.shape:
-        raise ValueError(f"cosine_tokens: shapes must be (R, L, C) alike; got {tuple(pred.shape)}, {tuple(target.shape)}")
+        raise ValueError(f"cosine_tokens: shapes must be (R, L, C) alike; got {tuple(pred.shape)}, "
+                         f"{tuple(target.shape)}")
     return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
 
 

@@ -91,7 +91,8 @@ class SCDConfig:
 class G2LConfig:
     """Refiner training (Eqs. 8, 9, 13/14). ``crops``: C local boxes per image with sides ``U(crop_scale)`` of
     the image's; ``crop_grid``: token grid ``k`` of a crop (``None``: the teacher's native grid; the crop is
-    resampled to ``k * patch`` px); ``direction``: ``"g2l"`` (paper) or ``"l2g"`` ablation (the Refiner sees the crop alone and is
+    resampled to ``k * patch`` px); ``direction``: ``"g2l"`` (paper) or ``"l2g"`` ablation (the Refiner sees the crop
+    alone and is
     matched to the frozen CLIP's RoI tokens of the full image); ``objective``: ``"infonce"`` (Eq. 13) or
     ``"cosine"`` (Eq. 14); ``target_mode``: dense mode of the frozen CLIP for the targets (``vanilla``: the
     blocks the Refiner clones, unchanged)."""
@@ -284,14 +285,11 @@ class _RLAMixin:
         images = batch["images"]
         rois = roi_features(dense, batch["boxes"], images.shape[-2:])  # (R, C)
         if self.rla_target == "crop":
-            with torch.no_grad():
-                teacher = self.frozen["teacher"].encode_image(batch["crops"])  # (R, C) CLS of each crop
-            return rla_loss(rois, teacher)
+            return rla_loss(rois, self.teacher_crop_cls(batch["crops"]))  # vs the crops' CLS (R, C), no grad
         text, index = self.text_embeddings()
         labels = batch["labels"]
         if self.region_labels == "image_nouns":  # labels from the image's nouns (captions), not the boxes
-            with torch.no_grad():
-                crop_emb = self.frozen["teacher"].encode_image(batch["crops"])  # (R, C)
+            crop_emb = self.teacher_crop_cls(batch["crops"])  # (R, C)
             labels = assign_image_nouns(crop_emb, [len(b) for b in batch["boxes"]], batch["image_labels"], text, index)
         loss, skipped = text_region_loss(rois, labels, text, index)
         self.unlabelled_regions += skipped
@@ -373,7 +371,9 @@ class SCCLIPSelf(_SCBase):
     loss_names = ("rla", "scd")
 
     def targets(self, images, boxes):
-        dense = dense_features(self.frozen["teacher"], images, self.teacher_mode, normalize=True)
+        teacher, mode = self.frozen["teacher"], self.teacher_mode
+        dense = self.frozen_call(f"clip.dense:{mode}:normalized", teacher,
+                                 lambda x: dense_features(teacher, x, mode, normalize=True), images)  # (B, C, h, w)
         if self.scd.scd_scope == "local":
             return region_tokens(dense, boxes, images.shape[-2:], self._scd_k())
         return image_tokens(dense)
@@ -398,7 +398,41 @@ class RSCCLIPSelf(_RefinedTargets, _SCBase):
         self.frozen["refiner"] = load_refiner(refiner, self.frozen["teacher"])
 
     def targets(self, images, boxes):
-        return self.refined_targets(self.frozen["refiner"], images, boxes)
+        """The frozen Refiner's targets, through the teacher-target cache: per image (global SCD) or per (image,
+        box, grid) (local SCD; the Refiner treats every box on its own, so a box's tokens are a function of the
+        image and the box only)."""
+        ref = self.frozen["refiner"]
+        if self.scd.scd_scope == "global":
+            return image_tokens(self.frozen_call("refiner.dense:normalized", ref, ref.dense, images))  # (B, h*w, C)
+        k = self._scd_k()
+        if ref.late:  # the Late ablation refines whole images and RoIAligns the result: computed, not cached
+            return self.refined_targets(ref, images, boxes)
+        prefix, base, pmap = self.frozen_call("refiner.image", ref, ref.image_part, images)  # per image
+        where = [(b, j) for b, bx in enumerate(boxes) for j in range(len(bx))]
+        size = tuple(images.shape[-2:])
+
+        def digests() -> list[str]:
+            img = self.target_cache.image_digests(images)
+            return [img[b] + boxes[b][j].detach().float().cpu().numpy().tobytes().hex() for b, j in where]
+
+        def compute(idx: list[int]) -> torch.Tensor:  # fixed-size chunks of boxes, as run_chunked
+            patch = vit_adapter(self.frozen["teacher"]).patch_size[0]
+            C = self.chunk_rows((k * patch) ** 2) or len(idx)  # a k x k region costs like a crop of k patches
+            out = []
+            for s in range(0, len(idx), C):
+                part = idx[s:s + C]
+                n = len(part)
+                part = part + [part[-1]] * (C - n)  # ascending: grouped by image, the padding last
+                sel: dict[int, list[int]] = {}
+                for i in part:
+                    b, j = where[i]
+                    sel.setdefault(b, []).append(j)
+                bs = sorted(sel)
+                z = ref.region_part(prefix[bs], base[bs], pmap[bs], [boxes[b][sel[b]] for b in bs], size, k)
+                out.append(z[:n])
+            return F.normalize(torch.cat(out), dim=-1)  # (R, L, C)
+
+        return self.frozen_rows(f"refiner.tokens:k={k}", ref, len(where), digests, compute, images.device)
 
 
 class RSCV(RSCCLIPSelf):

@@ -26,7 +26,8 @@ On top of DeCLIP's content and context losses (:mod:`ovlib.methods.declip`, mode
 
 Readings (``reading=``): ``"code"`` (default) = ``huber_kl``, spa 0.3, sem 0.7, k 7; ``"paper"`` = ``mae``,
 0.5/0.5, k 7. The loss *weights* live in the recipe: code 1.0/0.25/0.1 (content/context/semantic, B/16),
-paper semantic 0.05 (:data:`PAPER_SEMANTIC_WEIGHT`). Regions are GT boxes and the texts come from GT image labels, as the code
+paper semantic 0.05 (:data:`PAPER_SEMANTIC_WEIGHT`). Regions are GT boxes and the texts come from GT image labels,
+as the code
 (``regions: gt_boxes``).
 
 Deviations (documented): the code shuffles an image's labels before truncating to ``max_semantic``; we keep
@@ -63,6 +64,8 @@ __all__ = [
     "sar_aggregate",
     "semantic_loss",
     "semantic_texts",
+    "synonyms_that_fit",
+    "teacher_text_coverage",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,33 @@ def semantic_texts(categories: list[Mapping], corpus: SynonymCorpus | None = Non
         return name
 
     return {int(c["id"]): (c["name"], teacher_text(c["name"])) for c in categories}
+
+
+def synonyms_that_fit(tokenizer: Any, category: Mapping, context: int) -> int:
+    """How many of ``category``'s synonyms survive when SynCLIP's teacher text ``"name, definition, syn_1, …"``
+    is cut to the text tower's ``context`` (start and end tokens included); -1 when even ``"name, definition"``
+    is cut. ``tokenizer.encode(text) -> token ids`` without start / end tokens (open_clip's and the micro CLIP's)."""
+    syn = list(category.get("synonyms") or [])
+    head = ", ".join(p for p in [category["name"], (category.get("definition") or "").rstrip(".")] if p)
+    fit = -1
+    for j in range(len(syn) + 1):
+        if len(tokenizer.encode(", ".join([head] + syn[:j]))) <= context - 2:
+            fit = j
+    return fit
+
+
+def teacher_text_coverage(tokenizer: Any, categories: list[Mapping], context: int) -> dict[str, int]:
+    """What of the synonyms reaches the teacher's text tower (:func:`synonyms_that_fit` per class): synonyms in
+    all and kept, classes that lose part of the definition or keep no synonym, held-out synonyms in all and
+    kept (the micro world's ``heldout_synonyms``)."""
+    fits = [synonyms_that_fit(tokenizer, c, context) for c in categories]
+    kept = [max(f, 0) for f in fits]
+    return {"synonyms": sum(len(c.get("synonyms") or []) for c in categories), "kept": sum(kept),
+            "cut_definition": sum(f < 0 for f in fits), "no_synonym": sum(f == 0 for f in fits),
+            "classes": len(categories),
+            "heldout": sum(len(c.get("heldout_synonyms") or []) for c in categories),
+            "heldout_kept": sum(len(set(c.get("heldout_synonyms") or []) & set((c.get("synonyms") or [])[:k]))
+                                for c, k in zip(categories, kept))}
 
 
 def cosine_maps(text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -204,7 +234,8 @@ def mae_loss(student: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     return (s - t).abs().sum() / (s.shape[0] * s.shape[1])
 
 
-def semantic_loss(student: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "huber_kl") -> torch.Tensor:
+def semantic_loss(student: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                  kind: str = "huber_kl") -> torch.Tensor:
     """Dispatch to :func:`huber_kl_loss`, :func:`l2_row_loss` (``--sem-loss``) or :func:`mae_loss` (the
     paper's text)."""
     if kind == "huber_kl":
@@ -237,7 +268,8 @@ class SynCLIP(DeCLIP):
     """DeCLIP (csa) + SSA + SAR; loss terms ``content``, ``context``, ``semantic`` (unweighted).
 
     Options (``method_args``): ``reading`` ``"code"`` | ``"paper"`` (presets of the four below); ``sem_loss``
-    ``"huber_kl"`` | ``"l2"`` | ``"mae"``; ``topk`` (7); ``spa_ratio`` / ``sem_ratio`` (code 0.3 / 0.7, paper 0.5 / 0.5);
+    ``"huber_kl"`` | ``"l2"`` | ``"mae"``; ``topk`` (7); ``spa_ratio`` / ``sem_ratio`` (code 0.3 / 0.7, paper
+    0.5 / 0.5);
     ``sar`` (True; False = SSA only, the target is ``A_sem``); ``semantic_type`` (``"semantic"``; ``"label"``
     = no synonym-enriched text: with ``sar`` the chapter's "SAR only" ablation, see :func:`semantic_texts`);
     ``max_semantic`` (20 texts per image);
@@ -338,8 +370,11 @@ class SynCLIP(DeCLIP):
         s_tok = F.normalize(dense.float().flatten(2).transpose(1, 2), dim=-1)  # (B, M, C) student csa tokens
         a_label = cosine_maps(t_lab, s_tok)  # (B, T, M)
         with torch.no_grad():
-            t_dense = dense_features(self.frozen["teacher"], images, "csa", normalize=True, scale=False,
-                                     residual=False, ffn=False, rope=False)  # (B, C, h, w)
+            teacher = self.frozen["teacher"]
+            t_dense = self.frozen_call(
+                "clip.dense:csa:normalized:noscale:noresidual:noffn:norope", teacher,
+                lambda x: dense_features(teacher, x, "csa", normalize=True, scale=False, residual=False, ffn=False,
+                                         rope=False), images)  # (B, C, h, w), cached per image
             t_tok = t_dense.float().flatten(2).transpose(1, 2)  # (B, M, C)
             a_sem = cosine_maps(t_sem, t_tok)  # (B, T, M)
             if self.sar:

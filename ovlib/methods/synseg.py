@@ -37,9 +37,9 @@ images where a term is defined.
 
 **Clamp gradient** (``clamp_grad``): ``"zero"`` (default) is ``torch.clamp``, literal: a pair outside
 ``[eps, 1 - eps]`` contributes its bounded value and **no gradient** (``cos(f, t) <= 0.005`` stops ``L_align``,
-``cos >= 0.995`` stops ``L_cont``/``L_sep``). The paper starts its decoder from CLIPSeg's weights; ours starts
-from scratch, and with an identity FiLM every category's ``f`` is the same vector, so all four terms can sit on a
-bound at step 0 (they do with a random micro CLIP; with the pre-trained one ``L_align`` is live). ``"straight"``
+``cos >= 0.995`` stops ``L_cont``/``L_sep``). The paper starts its decoder from CLIPSeg's weights (option
+``clipseg``; the profiles do); a decoder from scratch has an identity FiLM, so every category's ``f`` is the same
+vector and all four terms can sit on a bound at step 0 (they do with a random micro CLIP). ``"straight"``
 keeps the clamped values and passes the gradient of the unclamped cosine (straight-through), for the ablation.
 
 **Loss weights and learning rate** were lost from our copy's appendix (App. D3 prints "the loss weights are set
@@ -64,15 +64,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovlib.data.nouns import DEFAULT_EXCLUSIONS, CaptionLabelDataset, collate_caption_labels
+from ovlib.io import model_state, safe_load
 from ovlib.methods.base import Distiller
-from ovlib.models.images import image_mean_std, normalize_images
-from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
-from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers, gather_rows
-from ovlib.data.nouns import CaptionLabelDataset, DEFAULT_EXCLUSIONS, collate_caption_labels
-from ovlib.io import safe_load
 from ovlib.models import dense_features
 from ovlib.models.adapter import vit_adapter
 from ovlib.models.dense import DENSE_MODES
+from ovlib.models.film_decoder import CLIPSegDecoder, clip_block_activations, default_extract_layers, gather_rows
+from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 
 __all__ = [
     "CLAMP_GRADS",
@@ -106,8 +106,7 @@ __all__ = [
 
 #: lambda_1..4 of Eq. 9 (align, cont, back, sep). The paper's values were lost from our copy: ours, all 1.
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"align": 1.0, "cont": 1.0, "back": 1.0, "sep": 1.0}
-#: AdamW learning rate / weight decay of the trainable decoder (lost from our copy; ours, chosen for a
-#: decoder trained from scratch -- CLIPSeg's initialisation is not available for the micro CLIP).
+#: AdamW learning rate / weight decay of the trainable decoder (lost from our copy; ours).
 DEFAULT_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = 1e-4
 SIM_EPS = 0.005  # §4.2: cosine clipped into [0.005, 0.995]
@@ -294,8 +293,9 @@ class SynSegConfig:
     skip: str | None = None
     skip_tau: float = 40.0
     # CLIPSeg initialisation (the paper's): None = decoder from scratch; a local CLIPSeg checkpoint file (CLIPSeg's
-    # key names, e.g. rd64-uni.pth: loaded here); or a named micro CLIPSeg ("micro-clipseg", ovlib.models.clipseg
-    # CLIPSEG_ARCHS: its weights come from the launcher, which trains/loads it, as ``clipseg_state``). Set, the
+    # key names: loaded here); or a named CLIPSeg (ovlib.models.clipseg CLIPSEG_ARCHS: "micro-clipseg", trained /
+    # loaded from the cache, or "rd64-uni", read from weights_dir/rd64-uni.pth): its weights come from the launcher
+    # as ``clipseg_state`` (ovlib.train.proxies.clipseg_weights; without them the decoder is random). Set, the
     # decoder takes CLIPSeg's form (linear FiLM, ReLU layers, the checkpoint's sizes); reduce_dim/heads/film_hidden
     # are then ignored. The FSS projector is new (random, seeded) as in the paper.
     clipseg: str | None = None
@@ -396,8 +396,13 @@ class SynSeg(Distiller):
                                           proj_dim=ad.out_dim, proj_kernel=self.cfg.proj_kernel,
                                           n_prefix=ad.num_prefix)
         else:  # where the paper loads CLIPSeg's weights
-            from ovlib.models.clipseg import (CLIPSEG_ARCHS, build_clipseg_decoder, clipseg_arch,
-                                              load_clipseg_decoder, read_clipseg_checkpoint)
+            from ovlib.models.clipseg import (
+                CLIPSEG_ARCHS,
+                build_clipseg_decoder,
+                clipseg_arch,
+                load_clipseg_decoder,
+                read_clipseg_checkpoint,
+            )
 
             if clipseg_state is None and self.cfg.clipseg not in CLIPSEG_ARCHS:
                 clipseg_state = read_clipseg_checkpoint(self.cfg.clipseg)
@@ -604,9 +609,9 @@ def load_synseg(weights: str, clip: nn.Module, tokenizer: Any = None, categories
     ``clip`` (its architecture; its weights are replaced by the checkpoint's ``student.*``). ``categories`` and
     ``options`` must be the run's (``method_args``): the text bank's shape depends on them."""
 
-    ck = safe_load(weights, map_location="cpu")
-    sd = ck.get("model", ck) if isinstance(ck, dict) else ck
     model = SynSeg(clip, {}, tokenizer=None, categories=categories, **options)
+    # a checkpoint="final" run leaves out the frozen CLIP's weights: ``clip`` (the run's base) supplies them
+    sd = model_state(safe_load(weights, map_location="cpu"), model.state_dict(), where=str(weights))
     model.load_state_dict(sd, strict=True)
     model.tokenizer = tokenizer
     return model.eval()

@@ -45,7 +45,6 @@ Patch dropout is never applied by the adapter (a dense map needs every token); r
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -254,7 +253,7 @@ class ViTAdapter:
             x = t.norm_pre(x)
         return x, (h, w)
 
-    def rope(self, grid: tuple[int, int]) -> Optional[torch.Tensor]:
+    def rope(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """EVA: the concatenated sin/cos RoPE table ``(h*w, 2*d)`` for ``grid``; ``None`` without RoPE."""
         if self.family != "eva" or self.visual.trunk.rope is None:
             return None
@@ -268,7 +267,7 @@ class ViTAdapter:
         return r._build_embed_cat(list(grid), r.bands)
 
     # ------------------------------------------------------------------------------------------- blocks
-    def block_forward(self, i: int, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block_forward(self, i: int, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """Block ``i`` run by the model's own code: ``(B, P+N, D) -> (B, P+N, D)``."""
         blk = self.blocks[i]
         if self.family == "open_clip":
@@ -277,7 +276,7 @@ class ViTAdapter:
             return blk(x)
         return blk(x, rope=rope)
 
-    def run_blocks(self, x: torch.Tensor, start: int, stop: int, rope: Optional[torch.Tensor] = None,
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int, rope: torch.Tensor | None = None,
                    ) -> torch.Tensor:
         """Blocks ``start .. stop-1`` with the model's own code."""
         if self.family == "open_clip" and not self.batch_first:
@@ -297,7 +296,7 @@ class ViTAdapter:
         blk = self.blocks[i]
         return blk.ln_2(x) if self.family == "open_clip" else blk.norm2(x)
 
-    def qkv(self, i: int, x_normed: torch.Tensor, rope: Optional[torch.Tensor] = None,
+    def qkv(self, i: int, x_normed: torch.Tensor, rope: torch.Tensor | None = None,
             which: str = "qkv") -> dict[str, torch.Tensor]:
         """Per-head projections of ``x_normed = ln1(x)`` ``(B, P+N, D)`` -> ``{name: (B, H, P+N, d)}``.
 

@@ -25,12 +25,15 @@ Micro configs are registered in :data:`MICRO_CLIP_CONFIGS` (name -> :class:`Micr
 
 from __future__ import annotations
 
+import collections
+import copy
 import functools
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -244,6 +247,26 @@ def _transform(image_size, mean, std) -> Callable:
     return image_transform(image_size, is_train=False, mean=mean, std=std)
 
 
+#: random initialisations of named models built in this process, key -> what the builder returned (never handed
+#: out itself): the builders are deterministic given the seed, so a dry run's ViT-B is initialised once and every
+#: later run gets a deep copy (a fraction of an init's cost); the oldest entries go beyond RANDOM_INIT_SLOTS
+_RANDOM_INITS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+RANDOM_INIT_SLOTS = 3
+
+
+def random_init(key: tuple, build: Callable[[], Any]) -> Any:
+    """A deep copy of ``build()``'s result, built once per process for ``key`` (which must determine it: the
+    model's name and seed). Only for random initialisations (``pretrained=None``), whose builders seed
+    themselves; the global RNG is not touched."""
+    if key in _RANDOM_INITS:
+        _RANDOM_INITS.move_to_end(key)
+    else:
+        _RANDOM_INITS[key] = build()
+        while len(_RANDOM_INITS) > RANDOM_INIT_SLOTS:
+            _RANDOM_INITS.popitem(last=False)
+    return copy.deepcopy(_RANDOM_INITS[key])
+
+
 def load_clip(
     name: str,
     pretrained: str | os.PathLike | None = None,
@@ -301,8 +324,8 @@ def load_clip(
         return model, preprocess
 
     tokenizer = open_clip.get_tokenizer(name)
-    if pretrained is None:
-        model, preprocess = _create()
+    if pretrained is None:  # built once per process and seed, copied after (random_init)
+        model, preprocess = random_init(("open_clip", name, seed), _create)
     elif is_path:
         model, preprocess = _create()
         load_state_dict_checked(model, read_checkpoint(pretrained), source=f"checkpoint {pretrained}")
@@ -324,7 +347,8 @@ def load_clip(
             model, preprocess = _create(force_quick_gelu=quick_gelu)
             load_state_dict_checked(model, read_checkpoint(cached), source=f"cached weights {cached}")
         elif not allow_download:
-            raise _unavailable(f"{tag!r} for {name}", "locally and downloads are not allowed (allow_download=False)", hint)
+            raise _unavailable(f"{tag!r} for {name}", "locally and downloads are not allowed (allow_download=False)",
+                               hint)
         elif is_offline():
             raise _unavailable(f"{tag!r} for {name}", "offline", hint)
         else:  # online and asked for: open_clip downloads into its cache

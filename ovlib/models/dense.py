@@ -78,8 +78,6 @@ Cost: blocks ``0 .. L-2`` are run once by the model's own code; a last-block mod
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,8 +186,8 @@ def naclip_bias(grid: tuple[int, int], num_prefix: int, std: float, device=None,
     return out.to(dtype or torch.get_default_dtype())
 
 
-def custom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: Optional[float],
-                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def custom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, scale: float | None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """``A v`` for a replaced attention ``mode`` on per-head ``q, k, v (B, H, N, d)`` -> ``(B, H, N, d)``.
 
     ``scale`` multiplies the logits (``None`` = no scale); ``bias (N, N)`` is added to the kk logits
@@ -275,14 +273,14 @@ def dense_features(
     mode: str = "x+v",
     normalize: bool = True,
     *,
-    scale: Optional[bool] = None,
-    residual: Optional[bool] = None,
-    ffn: Optional[bool] = None,
-    rope: Optional[bool] = None,
+    scale: bool | None = None,
+    residual: bool | None = None,
+    ffn: bool | None = None,
+    rope: bool | None = None,
     gaussian_std: float = 5.0,
     n_layers: int = 3,
-    pos_interp: Optional[str] = None,
-    vfm_features: Optional[torch.Tensor] = None,
+    pos_interp: str | None = None,
+    vfm_features: torch.Tensor | None = None,
     beta: float = 1.2,
     gamma: float = 3.0,
     return_qkv: bool = False,

@@ -16,7 +16,7 @@ after), see :mod:`ovlib.models.dense`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.ops import roi_align

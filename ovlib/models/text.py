@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

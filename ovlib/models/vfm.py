@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import WeightsUnavailable, is_offline, load_state_dict_checked, read_checkpoint
+from .clip import WeightsUnavailable, is_offline, load_state_dict_checked, random_init, read_checkpoint
 from .weights import local_weight_file
 
 __all__ = ["MicroVfmConfig", "MICRO_VFM_CONFIGS", "register_micro_vfm", "load_vfm", "vfm_patch_features",
@@ -69,9 +68,9 @@ def _is_path(p) -> bool:
     return _looks_like_path(p)
 
 
-def load_vfm(name: str, pretrained: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
+def load_vfm(name: str, pretrained: str | os.PathLike | None = None, device: str | torch.device = "cpu",
              *, allow_download: bool = True, seed: int = 0,
-             weights_dir: Union[str, os.PathLike, None] = None) -> nn.Module:
+             weights_dir: str | os.PathLike | None = None) -> nn.Module:
     """Load a VFM (eval mode, ``requires_grad`` left as is). See the module docstring. ``weights_dir``: with
     ``pretrained="hub"`` the weights are read from ``weights_dir/<name>.safetensors`` (or .pth/.pt/.bin,
     :mod:`ovlib.models.weights`), never downloaded."""
@@ -92,9 +91,13 @@ def load_vfm(name: str, pretrained: Union[str, os.PathLike, None] = None, device
         raise ValueError(f"unknown VFM {name!r}: not a micro config ({sorted(MICRO_VFM_CONFIGS)}) nor a timm model")
     kwargs = dict(dynamic_img_size=True, num_classes=0)
     if pretrained is None or _is_path(pretrained):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = timm.create_model(name, pretrained=False, **kwargs)
+        def build():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return timm.create_model(name, pretrained=False, **kwargs)
+
+        # a random initialisation is built once per process and seed, copied after (ovlib.models.clip.random_init)
+        model = random_init(("timm", name, seed), build) if pretrained is None else build()
         if pretrained is not None:
             state = read_checkpoint(pretrained)
             state = {k: v for k, v in state.items() if not k.startswith("head.")} if "head.weight" in state else state

@@ -18,6 +18,16 @@ The loop owns everything a method should not have to think about:
   update or write, so the last good checkpoint is intact.
 * **alpha ensemble** (reference §1.6): at every epoch end ``ensemble-epochE.pt`` = alpha * student + (1 - alpha) *
   teacher over the CLIP weights; training continues from the raw student.
+* **teacher targets** (``teacher_cache``, default on): frozen-network outputs (teacher crop CLS, teacher dense
+  maps, frozen-Refiner tokens, VFM patch features) come from a per-row cache keyed by the network's weights and
+  the input's content (:mod:`ovlib.train.targets`; which methods hit, and when, is documented there). Results are
+  identical with and without it, so it is not part of the run's identity (``out_dir`` hash, resume check);
+  its hit counts go to ``results.json`` (``teacher_cache``).
+* **what is kept** (``checkpoint``): ``"full"`` (default) as above; ``"final"`` (the paper profile's dry run, where a
+  ViT-B run's ``last.pt`` with AdamW state and its ensemble would be ~1.8 GB for two steps) writes no ``last.pt``
+  and no epoch ensembles, only ``ensemble-final.pt`` without the frozen student weights (they equal the base
+  CLIP's; their keys are listed under ``omitted`` and :func:`ovlib.io.model_state` takes them from the base).
+  Such a run cannot resume: killed before its end, it starts afresh.
 * **records**: ``metrics.jsonl`` (rank 0) and ``results.json`` (metrics, config, git commit, package versions,
   hardware, and the ``recovery`` counts below).
 * **crash safety** (a kill at any instant): a record is appended and fsynced before the checkpoint of its step;
@@ -39,9 +49,10 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +75,7 @@ from ovlib.io import (
     tqdm_disabled,
 )
 from ovlib.train.optim import param_groups, warmup_cosine
+from ovlib.train.targets import shared_cache
 
 __all__ = [
     "DistillConfig",
@@ -78,6 +90,11 @@ __all__ = [
     "weight_ensemble",
     "dist_info",
 ]
+
+
+#: DistillConfig fields outside the run's identity (out_dir hash, resume check): the cache changes how fast a run
+#: is, not what it computes; ``teacher_chunk_px`` changes the frozen networks' outputs at float rounding only
+CACHE_FIELDS = ("teacher_cache", "teacher_cache_mb", "teacher_cache_dir", "teacher_chunk_px")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -97,9 +114,9 @@ class DistillConfig:
 
     method: str = "clipself"
     backbone: str = "micro-clip"  # open_clip name or a registered micro config
-    pretrained: Optional[str] = None  # open_clip tag or local checkpoint file
-    vfm: Optional[str] = None  # timm DINOv2 name or "micro-vfm" (methods that need one)
-    vfm_pretrained: Optional[str] = None
+    pretrained: str | None = None  # open_clip tag or local checkpoint file
+    vfm: str | None = None  # timm DINOv2 name or "micro-vfm" (methods that need one)
+    vfm_pretrained: str | None = None
     data_root: str = "data/microworld"
     split: str = "train2017"
     max_images: int = 0  # 0 = every image of the split
@@ -115,8 +132,8 @@ class DistillConfig:
     max_steps: int = 0  # > 0 overrides epochs
     lr: float = 1e-5
     weight_decay: float = 0.1
-    betas: Optional[tuple[float, float]] = None  # None: open_clip's heuristic (see default_betas)
-    eps: Optional[float] = None
+    betas: tuple[float, float] | None = None  # None: open_clip's heuristic (see default_betas)
+    eps: float | None = None
     warmup_steps: int = 1000
     grad_clip: float = 0.0  # 0 = off (the public code does not clip)
     unlocked_blocks: int = -1  # -1 = every block
@@ -125,6 +142,7 @@ class DistillConfig:
     # groups (ours before; -1 also trains the stem, ln_post and the projection). See lock_visual.
     lock_style: str = "clipself"
     alpha: float = 1.0  # weight of the student in saved ensembles; 1.0 = save the raw student only
+    checkpoint: str = "full"  # "full": last.pt (resumable) + ensembles; "final": only what training changed, at the end
     amp: str = "auto"  # auto | bf16 | fp16 | none
     device: str = "auto"
     seed: int = 0
@@ -134,24 +152,40 @@ class DistillConfig:
     out_dir: str = "data/runs/distill"
     loss_weights: dict[str, float] = field(default_factory=dict)
     method_args: dict[str, Any] = field(default_factory=dict)
+    # frozen-teacher outputs computed once per (network weights, input row) and reused (ovlib.train.targets);
+    # the in-memory LRU (teacher_cache_mb) is shared by the trainers of a process; teacher_cache_dir adds a disk store
+    teacher_cache: bool = True
+    teacher_cache_mb: float = 1024.0
+    teacher_cache_dir: str | None = None
+    # input pixels per call of a frozen network (rows per call = this // a row's H*W, at least 1; see
+    # ovlib.methods.base.run_chunked): a fixed chunk per kind makes each row's output independent of its batch,
+    # which exact caching needs; 0 = the whole batch (a GPU wants larger chunks; 0 is exact only for identical
+    # batches)
+    teacher_chunk_px: int = 32768
 
     def __post_init__(self):
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp must be auto, bf16, fp16 or none; got {self.amp!r}")
         if self.lock_style not in LOCK_STYLES:
             raise ValueError(f"lock_style must be one of {LOCK_STYLES}; got {self.lock_style!r}")
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}; got {self.checkpoint!r}")
         if self.regions not in ("grid", "gt_boxes"):
             raise ValueError(f"regions must be 'grid' or 'gt_boxes'; got {self.regions!r}")
         for k in ("batch_size", "grad_accum"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.teacher_chunk_px < 0:
+            raise ValueError(f"teacher_chunk_px must be >= 0 (0 = the whole batch), got {self.teacher_chunk_px}")
+        if self.teacher_cache_mb < 0:
+            raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (1 = no ensemble), got {self.alpha}")
         if self.betas is not None:
             self.betas = tuple(self.betas)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -172,6 +206,9 @@ def default_betas(backbone: str) -> tuple[tuple[float, float], float]:
 
 
 LOCK_STYLES = ("clipself", "open_clip")
+#: ``DistillConfig.checkpoint``: "full" = last.pt (model, optimiser, scheduler, RNG: resumable) and the alpha
+#: ensembles; "final" = ensemble-final.pt only, frozen student weights left out (module docstring)
+CHECKPOINT_MODES = ("full", "final")
 
 
 def lock_visual(model: nn.Module, unlocked_blocks: int, style: str = "clipself") -> list[str]:
@@ -234,7 +271,8 @@ def weight_ensemble(student: dict[str, torch.Tensor], teacher: dict[str, torch.T
         t = teacher.get(tk) if tk is not None else None
         if t is not None and s.is_floating_point():
             if t.shape != s.shape:
-                raise ValueError(f"weight_ensemble: {k} has shape {tuple(s.shape)} but the teacher's is {tuple(t.shape)}")
+                raise ValueError(f"weight_ensemble: {k} has shape {tuple(s.shape)} but the teacher's is "
+                                 f"{tuple(t.shape)}")
             out[k] = alpha * s + (1.0 - alpha) * t.to(s.dtype)
         else:
             out[k] = s.clone()
@@ -357,7 +395,7 @@ def run_record(cfg: DistillConfig, info: DistInfo) -> dict[str, Any]:
     """Provenance of a run: git commit, package versions, hardware."""
     import importlib.metadata as md
 
-    def version(pkg: str) -> Optional[str]:
+    def version(pkg: str) -> str | None:
         try:
             return md.version(pkg)
         except md.PackageNotFoundError:
@@ -383,7 +421,7 @@ def run_record(cfg: DistillConfig, info: DistInfo) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- trainer
 
 
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "none":
         return None
     if amp == "auto":
@@ -415,8 +453,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: DistillConfig, method: nn.Module, dataset: torch.utils.data.Dataset,
-                 collate: Callable[[list], dict], teacher_state: Optional[dict[str, torch.Tensor]] = None,
-                 info: Optional[DistInfo] = None):
+                 collate: Callable[[list], dict], teacher_state: dict[str, torch.Tensor] | None = None,
+                 info: DistInfo | None = None):
         self.cfg = cfg
         self.info = info or dist_info(cfg.device)
         self.out = Path(cfg.out_dir)
@@ -425,6 +463,12 @@ class Trainer:
             m.to(self.info.device)
         self.dataset, self.collate = dataset, collate
         self.teacher_state = teacher_state
+        self.target_cache = (shared_cache(cfg.teacher_cache_mb, cfg.teacher_cache_dir) if cfg.teacher_cache
+                             else None)
+        if hasattr(method, "frozen_call"):  # a Distiller (ovlib.methods.base): its frozen networks read the cache
+            method.target_cache = self.target_cache
+            method.teacher_chunk_px = cfg.teacher_chunk_px
+        self._cache_stats0 = dict(self.target_cache.stats) if self.target_cache is not None else {}
         self.amp_dtype = _amp_dtype(cfg.amp, self.info.device)
         params = [p for p in method.parameters() if p.requires_grad]
         if not params:
@@ -458,6 +502,8 @@ class Trainer:
         return self.out / "last.pt"
 
     def save(self) -> None:
+        if self.cfg.checkpoint == "final":  # no resumable state: only ensemble-final.pt at the end
+            return
         rng = _gather_objects(_rng_state(), self.info.world)
         if self.info.is_main:
             atomic_save({
@@ -473,7 +519,7 @@ class Trainer:
         if self.info.world > 1:
             dist.barrier()
 
-    def resume(self, path: Optional[Path] = None) -> bool:
+    def resume(self, path: Path | None = None) -> bool:
         """Restore everything from ``path`` (default ``out_dir/last.pt``); False when there is nothing to resume."""
         path = Path(path) if path else self.last_path
         if not path.is_file():
@@ -482,7 +528,7 @@ class Trainer:
         saved = json.loads(ck["config"])
         mine = dataclasses.asdict(self.cfg)
         differs = sorted(k for k in mine if k not in ("out_dir", "device", "num_workers", "log_every", "save_every",
-                                                      "max_steps", "epochs")
+                                                      "max_steps", "epochs", *CACHE_FIELDS)
                          and json.dumps(saved.get(k)) != json.dumps(mine[k], default=list))
         if differs:
             raise ValueError(f"{path} was written by a run with a different config ({differs}); "
@@ -542,18 +588,34 @@ class Trainer:
         if moved is not None:
             self.recovery["set_aside"].append(moved.name)
 
-    def save_ensemble(self, tag: str) -> Optional[Path]:
-        """``alpha * student + (1 - alpha) * teacher`` of the CLIP weights (reference §1.6); raw student if alpha = 1."""
+    def save_ensemble(self, tag: str) -> Path | None:
+        """``alpha * student + (1 - alpha) * teacher`` of the CLIP weights (reference §1.6); raw student if
+        alpha = 1."""
         if not self.info.is_main:
             return None
         sd = self.method.state_dict()
+        omitted: list[str] = []
+        student = getattr(self.method, "student", None)
+        if self.cfg.checkpoint == "final" and isinstance(student, nn.Module):  # frozen = the base CLIP's weights
+            omitted = sorted(f"student.{n}" for n, p in student.named_parameters() if not p.requires_grad)
+            drop = set(omitted)
+            sd = {k: v for k, v in sd.items() if k not in drop}
         if self.cfg.alpha < 1.0:
             if self.teacher_state is None:
                 raise ValueError("alpha < 1 needs the teacher's state_dict")
             sd = weight_ensemble(sd, self.teacher_state, self.cfg.alpha, prefix="student.")
-        path = atomic_save({"model": sd, "alpha": self.cfg.alpha, "step": self.step}, self.out / f"ensemble-{tag}.pt")
+        payload = {"model": sd, "alpha": self.cfg.alpha, "step": self.step}
+        if omitted:
+            payload["omitted"] = omitted
+        path = atomic_save(payload, self.out / f"ensemble-{tag}.pt")
         fault_point("distill.ensemble-saved")
         return path
+
+    def cache_stats(self) -> dict[str, int] | None:
+        """What the teacher-target cache did for this trainer (row counts since it was built); None when off."""
+        if self.target_cache is None:
+            return None
+        return {k: v - self._cache_stats0.get(k, 0) for k, v in self.target_cache.stats.items()}
 
     # -------------------------------------------------------------------------------- loop
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -582,7 +644,7 @@ class Trainer:
         if self.info.is_main:
             append_jsonl(self.metrics_path, rec)
 
-    def fit(self, resume: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+    def fit(self, resume: bool = True, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or until ``stop_after`` more steps); returns the run summary."""
         cfg, info = self.cfg, self.info
         resumed = self.resume() if resume else False
@@ -647,7 +709,8 @@ class Trainer:
             if self.pos >= self.sampler.per_rank:  # epoch finished
                 self.epoch += 1
                 self.pos = 0
-                if self.cfg.alpha < 1.0:  # before the checkpoint: a kill in between replays the epoch's end
+                if self.cfg.alpha < 1.0 and self.cfg.checkpoint == "full":  # before the checkpoint: a kill in
+                    # between replays the epoch's end
                     self.save_ensemble(f"epoch{self.epoch}")
                 self.save()
         bar.close()
@@ -669,6 +732,7 @@ class Trainer:
             rec = run_record(cfg, info)
             rec["train"] = summary
             rec["recovery"] = self.recovery
+            rec["teacher_cache"] = self.cache_stats()
             atomic_write_text(json.dumps(rec, indent=2, default=str), results)  # the run's last write
         return summary
 

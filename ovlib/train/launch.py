@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,29 +26,31 @@ from ovlib import config as params_lib
 from ovlib.train.distill import DistillConfig, Trainer, dist_info, lock_visual
 from ovlib.train.recipes import distill_config
 
-MICRO_PROFILES = ("smoke", "micro")
-
 
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
 
 
-def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset[str]):
-    """Student, teacher (same weights), the VFM if needed, and the tokenizer. Micro backbones come from the pre-training cache
-    ("load if present, else train", :mod:`ovlib.train.pretrain`) unless ``cfg.pretrained`` names a file."""
+def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset[str], teacher: bool = True):
+    """Student, teacher (same weights; ``teacher=False``: none, a loader's build), the VFM if needed, and the
+    tokenizer. Micro backbones come from the pre-training cache ("load if present, else train",
+    :mod:`ovlib.train.pretrain`) unless ``cfg.pretrained`` names a file. Randomly
+    initialised named models (``pretrained: null``, the dry run) are seeded by the profile's ``seed``, not the run's:
+    like named weights, the base is the same for every run (and for the chapter's frozen CLIP)."""
     from ovlib.models import MICRO_CLIP_CONFIGS, load_clip, load_vfm
     from ovlib.models.vfm import MICRO_VFM_CONFIGS
 
     if cfg.backbone in MICRO_CLIP_CONFIGS and not cfg.pretrained:
         from ovlib.train.pretrain import pretrain_clip, pretrain_configs
 
-        clip_cfg, _ = pretrain_configs(params["profile"], params["steps_scale"], params["seed"])
+        clip_cfg, _ = pretrain_configs(params, params["steps_scale"], params["seed"])
         student, tokenizer, _ = pretrain_clip(clip_cfg, params["cache_dir"], progress=False)
     else:
-        student, tokenizer, _ = load_clip(cfg.backbone, pretrained=cfg.pretrained, allow_download=params["allow_download"],
-                                          seed=cfg.seed, weights_dir=params.get("weights_dir") or None)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        student, tokenizer, _ = load_clip(cfg.backbone, pretrained=cfg.pretrained,
+                                          allow_download=params["allow_download"], seed=int(params["seed"]),
+                                          weights_dir=params.get("weights_dir") or None)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False) if teacher else None  # None: a loader's build
     vfm = None
     if "vfm" in needs:
         if not cfg.vfm:
@@ -55,11 +58,11 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
         if cfg.vfm in MICRO_VFM_CONFIGS and not cfg.vfm_pretrained:
             from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 
-            _, vfm_cfg = pretrain_configs(params["profile"], params["steps_scale"], params["seed"])
+            _, vfm_cfg = pretrain_configs(params, params["steps_scale"], params["seed"])
             vfm = pretrain_vfm(vfm_cfg, params["cache_dir"], progress=False)[0]
         else:
             vfm = load_vfm(cfg.vfm, pretrained=cfg.vfm_pretrained, allow_download=params["allow_download"],
-                           seed=cfg.seed, weights_dir=params.get("weights_dir") or None)
+                           seed=int(params["seed"]), weights_dir=params.get("weights_dir") or None)
     return student, teacher, vfm, tokenizer
 
 
@@ -74,7 +77,7 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
     cfg = distill_config(params, method, overrides, out_dir)
     info = dist_info(cfg.device)
     method_cls = get_method(cfg.method)
-    if params["profile"] in MICRO_PROFILES:
+    if params_lib.micro_world(params):
         from ovlib.data.microworld import ensure_microworld
 
         if cfg.max_images <= 0:
@@ -105,12 +108,15 @@ def build_trainer(params: Mapping[str, Any], method: str, overrides: Mapping[str
     # what a method may need besides images and regions: the tokenizer of the (frozen) text tower and the
     # dataset's categories (id, name, and for the micro world synonyms/definition) to turn label ids into text
     extra = {}
-    if cfg.method_args.get("clipseg") == "micro-clipseg":  # SynSeg's CLIPSeg initialisation, micro stand-in
-        from ovlib.train.proxies import clipseg_config, pretrain_clipseg
+    if cfg.method_args.get("clipseg") is not None:  # SynSeg's CLIPSeg initialisation: micro, named file or path
+        from ovlib.train.proxies import clipseg_weights, file_key
 
-        extra["clipseg_state"] = pretrain_clipseg(clipseg_config(params["profile"], params["steps_scale"],
-                                                                 params["seed"]), student, tokenizer,
-                                                  params["cache_dir"], progress=False)[0]
+        # the micro CLIPSeg is keyed to the CLIP it is trained on: the profile's micro CLIP, else the run's weights
+        key = None if not cfg.pretrained else f"{cfg.backbone}:{file_key(cfg.pretrained)}"
+        state = clipseg_weights(params, cfg.method_args["clipseg"], student, tokenizer, device=info.device,
+                                clip_key=key)
+        if state is not None:
+            extra["clipseg_state"] = state
     torch.manual_seed(cfg.seed)  # modules a method creates (Refiner, SynSeg decoder) start from the run's seed
     distiller = method_cls(student, frozen, tokenizer=tokenizer, categories=categories, **cfg.method_args, **extra)
     return Trainer(cfg, distiller, data, collate, teacher_state=teacher.state_dict(), info=info)

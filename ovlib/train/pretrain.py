@@ -2,9 +2,10 @@
 
 Both trainers follow the book's "load if present, else train" rule: the finished model lives at
 ``cache_path(cache_dir, kind, cfg)`` (``kind`` = ``"micro-clip"`` / ``"micro-vfm"``, keyed by a hash of the
-whole config), a resumable training state (model, optimiser, scheduler, step, RNG, history) is written
-atomically every ``ckpt_every`` steps next to it (``*.state.pt``) and removed when training finishes. A
-non-finite loss stops training with :class:`FloatingPointError`; the last good state stays on disk.
+whole config but its ``data_pipeline``, :data:`DATA_PIPELINES`), a resumable training state (model,
+optimiser, scheduler, step, RNG, history) is written atomically every ``ckpt_every`` steps next to it
+(``*.state.pt``) and removed when training finishes. A non-finite loss stops training with
+:class:`FloatingPointError`; the last good state stays on disk.
 
 * :func:`clip_loss` -- the symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3 pseudo-code) with the
   learnable temperature ``logit_scale`` (clamped at ``ln 100`` after each step, as open_clip does).
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ovlib.io import atomic_save, cache_path, fault_point, load_cache, tqdm_disabled
+from ovlib.config import profile_sizes
+from ovlib.io import atomic_save, cache_path, fault_point, key_fields, load_cache, tqdm_disabled
 from ovlib.models.images import image_mean_std  # re-exported: the trainers' callers import it from here
 from ovlib.train.optim import param_groups, warmup_cosine
 
@@ -36,6 +40,7 @@ __all__ = [
     "ClipPretrainConfig",
     "DinoPretrainConfig",
     "pretrain_configs",
+    "scaled_budget",
     "clip_loss",
     "dino_loss",
     "DinoHead",
@@ -50,7 +55,25 @@ __all__ = [
     "clip_train_flops_per_sample",
     "image_mean_std",
     "resolve_precision",
+    "DATA_PIPELINES",
 ]
+
+
+#: How a pre-training gets its micro-world data (the ``data_pipeline`` field of every pre-training config):
+#: ``"shards"`` renders the items the run needs before its first step, in parallel worker processes of one thread
+#: each, onto disk (:mod:`ovlib.data.stream_shards`, removed when the run finishes), so the optimiser loop only
+#: reads them back; ``"inline"`` renders them in the training loop (a DataLoader with ``num_workers`` workers;
+#: 0: between the steps, on one thread while torch's other threads wait; each worker is a process beside torch's
+#: threads, so give the trainer that many fewer). Both give bit-identical batches, so the field is not part of
+#: the cache key (``metadata={"cache_key": False}``, :func:`ovlib.io.key_fields`): either finds the other's model.
+#: Measured (issue 22, cProfile and process CPU time at one thread): scene rendering + captioning is a quarter
+#: (fp32) to a third (bf16 on AMX) of an inline micro CLIP step, tokenisation < 1 % (so it stays in the loop);
+#: the rest is the model (matmuls, attention, GELU), which then bounds the step.
+DATA_PIPELINES = ("shards", "inline")
+
+
+def _pipeline_field() -> Any:
+    return field(default="shards", metadata={"cache_key": False})
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -77,6 +100,7 @@ class ClipPretrainConfig:
     #   views 0.5, lr 5e-4, 300 steps: 60.6 / 55.2 %; views 0.7, lr 1e-3, 360 steps: 75.0 / 71.1 %
     view_render_size: int = 128
     view_context: tuple[float, float] = (1.2, 2.5)
+    data_pipeline: str = _pipeline_field()  # "shards" | "inline" (DATA_PIPELINES); not part of the cache key
 
 
 @dataclass(frozen=True)
@@ -108,35 +132,33 @@ class DinoPretrainConfig:
     num_workers: int = 0
     seed: int = 0
     ckpt_every: int = 100
+    data_pipeline: str = _pipeline_field()  # "shards" | "inline" (DATA_PIPELINES); not part of the cache key
 
 
-#: Per-profile budgets at ``steps_scale == 1`` (the ``micro`` numbers, chosen by measurement on 2 CPU cores,
-#: see chapter 01) and the floors that keep the ``smoke`` profile meaningful (its ``steps_scale`` is 0.01).
-_PROFILE_SIZES: dict[str, dict[str, Any]] = {
-    "smoke": dict(clip=dict(batch_size=16, ckpt_every=1000), clip_floor=30,
-                  vfm=dict(batch_size=8, n_local=2, ckpt_every=1000), vfm_floor=5),
-    "micro": dict(clip=dict(), clip_floor=1, vfm=dict(), vfm_floor=1),
-    "paper": dict(clip=dict(), clip_floor=1, vfm=dict(), vfm_floor=1),
-}
+def scaled_budget(cfg: Any, sizes: Mapping[str, Any], steps_scale: float) -> Any:
+    """``cfg`` with a profile's pre-training budget (``budgets.pretrain.<model>``, :data:`ovlib.config.SIZE_KEYS`):
+    ``steps = max(min_steps, round(steps * steps_scale))``, warm-up the budget's, at most a tenth of the steps (at
+    least 1); every other key replaces the config field of its name."""
+    if steps_scale <= 0:
+        raise ValueError(f"steps_scale must be > 0, got {steps_scale}")
+    steps = max(int(sizes["min_steps"]), round(sizes["steps"] * steps_scale))
+    rest = {k: v for k, v in sizes.items() if k not in ("steps", "warmup", "min_steps")}
+    return replace(cfg, **rest, steps=steps, warmup=max(1, min(int(sizes["warmup"]), steps // 10)))
 
 
-def pretrain_configs(profile: str, steps_scale: float = 1.0, seed: int = 0) -> tuple[ClipPretrainConfig, Any]:
-    """The micro CLIP and micro VFM pre-training configs of a profile; ``steps_scale`` multiplies the step
-    budgets (and the warm-up, kept at ~8-10 % of the run), with a per-profile floor (smoke: 30 / 10 steps).
-    The ``paper`` profile uses real pretrained weights; it gets the ``micro`` recipe should it ask.
+def pretrain_configs(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
+                     seed: int = 0) -> tuple[ClipPretrainConfig, Any]:
+    """The micro CLIP and micro VFM pre-training configs of a profile (a name, or resolved parameters): the
+    budgets of ``budgets.pretrain`` in ``params/PROFILE.yaml`` (:func:`ovlib.config.profile_sizes`), with
+    ``steps_scale`` multiplying the steps (and the warm-up, kept at ~10 % of the run), at least the profile's
+    ``min_steps``. The ``paper`` profile uses real pretrained weights; it gets the ``micro`` budgets should it ask.
 
     The micro VFM's config is a :class:`DenseVfmPretrainConfig` (dense self-distillation
     at the evaluation scale; chosen over DINO's :class:`DinoPretrainConfig` on a small measured margin --
     whether it groups better than the CLIP is chapter 01's premise claim, and the trials are recorded there);
     :func:`pretrain_vfm` trains either."""
-    if profile not in _PROFILE_SIZES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(_PROFILE_SIZES)}")
-    if steps_scale <= 0:
-        raise ValueError(f"steps_scale must be > 0, got {steps_scale}")
-    p = _PROFILE_SIZES[profile]
-    c = replace(ClipPretrainConfig(seed=seed, world_seed=seed), **p["clip"])
-    cs = max(p["clip_floor"], round(c.steps * steps_scale))
-    c = replace(c, steps=cs, warmup=max(1, min(c.warmup, cs // 10)))
+    sizes = profile_sizes(profile, "pretrain")["clip"]
+    c = scaled_budget(ClipPretrainConfig(seed=seed, world_seed=seed), sizes, steps_scale)
     return c, dense_vfm_config(profile, steps_scale, seed)
 
 
@@ -232,6 +254,39 @@ def _stream_loader(world_seed: int, size: int, batch_size: int, start: int, num_
 _VFM_STREAM_OFFSET = 50_000_000
 
 
+def _shard_processes() -> int:
+    """Worker processes that render shards: the threads torch was given (``OMP_NUM_THREADS`` /
+    ``torch.set_num_threads``), at most the cores this process may run on. The trainer waits while they work
+    and they run one thread each, so threads x processes never exceeds what the caller allotted."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores))
+
+
+def _data_batches(cfg: Any, cache_dir: str | Path, world_seed: int, size: int, batch_size: int, start: int,
+                  stop: int, end: int, run: _RunLog, progress: bool, **views: Any) -> Iterator[dict]:
+    """The batches of the micro-world stream from item ``start`` on through ``cfg.data_pipeline``
+    (:data:`DATA_PIPELINES`; the inline one is :func:`_stream_loader`). ``stop``: the item after the last one
+    this call trains on (shards up to it are rendered before the first batch), ``end``: the item after the
+    run's last one (the shards ``[end - steps * batch, end)`` are removed when ``run`` finishes). Nothing is
+    rendered before the first ``next()``, so the trainer's clock (``run.start()``) counts it."""
+    from ovlib.data.stream_shards import StreamSpec, ensure_shards, remove_shards, shard_batches
+
+    if cfg.data_pipeline not in DATA_PIPELINES:
+        raise ValueError(f"data_pipeline must be one of {DATA_PIPELINES}, got {cfg.data_pipeline!r}")
+    if cfg.data_pipeline == "inline":
+        return _stream_loader(world_seed, size, batch_size, start, cfg.num_workers, **views)
+    spec = StreamSpec(world_seed, size, **views)
+    root = Path(cache_dir) / "stream"
+
+    def gen() -> Iterator[dict]:
+        run.data_seconds += ensure_shards(root, spec, start, stop, processes=_shard_processes(),
+                                          progress=_quiet(progress))["seconds"]
+        run.cleanup.append(lambda: remove_shards(root, spec, end - cfg.steps * batch_size, end))
+        yield from shard_batches(root, spec, start, batch_size)
+
+    return gen()
+
+
 _BF16_FASTER: dict[str, bool] = {}
 
 
@@ -309,6 +364,8 @@ class _RunLog:
         self.final, self.state_file, self.cfg, self.name = final, _state_path(final), cfg, name
         self.step, self.history, self.train_seconds = 0, [], 0.0
         self.desc, self.progress = desc, progress
+        self.cleanup: list[Callable[[], Any]] = []  # run once the final file is written (e.g. remove data shards)
+        self.data_seconds = 0.0  # shard rendering before the first step of this call (part of train_seconds)
 
     def resume(self) -> dict | None:
         """The saved state (and counters restored from it), or ``None`` when there is none -- or when it is
@@ -365,7 +422,7 @@ class _RunLog:
         self.close()
         info = {"history": self.history, "train_seconds": self.train_seconds,
                 "samples_per_s": len(self.history) and self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9),
-                "bf16": bf16, "matmul_peak": peak, "config": asdict(self.cfg)}
+                "bf16": bf16, "matmul_peak": peak, "config": asdict(self.cfg), "data_seconds": self.data_seconds}
         if self.step < self.cfg.steps:
             self.save(payload())
             return dict(info, loaded=False, path=str(self.state_file))
@@ -373,14 +430,21 @@ class _RunLog:
         fault_point("pretrain.final-written")  # the final file exists, the state file not yet removed
         if self.state_file.is_file():
             self.state_file.unlink()
+        for fn in self.cleanup:
+            fn()
         return dict(info, loaded=False, path=str(self.final))
 
 
 def _same_config(saved: Any, cfg: Any, path: Path) -> None:
+    """``saved`` (a config dict read from a file) is ``cfg`` up to the fields outside the cache key
+    (:func:`ovlib.io.key_fields`: a state written by the inline pipeline resumes under the shards one)."""
     import json
 
-    mine = json.dumps(asdict(cfg), sort_keys=True, default=list)
-    if json.dumps(saved, sort_keys=True, default=list) != mine:
+    mine = key_fields(cfg)
+    if isinstance(saved, dict):
+        outside = {f.name for f in fields(cfg)} - set(mine)
+        saved = {k: v for k, v in saved.items() if k not in outside}
+    if json.dumps(saved, sort_keys=True, default=list) != json.dumps(mine, sort_keys=True, default=list):
         raise ValueError(f"{path} was written for another config")
 
 
@@ -410,9 +474,11 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
     """Load the micro CLIP trained with ``cfg`` from the cache, else train it (resuming a saved state).
 
     Returns ``(model (eval mode), tokenizer, info)``; ``info`` has ``history`` (list of per-step dicts:
-    step, loss, lr, logit_scale, seconds), ``samples_per_s``, ``train_seconds``, ``path`` and ``loaded``
-    (True when nothing was trained in this call). ``max_steps`` stops early after that many *total* steps
-    leaving a resumable state (used by tests of resume); the final file is written only at ``cfg.steps``.
+    step, loss, lr, logit_scale, seconds), ``samples_per_s`` and ``train_seconds`` (end to end: data rendering
+    included), ``data_seconds`` (the part of it spent rendering shards before the first step of the call that
+    trained), ``path`` and ``loaded`` (True when nothing was trained in this call). ``max_steps`` stops early after
+    that many *total* steps, leaving a resumable state (used by tests of resume); the final file is written only
+    at ``cfg.steps``.
     """
     from ovlib.models.clip import load_clip
 
@@ -445,9 +511,10 @@ def pretrain_clip(cfg: ClipPretrainConfig, cache_dir: str | Path, device: str | 
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     use_bf16 = resolve_precision(cfg.precision, device)
     peak = _training_peak(use_bf16, device)
-    batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size, run.step * cfg.batch_size,
-                             cfg.num_workers, object_views=cfg.object_views,
-                             view_render_size=cfg.view_render_size, view_context=cfg.view_context)
+    B = cfg.batch_size
+    batches = _data_batches(cfg, cache_dir, cfg.world_seed, cfg.image_size, B, run.step * B, stop * B, cfg.steps * B,
+                            run, progress, object_views=cfg.object_views, view_render_size=cfg.view_render_size,
+                            view_context=cfg.view_context)
     run.start()
     while run.step < stop:
         batch = next(batches)
@@ -491,8 +558,8 @@ def multicrop(images: torch.Tensor, n: int, size: int, scale: tuple[float, float
         x0 = torch.rand(b, generator=generator) * (W - w)
         y0 = torch.rand(b, generator=generator) * (H - h)
         boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)  # (B, 5)
-        v = roi_align(images, boxes.to(images), output_size=(size, size), spatial_scale=1.0, sampling_ratio=sampling_ratio,
-                      aligned=True)  # (B, 3, size, size)
+        v = roi_align(images, boxes.to(images), output_size=(size, size), spatial_scale=1.0,
+                      sampling_ratio=sampling_ratio, aligned=True)  # (B, 3, size, size)
         if flip:
             f = torch.rand(b, generator=generator) < 0.5
             v = torch.where(f.view(b, 1, 1, 1).to(v.device), v.flip(-1), v)
@@ -505,7 +572,7 @@ def _vfm_embed(vfm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vfm.forward_head(vfm.forward_features(x), pre_logits=True)
 
 
-def _resume_self_distillation(run: "_RunLog", s_net: nn.Module, t_net: nn.Module, center: torch.Tensor, opt,
+def _resume_self_distillation(run: _RunLog, s_net: nn.Module, t_net: nn.Module, center: torch.Tensor, opt,
                               sched, gen: torch.Generator) -> Callable[[], dict]:
     """Restore a DINO-style run (student, EMA teacher, centre, optimiser, schedule, generator) from the
     resumable state of ``run`` when there is one, and return the ``payload()`` that saves exactly that state
@@ -562,8 +629,9 @@ def pretrain_vfm(cfg: Any, cache_dir: str | Path, device: str | torch.device = "
     use_bf16 = resolve_precision(cfg.precision, device)
     peak = _training_peak(use_bf16, device)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    batches = _stream_loader(cfg.world_seed, cfg.image_size, cfg.batch_size,
-                             _VFM_STREAM_OFFSET + run.step * cfg.batch_size, cfg.num_workers)
+    B, o = cfg.batch_size, _VFM_STREAM_OFFSET
+    batches = _data_batches(cfg, cache_dir, cfg.world_seed, cfg.image_size, B, o + run.step * B, o + stop * B,
+                            o + cfg.steps * B, run, progress)
     run.start()
     while run.step < stop:
         step = run.step
@@ -667,27 +735,22 @@ class DenseVfmPretrainConfig:
     ema: tuple[float, float] = (0.99, 1.0)
     mask_ratio: float = 0.0         # iBOT: fraction of student tokens replaced by a learned mask token
     jitter: float = 0.2             # colour jitter strength (brightness, contrast, per-channel gain), per view
+    channel_shuffle: float = 0.0    # probability that a view's RGB channels are permuted (a random permutation)
+    grayscale: float = 0.0          # probability that a view is replaced by its luma (after any permutation)
     clip_grad: float = 3.0
     precision: str = "auto"
     num_workers: int = 0
     seed: int = 0
     ckpt_every: int = 100
+    data_pipeline: str = _pipeline_field()  # "shards" | "inline" (DATA_PIPELINES); not part of the cache key
 
 
-#: smoke sizes of the dense VFM (its steps_scale is 0.01: floor 5 steps)
-_DENSE_SMOKE = dict(batch_size=8, pairs_per_scene=4, ckpt_every=1000)
-
-
-def dense_vfm_config(profile: str, steps_scale: float = 1.0, seed: int = 0) -> DenseVfmPretrainConfig:
-    """The micro VFM config of a profile (:func:`ovlib.train.pretrain.pretrain_configs` returns it):
-    ``steps_scale`` multiplies the steps and the warm-up (~10 %), floor 5 steps at ``smoke``."""
-    if steps_scale <= 0:
-        raise ValueError(f"steps_scale must be > 0, got {steps_scale}")
-    v = DenseVfmPretrainConfig(seed=seed, world_seed=seed)
-    if profile == "smoke":
-        v = replace(v, **_DENSE_SMOKE)
-    steps = max(5 if profile == "smoke" else 1, round(v.steps * steps_scale))
-    return replace(v, steps=steps, warmup=max(1, min(v.warmup, steps // 10)))
+def dense_vfm_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
+                     seed: int = 0) -> DenseVfmPretrainConfig:
+    """The micro VFM config of a profile (:func:`ovlib.train.pretrain.pretrain_configs` returns it): the budget of
+    ``budgets.pretrain.vfm``, ``steps_scale`` multiplying the steps and the warm-up (~10 %) (:func:`scaled_budget`)."""
+    sizes = profile_sizes(profile, "pretrain")["vfm"]
+    return scaled_budget(DenseVfmPretrainConfig(seed=seed, world_seed=seed), sizes, steps_scale)
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -759,6 +822,28 @@ def _jitter(views: torch.Tensor, strength: float, generator: torch.Generator) ->
     return x.clamp(0, 1)
 
 
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights (torchvision's rgb_to_grayscale)
+
+
+def colour_permute(views: torch.Tensor, shuffle: float, grayscale: float, generator: torch.Generator
+                   ) -> torch.Tensor:
+    """Colour made useless as a shortcut between the two views: ``views (n, 3, S, S)`` in [0, 1]; each view's
+    channels are permuted with probability ``shuffle`` (a uniformly random permutation of (R, G, B), identity
+    included), then with probability ``grayscale`` every channel becomes the luma ``0.299 R + 0.587 G + 0.114 B``.
+    The two views of a pair draw independently, so a token's colour in one view does not predict its colour in
+    the other; texture, shading and shape do."""
+    if not (0 <= shuffle <= 1 and 0 <= grayscale <= 1):
+        raise ValueError(f"colour_permute: shuffle and grayscale must be probabilities, got {shuffle}, {grayscale}")
+    n = views.shape[0]
+    perm = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)  # (n, 3) a random permutation per view
+    use = torch.rand(n, generator=generator) < shuffle
+    perm = torch.where(use[:, None], perm, torch.arange(3).expand(n, 3)).to(views.device)
+    x = torch.gather(views, 1, perm.view(n, 3, 1, 1).expand_as(views))
+    gray = (torch.rand(n, generator=generator) < grayscale).to(views.device)
+    luma = (x * torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return torch.where(gray.view(n, 1, 1, 1), luma.expand_as(x), x)
+
+
 # ------------------------------------------------------------------------------------------------ losses
 def dense_dino_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, center: torch.Tensor,
                     student_temp: float, teacher_temp: float) -> torch.Tensor:
@@ -810,8 +895,14 @@ class _TokenHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _scene_batches(world_seed: int, size: int, scenes: int, start: int):
-    """Batches of ``scenes`` scenes ``(scenes, 3, size, size)`` in [0, 1] from the VFM's part of the stream."""
+def _scene_batches(world_seed: int, size: int, scenes: int, start: int, data: dict | None = None):
+    """Batches of ``scenes`` scenes ``(scenes, 3, size, size)`` in [0, 1] from the VFM's part of the stream;
+    ``data``: the keyword arguments ``cfg, cache_dir, stop, end, run, progress`` of :func:`_data_batches`
+    (``None``: the inline stream, rendered here)."""
+    if data is not None:
+        for b in _data_batches(world_seed=world_seed, size=size, batch_size=scenes, start=start, **data):
+            yield b["image"]
+        return
     from ovlib.data.microworld import MicroWorld, MicroWorldStream
 
     stream = MicroWorldStream(MicroWorld(seed=world_seed), size=size, start=start)
@@ -864,13 +955,19 @@ def pretrain_vfm_dense(cfg: DenseVfmPretrainConfig, cache_dir: str | Path, devic
     peak = _training_peak(use_bf16, device)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     scenes = cfg.batch_size // cfg.pairs_per_scene
-    batches = _scene_batches(cfg.world_seed, cfg.scene_size, scenes, _VFM_STREAM_OFFSET + run.step * scenes)
+    o = _VFM_STREAM_OFFSET
+    batches = _scene_batches(cfg.world_seed, cfg.scene_size, scenes, o + run.step * scenes, {
+        "cfg": cfg, "cache_dir": cache_dir, "stop": o + stop * scenes, "end": o + cfg.steps * scenes, "run": run,
+        "progress": progress})
     run.start()
     while run.step < stop:
         step = run.step
         images = next(batches).to(device)  # (scenes, 3, S, S) in [0, 1]
         views, boxes, flips = paired_views(images, cfg.pairs_per_scene, cfg.view_size, cfg.view_scale, gen)
-        views = [_normalize(_jitter(v, cfg.jitter, gen), mean, std) for v in views]  # 2 x (n, 3, V, V)
+        views = [_jitter(v, cfg.jitter, gen) for v in views]
+        if cfg.channel_shuffle > 0 or cfg.grayscale > 0:
+            views = [colour_permute(v, cfg.channel_shuffle, cfg.grayscale, gen) for v in views]
+        views = [_normalize(v, mean, std) for v in views]  # 2 x (n, 3, V, V)
         n = views[0].shape[0]
         masks = None
         if cfg.mask_ratio > 0:

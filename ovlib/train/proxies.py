@@ -20,13 +20,16 @@ below depends on the pre-training module, not the other way round); this module 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovlib.config import profile_sizes
 from ovlib.io import cache_path, safe_load
 from ovlib.train.optim import warmup_cosine
 from ovlib.train.pretrain import (  # the dense VFM lives in pretrain (its default micro VFM); re-exported here
@@ -36,6 +39,7 @@ from ovlib.train.pretrain import (  # the dense VFM lives in pretrain (its defau
     _normalize,
     _RunLog,
     _training_peak,
+    colour_permute,
     dense_dino_loss,
     dense_vfm_config,
     image_mean_std,
@@ -43,6 +47,7 @@ from ovlib.train.pretrain import (  # the dense VFM lives in pretrain (its defau
     pretrain_configs,
     pretrain_vfm_dense,
     resolve_precision,
+    scaled_budget,
     vfm_tokens,
     view_correspondence,
 )
@@ -53,6 +58,9 @@ __all__ = [
     "base_class_ids",
     "clipseg_batches",
     "clipseg_config",
+    "colour_permute",
+    "clipseg_weights",
+    "file_key",
     "dense_dino_loss",
     "dense_vfm_config",
     "paired_views",
@@ -96,17 +104,62 @@ class ClipSegPretrainConfig:
     ckpt_every: int = 100
 
 
-def clipseg_config(profile: str, steps_scale: float = 1.0, seed: int = 0) -> ClipSegPretrainConfig:
-    """The micro CLIPSeg config of a profile, keyed to that profile's micro CLIP (``pretrain_configs``);
-    ``steps_scale`` multiplies the steps (floor: 20 at ``smoke``)."""
+def clipseg_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0, seed: int = 0) -> ClipSegPretrainConfig:
+    """The micro CLIPSeg config of a profile (a name, or resolved parameters), keyed to that profile's micro CLIP
+    (``pretrain_configs``): the budget of ``budgets.pretrain.clipseg`` (``steps_scale`` multiplies the steps,
+    :func:`~ovlib.train.pretrain.scaled_budget`)."""
     from ovlib.io import config_hash
 
     clip_cfg, _ = pretrain_configs(profile, steps_scale, seed)
     base = ClipSegPretrainConfig(clip=config_hash(clip_cfg), world_seed=seed, seed=seed)
-    if profile == "smoke":
-        base = replace(base, batch_size=8, ckpt_every=1000)
-    steps = max(20 if profile == "smoke" else 1, round(base.steps * steps_scale))
-    return replace(base, steps=steps, warmup=max(1, min(base.warmup, steps // 10)))
+    return scaled_budget(base, profile_sizes(profile, "pretrain")["clipseg"], steps_scale)
+
+
+def clipseg_weights(params, name: str | None, clip: nn.Module, tokenizer, device: str | torch.device = "cpu",
+                    progress: bool = False, clip_key: str | None = None) -> dict[str, torch.Tensor] | None:
+    """The CLIPSeg weights (CLIPSeg's key names) SynSeg's decoder starts from, for ``method_args.clipseg = name``
+    in the profile ``params``:
+
+    * ``None``: no CLIPSeg (the decoder starts from scratch) -> ``None``;
+    * ``"micro-clipseg"``: the micro CLIPSeg of the profile on the frozen ``clip`` (:func:`clipseg_config`,
+      :func:`pretrain_clipseg`: loaded from ``cache_dir``, else trained);
+    * another named CLIPSeg (:data:`ovlib.models.clipseg.CLIPSEG_ARCHS`, e.g. ``rd64-uni``): the file
+      ``weights_dir/rd64-uni.pth`` (:func:`ovlib.models.weights.clipseg_weight_file`; an error naming it when
+      absent); ``None`` in a dry run with ``random_init`` (the CLIPSeg-form decoder stays random);
+    * a path: that checkpoint file.
+
+    ``clip_key`` names the frozen CLIP the micro CLIPSeg is trained on (part of its cache key): ``None`` -- the
+    profile's pre-trained micro CLIP (:func:`clipseg_config`'s key, the one chapter 01 uses); a run whose CLIP
+    comes from elsewhere (a ``pretrained`` file) passes its own key, so it never loads a CLIPSeg of another CLIP."""
+    from ovlib.models.clipseg import CLIPSEG_ARCHS, read_clipseg_checkpoint
+    from ovlib.models.weights import clipseg_weight_file
+
+    if name is None:
+        return None
+    if name == "micro-clipseg":
+        cfg = clipseg_config(params, params["steps_scale"], params["seed"])
+        cfg = cfg if clip_key is None else replace(cfg, clip=clip_key)
+        return pretrain_clipseg(cfg, clip, tokenizer, params["cache_dir"], device=device, progress=progress)[0]
+    if name in CLIPSEG_ARCHS:
+        if params.get("dry_run") and (params.get("dry_run_settings") or {}).get("random_init"):
+            return None
+        return read_clipseg_checkpoint(clipseg_weight_file(params.get("weights_dir", ""), name))
+    return read_clipseg_checkpoint(name)
+
+
+def file_key(pretrained: str) -> str:
+    """What names a CLIP's weights in a cache key: a local file by the SHA-256 of its bytes (16 hex digits; its
+    content, not its path), a named weight (``openai``, a hub tag) by its name."""
+    import hashlib
+
+    path = Path(pretrained)
+    if not path.is_file():
+        return str(pretrained)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def base_class_ids(world) -> list[int]:
@@ -176,10 +229,10 @@ def pretrain_clipseg(cfg: ClipSegPretrainConfig, clip: nn.Module, tokenizer, cac
     ``info`` with ``history`` (step, loss, lr, seconds), ``path``, ``loaded``. ``clip`` must be the CLIP whose
     config hash is ``cfg.clip`` (the caller's contract; the hash is part of the cache key)."""
     # the text anchors are SynSeg's (ovlib.methods.synseg embeds them with the same function)
-    from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
     from ovlib.models.adapter import vit_adapter
     from ovlib.models.clipseg import build_clipseg_decoder, clipseg_arch, decoder_to_clipseg_state
     from ovlib.models.film_decoder import clip_block_activations, default_extract_layers
+    from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
 
     if not cfg.clip:
         raise ValueError("ClipSegPretrainConfig.clip must name the frozen CLIP (its config hash); use clipseg_config")

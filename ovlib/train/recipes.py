@@ -16,11 +16,12 @@ the run. Later entries override earlier ones, so a file reads from general to sp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from ovlib.methods import METHODS
-from ovlib.train.distill import DistillConfig
 from ovlib.io import config_hash
+from ovlib.methods import METHODS
+from ovlib.train.distill import CACHE_FIELDS, DistillConfig
 
 SELECTORS = ("method", "backbone")
 MERGED = ("loss_weights", "method_args")
@@ -84,7 +85,8 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
     if out_dir:
         cfg.out_dir = out_dir
     elif not cfg.out_dir:
-        key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "device", "num_workers")}
+        key = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("out_dir", "device", "num_workers", *CACHE_FIELDS)}  # same hashes as before the cache
         cfg.out_dir = f"{params['cache_dir']}/runs/{method}-{backbone}-{config_hash(key)}"
     return cfg
 
@@ -133,6 +135,11 @@ def main(argv=None) -> int:
     params = config.resolve(args.profile, args.param, root=args.root)
     for name, tag in named_weights(params):
         print(f"{weight_stem(name, tag)}{WEIGHT_SUFFIXES[0]}\t{name} {tag}")
+    from ovlib.models.clipseg import CLIPSEG_ARCHS
+
+    cs = resolve_recipe(params.get("recipes", []), "synseg", params["backbone"]).get("method_args", {}).get("clipseg")
+    if cs in CLIPSEG_ARCHS and cs != "micro-clipseg":  # SynSeg's CLIPSeg initialisation (never downloaded)
+        print(f"{cs}.pth\tCLIPSeg decoder {cs} (SynSeg)")
     return 0
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ovlib.viz import logic, widgets
 from ovlib.eval._common import student_image
+from ovlib.viz import logic, widgets
 
 __all__ = [
     "AffinityExplorer",
@@ -222,7 +223,7 @@ class AffinityExplorer(_Explorer):
         token: Sequence[int] | None = None,
         index: int | None = None,
         point: Sequence[float] | None = None,
-    ) -> "AffinityExplorer":
+    ) -> AffinityExplorer:
         if image is not None:
             self._set_image(image)
         given = [v is not None for v in (token, index, point)]
@@ -329,7 +330,7 @@ class AttentionExplorer(_Explorer):
         class_name: str | None = None,
         synonym: str | None = "",
         text: str | None = None,
-    ) -> "AttentionExplorer":
+    ) -> AttentionExplorer:
         """``synonym=""`` keeps the current one unless the class changes; ``None`` selects the main name."""
         if image is not None:
             self._set_image(image)
@@ -456,7 +457,7 @@ class RegionExplorer(_Explorer):
 
     def select(
         self, image: int | None = None, box: Sequence[float] | None = None, gt: int | None = None
-    ) -> "RegionExplorer":
+    ) -> RegionExplorer:
         """``gt``: the index of a ground-truth box of the (new) image; a new image without ``box``/``gt``
         takes its first ground-truth box (else the central box)."""
         if image is not None and int(image) != self.image:
@@ -653,7 +654,7 @@ class ThresholdExplorer(_Explorer):
 
     def select(
         self, image: int | None = None, threshold: float | None = None, class_name: str | None = None
-    ) -> "ThresholdExplorer":
+    ) -> ThresholdExplorer:
         if image is not None:
             self._set_image(image)
         if threshold is not None:

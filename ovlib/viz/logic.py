@@ -7,10 +7,12 @@ pixels of the image tensor, tokens ``(row, col)`` cells of a dense grid.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from ovlib.data.regions import crop_regions
 from ovlib.models import roi_features
 from ovlib.models.affinity import affinity_map, pixel_to_cell

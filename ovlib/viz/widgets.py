@@ -8,7 +8,8 @@ state in the notebook's metadata and the book renders it without a kernel).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["build"]
 

@@ -17,8 +17,9 @@ import os
 import shutil
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",

@@ -6,7 +6,8 @@ JSON line with what the test checks.
   tiny CLIPSelf run (smoke profile, the micro CLIP of ``PROJECT/micro.pt``);
 * ``study PROJECT ROOT STEPS`` -- a study-layer run: :func:`ovlib.io.run_once` over train_or_load plus an
   evaluation that writes ``eval.json`` (fault point ``study.evaluate``: the evaluation is half done);
-* ``pretrain_clip CACHE`` / ``pretrain_vfm CACHE`` -- a tiny micro CLIP / VFM pre-training (:mod:`ovlib.train.pretrain`).
+* ``pretrain_clip CACHE`` / ``pretrain_vfm CACHE`` -- a tiny micro CLIP / VFM pre-training
+  (:mod:`ovlib.train.pretrain`).
 """
 
 from __future__ import annotations
