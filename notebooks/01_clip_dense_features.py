@@ -76,7 +76,7 @@ from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity, e
 from ovlib.eval.unsupervised import mean_colour_dense
 from ovlib.eval.zeroshot import isolated_objects, zero_shot_hits, zero_shot_summary
 from ovlib.nb import ci, md, setup, table
-from ovlib.stats import Sample
+from ovlib.stats import Sample, fixed_mean
 from ovlib.study import Study
 from ovlib.train.pretrain import (
     clip_train_flops_per_sample,
@@ -439,26 +439,26 @@ md(table(["dense map", "Boxes Top-1", "Boxes Top-5", "Thing masks Top-1", "Thing
    + f"\n\nPooling `{PROTOCOL['pooling']}`, grid masks `{PROTOCOL['mask_grid']}` (CLIPSelf's conventions).")
 
 # %%
-# The papers' own numbers (COCO panoptic val2017, ViT-B/16, Top-1 / Top-5 mean accuracy), quoted from
-# Qiu et al. 2025 (Refining CLIP's Spatial Awareness, ICLR'25), Table 1.
-PAPER_TABLE1 = {"EVA-CLIP ViT-B/16": (18.2, 33.2, 20.6, 36.5, 18.4, 43.5),
-                "CLIPSelf ViT-B/16": (72.1, 91.3, 74.4, 91.8, 46.8, 80.2)}
+# The papers' own numbers (COCO panoptic val2017, ViT-B/16, Top-1 / Top-5 mean accuracy), from
+# book/paper_numbers.yaml (Qiu et al. 2025, Refining CLIP's Spatial Awareness, ICLR'25, Table 1).
+study = Study(P, "01", device=DEV)
+PAPER_T1 = study.paper_value("rsc.table.t1")
 gap = c["thing.macc1"][0] - summ["rois/vanilla"]["thing.macc1"][0]
 best = max(EV.modes, key=lambda m: summ[f"rois/{m}"]["thing.macc1"][0])
 lo_crop, hi_van = c["thing.macc1"][1], summ["rois/vanilla"]["thing.macc1"][2]
 clear = lo_crop > hi_van
-md(table(["paper row", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1", "Stuff T5"],
-         [[k] + [f"{x:.1f}" for x in v] for k, v in PAPER_TABLE1.items()]) +
+md(table(["paper row (EVA-CLIP ViT-B/16)", "Boxes T1", "Boxes T5", "Thing T1", "Thing T5", "Stuff T1", "Stuff T5"],
+         [[k] + [f"{x:.1f}" for x in PAPER_T1[k]] for k in ("CLIP", "CLIPSelf")]) +
    f"\n\n**The gap.** Crop CLS reaches {c['thing.macc1'][0]:.1f} % Top-1 on things, RoIAlign of the vanilla "
    f"dense map {summ['rois/vanilla']['thing.macc1'][0]:.1f} %: a gap of **{gap:.1f} points** "
    + ("(the intervals do not overlap: the papers' premise holds in the micro world). " if clear else
       "(**the intervals overlap: the gap is NOT clear at this budget** — the method chapters depend on it). ")
    + f"The best training-free mode on boxes is `{best}` with {summ[f'rois/{best}']['thing.macc1'][0]:.1f} %. "
-   "In the paper, EVA-CLIP's boxes reach 18.2 % and CLIPSelf's distillation lifts them to 72.1 %.")
+   f"In the paper, EVA-CLIP's boxes reach {PAPER_T1['CLIP'][0]:.1f} % and CLIPSelf's distillation lifts them to "
+   f"{PAPER_T1['CLIPSelf'][0]:.1f} %.")
 
 # the premise as a claim of the book's ledger (book/claims/01.json): the frozen CLIP is deterministic, so the
 # paired bootstrap over the evaluation images is the whole uncertainty (ovlib.stats)
-study = Study(P, "01", device=DEV)
 
 
 def thing_top1(key):
@@ -541,15 +541,9 @@ best_km = max(EV.modes, key=lambda m: km[m]["miou"][0])
 best_eq = max(EV.modes, key=lambda m: km_eq[m]["miou"][0])
 
 
-def km_sample(r):
-    """The per-image k-means mIoU of a deterministic model as a sample of the book's statistics."""
-    per = np.asarray(r["per_image"], dtype=np.float64)
-    return Sample((np.stack([per, np.ones_like(per)], 1),), lambda s_: s_[0] / s_[1], fixed=True)
-
-
 # the premise of chapters 2-4, as claims of the ledger (paired bootstrap over the same images)
 prem = [study.claim(f"1.7-vfm-groups-{name}", f"the {vfm_name} groups better than {what} (k-means mIoU"
-                    f"{', colours equalised' if d is km_eq else ''})", km_sample(d[ref]), km_sample(d["vfm"]),
+                    f"{', colours equalised' if d is km_eq else ''})", fixed_mean(d[ref]["per_image"]), fixed_mean(d["vfm"]["per_image"]),
                     "kmeans.miou", headline=True, section="1.7")
         for d, ref, name, what in ((km, best_km, "clip", f"the best CLIP mode (`{best_km}`)"),
                                    (km, "colour", "colour", "the colour baseline (mean RGB per patch)"),

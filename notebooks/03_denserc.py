@@ -101,10 +101,10 @@ from ovlib.models import vit_adapter
 from ovlib.nb import ci, md, ms, setup, table
 from ovlib.stats import (
     Comparison,
-    Sample,
     bootstrap_ci,
     eta_squared,
     eta_squared_units,
+    fixed_mean,
     mean_units,
     ratio_stat,
 )
@@ -270,7 +270,7 @@ md(f"**How much of the CLS embedding each group of terms carries** ({len(crops)}
 
 def per_crop_claim(section, text_, a, b, key, expected=+1):
     """b − a of a per-crop statistic of the frozen CLIP's term groups (deterministic: paired bootstrap over crops)."""
-    sa, sb = (Sample((mean_units(stats[n][key]),), ratio_stat, fixed=True) for n in (a, b))
+    sa, sb = (fixed_mean(stats[n][key]) for n in (a, b))
     return claim(section, text_, sa, sb, key, expected)
 
 
@@ -400,8 +400,7 @@ md(f"**Per-patch gradient magnitude** on {N_GRAD} images ({size} px, {GRADS['qq'
                        "starved"], rows))
 for k, txt in (("gini", "Gini"), ("top_share", "top-5 % share"), ("peak_over_mean", "peak / mean")):
     claim("3.4", f"without spatial aggregation the gradient is spread more evenly: HSG − qq {txt} < 0",
-          Sample((gstat_arr("qq", k),), ratio_stat, fixed=True), Sample((gstat_arr("hsg", k),), ratio_stat, fixed=True),
-          k, -1)
+          fixed_mean([s_[k] for s_ in GSTAT["qq"]]), fixed_mean([s_[k] for s_ in GSTAT["hsg"]]), k, -1)
 
 fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
 for c in ("qq", "qk", "none", "hsg"):

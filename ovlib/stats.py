@@ -40,6 +40,7 @@ __all__ = [
     "Sample",
     "bootstrap_ci",
     "eta_squared",
+    "fixed_mean",
     "eta_squared_units",
     "mean_units",
     "check",
@@ -426,6 +427,12 @@ def mean_units(values: Sequence[float] | np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     ok = np.isfinite(v)
     return np.stack([np.where(ok, v, 0.0), ok.astype(np.float64)], 1)
+
+
+def fixed_mean(values: Sequence[float] | np.ndarray) -> Sample:
+    """The per-image ``values (N,)`` of a deterministic model (one run, no training seed) as a :class:`Sample`
+    whose statistic is their mean over the finite ones (what a paired comparison over images resamples)."""
+    return Sample((mean_units(values),), ratio_stat, fixed=True)
 
 
 def eta_squared_units(values: np.ndarray) -> np.ndarray:

@@ -209,6 +209,17 @@ def test_mean_units_and_eta_squared_hand_cases():
         eta_squared_units(np.ones(3))
 
 
+def test_fixed_mean_is_the_mean_of_finite_values_and_compares_paired():
+    from ovlib.stats import fixed_mean
+
+    a = fixed_mean([0.2, float("nan"), 0.6])
+    assert a.fixed and len(a.runs) == 1 and a.mean == pytest.approx(0.4)
+    # the same images shifted by +0.1: a paired comparison over images finds exactly the shift
+    x = np.random.default_rng(1).uniform(size=40)
+    r = compare(fixed_mean(x), fixed_mean(x + 0.1), n_boot=200)
+    assert r.delta == pytest.approx(0.1) and r.ci_low == pytest.approx(0.1) and r.ci_high == pytest.approx(0.1)
+
+
 def test_vs_reference_is_scipys_one_sample_t_and_its_interval():
     v = np.array([-2.0, -2.2, -2.5])
     c = vs_reference(0.0, v, expect=-1, what=": spread rule")
