@@ -116,6 +116,17 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "n_eval_sweep": "evaluation scenes of the ablation and the extended rows (0: as n_eval)",
         "extended": "also run the one-seed rows: bounded-cosine reading, lr / weight sweep, diagnostics",
     },
+    # the recipe sweep (ovlib.sweep, `python -m ovlib.sweep`): not a chapter, it chooses the profile's recipes
+    "recipes": {
+        "split": "the tuning split the sweep evaluates on (never the chapters' evaluation split val2017)",
+        "region_images": "tuning images of region classification (0: the profile's eval_images)",
+        "seeds": "training seeds per sweep point (0: one)",
+        "budget": "the named training budget (budgets.train) every point starts from: batch, boxes",
+        "lrs": "learning rates swept",
+        "steps": "step budgets swept (max_steps at steps_scale 1; warm-up a tenth)",
+        "families": "family -> {tune: the method chosen on, shared: methods that take the choice, "
+                    "also: methods swept for the record}",
+    },
 }
 
 

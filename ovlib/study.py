@@ -221,14 +221,17 @@ class Claim:
 
 class Study:
     """A chapter's experiments (module docstring). ``params``: the validated contract (``ovlib.nb.setup``);
-    ``chapter``: ``"01"`` … ``"05"``; ``root``: the project root (``book/``, ``params/`` live there)."""
+    ``chapter``: ``"01"`` … ``"05"`` (or ``"recipes"``, the recipe sweep of :mod:`ovlib.sweep`); ``root``: the
+    project root (``book/``, ``params/`` live there); ``split``: the split :meth:`backbones` evaluates on
+    (``val2017``; the recipe sweep chooses on the micro world's ``test2017``, never on the evaluation split)."""
 
     def __init__(self, params: Mapping[str, Any], chapter: str, device: str | torch.device = "cpu",
-                 root: str | Path = ".", log: bool = True) -> None:
+                 root: str | Path = ".", log: bool = True, split: str = "val2017") -> None:
         if chapter not in BUDGET_KEYS:
             raise ParamError(f"Study: unknown chapter {chapter!r}; known: {sorted(BUDGET_KEYS)}")
         self.params = dict(params)
         self.chapter = chapter
+        self.split = split  # the evaluation split (the recipe sweep evaluates on a tuning split instead)
         self.device = torch.device(device)
         self.root = Path(root)
         self.log = log
@@ -307,11 +310,11 @@ class Study:
             vfm_model = vfm_model.to(self.device).eval().requires_grad_(False)
         settings = self.eval_settings
         if micro_world(P):
-            root = ensure_microworld(P["data_root"], "val2017", n=P["eval_images"], size=settings.export_size,
+            root = ensure_microworld(P["data_root"], self.split, n=P["eval_images"], size=settings.export_size,
                                      seed=P["seed"], progress=False)
         else:
             root = P["data_root"]
-        ds = CocoPanoptic(root, "val2017")
+        ds = CocoPanoptic(root, self.split)
         cats = list(ds.categories)
         text = self.class_text(clip, tok, cats)
         bb = Backbones(clip, tok, vfm_model, ds, cats, [c["id"] for c in cats], text, settings,

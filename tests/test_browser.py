@@ -104,11 +104,12 @@ def screens(tmp_path_factory) -> Path:
 
 
 def _pages(root: Path) -> list[str]:
-    """The root page (Jupyter Book's ``index.html`` redirects to it), every chapter, the Claims ledger, the
-    references."""
+    """The root page (Jupyter Book's ``index.html`` redirects to it), every chapter, the Recipes page, the Claims
+    ledger, the references."""
     html = root / "_build" / "html"
     pages = ["book/intro.html"] + [f"book/{c.name}.html" for c in book.chapters(root)]
-    return pages + [p for p in ("book/claims_ledger.html", "book/references.html") if (html / p).is_file()]
+    extra = ("book/recipes.html", "book/claims_ledger.html", "book/references.html")
+    return pages + [p for p in extra if (html / p).is_file()]
 
 
 @pytest.mark.book

@@ -1,0 +1,211 @@
+"""Recipes by a recorded sweep: each method family's learning rate and step budget, chosen on a tuning split.
+
+``python -m ovlib.sweep --profile micro [--family clipself ...] [--out params/sweeps/micro.json]``
+
+The micro recipes are not the papers' (their lr and steps are for EVA-CLIP on COCO at 8 GPUs), so the book
+chooses them, and chooses them where a reader can check: on the micro world's ``test2017`` split, which shares no
+scene with the training stream nor with the chapters' evaluation split ``val2017`` (``budgets.recipes.split``).
+
+A *family* is a group of methods that the chapters compare with each other (``budgets.recipes.families``):
+``tune`` is the method the choice is made on (the family's baseline, e.g. CLIPSelf for CLIPSelf / RegionText /
+SC / R-SC / DenseRC), ``shared`` the methods that take the chosen lr, so methods compared with each other share
+learning rate and budget (choosing on the baseline favours the baseline, never the papers' additions); ``also``
+methods are swept for the record (how sensitive the additions are), not chosen on.
+
+Every point -- (method, lr, step budget, seed) with the batch and box count of the named training budget
+``budgets.recipes.budget`` -- is one run of the shared run cache (:meth:`ovlib.study.Study.run`; a chapter that
+trains the same configuration loads it), evaluated by the chapter-01 region protocol on the tuning split. The
+tuning metric is the mean Top-1 of boxes, thing masks and stuff masks (:data:`TUNE_METRIC`: R-SC's Table 1
+columns, so a lr that buys boxes at the cost of stuff is not preferred). The choice of a family is the (lr, steps)
+with the highest mean tuning metric over seeds; a tie goes to fewer steps, then the smaller lr.
+
+The record (points, choices, the profile's sweep settings, command, machine, commit, date) is written as JSON;
+``tests/test_sweep.py`` checks that ``params/micro.yaml`` holds the recorded choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ovlib.config import ParamError, resolve
+from ovlib.io import atomic_write_text
+from ovlib.study import Study
+
+__all__ = ["TOP1", "TUNE_METRIC", "SweepSpec", "choose", "main", "sweep", "tune_value"]
+
+#: the region metrics averaged into the tuning metric (R-SC's Table 1 Top-1 columns)
+TOP1 = ("boxes.top1", "thing.top1", "stuff.top1")
+TUNE_METRIC = "region.top1"
+_FAMILY_KEYS = {"tune", "shared", "also"}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """``budgets.recipes`` of a profile, validated (see ``ovlib.config.BUDGET_KEYS["recipes"]``)."""
+
+    split: str
+    region_images: int
+    seeds: tuple[int, ...]
+    budget: str
+    lrs: tuple[float, ...]
+    steps: tuple[int, ...]
+    families: Mapping[str, Mapping[str, Any]]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> SweepSpec:
+        where = f"params/{params['profile']}.yaml: budgets.recipes"
+        b = dict((params.get("budgets") or {}).get("recipes") or {})
+        if not b:
+            raise ParamError(f"{where} is missing: the profile defines no recipe sweep")
+        split = str(b.get("split", ""))
+        if not split or split == "val2017":
+            raise ParamError(f"{where}.split = {split!r}: the sweep must not choose on the evaluation split val2017")
+        fams = dict(b.get("families") or {})
+        if not fams:
+            raise ParamError(f"{where}.families is empty")
+        for name, f in fams.items():
+            unknown = sorted(set(f) - _FAMILY_KEYS)
+            if unknown or "tune" not in f:
+                raise ParamError(f"{where}.families.{name}: needs 'tune'; unknown key(s) {unknown}; "
+                                 f"known: {sorted(_FAMILY_KEYS)}")
+        lrs, steps = tuple(float(x) for x in b.get("lrs") or ()), tuple(int(x) for x in b.get("steps") or ())
+        if not lrs or not steps or min(lrs) <= 0 or min(steps) < 1:
+            raise ParamError(f"{where}: lrs and steps must be non-empty and positive, got {lrs} / {steps}")
+        n = int(b.get("seeds") or 0) or 1
+        return cls(split, int(b.get("region_images") or 0), tuple(int(params["seed"]) + i for i in range(n)),
+                   str(b.get("budget") or "main"), lrs, steps, fams)
+
+
+def tune_value(metrics: Mapping[str, float]) -> float:
+    """The tuning metric of one evaluation: the mean of :data:`TOP1` (nan when one is missing)."""
+    v = [float(metrics.get(k, float("nan"))) for k in TOP1]
+    return float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
+
+
+def choose(points: Sequence[Mapping[str, Any]], family: str, method: str) -> dict[str, Any]:
+    """The family's choice from its tune method's points: the (lr, steps) with the highest mean
+    :data:`TUNE_METRIC` over seeds; ties go to fewer steps, then the smaller lr. Also the best lr per step
+    budget (``per_steps``)."""
+    cells: dict[tuple[int, float], list[float]] = {}
+    for p in points:
+        if p["family"] == family and p["method"] == method:
+            cells.setdefault((int(p["steps"]), float(p["lr"])), []).append(float(p[TUNE_METRIC]))
+    means = {k: float(np.mean(v)) for k, v in cells.items() if all(math.isfinite(x) for x in v)}
+    if not means:
+        raise ValueError(f"sweep: no finite {TUNE_METRIC} for family {family!r} (method {method!r})")
+    (steps, lr), best = max(means.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
+    per_steps = {}
+    for s in sorted({k[0] for k in means}):
+        (_, l_), v = max(((k, v) for k, v in means.items() if k[0] == s), key=lambda kv: (kv[1], -kv[0][1]))
+        per_steps[str(s)] = {"lr": l_, TUNE_METRIC: v}
+    return {"method": method, "lr": lr, "steps": steps, TUNE_METRIC: best, "per_steps": per_steps}
+
+
+def _scaled(steps: int, scale: float) -> int:
+    return max(1, round(steps * scale))
+
+
+def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, device: str = "cpu",
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or load from the run cache) every point of the requested families (default: all) and choose."""
+    spec = SweepSpec.from_params(params)
+    names = list(families or spec.families)
+    unknown = [f for f in names if f not in spec.families]
+    if unknown:
+        raise ParamError(f"sweep: unknown family/ies {unknown}; the profile defines {sorted(spec.families)}")
+    p = dict(params)
+    b = dict(p.get("budgets") or {})
+    b["recipes"] = {**b["recipes"], "region_images": spec.region_images}
+    p["budgets"] = b
+    study = Study(p, "recipes", device=device, split=spec.split, log=False)
+    scale = float(params["steps_scale"])
+    points: list[dict[str, Any]] = []
+    for fam in names:
+        f = spec.families[fam]
+        for method in [f["tune"], *(f.get("also") or [])]:
+            for steps in spec.steps:
+                n = _scaled(steps, scale)
+                for lr in spec.lrs:
+                    for seed in spec.seeds:
+                        r = study.run(method, seed=seed, budget=spec.budget, row=f"{method}/{lr:g}/{steps}",
+                                      eval_kw={"crops": False, "ovss": False, "kmeans": False},
+                                      lr=lr, max_steps=n, warmup_steps=max(1, n // 10))
+                        m = {k: float(r.eval.point(k)) for k in TOP1}
+                        pt = {"family": fam, "method": method, "lr": lr, "steps": steps, "max_steps": n,
+                              "seed": seed, **m, TUNE_METRIC: tune_value(m), "trained_now": r.trained_now,
+                              "train_s": r.train_s, "wall_s": r.wall_s}
+                        points.append(pt)
+                        log(f"[sweep] {fam:9s} {method:12s} lr {lr:<7g} steps {n:4d} seed {seed}: "
+                            f"{TUNE_METRIC} {pt[TUNE_METRIC]:5.1f} (boxes {m['boxes.top1']:5.1f}, thing "
+                            f"{m['thing.top1']:5.1f}, stuff {m['stuff.top1']:5.1f}) "
+                            f"{'trained' if r.trained_now else 'loaded'} in {r.wall_s:.0f} s")
+    choices = {fam: {**choose(points, fam, spec.families[fam]["tune"]),
+                     "shared": list(spec.families[fam].get("shared") or [spec.families[fam]["tune"]])}
+               for fam in names}
+    return {"profile": params["profile"], "spec": {**asdict(spec), "families": dict(spec.families)},
+            "tune_metric": f"{TUNE_METRIC} = mean of {', '.join(TOP1)} on {spec.split}", "points": points,
+            "choices": choices}
+
+
+def _provenance(argv: Sequence[str]) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
+        else platform.processor()
+    import torch
+
+    return {"command": "python -m ovlib.sweep " + " ".join(argv), "commit": commit, "cpu": cpu,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m ovlib.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="micro")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="parameter override (as for python -m ovlib.book run)")
+    ap.add_argument("--family", action="append", default=None, help="family to sweep (repeatable; default: all)")
+    ap.add_argument("--out", default=None, help="record file (default: params/sweeps/PROFILE.json); families not "
+                                                "swept keep their earlier record")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    params = resolve(a.profile, a.param)
+    t = time.perf_counter()
+    rec = sweep(params, a.family, device=a.device)
+    out = Path(a.out or f"params/sweeps/{a.profile}.json")
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    if old.get("profile") == rec["profile"]:  # merge: the families swept now replace their earlier record
+        swept = set(rec["choices"])
+        rec["points"] = [p for p in old.get("points", []) if p["family"] not in swept] + rec["points"]
+        rec["choices"] = {**{k: v for k, v in old.get("choices", {}).items() if k not in swept}, **rec["choices"]}
+        rec["runs"] = [r for r in old.get("runs", []) if not set(r.get("families", [])) <= swept]
+    rec.setdefault("runs", []).append({**_provenance(argv), "families": sorted(rec["choices"] if a.family is None
+                                                                                   else a.family),
+                                       "wall_s": round(time.perf_counter() - t, 1)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(rec, indent=1) + "\n", out)
+    for fam, c in rec["choices"].items():
+        print(f"[sweep] {fam}: lr {c['lr']:g}, {c['steps']} steps ({TUNE_METRIC} {c[TUNE_METRIC]:.1f} on "
+              f"{rec['spec']['split']}); shared by {', '.join(c['shared'])}")
+    print(f"[sweep] record: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

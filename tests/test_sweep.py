@@ -1,0 +1,112 @@
+"""ovlib.sweep: the recipe sweep's settings, its choice rule, a smoke sweep end to end (on the tuning split, through
+the shared run cache) and the recorded micro sweep that params/micro.yaml must agree with."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ovlib import config
+from ovlib.config import ParamError
+from ovlib.sweep import TOP1, TUNE_METRIC, SweepSpec, choose, main, sweep, tune_value
+from ovlib.train.recipes import distill_config
+
+
+def _params(**recipes):
+    p = config.resolve("smoke")
+    p["budgets"] = {**p["budgets"], "recipes": {**p["budgets"]["recipes"], **recipes}}
+    return p
+
+
+def test_spec_from_the_profiles_and_its_errors():
+    s = SweepSpec.from_params(config.resolve("micro"))
+    assert s.split != "val2017" and s.lrs and s.steps and "clipself" in s.families
+    with pytest.raises(ParamError, match="evaluation split val2017"):
+        SweepSpec.from_params(_params(split="val2017"))
+    with pytest.raises(ParamError, match=r"families.x: needs 'tune'; unknown key\(s\) \['tunes'\]"):
+        SweepSpec.from_params(_params(families={"x": {"tunes": "clipself"}}))
+    with pytest.raises(ParamError, match="non-empty and positive"):
+        SweepSpec.from_params(_params(lrs=[]))
+    p = config.resolve("smoke")
+    p["budgets"] = {k: v for k, v in p["budgets"].items() if k != "recipes"}
+    with pytest.raises(ParamError, match="budgets.recipes is missing"):
+        SweepSpec.from_params(p)
+
+
+def test_tune_value_is_the_mean_of_the_three_top1():
+    assert tune_value({"boxes.top1": 30.0, "thing.top1": 60.0, "stuff.top1": 0.0}) == 30.0
+    assert math.isnan(tune_value({"boxes.top1": 30.0, "thing.top1": 60.0}))
+
+
+def _pt(lr, steps, v, seed=0, method="clipself", family="f"):
+    return {"family": family, "method": method, "lr": lr, "steps": steps, "seed": seed, TUNE_METRIC: v}
+
+
+def test_choose_takes_the_best_mean_over_seeds_with_ties_to_fewer_steps_then_smaller_lr():
+    pts = [_pt(1e-4, 100, 10.0), _pt(1e-3, 100, 40.0), _pt(1e-3, 100, 20.0, seed=1),  # mean 30
+           _pt(3e-3, 100, 32.0), _pt(1e-3, 300, 31.0), _pt(1e-4, 300, 5.0),
+           _pt(1e-2, 100, 99.0, method="sc-clipself"), _pt(1e-2, 100, 99.0, family="g")]  # not the tune method/family
+    c = choose(pts, "f", "clipself")
+    assert (c["lr"], c["steps"], c[TUNE_METRIC]) == (3e-3, 100, 32.0)
+    assert c["per_steps"] == {"100": {"lr": 3e-3, TUNE_METRIC: 32.0}, "300": {"lr": 1e-3, TUNE_METRIC: 31.0}}
+    tie = choose([_pt(1e-3, 300, 20.0), _pt(3e-4, 100, 20.0), _pt(1e-4, 100, 20.0)], "f", "clipself")
+    assert (tie["lr"], tie["steps"]) == (1e-4, 100)
+    with pytest.raises(ValueError, match="no finite"):
+        choose([_pt(1e-3, 100, float("nan"))], "f", "clipself")
+
+
+@pytest.mark.slow
+def test_a_smoke_sweep_runs_on_the_tuning_split_through_the_run_cache(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    over = [f"data_root={tmp_path / 'mw'}", f"cache_dir={tmp_path / 'cache'}"]
+    out = tmp_path / "sweep.json"
+    assert main(["--profile", "smoke", "--out", str(out), *sum((["-p", o] for o in over), [])]) == 0
+    rec = json.loads(out.read_text())
+    spec = rec["spec"]
+    assert len(rec["points"]) == len(spec["lrs"]) * len(spec["steps"]) == 2
+    assert all(p["trained_now"] and set(TOP1) <= set(p) for p in rec["points"])
+    c = rec["choices"]["clipself"]
+    assert c["lr"] in spec["lrs"] and c["shared"] == ["clipself"] and rec["runs"][0]["command"].endswith(
+        f"--out {out} -p {over[0]} -p {over[1]}")
+    # the tuning split was exported and evaluated on; the chapters' evaluation split was not touched
+    assert (tmp_path / "mw" / "annotations" / "manifest_test2017.json").is_file()
+    assert not (tmp_path / "mw" / "annotations" / "manifest_val2017.json").exists()
+    # a second sweep loads every point from the shared run cache
+    again = sweep(config.resolve("smoke", over), log=lambda s: None)
+    assert not any(p["trained_now"] for p in again["points"])
+    assert [p[TUNE_METRIC] for p in again["points"]] == [p[TUNE_METRIC] for p in rec["points"]]
+
+
+def test_micro_recipes_hold_the_recorded_sweep_choices(repo_root):
+    """params/micro.yaml's lr of every method a family shares is the lr its recorded sweep chose (re-run
+    ``python -m ovlib.sweep --profile micro`` after changing the sweep or the recipes' other fields)."""
+    rec = json.loads((repo_root / "params" / "sweeps" / "micro.json").read_text())
+    p = config.resolve("micro", root=repo_root)
+    spec = SweepSpec.from_params(p)
+    assert rec["profile"] == "micro" and set(rec["choices"]) == set(spec.families)
+    for fam, c in rec["choices"].items():
+        assert c["method"] == spec.families[fam]["tune"]
+        for m in spec.families[fam]["shared"]:
+            assert distill_config(p, m, {}, out_dir="unused").lr == pytest.approx(c["lr"]), (fam, m)
+
+
+def test_recipes_page_has_a_figure_and_a_table_per_family(tmp_path):
+    from ovlib.book import RECIPES_PAGE, recipes_page
+
+    pts = [{**_pt(lr, 100, v, family="clipself"), "boxes.top1": v, "thing.top1": v, "stuff.top1": v,
+            "train_s": 3.0} for lr, v in ((1e-4, 10.0), (1e-3, 30.0))]
+    rec = {"profile": "micro", "tune_metric": "t", "points": pts,
+           "spec": {"split": "test2017", "region_images": 5, "lrs": [1e-4, 1e-3], "steps": [100], "seeds": [0],
+                    "budget": "main"},
+           "choices": {"clipself": {**choose(pts, "clipself", "clipself"), "shared": ["clipself", "denserc"]}},
+           "runs": [{"command": "python -m ovlib.sweep", "families": ["clipself"], "commit": "abc", "date": "d",
+                     "cpu": "c", "threads": 2, "wall_s": 60.0}]}
+    (tmp_path / "params" / "sweeps").mkdir(parents=True)
+    (tmp_path / "params" / "sweeps" / "micro.json").write_text(json.dumps(rec))
+    text = recipes_page(tmp_path).read_text()
+    assert (tmp_path / RECIPES_PAGE).is_file() and (tmp_path / "book" / "recipes" / "micro_clipself.png").is_file()
+    assert "**Chosen: lr 0.001, 100 steps**" in text and "shared by `clipself`, `denserc`" in text
+    assert text.count("<tr><td>clipself</td>") == 2 and "](recipes/micro_clipself.png)" in text
+    assert "No recipe sweep" in recipes_page(tmp_path / "empty").read_text()
