@@ -703,7 +703,9 @@ def recipes_page(root: Path | str = ".") -> Path:
                       f"**Chosen: lr {c['lr']:g}, {c['steps']} steps** ({TUNE_METRIC} {c[TUNE_METRIC]:.1f} on "
                       f"`{spec['split']}`, {c['method']}); shared by {', '.join(f'`{m}`' for m in c['shared'])}. "
                       "Best lr per step budget: " + ", ".join(f"{st} steps → {v['lr']:g} ({v[TUNE_METRIC]:.1f})"
-                                                              for st, v in c["per_steps"].items()) + ".", "",
+                                                              for st, v in c["per_steps"].items()) + "."
+                      + (f" Best of the grid: lr {c['best']['lr']:g} at {c['best']['steps']} steps "
+                         f"({c['best'][TUNE_METRIC]:.1f})." if "best" in c else ""), "",
                       f"![{fam}](recipes/{png.name})", "",
                       '<table class="table ovbook-recipes"><thead><tr><th>method</th><th>steps</th><th>lr</th>'
                       "<th>seed</th><th>boxes</th><th>thing</th><th>stuff</th><th>tuning metric</th>"

@@ -16,8 +16,10 @@ Every point -- (method, lr, step budget, seed) with the batch and box count of t
 ``budgets.recipes.budget`` -- is one run of the shared run cache (:meth:`ovlib.study.Study.run`; a chapter that
 trains the same configuration loads it), evaluated by the chapter-01 region protocol on the tuning split. The
 tuning metric is the mean Top-1 of boxes, thing masks and stuff masks (:data:`TUNE_METRIC`: R-SC's Table 1
-columns, so a lr that buys boxes at the cost of stuff is not preferred). The choice of a family is the (lr, steps)
-with the highest mean tuning metric over seeds; a tie goes to fewer steps, then the smaller lr.
+columns, so a lr that buys boxes at the cost of stuff is not preferred). The choice of a family is the lr with the
+highest mean tuning metric over seeds at the step budget the chapters train with (the named budget's
+``max_steps``, when the grid has it); a tie goes to the smaller lr. The other step budgets of the grid are
+recorded beside it (``per_steps``, ``best``): what a larger budget would buy.
 
 The record (points, choices, the profile's sweep settings, command, machine, commit, date) is written as JSON;
 ``tests/test_sweep.py`` checks that ``params/micro.yaml`` holds the recorded choices.
@@ -94,10 +96,12 @@ def tune_value(metrics: Mapping[str, float]) -> float:
     return float(np.mean(v)) if all(math.isfinite(x) for x in v) else float("nan")
 
 
-def choose(points: Sequence[Mapping[str, Any]], family: str, method: str) -> dict[str, Any]:
-    """The family's choice from its tune method's points: the (lr, steps) with the highest mean
-    :data:`TUNE_METRIC` over seeds; ties go to fewer steps, then the smaller lr. Also the best lr per step
-    budget (``per_steps``)."""
+def choose(points: Sequence[Mapping[str, Any]], family: str, method: str, steps: int | None = None
+           ) -> dict[str, Any]:
+    """The family's choice from its tune method's points: the lr with the highest mean :data:`TUNE_METRIC` over
+    seeds at the step budget ``steps`` (the one the chapters train with; ``None``: any budget of the grid);
+    ties go to fewer steps, then the smaller lr. Also the best lr per step budget (``per_steps``) and the best
+    (lr, steps) of the whole grid (``best``), which says what a larger budget would buy."""
     cells: dict[tuple[int, float], list[float]] = {}
     for p in points:
         if p["family"] == family and p["method"] == method:
@@ -105,12 +109,22 @@ def choose(points: Sequence[Mapping[str, Any]], family: str, method: str) -> dic
     means = {k: float(np.mean(v)) for k, v in cells.items() if all(math.isfinite(x) for x in v)}
     if not means:
         raise ValueError(f"sweep: no finite {TUNE_METRIC} for family {family!r} (method {method!r})")
-    (steps, lr), best = max(means.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
+
+    def best(keys):
+        return max(((k, means[k]) for k in keys), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
+
+    at = [k for k in means if steps is None or k[0] == int(steps)]
+    if not at:
+        raise ValueError(f"sweep: family {family!r} has no point at {steps} steps; "
+                         f"swept: {sorted({k[0] for k in means})}")
+    (st, lr), v = best(at)
     per_steps = {}
-    for s in sorted({k[0] for k in means}):
-        (_, l_), v = max(((k, v) for k, v in means.items() if k[0] == s), key=lambda kv: (kv[1], -kv[0][1]))
-        per_steps[str(s)] = {"lr": l_, TUNE_METRIC: v}
-    return {"method": method, "lr": lr, "steps": steps, TUNE_METRIC: best, "per_steps": per_steps}
+    for s_ in sorted({k[0] for k in means}):
+        (_, l_), v_ = best([k for k in means if k[0] == s_])
+        per_steps[str(s_)] = {"lr": l_, TUNE_METRIC: v_}
+    (bst, blr), bv = best(list(means))
+    return {"method": method, "lr": lr, "steps": st, TUNE_METRIC: v, "per_steps": per_steps,
+            "best": {"lr": blr, "steps": bst, TUNE_METRIC: bv}}
 
 
 def _scaled(steps: int, scale: float) -> int:
@@ -151,7 +165,10 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
                             f"{TUNE_METRIC} {pt[TUNE_METRIC]:5.1f} (boxes {m['boxes.top1']:5.1f}, thing "
                             f"{m['thing.top1']:5.1f}, stuff {m['stuff.top1']:5.1f}) "
                             f"{'trained' if r.trained_now else 'loaded'} in {r.wall_s:.0f} s")
-    choices = {fam: {**choose(points, fam, spec.families[fam]["tune"]),
+    # the choice is made at the step budget the chapters train with (the named budget's max_steps), when swept
+    at = study.train_budget(spec.budget).get("max_steps")
+    at = round(at / scale) if at is not None and round(at / scale) in spec.steps else None
+    choices = {fam: {**choose(points, fam, spec.families[fam]["tune"], at),
                      "shared": list(spec.families[fam].get("shared") or [spec.families[fam]["tune"]])}
                for fam in names}
     return {"profile": params["profile"], "spec": {**asdict(spec), "families": dict(spec.families)},

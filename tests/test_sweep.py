@@ -44,17 +44,26 @@ def _pt(lr, steps, v, seed=0, method="clipself", family="f"):
     return {"family": family, "method": method, "lr": lr, "steps": steps, "seed": seed, TUNE_METRIC: v}
 
 
-def test_choose_takes_the_best_mean_over_seeds_with_ties_to_fewer_steps_then_smaller_lr():
+def test_choose_takes_the_best_mean_over_seeds_at_the_chapters_steps_ties_to_fewer_steps_then_smaller_lr():
     pts = [_pt(1e-4, 100, 10.0), _pt(1e-3, 100, 40.0), _pt(1e-3, 100, 20.0, seed=1),  # mean 30
            _pt(3e-3, 100, 32.0), _pt(1e-3, 300, 31.0), _pt(1e-4, 300, 5.0),
            _pt(1e-2, 100, 99.0, method="sc-clipself"), _pt(1e-2, 100, 99.0, family="g")]  # not the tune method/family
     c = choose(pts, "f", "clipself")
-    assert (c["lr"], c["steps"], c[TUNE_METRIC]) == (3e-3, 100, 32.0)
+    assert (c["lr"], c["steps"], c[TUNE_METRIC]) == (3e-3, 100, 32.0) and c["best"] == {
+        "lr": 3e-3, "steps": 100, TUNE_METRIC: 32.0}
     assert c["per_steps"] == {"100": {"lr": 3e-3, TUNE_METRIC: 32.0}, "300": {"lr": 1e-3, TUNE_METRIC: 31.0}}
+    # at the chapters' step budget: the best lr there, whatever a larger budget would prefer
+    more = pts + [_pt(1e-2, 300, 50.0)]
+    c3 = choose(more, "f", "clipself", steps=300)
+    assert (c3["lr"], c3["steps"]) == (1e-2, 300)
+    c1 = choose(more, "f", "clipself", steps=100)
+    assert (c1["lr"], c1["steps"]) == (3e-3, 100) and c1["best"] == {"lr": 1e-2, "steps": 300, TUNE_METRIC: 50.0}
     tie = choose([_pt(1e-3, 300, 20.0), _pt(3e-4, 100, 20.0), _pt(1e-4, 100, 20.0)], "f", "clipself")
     assert (tie["lr"], tie["steps"]) == (1e-4, 100)
     with pytest.raises(ValueError, match="no finite"):
         choose([_pt(1e-3, 100, float("nan"))], "f", "clipself")
+    with pytest.raises(ValueError, match="no point at 200 steps"):
+        choose(pts, "f", "clipself", steps=200)
 
 
 @pytest.mark.slow
