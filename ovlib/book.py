@@ -674,7 +674,10 @@ def recipes_page(root: Path | str = ".") -> Path:
                   f"Tuning metric: {rec['tune_metric']} ({spec['region_images']} images); "
                   f"learning rates {', '.join(f'{x:g}' for x in spec['lrs'])}; step budgets "
                   f"{', '.join(str(x) for x in spec['steps'])} (× `steps_scale`, warm-up a tenth) with the batch and "
-                  f"boxes of the `{spec['budget']}` training budget; {len(spec['seeds'])} seed(s) per point.", ""]
+                  f"boxes of the `{spec['budget']}` training budget; {len(spec['seeds'])} seed(s) per point."
+                  + (" The frozen CLIP before training: {:.1f} (boxes {:.1f}, thing {:.1f}, stuff {:.1f}).".format(
+                      *(rec["reference"][k] for k in (TUNE_METRIC, "boxes.top1", "thing.top1", "stuff.top1")))
+                     if rec.get("reference") else ""), ""]
         for r in rec.get("runs", []):
             lines.append(f"- `{r['command']}` (families {', '.join(r['families'])}) at commit `{r['commit']}`, "
                          f"{r['date']}, {r['cpu']}, {r['threads']} threads: {r['wall_s'] / 60:.1f} min.")
@@ -691,6 +694,8 @@ def recipes_page(root: Path | str = ".") -> Path:
                 ax.plot(lrs, [sum(by_lr[x]) / len(by_lr[x]) for x in lrs], marker="o",
                         ls="-" if m == c["method"] else "--", label=f"{m}, {st} steps")
             ax.plot([c["lr"]], [c[TUNE_METRIC]], marker="*", ms=16, color="k", ls="", label="chosen")
+            if rec.get("reference"):
+                ax.axhline(rec["reference"][TUNE_METRIC], color="grey", ls=":", label="frozen CLIP")
             ax.set(xscale="log", xlabel="learning rate", ylabel=f"{TUNE_METRIC} (%)",
                    title=f"{prof}: family {fam} (tuned on {c['method']})")
             ax.legend(fontsize=7)

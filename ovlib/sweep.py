@@ -145,6 +145,12 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
     p["budgets"] = b
     study = Study(p, "recipes", device=device, split=spec.split, log=False)
     scale = float(params["steps_scale"])
+    # the frozen backbone on the tuning split: what training has to beat (no seed: deterministic)
+    ev = study.evaluate("frozen CLIP", study.backbones().clip, fixed=True, crops=False, ovss=False, kmeans=False)
+    ref = {k: float(ev.point(k)) for k in TOP1}
+    reference = {**ref, TUNE_METRIC: tune_value(ref)}
+    log(f"[sweep] frozen CLIP: {TUNE_METRIC} {reference[TUNE_METRIC]:5.1f} (boxes {ref['boxes.top1']:5.1f}, "
+        f"thing {ref['thing.top1']:5.1f}, stuff {ref['stuff.top1']:5.1f})")
     points: list[dict[str, Any]] = []
     for fam in names:
         f = spec.families[fam]
@@ -172,8 +178,8 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
                      "shared": list(spec.families[fam].get("shared") or [spec.families[fam]["tune"]])}
                for fam in names}
     return {"profile": params["profile"], "spec": {**asdict(spec), "families": dict(spec.families)},
-            "tune_metric": f"{TUNE_METRIC} = mean of {', '.join(TOP1)} on {spec.split}", "points": points,
-            "choices": choices}
+            "tune_metric": f"{TUNE_METRIC} = mean of {', '.join(TOP1)} on {spec.split}", "reference": reference,
+            "points": points, "choices": choices}
 
 
 def _provenance(argv: Sequence[str]) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def test_a_smoke_sweep_runs_on_the_tuning_split_through_the_run_cache(tmp_path, 
     spec = rec["spec"]
     assert len(rec["points"]) == len(spec["lrs"]) * len(spec["steps"]) == 2
     assert all(p["trained_now"] and set(TOP1) <= set(p) for p in rec["points"])
+    assert set(rec["reference"]) == {*TOP1, TUNE_METRIC}
     c = rec["choices"]["clipself"]
     assert c["lr"] in spec["lrs"] and c["shared"] == ["clipself"] and rec["runs"][0]["command"].endswith(
         f"--out {out} -p {over[0]} -p {over[1]}")
@@ -107,6 +108,7 @@ def test_recipes_page_has_a_figure_and_a_table_per_family(tmp_path):
     pts = [{**_pt(lr, 100, v, family="clipself"), "boxes.top1": v, "thing.top1": v, "stuff.top1": v,
             "train_s": 3.0} for lr, v in ((1e-4, 10.0), (1e-3, 30.0))]
     rec = {"profile": "micro", "tune_metric": "t", "points": pts,
+           "reference": {TUNE_METRIC: 9.0, "boxes.top1": 8.0, "thing.top1": 9.0, "stuff.top1": 10.0},
            "spec": {"split": "test2017", "region_images": 5, "lrs": [1e-4, 1e-3], "steps": [100], "seeds": [0],
                     "budget": "main"},
            "choices": {"clipself": {**choose(pts, "clipself", "clipself"), "shared": ["clipself", "denserc"]}},
@@ -117,5 +119,6 @@ def test_recipes_page_has_a_figure_and_a_table_per_family(tmp_path):
     text = recipes_page(tmp_path).read_text()
     assert (tmp_path / RECIPES_PAGE).is_file() and (tmp_path / "book" / "recipes" / "micro_clipself.png").is_file()
     assert "**Chosen: lr 0.001, 100 steps**" in text and "shared by `clipself`, `denserc`" in text
+    assert "The frozen CLIP before training: 9.0 (boxes 8.0, thing 9.0, stuff 10.0)" in text
     assert text.count("<tr><td>clipself</td>") == 2 and "](recipes/micro_clipself.png)" in text
     assert "No recipe sweep" in recipes_page(tmp_path / "empty").read_text()
