@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -681,7 +682,10 @@ def recipes_page(root: Path | str = ".") -> Path:
         for r in rec.get("runs", []):
             lines.append(f"- `{r['command']}` (families {', '.join(r['families'])}) at commit `{r['commit']}`, "
                          f"{r['date']}, {r['cpu']}, {r['threads']} threads: {r['wall_s'] / 60:.1f} min.")
-        lines.append("")
+        trained = [p["train_s"] for p in rec["points"] if isinstance(p.get("train_s"), (int, float))
+                   and math.isfinite(p["train_s"])]
+        lines += [f"- Training the {len(rec['points'])} points took {sum(trained) / 60:.1f} min in all (their runs' "
+                  "own logs); a re-run loads them from the shared run cache and evaluates again.", ""]
         for fam, c in rec["choices"].items():
             pts = [p for p in rec["points"] if p["family"] == fam]
             curves: dict[tuple[str, int], dict[float, list[float]]] = {}
