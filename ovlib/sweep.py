@@ -76,7 +76,7 @@ class SweepSpec:
             raise ParamError(f"{where}.split = {split!r}: the sweep must not choose on the evaluation split val2017")
         fams = dict(b.get("families") or {})
         if not fams:
-            raise ParamError(f"{where}.families is empty")
+            raise ParamError(f"{where}.families is empty: the profile takes its recipes as they are (no sweep)")
         for name, f in fams.items():
             unknown = sorted(set(f) - _FAMILY_KEYS)
             if unknown or "tune" not in f:

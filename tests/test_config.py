@@ -140,13 +140,15 @@ def test_dry_run_settings_are_validated(repo_root, tmp_path):
 # ------------------------------------------------------------------------------- profile sizes (budgets.*)
 def _key_tree(params):
     """What a profile file must declare like every other: the contract keys, the budgets' sections, every key of
-    the library's size sections and the chapters' budgets (nested mappings included), the named training budgets.
-    Values, recipes, models and the dry-run block are the profile's own."""
+    the library's size sections and the chapters' budgets (nested mappings included), the named training budgets,
+    the recipe sweep's keys. Values, recipes, the sweep's families, models and the dry-run block are the profile's
+    own."""
     def tree(v):
         return {k: tree(x) for k, x in v.items()} if isinstance(v, dict) else None
 
     b = params["budgets"]
-    return {"params": sorted(params), "budgets": {k: (sorted(v) if k == "train" else tree(v)) for k, v in b.items()}}
+    return {"params": sorted(params),
+            "budgets": {k: (sorted(v) if k in ("train", "recipes") else tree(v)) for k, v in b.items()}}
 
 
 def test_every_profile_file_declares_the_same_keys(repo_root):

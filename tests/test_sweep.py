@@ -27,6 +27,8 @@ def test_spec_from_the_profiles_and_its_errors():
         SweepSpec.from_params(_params(split="val2017"))
     with pytest.raises(ParamError, match=r"families.x: needs 'tune'; unknown key\(s\) \['tunes'\]"):
         SweepSpec.from_params(_params(families={"x": {"tunes": "clipself"}}))
+    with pytest.raises(ParamError, match="families is empty: the profile takes its recipes as they are"):
+        SweepSpec.from_params(config.resolve("paper"))
     with pytest.raises(ParamError, match="non-empty and positive"):
         SweepSpec.from_params(_params(lrs=[]))
     p = config.resolve("smoke")
