@@ -653,7 +653,7 @@ def recipes_page(root: Path | str = ".") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ovlib.sweep import TUNE_METRIC
+    from ovlib.sweep import GROUP_METRIC, TUNE_METRIC
 
     root = Path(root)
     figdir = root / "book" / "recipes"
@@ -691,16 +691,18 @@ def recipes_page(root: Path | str = ".") -> Path:
             curves: dict[tuple[str, int], dict[float, list[float]]] = {}
             for p in pts:
                 curves.setdefault((p["method"], int(p["steps"])), {}).setdefault(float(p["lr"]), []).append(
-                    float(p[TUNE_METRIC]))
+                    float(p["tune"]))
             fig, ax = plt.subplots(figsize=(5.5, 3.4))
             for (m, st), by_lr in sorted(curves.items()):
                 lrs = sorted(by_lr)
                 ax.plot(lrs, [sum(by_lr[x]) / len(by_lr[x]) for x in lrs], marker="o",
                         ls="-" if m == c["method"] else "--", label=f"{m}, {st} steps")
-            ax.plot([c["lr"]], [c[TUNE_METRIC]], marker="*", ms=16, color="k", ls="", label="chosen")
-            if rec.get("reference"):
-                ax.axhline(rec["reference"][TUNE_METRIC], color="grey", ls=":", label="frozen CLIP")
-            ax.set(xscale="log", xlabel="learning rate", ylabel=f"{TUNE_METRIC} (%)",
+            metric = c["metric"]
+            ax.plot([c["lr"]], [c["tune"]], marker="*", ms=16, color="k", ls="", label="chosen")
+            if metric in rec.get("reference", {}):
+                ax.axhline(rec["reference"][metric], color="grey", ls=":",
+                           label="frozen CLIP" + (" (vanilla map)" if metric == GROUP_METRIC else ""))
+            ax.set(xscale="log", xlabel="learning rate", ylabel=f"{metric} (%)",
                    title=f"{prof}: family {fam} (tuned on {c['method']})")
             ax.legend(fontsize=7)
             fig.tight_layout()
@@ -709,12 +711,15 @@ def recipes_page(root: Path | str = ".") -> Path:
             fig.savefig(png, dpi=110)
             plt.close(fig)
             lines += [f"### Family `{fam}`", "",
-                      f"**Chosen: lr {c['lr']:g}, {c['steps']} steps** ({TUNE_METRIC} {c[TUNE_METRIC]:.1f} on "
+                      f"**Chosen: lr {c['lr']:g}, {c['steps']} steps** ({metric} {c['tune']:.1f} on "
                       f"`{spec['split']}`, {c['method']}); shared by {', '.join(f'`{m}`' for m in c['shared'])}. "
-                      "Best lr per step budget: " + ", ".join(f"{st} steps → {v['lr']:g} ({v[TUNE_METRIC]:.1f})"
-                                                              for st, v in c["per_steps"].items()) + "."
+                      + (f"The frozen CLIP's vanilla map (the Refiner's initialisation and target): "
+                         f"{rec['reference'][metric]:.1f}. " if metric == GROUP_METRIC and metric in
+                         rec.get("reference", {}) else "")
+                      + "Best lr per step budget: " + ", ".join(f"{st} steps → {v['lr']:g} ({v['tune']:.1f})"
+                                                                for st, v in c["per_steps"].items()) + "."
                       + (f" Best of the grid: lr {c['best']['lr']:g} at {c['best']['steps']} steps "
-                         f"({c['best'][TUNE_METRIC]:.1f})." if "best" in c else ""), "",
+                         f"({c['best']['tune']:.1f})." if "best" in c else ""), "",
                       f"![{fam}](recipes/{png.name})", "",
                       '<table class="table ovbook-recipes"><thead><tr><th>method</th><th>steps</th><th>lr</th>'
                       "<th>seed</th><th>boxes</th><th>thing</th><th>stuff</th><th>tuning metric</th>"
@@ -722,8 +727,9 @@ def recipes_page(root: Path | str = ".") -> Path:
             for p in sorted(pts, key=lambda p: (p["method"] != c["method"], p["method"], p["steps"], p["lr"],
                                                 p["seed"])):
                 lines.append(f"<tr><td>{html.escape(p['method'])}</td><td>{p['steps']}</td><td>{p['lr']:g}</td>"
-                             f"<td>{p['seed']}</td><td>{p['boxes.top1']:.1f}</td><td>{p['thing.top1']:.1f}</td>"
-                             f"<td>{p['stuff.top1']:.1f}</td><td>{p[TUNE_METRIC]:.1f}</td>"
+                             f"<td>{p['seed']}</td><td>{_fmt(p.get('boxes.top1'), 1)}</td>"
+                             f"<td>{_fmt(p.get('thing.top1'), 1)}</td><td>{_fmt(p.get('stuff.top1'), 1)}</td>"
+                             f"<td>{p['tune']:.1f}</td>"
                              f"<td>{_fmt(p.get('train_s'), 0)}</td></tr>")
             lines += ["</tbody></table>", ""]
     out = root / RECIPES_PAGE

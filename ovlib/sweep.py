@@ -16,10 +16,15 @@ Every point -- (method, lr, step budget, seed) with the batch and box count of t
 ``budgets.recipes.budget`` -- is one run of the shared run cache (:meth:`ovlib.study.Study.run`; a chapter that
 trains the same configuration loads it), evaluated by the chapter-01 region protocol on the tuning split. The
 tuning metric is the mean Top-1 of boxes, thing masks and stuff masks (:data:`TUNE_METRIC`: R-SC's Table 1
-columns, so a lr that buys boxes at the cost of stuff is not preferred). The choice of a family is the lr with the
-highest mean tuning metric over seeds at the step budget the chapters train with (the named budget's
-``max_steps``, when the grid has it); a tie goes to the smaller lr. The other step budgets of the grid are
-recorded beside it (``per_steps``, ``best``): what a larger budget would buy.
+columns, so a lr that buys boxes at the cost of stuff is not preferred). A family whose tuned method is not a
+student (the R-SC Refiner: a module on the frozen CLIP, trained alone) declares ``metric: grouping``: the
+colour-proof k-means mIoU (:data:`GROUP_METRIC`; every GT segment's mean colour moved to the image's, so colour
+alone cannot group) of the module's dense map, since the chapters judge the Refiner by how its map groups; its
+reference is the frozen CLIP's ``vanilla`` map (the Refiner's initialisation and target). A family may also name
+its own training ``budget`` (the Refiner's is ``refiner``) and its own ``lrs`` / ``steps`` grid. The choice of a
+family is the lr with the highest mean tuning metric over seeds at the step budget the chapters train with (the
+family's named budget's ``max_steps``, when the grid has it); a tie goes to the smaller lr. The other step budgets
+of the grid are recorded beside it (``per_steps``, ``best``): what a larger budget would buy.
 
 The record (points, choices, the profile's sweep settings, command, machine, commit, date) is written as JSON;
 ``tests/test_sweep.py`` checks that ``params/micro.yaml`` holds the recorded choices.
@@ -42,15 +47,27 @@ from typing import Any
 import numpy as np
 
 from ovlib.config import ParamError, resolve
+from ovlib.eval._common import dense_fn_for_clip
+from ovlib.eval.segmentation import evaluate_kmeans
 from ovlib.io import atomic_write_text
+from ovlib.methods.analysis import refiner_dense_fn
+from ovlib.methods.rsc import load_refiner
+from ovlib.models import vit_adapter
 from ovlib.study import Study
+from ovlib.train.pretrain import image_mean_std
 
-__all__ = ["TOP1", "TUNE_METRIC", "SweepSpec", "choose", "main", "sweep", "tune_value"]
+__all__ = ["GROUP_METRIC", "METRICS", "TOP1", "TUNE_METRIC", "SweepSpec", "choose", "main", "sweep", "tune_value"]
 
 #: the region metrics averaged into the tuning metric (R-SC's Table 1 Top-1 columns)
 TOP1 = ("boxes.top1", "thing.top1", "stuff.top1")
 TUNE_METRIC = "region.top1"
-_FAMILY_KEYS = {"tune", "shared", "also"}
+#: the grouping families' tuning metric: k-means mIoU with every segment's mean colour equalised
+GROUP_METRIC = "kmeans.equalized"
+#: a family's ``metric`` -> the metric it is tuned on
+METRICS = {"region": TUNE_METRIC, "grouping": GROUP_METRIC}
+#: the methods a ``grouping`` family can tune (their dense map is not a student's)
+GROUPING_METHODS = ("refiner",)
+_FAMILY_KEYS = {"tune", "shared", "also", "metric", "budget", "lrs", "steps"}
 
 
 @dataclass(frozen=True)
@@ -82,12 +99,27 @@ class SweepSpec:
             if unknown or "tune" not in f:
                 raise ParamError(f"{where}.families.{name}: needs 'tune'; unknown key(s) {unknown}; "
                                  f"known: {sorted(_FAMILY_KEYS)}")
-        lrs, steps = tuple(float(x) for x in b.get("lrs") or ()), tuple(int(x) for x in b.get("steps") or ())
-        if not lrs or not steps or min(lrs) <= 0 or min(steps) < 1:
-            raise ParamError(f"{where}: lrs and steps must be non-empty and positive, got {lrs} / {steps}")
+            metric = f.get("metric", "region")
+            if metric not in METRICS:
+                raise ParamError(f"{where}.families.{name}.metric = {metric!r}; known: {sorted(METRICS)}")
+            odd = [m for m in [f["tune"], *(f.get("also") or [])] if metric == "grouping" and m not in GROUPING_METHODS]
+            if odd:
+                raise ParamError(f"{where}.families.{name}: metric grouping tunes {list(GROUPING_METHODS)} only, "
+                                 f"not {odd}")
+            _grid(f.get("lrs"), f.get("steps"), f"{where}.families.{name}", optional=True)
+        lrs, steps = _grid(b.get("lrs"), b.get("steps"), where)
         n = int(b.get("seeds") or 0) or 1
         return cls(split, int(b.get("region_images") or 0), tuple(int(params["seed"]) + i for i in range(n)),
                    str(b.get("budget") or "main"), lrs, steps, fams)
+
+
+def _grid(lrs: Any, steps: Any, where: str, optional: bool = False) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """A lr grid and a step grid, validated (``optional``: either may be absent, i.e. the profile's)."""
+    lr_t, st_t = tuple(float(x) for x in lrs or ()), tuple(int(x) for x in steps or ())
+    for name, v, lo in (("lrs", lr_t, 0.0), ("steps", st_t, 0)):
+        if (not v and not optional) or (v and min(v) <= lo):
+            raise ParamError(f"{where}: {name} must be non-empty and positive, got {list(v)}")
+    return lr_t, st_t
 
 
 def tune_value(metrics: Mapping[str, float]) -> float:
@@ -98,17 +130,22 @@ def tune_value(metrics: Mapping[str, float]) -> float:
 
 def choose(points: Sequence[Mapping[str, Any]], family: str, method: str, steps: int | None = None
            ) -> dict[str, Any]:
-    """The family's choice from its tune method's points: the lr with the highest mean :data:`TUNE_METRIC` over
-    seeds at the step budget ``steps`` (the one the chapters train with; ``None``: any budget of the grid);
-    ties go to fewer steps, then the smaller lr. Also the best lr per step budget (``per_steps``) and the best
-    (lr, steps) of the whole grid (``best``), which says what a larger budget would buy."""
+    """The family's choice from its tune method's points: the lr with the highest mean tuning value (``tune``,
+    the family's ``metric``) over seeds at the step budget ``steps`` (the one the chapters train with;
+    ``None``: any budget of the grid); ties go to fewer steps, then the smaller lr. Also the best lr per step
+    budget (``per_steps``) and the best (lr, steps) of the whole grid (``best``), which says what a larger budget
+    would buy."""
     cells: dict[tuple[int, float], list[float]] = {}
+    metrics = set()
     for p in points:
         if p["family"] == family and p["method"] == method:
-            cells.setdefault((int(p["steps"]), float(p["lr"])), []).append(float(p[TUNE_METRIC]))
+            cells.setdefault((int(p["steps"]), float(p["lr"])), []).append(float(p["tune"]))
+            metrics.add(p["metric"])
     means = {k: float(np.mean(v)) for k, v in cells.items() if all(math.isfinite(x) for x in v)}
     if not means:
-        raise ValueError(f"sweep: no finite {TUNE_METRIC} for family {family!r} (method {method!r})")
+        raise ValueError(f"sweep: no finite tuning value for family {family!r} (method {method!r})")
+    if len(metrics) != 1:
+        raise ValueError(f"sweep: family {family!r} mixes tuning metrics {sorted(metrics)}")
 
     def best(keys):
         return max(((k, means[k]) for k in keys), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
@@ -121,14 +158,23 @@ def choose(points: Sequence[Mapping[str, Any]], family: str, method: str, steps:
     per_steps = {}
     for s_ in sorted({k[0] for k in means}):
         (_, l_), v_ = best([k for k in means if k[0] == s_])
-        per_steps[str(s_)] = {"lr": l_, TUNE_METRIC: v_}
+        per_steps[str(s_)] = {"lr": l_, "tune": v_}
     (bst, blr), bv = best(list(means))
-    return {"method": method, "lr": lr, "steps": st, TUNE_METRIC: v, "per_steps": per_steps,
-            "best": {"lr": blr, "steps": bst, TUNE_METRIC: bv}}
+    return {"method": method, "metric": metrics.pop(), "lr": lr, "steps": st, "tune": v, "per_steps": per_steps,
+            "best": {"lr": blr, "steps": bst, "tune": bv}}
 
 
 def _scaled(steps: int, scale: float) -> int:
     return max(1, round(steps * scale))
+
+
+def _grouping(study: Study, dense_fn: Callable, n_images: int) -> float:
+    """:data:`GROUP_METRIC` of a dense map on the first ``n_images`` images of the tuning split (mIoU, %)."""
+    bb = study.backbones()
+    km = evaluate_kmeans(dense_fn, bb.dataset, image_size=bb.settings.region.image_size, n_images=n_images,
+                         seed=int(study.params["seed"]), n_boot=1, patch=int(vit_adapter(bb.clip).patch_size[0]),
+                         progress=False, colour="equalized")
+    return float(km["miou"][0])
 
 
 def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, device: str = "cpu",
@@ -145,41 +191,61 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
     p["budgets"] = b
     study = Study(p, "recipes", device=device, split=spec.split, log=False)
     scale = float(params["steps_scale"])
+    bb = study.backbones()
     # the frozen backbone on the tuning split: what training has to beat (no seed: deterministic)
-    ev = study.evaluate("frozen CLIP", study.backbones().clip, fixed=True, crops=False, ovss=False, kmeans=False)
+    ev = study.evaluate("frozen CLIP", bb.clip, fixed=True, crops=False, ovss=False, kmeans=False)
     ref = {k: float(ev.point(k)) for k in TOP1}
     reference = {**ref, TUNE_METRIC: tune_value(ref)}
     log(f"[sweep] frozen CLIP: {TUNE_METRIC} {reference[TUNE_METRIC]:5.1f} (boxes {ref['boxes.top1']:5.1f}, "
         f"thing {ref['thing.top1']:5.1f}, stuff {ref['stuff.top1']:5.1f})")
+    mean_std = image_mean_std(bb.clip)
+    if any(spec.families[f].get("metric") == "grouping" for f in names):
+        # the Refiner's initialisation and target (an untrained Refiner *is* this map on a whole image)
+        reference[GROUP_METRIC] = _grouping(study, dense_fn_for_clip(bb.clip, "vanilla"), spec.region_images)
+        log(f"[sweep] frozen CLIP vanilla map: {GROUP_METRIC} {reference[GROUP_METRIC]:5.1f}")
     points: list[dict[str, Any]] = []
+    at: dict[str, int | None] = {}
     for fam in names:
         f = spec.families[fam]
+        metric = METRICS[f.get("metric", "region")]
+        budget = str(f.get("budget") or spec.budget)
+        lrs, steps = _grid(f.get("lrs") or spec.lrs, f.get("steps") or spec.steps, fam)
         for method in [f["tune"], *(f.get("also") or [])]:
-            for steps in spec.steps:
-                n = _scaled(steps, scale)
-                for lr in spec.lrs:
+            for st in steps:
+                n = _scaled(st, scale)
+                for lr in lrs:
                     for seed in spec.seeds:
-                        r = study.run(method, seed=seed, budget=spec.budget, row=f"{method}/{lr:g}/{steps}",
-                                      eval_kw={"crops": False, "ovss": False, "kmeans": False},
-                                      lr=lr, max_steps=n, warmup_steps=max(1, n // 10))
-                        m = {k: float(r.eval.point(k)) for k in TOP1}
-                        pt = {"family": fam, "method": method, "lr": lr, "steps": steps, "max_steps": n,
-                              "seed": seed, **m, TUNE_METRIC: tune_value(m), "trained_now": r.trained_now,
+                        ov = {"lr": lr, "max_steps": n, "warmup_steps": max(1, n // 10)}
+                        if metric == TUNE_METRIC:
+                            r = study.run(method, seed=seed, budget=budget, row=f"{method}/{lr:g}/{st}",
+                                          eval_kw={"crops": False, "ovss": False, "kmeans": False}, **ov)
+                            m = {k: float(r.eval.point(k)) for k in TOP1}
+                            value = tune_value(m)
+                            shown = (f"(boxes {m['boxes.top1']:5.1f}, thing {m['thing.top1']:5.1f}, stuff "
+                                     f"{m['stuff.top1']:5.1f}) ")
+                        else:  # grouping: the Refiner's dense map (GROUPING_METHODS)
+                            r = study.run(method, seed=seed, budget=budget, row=f"{method}/{lr:g}/{st}",
+                                          evaluate=False, **ov)
+                            refiner = load_refiner(r.res["weights"], bb.clip).to(device)
+                            m, shown = {}, ""
+                            value = _grouping(study, refiner_dense_fn(refiner, *mean_std), spec.region_images)
+                        pt = {"family": fam, "method": method, "lr": lr, "steps": st, "max_steps": n,
+                              "seed": seed, **m, "metric": metric, "tune": value, "trained_now": r.trained_now,
                               "train_s": r.train_s, "wall_s": r.wall_s}
                         points.append(pt)
                         log(f"[sweep] {fam:9s} {method:12s} lr {lr:<7g} steps {n:4d} seed {seed}: "
-                            f"{TUNE_METRIC} {pt[TUNE_METRIC]:5.1f} (boxes {m['boxes.top1']:5.1f}, thing "
-                            f"{m['thing.top1']:5.1f}, stuff {m['stuff.top1']:5.1f}) "
-                            f"{'trained' if r.trained_now else 'loaded'} in {r.wall_s:.0f} s")
-    # the choice is made at the step budget the chapters train with (the named budget's max_steps), when swept
-    at = study.train_budget(spec.budget).get("max_steps")
-    at = round(at / scale) if at is not None and round(at / scale) in spec.steps else None
-    choices = {fam: {**choose(points, fam, spec.families[fam]["tune"], at),
+                            f"{metric} {value:5.1f} {shown}{'trained' if r.trained_now else 'loaded'} in "
+                            f"{r.wall_s:.0f} s")
+        # the choice is made at the step budget the chapters train with (the family budget's max_steps), if swept
+        a = study.train_budget(budget).get("max_steps")
+        at[fam] = round(a / scale) if a is not None and round(a / scale) in steps else None
+    choices = {fam: {**choose(points, fam, spec.families[fam]["tune"], at[fam]),
                      "shared": list(spec.families[fam].get("shared") or [spec.families[fam]["tune"]])}
                for fam in names}
     return {"profile": params["profile"], "spec": {**asdict(spec), "families": dict(spec.families)},
-            "tune_metric": f"{TUNE_METRIC} = mean of {', '.join(TOP1)} on {spec.split}", "reference": reference,
-            "points": points, "choices": choices}
+            "tune_metric": f"{TUNE_METRIC} = mean of {', '.join(TOP1)} on {spec.split}; {GROUP_METRIC} = k-means "
+                           f"mIoU with every segment's mean colour equalised, on {spec.split} (metric: grouping)",
+            "reference": reference, "points": points, "choices": choices}
 
 
 def _provenance(argv: Sequence[str]) -> dict[str, Any]:
@@ -218,13 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec["points"] = [p for p in old.get("points", []) if p["family"] not in swept] + rec["points"]
         rec["choices"] = {**{k: v for k, v in old.get("choices", {}).items() if k not in swept}, **rec["choices"]}
         rec["runs"] = [r for r in old.get("runs", []) if not set(r.get("families", [])) <= swept]
+        rec["reference"] = {**old.get("reference", {}), **rec["reference"]}
     rec.setdefault("runs", []).append({**_provenance(argv), "families": sorted(rec["choices"] if a.family is None
                                                                                    else a.family),
                                        "wall_s": round(time.perf_counter() - t, 1)})
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(rec, indent=1) + "\n", out)
     for fam, c in rec["choices"].items():
-        print(f"[sweep] {fam}: lr {c['lr']:g}, {c['steps']} steps ({TUNE_METRIC} {c[TUNE_METRIC]:.1f} on "
+        print(f"[sweep] {fam}: lr {c['lr']:g}, {c['steps']} steps ({c['metric']} {c['tune']:.1f} on "
               f"{rec['spec']['split']}); shared by {', '.join(c['shared'])}")
     print(f"[sweep] record: {out}")
     return 0

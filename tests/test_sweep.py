@@ -10,7 +10,7 @@ import pytest
 
 from ovlib import config
 from ovlib.config import ParamError
-from ovlib.sweep import TOP1, TUNE_METRIC, SweepSpec, choose, main, sweep, tune_value
+from ovlib.sweep import GROUP_METRIC, TOP1, TUNE_METRIC, SweepSpec, choose, main, sweep, tune_value
 from ovlib.train.recipes import distill_config
 
 
@@ -31,6 +31,12 @@ def test_spec_from_the_profiles_and_its_errors():
         SweepSpec.from_params(config.resolve("paper"))
     with pytest.raises(ParamError, match="non-empty and positive"):
         SweepSpec.from_params(_params(lrs=[]))
+    with pytest.raises(ParamError, match=r"families.x.metric = 'colour'; known: \['grouping', 'region'\]"):
+        SweepSpec.from_params(_params(families={"x": {"tune": "clipself", "metric": "colour"}}))
+    with pytest.raises(ParamError, match=r"metric grouping tunes \['refiner'\] only, not \['clipself'\]"):
+        SweepSpec.from_params(_params(families={"x": {"tune": "clipself", "metric": "grouping"}}))
+    with pytest.raises(ParamError, match=r"families.x: steps must be non-empty and positive, got \[0\]"):
+        SweepSpec.from_params(_params(families={"x": {"tune": "refiner", "metric": "grouping", "steps": [0]}}))
     p = config.resolve("smoke")
     p["budgets"] = {k: v for k, v in p["budgets"].items() if k != "recipes"}
     with pytest.raises(ParamError, match="budgets.recipes is missing"):
@@ -42,8 +48,8 @@ def test_tune_value_is_the_mean_of_the_three_top1():
     assert math.isnan(tune_value({"boxes.top1": 30.0, "thing.top1": 60.0}))
 
 
-def _pt(lr, steps, v, seed=0, method="clipself", family="f"):
-    return {"family": family, "method": method, "lr": lr, "steps": steps, "seed": seed, TUNE_METRIC: v}
+def _pt(lr, steps, v, seed=0, method="clipself", family="f", metric=TUNE_METRIC):
+    return {"family": family, "method": method, "lr": lr, "steps": steps, "seed": seed, "metric": metric, "tune": v}
 
 
 def test_choose_takes_the_best_mean_over_seeds_at_the_chapters_steps_ties_to_fewer_steps_then_smaller_lr():
@@ -51,21 +57,23 @@ def test_choose_takes_the_best_mean_over_seeds_at_the_chapters_steps_ties_to_few
            _pt(3e-3, 100, 32.0), _pt(1e-3, 300, 31.0), _pt(1e-4, 300, 5.0),
            _pt(1e-2, 100, 99.0, method="sc-clipself"), _pt(1e-2, 100, 99.0, family="g")]  # not the tune method/family
     c = choose(pts, "f", "clipself")
-    assert (c["lr"], c["steps"], c[TUNE_METRIC]) == (3e-3, 100, 32.0) and c["best"] == {
-        "lr": 3e-3, "steps": 100, TUNE_METRIC: 32.0}
-    assert c["per_steps"] == {"100": {"lr": 3e-3, TUNE_METRIC: 32.0}, "300": {"lr": 1e-3, TUNE_METRIC: 31.0}}
+    assert (c["lr"], c["steps"], c["tune"], c["metric"]) == (3e-3, 100, 32.0, TUNE_METRIC) and c["best"] == {
+        "lr": 3e-3, "steps": 100, "tune": 32.0}
+    assert c["per_steps"] == {"100": {"lr": 3e-3, "tune": 32.0}, "300": {"lr": 1e-3, "tune": 31.0}}
     # at the chapters' step budget: the best lr there, whatever a larger budget would prefer
     more = pts + [_pt(1e-2, 300, 50.0)]
     c3 = choose(more, "f", "clipself", steps=300)
     assert (c3["lr"], c3["steps"]) == (1e-2, 300)
     c1 = choose(more, "f", "clipself", steps=100)
-    assert (c1["lr"], c1["steps"]) == (3e-3, 100) and c1["best"] == {"lr": 1e-2, "steps": 300, TUNE_METRIC: 50.0}
+    assert (c1["lr"], c1["steps"]) == (3e-3, 100) and c1["best"] == {"lr": 1e-2, "steps": 300, "tune": 50.0}
     tie = choose([_pt(1e-3, 300, 20.0), _pt(3e-4, 100, 20.0), _pt(1e-4, 100, 20.0)], "f", "clipself")
     assert (tie["lr"], tie["steps"]) == (1e-4, 100)
     with pytest.raises(ValueError, match="no finite"):
         choose([_pt(1e-3, 100, float("nan"))], "f", "clipself")
     with pytest.raises(ValueError, match="no point at 200 steps"):
         choose(pts, "f", "clipself", steps=200)
+    with pytest.raises(ValueError, match="mixes tuning metrics"):
+        choose([_pt(1e-3, 100, 1.0), _pt(1e-4, 100, 2.0, metric=GROUP_METRIC)], "f", "clipself")
 
 
 @pytest.mark.slow
@@ -76,9 +84,14 @@ def test_a_smoke_sweep_runs_on_the_tuning_split_through_the_run_cache(tmp_path, 
     assert main(["--profile", "smoke", "--out", str(out), *sum((["-p", o] for o in over), [])]) == 0
     rec = json.loads(out.read_text())
     spec = rec["spec"]
-    assert len(rec["points"]) == len(spec["lrs"]) * len(spec["steps"]) == 2
-    assert all(p["trained_now"] and set(TOP1) <= set(p) for p in rec["points"])
-    assert set(rec["reference"]) == {*TOP1, TUNE_METRIC}
+    region = [p for p in rec["points"] if p["family"] == "clipself"]
+    assert len(region) == len(spec["lrs"]) * len(spec["steps"]) == 2
+    assert all(p["trained_now"] and set(TOP1) <= set(p) and p["metric"] == TUNE_METRIC for p in region)
+    assert set(rec["reference"]) == {*TOP1, TUNE_METRIC, GROUP_METRIC}
+    # the grouping family (the Refiner): its own budget and grid, its dense map's colour-proof k-means mIoU
+    (ref,) = [p for p in rec["points"] if p["family"] == "refiner"]
+    assert ref["method"] == "refiner" and ref["metric"] == GROUP_METRIC and 0.0 <= ref["tune"] <= 100.0
+    assert not set(TOP1) & set(ref) and rec["choices"]["refiner"]["metric"] == GROUP_METRIC
     c = rec["choices"]["clipself"]
     assert c["lr"] in spec["lrs"] and c["shared"] == ["clipself"] and rec["runs"][0]["command"].endswith(
         f"--out {out} -p {over[0]} -p {over[1]}")
@@ -88,7 +101,7 @@ def test_a_smoke_sweep_runs_on_the_tuning_split_through_the_run_cache(tmp_path, 
     # a second sweep loads every point from the shared run cache
     again = sweep(config.resolve("smoke", over), log=lambda s: None)
     assert not any(p["trained_now"] for p in again["points"])
-    assert [p[TUNE_METRIC] for p in again["points"]] == [p[TUNE_METRIC] for p in rec["points"]]
+    assert [p["tune"] for p in again["points"]] == [p["tune"] for p in rec["points"]]
 
 
 def test_micro_recipes_hold_the_recorded_sweep_choices(repo_root):
@@ -124,3 +137,14 @@ def test_recipes_page_has_a_figure_and_a_table_per_family(tmp_path):
     assert "The frozen CLIP before training: 9.0 (boxes 8.0, thing 9.0, stuff 10.0)" in text
     assert text.count("<tr><td>clipself</td>") == 2 and "](recipes/micro_clipself.png)" in text
     assert "No recipe sweep" in recipes_page(tmp_path / "empty").read_text()
+    # a grouping family: no region columns, the vanilla map as its reference
+    gp = [{**_pt(lr, 150, v, method="refiner", family="refiner", metric=GROUP_METRIC), "train_s": 2.0}
+          for lr, v in ((1e-4, 40.0), (1e-3, 45.0))]
+    rec["points"] += gp
+    rec["reference"][GROUP_METRIC] = 38.0
+    rec["choices"]["refiner"] = {**choose(gp, "refiner", "refiner"), "shared": ["refiner"]}
+    (tmp_path / "params" / "sweeps" / "micro.json").write_text(json.dumps(rec))
+    text = recipes_page(tmp_path).read_text()
+    assert (tmp_path / "book" / "recipes" / "micro_refiner.png").is_file()
+    assert f"**Chosen: lr 0.001, 150 steps** ({GROUP_METRIC} 45.0" in text and "target): 38.0." in text
+    assert "<tr><td>refiner</td><td>150</td><td>0.001</td><td>0</td><td>–</td><td>–</td><td>–</td><td>45.0</td>" in text
