@@ -53,18 +53,21 @@ def make_batch(B: int, S: int, K: int, crop: int, vfm_size: int, seed: int = 0) 
             "vfm_images": torch.randn(B, 3, vfm_size, vfm_size, generator=g)}
 
 
-def build_clip(name: str, size: int):
-    """A random CLIP: the micro CLIP (native 64 px) or an open_clip config at ``size`` px (crops at that size)."""
+def build_clip(name: str, size: int, depth: int | None = None):
+    """A random CLIP: the micro CLIP (native 64 px) or an open_clip config at ``size`` px (crops at that size),
+    its towers cut to their first ``depth`` blocks when given (a paper dry run's ``dry_run_settings.depth``)."""
     import open_clip
     import torch
 
     from ovlib.models import load_clip
+    from ovlib.models.clip import truncate_towers
 
     if name == "micro-clip":
         return load_clip("micro-clip", seed=0)[0].eval()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return open_clip.create_model(name, force_image_size=size, pretrained_text=False).eval()
+        model = open_clip.create_model(name, force_image_size=size, pretrained_text=False).eval()
+    return model if depth is None else truncate_towers(model, depth)
 
 
 def make_steps(base, vfm, batch: dict, lr: float = 1e-5, teacher_cache: bool = False):
@@ -151,13 +154,13 @@ def paired(steps: dict, repeats: int) -> dict:
 
 
 def run(label: str, name: str, size: int, crop: int, B: int, K: int, repeats: int,
-        teacher_cache: bool = False) -> list[dict]:
+        teacher_cache: bool = False, depth: int | None = None) -> list[dict]:
     import torch
 
     from ovlib.models import load_vfm, vit_adapter
 
     torch.manual_seed(0)
-    base = build_clip(name, crop)
+    base = build_clip(name, crop, depth)
     vfm = load_vfm("micro-vfm", seed=1)
     grid = size // vit_adapter(base).patch_size[0]
     batch = make_batch(B, size, K, crop, grid * int(vfm.patch_embed.patch_size[0]))

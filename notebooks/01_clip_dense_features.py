@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ovlib.config import dry_run_eval
+from ovlib.config import dry_run_depth, dry_run_eval
 from ovlib.data import CocoPanoptic, MicroWorld, ensure_microworld
 from ovlib.data.coco import dry_run_data
 from ovlib.eval import (
@@ -182,9 +182,9 @@ if P["profile"] == "paper":  # the real backbones of params/paper.yaml `models` 
     from ovlib.models import load_clip, load_vfm
 
     clip_model, tokenizer, _ = load_clip(**P["models"]["clip"], device=DEV, allow_download=P["allow_download"],
-                                         weights_dir=P["weights_dir"] or None, seed=P["seed"])
+                                         weights_dir=P["weights_dir"] or None, seed=P["seed"], depth=dry_run_depth(P))
     vfm = load_vfm(**P["models"]["vfm"], device=DEV, allow_download=P["allow_download"],
-                   weights_dir=P["weights_dir"] or None, seed=P["seed"])
+                   weights_dir=P["weights_dir"] or None, seed=P["seed"], depth=dry_run_depth(P))
     clip_info = vfm_info = None
     CLIP_NAME = f"{P['models']['clip']['name']} CLIP ({P['models']['clip']['pretrained'] or 'random init'})"
     VFM_NAME = f"{P['models']['vfm']['name']} ({P['models']['vfm']['pretrained'] or 'random init'})"

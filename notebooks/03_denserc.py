@@ -65,7 +65,7 @@ import torch
 from PIL import Image
 from scipy.stats import friedmanchisquare, norm
 
-from ovlib.config import dry_run_cap, dry_run_eval
+from ovlib.config import dry_run_cap, dry_run_depth, dry_run_eval
 from ovlib.data.coco import dry_run_data
 from ovlib.data.regions import thing_crops
 from ovlib.eval._common import category_index, normalize_images, student_image
@@ -683,8 +683,9 @@ else:
 
     S_, CROP_, B_, K_, PAIRS_ = BENCH
     micro = P["backbone"] == "micro-clip"  # the paper's setting benchmarks ViT-B/16
-    bench_rows = bench_denserc.run("micro CLIP" if micro else "ViT-B/16", "micro-clip" if micro else "ViT-B-16",
-                                   S_, CROP_, B_, K_, PAIRS_)
+    depth = dry_run_depth(P)  # a paper dry run benchmarks ViT-B/16's first blocks only
+    bench_rows = bench_denserc.run("micro CLIP" if micro else "ViT-B/16" + (f" (first {depth} blocks)" if depth else ""),
+                                   "micro-clip" if micro else "ViT-B-16", S_, CROP_, B_, K_, PAIRS_, depth=depth)
     mi = machine_info()
     md(f"Machine: {mi['cpu']} ({mi['cores']} cores), torch {mi['torch']} with {mi['torch_threads']} thread(s), "
        f"load {mi['loadavg_start']:.2f}; {PAIRS_} alternating pair(s) per case after a warm-up.\n\n" +

@@ -200,6 +200,8 @@ DRY_RUN_SECTIONS = {
     "eval": "evaluation sizes (ovlib.eval.profiles.dense_eval_settings keyword arguments)",
     "random_init": "true: every named weight (models, recipes) is randomly initialised, nothing is read",
     "cap": "the largest count a chapter's budget may use (images, pairs, draws, sweep values): dry_run_cap",
+    "depth": "transformer blocks kept in every randomly initialised named tower (image, text, VFM; the first N): "
+             "dry_run_depth",
 }
 #: keys of ``dry_run_settings.eval`` (see :func:`ovlib.eval.profiles.dense_eval_settings`)
 DRY_RUN_EVAL_KEYS = ("region", "ovss", "ovss_images", "n_boot", "templates")
@@ -256,6 +258,11 @@ def _check_dry_run_settings(s: Mapping[str, Any], where: str) -> None:
     cap = s.get("cap", 1)
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         raise ParamError(f"{w}.cap must be an int >= 1, got {cap!r}")
+    depth = s.get("depth")
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+        raise ParamError(f"{w}.depth must be an int >= 1 or null, got {depth!r}")
+    if depth is not None and not s.get("random_init"):
+        raise ParamError(f"{w}.depth cuts random initialisations only: it needs random_init: true")
 
 
 def validate(params: Mapping[str, Any], where: str = "parameters", complete: bool = True) -> dict[str, Any]:
@@ -313,6 +320,15 @@ def apply_dry_run(params: Mapping[str, Any], keep: tuple[str, ...] = ()) -> dict
 def dry_run_eval(params: Mapping[str, Any]) -> dict[str, Any]:
     """``dry_run_settings.eval`` of a dry run (keyword arguments of ``dense_eval_settings``), else ``{}``."""
     return dict((params.get("dry_run_settings") or {}).get("eval", {})) if params.get("dry_run") else {}
+
+
+def dry_run_depth(params: Mapping[str, Any]) -> int | None:
+    """``dry_run_settings.depth`` of a dry run (the blocks every randomly initialised named tower keeps:
+    ``load_clip`` / ``load_vfm`` ``depth``), else ``None`` (full depth)."""
+    if not params.get("dry_run"):
+        return None
+    depth = (params.get("dry_run_settings") or {}).get("depth")
+    return None if depth is None else int(depth)
 
 
 def profile_path(profile: str, root: str | Path = ".") -> Path:

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from ovlib import stats
-from ovlib.config import BUDGET_KEYS, ParamError, dry_run_eval, micro_world
+from ovlib.config import BUDGET_KEYS, ParamError, dry_run_depth, dry_run_eval, micro_world
 from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.data.microworld import export_hash
 from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
@@ -331,7 +331,7 @@ class Study:
             raise ParamError(f"params/{P['profile']}.yaml: no named model {role!r} under models")
         spec = P["models"][role]
         clip, tok, _ = load_clip(**spec, device=self.device, allow_download=P["allow_download"],
-                                 weights_dir=P["weights_dir"] or None, seed=P["seed"])
+                                 weights_dir=P["weights_dir"] or None, seed=P["seed"], depth=dry_run_depth(P))
         clip = clip.eval().requires_grad_(False)
         text = self.class_text(clip, tok)
         return clip, tok, text, f"{spec['name']} ({spec['pretrained'] or 'random init'})"
@@ -346,7 +346,7 @@ class Study:
                 m = pretrain_vfm(cfg, P["cache_dir"], device=self.device, progress=False)[0]
             else:
                 m = load_vfm(**P["models"]["vfm"], device=self.device, allow_download=P["allow_download"],
-                             weights_dir=P["weights_dir"] or None, seed=P["seed"])
+                             weights_dir=P["weights_dir"] or None, seed=P["seed"], depth=dry_run_depth(P))
             self._vfm = m.to(self.device).eval().requires_grad_(False)
         return self._vfm
 
@@ -367,8 +367,9 @@ class Study:
             path = cache_path(self.params["cache_dir"], clip_cfg.model, clip_cfg)
         elif cfg.pretrained and Path(cfg.pretrained).is_file():
             path = Path(cfg.pretrained)
-        else:
-            return f"{cfg.backbone}:{cfg.pretrained}"
+        else:  # a named weight, or a random init (of the dry run's depth, when it cuts the towers)
+            depth = dry_run_depth(self.params) if cfg.pretrained is None else None
+            return f"{cfg.backbone}:{cfg.pretrained}" + (f":depth{depth}" if depth else "")
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint {path} not found (Study.backbones() trains it)")
         k = str(path.resolve())

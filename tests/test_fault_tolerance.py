@@ -13,6 +13,10 @@ Two kinds of kills:
 
 Every test asserts: the weights equal the uninterrupted run's bit for bit, the records hold steps 1..N exactly
 once, and results files exist only for finished runs.
+
+The jobs are single-threaded subprocesses (``OMP_NUM_THREADS=1``): the kill-and-rerun chains of a parametrized test's
+selected instants run two at a time in a module fixture (both cores of a CI machine busy), and each test asserts on
+its own chain's outcome -- what was on disk right after its kill, and the finished run.
 """
 
 import json
@@ -55,6 +59,29 @@ ENV.update({"TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 JOBS = Path(__file__).resolve().parent / "helpers" / "fault_jobs.py"
 
 
+def _selected(request, test: str) -> list:
+    """The ``instant`` / ``trial`` parameters of ``test``'s items selected in this session (marker and ``-k``
+    selection applied), in collection order."""
+    return [next(iter(it.callspec.params.values())) for it in request.session.items
+            if getattr(it, "originalname", None) == test and hasattr(it, "callspec")]
+
+
+def _two_at_a_time(fn, keys) -> dict:
+    """``fn(key)`` for every key, two at a time: every job is a chain of single-threaded subprocesses
+    (``OMP_NUM_THREADS=1``), so two chains keep both cores of a CI machine busy. Returns key -> future; the test
+    owning a key calls ``.result()``, so a failure is reported by that test (and only by it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        futures = {k: ex.submit(fn, k) for k in keys}
+    return futures
+
+
+def _result(futures: dict, key, fn):
+    """The owning test's result: its future's, or ``fn(key)`` run now when the session did not select it above."""
+    return futures[key].result() if key in futures else fn(key)
+
+
 def _steps_logged(path: Path) -> int:
     if not path.is_file():
         return 0
@@ -89,6 +116,7 @@ def reference_files(project, reference):
 
 
 def _kill_and_resume(project: Path, reference: dict, trial: int, kill_at: int) -> None:
+    """Kill a run by a timer once ``kill_at`` steps are logged, rerun it, compare with the reference."""
     out = f"killed{trial}"
     p = subprocess.Popen(_cmd(project, out), cwd=project, env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -113,10 +141,20 @@ def test_sigkill_and_resume_is_bit_identical(project, reference):
     _kill_and_resume(project, reference, 0, kill_at=random.Random(0).randint(2, STEPS - 3))
 
 
+def _trial(project: Path, reference: dict):
+    return lambda trial: _kill_and_resume(project, reference, trial, kill_at=random.Random(trial).randint(1, STEPS - 2))
+
+
+@pytest.fixture(scope="module")
+def five_trials(request, project, reference):
+    return _two_at_a_time(_trial(project, reference),
+                          _selected(request, "test_sigkill_and_resume_is_bit_identical_five_trials"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(1, 6))
-def test_sigkill_and_resume_is_bit_identical_five_trials(project, reference, trial):
-    _kill_and_resume(project, reference, trial, kill_at=random.Random(trial).randint(1, STEPS - 2))
+def test_sigkill_and_resume_is_bit_identical_five_trials(project, reference, five_trials, trial):
+    _result(five_trials, trial, _trial(project, reference))
 
 
 # ------------------------------------------------------------------------------------- kills at named instants
@@ -173,22 +211,36 @@ TRAINER_INSTANTS = {
 }
 
 
+def _trainer_kill(project: Path):
+    """instant -> (run dir, what was on disk right after the kill, the rerun's log): kill at the instant, rerun."""
+    def job(instant: str):
+        out = project / f"at-{instant}"
+        _killed(_cmd(project, out.name), project, TRAINER_INSTANTS[instant])
+        recs, torn = read_jsonl(out / "metrics.jsonl")
+        killed = {"results": (out / "results.json").is_file(), "last": (out / "last.pt").exists(),
+                  "steps": [r["step"] for r in recs], "torn": torn, "tmp": bool(list(out.glob(".*.tmp")))}
+        return out, killed, _ok(_cmd(project, out.name), project)
+    return job
+
+
+@pytest.fixture(scope="module")
+def trainer_kills(request, project, reference_files):
+    return _two_at_a_time(_trainer_kill(project), _selected(request, "test_trainer_killed_at_instant_resumes_exactly"))
+
+
 @pytest.mark.parametrize("instant", [pytest.param(k, marks=[] if k in ("before-first-checkpoint",
                                                                         "during-record-write") else pytest.mark.slow)
                                      for k in TRAINER_INSTANTS])
-def test_trainer_killed_at_instant_resumes_exactly(project, reference_files, instant):
+def test_trainer_killed_at_instant_resumes_exactly(project, reference_files, trainer_kills, instant):
     fault = TRAINER_INSTANTS[instant]
-    out = project / f"at-{instant}"
-    _killed(_cmd(project, out.name), project, fault)
-    assert not (out / "results.json").is_file(), "a killed run left a results file"
-    recs, torn = read_jsonl(out / "metrics.jsonl")
+    out, killed, log = _result(trainer_kills, instant, _trainer_kill(project))
+    assert not killed["results"], "a killed run left a results file"
     if instant == "before-first-checkpoint":
-        assert not (out / "last.pt").exists() and [r["step"] for r in recs] == [1]
+        assert not killed["last"] and killed["steps"] == [1]
     if instant == "during-record-write":
-        assert torn == 1 and [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+        assert killed["torn"] == 1 and killed["steps"] == [1, 2, 3, 4, 5]
     if fault.startswith("write:") and not fault.startswith("write:metrics"):
-        assert list(out.glob(".*.tmp")), "the kill should leave a half-written temporary file"
-    log = _ok(_cmd(project, out.name), project)
+        assert killed["tmp"], "the kill should leave a half-written temporary file"
     res = _check_finished_run(out, reference_files)
     if instant == "before-first-checkpoint":  # the old log is kept aside, named, and the new one starts at 1
         assert _steps(out / "stale-no-checkpoint-1" / "metrics.jsonl") == [1]
@@ -227,20 +279,34 @@ RUN_CACHE_INSTANTS = {
 }
 
 
+def _cache_kill(project: Path):
+    """instant -> (run dir, its files right after the kill, the rerun's record, a third call's record)."""
+    def job(instant: str):
+        root = project / f"cache-{instant}"
+        _job(project, "train_or_load", str(project), str(root), str(STEPS), fault=RUN_CACHE_INSTANTS[instant])
+        (out,) = [d for d in root.iterdir() if d.is_dir()]
+        killed = {n: (out / n).is_file() for n in ("done.json", "results.json")}
+        res = _job(project, "train_or_load", str(project), str(root), str(STEPS))
+        done = json.loads((out / "done.json").read_text())
+        return out, killed, res, done, _job(project, "train_or_load", str(project), str(root), str(STEPS))
+    return job
+
+
+@pytest.fixture(scope="module")
+def cache_kills(request, project, reference_files):
+    return _two_at_a_time(_cache_kill(project), _selected(request, "test_run_cache_killed_is_never_taken_as_finished"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("instant", list(RUN_CACHE_INSTANTS))
-def test_run_cache_killed_is_never_taken_as_finished(project, reference_files, instant):
-    root = project / f"cache-{instant}"
-    _job(project, "train_or_load", str(project), str(root), str(STEPS), fault=RUN_CACHE_INSTANTS[instant])
-    (out,) = [d for d in root.iterdir() if d.is_dir()]
-    assert not (out / "done.json").is_file()
+def test_run_cache_killed_is_never_taken_as_finished(project, reference_files, cache_kills, instant):
+    out, killed, res, done, again = _result(cache_kills, instant, _cache_kill(project))
+    assert not killed["done.json"]
     if instant == "during-training":
-        assert not (out / "results.json").is_file()
-    res = _job(project, "train_or_load", str(project), str(root), str(STEPS))
+        assert not killed["results.json"]
     assert res["trained_now"] is (instant == "during-training")  # a finished, unmarked run is resumed at its end
     _check_finished_run(out, reference_files)
-    assert json.loads((out / "done.json").read_text())["steps"] == STEPS
-    again = _job(project, "train_or_load", str(project), str(root), str(STEPS))
+    assert done["steps"] == STEPS
     assert again["trained_now"] is False and again["out_dir"] == str(out)
 
 
@@ -267,12 +333,12 @@ def test_study_killed_while_evaluating_is_redone(project, reference_files):
 def pretrain_reference(tmp_path_factory):
     """The uninterrupted tiny micro CLIP and micro VFM pre-trainings: final weights and histories."""
     cache = tmp_path_factory.mktemp("pretrain-ref")
-    out = {}
-    for job in ("pretrain_clip", "pretrain_vfm"):
+
+    def ref(job: str):
         r = _job(cache, job, str(cache))
         ck = safe_load(r["path"])
-        out[job] = (ck["model"], [h["step"] for h in ck["info"]["history"]], Path(r["path"]).name)
-    return out
+        return ck["model"], [h["step"] for h in ck["info"]["history"]], Path(r["path"]).name
+    return {job: f.result() for job, f in _two_at_a_time(ref, ("pretrain_clip", "pretrain_vfm")).items()}
 
 
 def _state_name(final_name: str) -> str:
@@ -289,17 +355,32 @@ PRETRAIN_INSTANTS = {  # tiny runs of 4 steps with a state saved after every ste
 }
 
 
+def _pretrain_kill(tmp_path_factory, pretrain_reference):
+    """instant -> (its cache dir, whether the final file existed right after the kill, the rerun's record)."""
+    def job_at(instant: str):
+        job, spec = PRETRAIN_INSTANTS[instant]
+        final_name = pretrain_reference[job][2]
+        cache = tmp_path_factory.mktemp(f"pre-{instant}")
+        _job(cache, job, str(cache), fault=spec.format(state=_state_name(final_name), final=final_name))
+        final_after_kill = next(cache.rglob(final_name), None) is not None
+        return cache, final_after_kill, _job(cache, job, str(cache))
+    return job_at
+
+
+@pytest.fixture(scope="module")
+def pretrain_kills(request, tmp_path_factory, pretrain_reference):
+    return _two_at_a_time(_pretrain_kill(tmp_path_factory, pretrain_reference),
+                          _selected(request, "test_pretraining_killed_at_instant_resumes_exactly"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("instant", list(PRETRAIN_INSTANTS))
-def test_pretraining_killed_at_instant_resumes_exactly(tmp_path, pretrain_reference, instant):
-    job, spec = PRETRAIN_INSTANTS[instant]
+def test_pretraining_killed_at_instant_resumes_exactly(tmp_path_factory, pretrain_reference, pretrain_kills, instant):
+    job, _ = PRETRAIN_INSTANTS[instant]
     ref_model, ref_steps, final_name = pretrain_reference[job]
-    fault = spec.format(state=_state_name(final_name), final=final_name)
-    _job(tmp_path, job, str(tmp_path), fault=fault)
-    final = next(tmp_path.rglob(final_name), None)
-    assert (final is not None) is (instant == "between-final-and-state-removal")
-    r = _job(tmp_path, job, str(tmp_path))
+    cache, final_after_kill, r = _result(pretrain_kills, instant, _pretrain_kill(tmp_path_factory, pretrain_reference))
+    assert final_after_kill is (instant == "between-final-and-state-removal")
     ck = safe_load(r["path"])
     _same(ck["model"], ref_model, f"{job} after a kill at {instant}")
     assert [h["step"] for h in ck["info"]["history"]] == ref_steps == list(range(1, len(ref_steps) + 1))
-    assert not list(tmp_path.rglob(_state_name(final_name))), "the resumable state outlived the final file"
+    assert not list(cache.rglob(_state_name(final_name))), "the resumable state outlived the final file"

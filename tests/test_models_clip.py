@@ -110,6 +110,46 @@ def test_random_init_of_a_named_model_is_built_once_and_copied(monkeypatch):
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in c.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["ViT-B-16", "EVA02-B-16"])
+def test_a_dry_runs_depth_keeps_the_first_blocks_of_every_tower(name):
+    """depth=N (dry_run_settings.depth): image and text towers keep their first N blocks, with the weights the
+    full random init has there; the cut model still encodes images and text; named weights refuse a depth."""
+    from ovlib.models import vit_adapter
+
+    full, tok, _ = load_clip(name, seed=2)
+    cut, _, _ = load_clip(name, seed=2, depth=3)
+    text = (lambda m: m.text.transformer) if hasattr(full, "text") else (lambda m: m.transformer)
+    assert vit_adapter(cut).num_blocks == 3 and vit_adapter(full).num_blocks == 12
+    assert len(text(cut).resblocks) == 3 and len(text(full).resblocks) == 12
+    fs, cs = full.state_dict(), cut.state_dict()
+    assert set(cs) < set(fs) and all(torch.equal(v, fs[k]) for k, v in cs.items())
+    dropped = {k.split("resblocks.")[-1].split("blocks.")[-1].split(".")[0] for k in set(fs) - set(cs)}
+    assert dropped == {str(i) for i in range(3, 12)}  # exactly the blocks from the fourth on
+    with torch.no_grad():
+        img = cut.encode_image(torch.zeros(1, 3, 224, 224))
+        txt = cut.encode_text(tok(["a photo of a cat."]))
+    assert img.shape == txt.shape == (1, 512) and torch.isfinite(img).all()
+    with pytest.raises(ValueError, match="depth=3 cuts a random initialisation"):
+        load_clip(name, pretrained="openai", depth=3)
+    with pytest.raises(ValueError, match="exceeds the 12 blocks"):
+        load_clip(name, seed=2, depth=13)
+
+
+def test_a_dry_runs_depth_cuts_a_timm_vfm():
+    from ovlib.models import load_vfm
+
+    full = load_vfm("vit_small_patch14_dinov2.lvd142m", seed=1)
+    cut = load_vfm("vit_small_patch14_dinov2.lvd142m", seed=1, depth=2)
+    assert len(cut.blocks) == 2 and len(full.blocks) == 12
+    fs = full.state_dict()  # the same architecture, the blocks from the third on absent
+    assert {k: v.shape for k, v in cut.state_dict().items()} == \
+        {k: v.shape for k, v in fs.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 2}
+    with torch.no_grad():
+        assert cut(torch.zeros(1, 3, 56, 56)).shape == (1, 384)
+    with pytest.raises(ValueError, match="depth=2 cuts a random initialisation"):
+        load_vfm("micro-vfm", depth=2)
+
+
 def test_register_micro_variant():
     cfg = MicroClipConfig(vision_layers=2)
     register_micro_clip("micro-clip-test-l2", cfg, overwrite=True)

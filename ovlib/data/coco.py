@@ -433,7 +433,9 @@ def dry_run_data(params: dict) -> tuple[dict, str]:
         raise FileNotFoundError(f"dry run: data_root {src} is not a COCO root (no annotations/); the dry run reads the "
                                 "shared 100-image COCO panoptic subset (../shared/data/coco_panoptic_val100)")
     info = dry_run_root(src, Path(params["cache_dir"]) / "dry-run-coco")
-    msg = (f"**Dry run** (random weights, at most 2 training steps, small images: the numbers mean nothing): "
+    depth = (params.get("dry_run_settings") or {}).get("depth")
+    cut = f", towers cut to their first {depth} blocks" if depth else ""
+    msg = (f"**Dry run** (random weights{cut}, at most 2 training steps, small images: the numbers mean nothing): "
            f"{info['images']} real COCO val2017 images from `{src}` with their panoptic annotations; the "
            f"{info['instances']} instances are *derived* from the panoptic thing segments and the "
            f"{info['captions']} captions are *synthesised* from each image's category names "

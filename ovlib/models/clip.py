@@ -42,6 +42,7 @@ from ovlib.io import CheckpointError, safe_load
 from ovlib.models.weights import WeightsUnavailable, local_weight_file, weight_stem  # re-exported
 
 __all__ = [
+    "truncate_towers",
     "MicroClipConfig",
     "MICRO_CLIP_CONFIGS",
     "register_micro_clip",
@@ -267,6 +268,41 @@ def random_init(key: tuple, build: Callable[[], Any]) -> Any:
     return copy.deepcopy(_RANDOM_INITS[key])
 
 
+def _keep_blocks(owner: nn.Module, attr: str, depth: int, what: str) -> None:
+    """``owner.<attr>`` (an ``nn.ModuleList`` / ``nn.Sequential`` of blocks) cut to its first ``depth`` blocks, as
+    timm's and open_clip's ``prune_intermediate_layers`` cut theirs; a block count recorded beside (open_clip's
+    ``Transformer.layers``) follows."""
+    blocks = getattr(owner, attr)
+    if depth > len(blocks):
+        raise ValueError(f"depth {depth} exceeds the {len(blocks)} blocks of the {what}")
+    setattr(owner, attr, blocks[:depth])
+    if isinstance(getattr(owner, "layers", None), int):
+        owner.layers = depth
+
+
+def truncate_towers(model: nn.Module, depth: int) -> nn.Module:
+    """Keep the first ``depth`` transformer blocks of every tower of ``model`` (in place; returns it): a CLIP's
+    image tower (open_clip ``VisionTransformer`` or a timm trunk) and text tower, or a timm ViT (a VFM). The dry
+    run's reduced size (``dry_run_settings.depth``): the architecture's code path, at a fraction of its depth."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    towers = []
+    v = getattr(model, "visual", None)
+    if v is not None:  # a CLIP
+        towers.append((v.trunk, "blocks", "image trunk") if hasattr(v, "trunk") else
+                      (v.transformer, "resblocks", "image tower"))
+        text = model.text if hasattr(model, "text") else model  # CustomTextCLIP keeps its text tower in .text
+        if hasattr(text, "transformer"):
+            towers.append((text.transformer, "resblocks", "text tower"))
+    elif hasattr(model, "blocks"):  # a timm ViT
+        towers.append((model, "blocks", "ViT"))
+    else:
+        raise TypeError(f"truncate_towers: no transformer towers found in {type(model).__name__}")
+    for owner, attr, what in towers:
+        _keep_blocks(owner, attr, depth, what)
+    return model
+
+
 def load_clip(
     name: str,
     pretrained: str | os.PathLike | None = None,
@@ -275,6 +311,7 @@ def load_clip(
     allow_download: bool = True,
     seed: int = 0,
     weights_dir: str | os.PathLike | None = None,
+    depth: int | None = None,
 ) -> tuple[nn.Module, Callable, Callable]:
     """Load a CLIP model; returns ``(model, tokenizer, preprocess)`` with the model in eval mode.
 
@@ -289,8 +326,14 @@ def load_clip(
         weights_dir: a directory holding named weights as local files (:mod:`ovlib.models.weights`): a tag is
             read from ``weights_dir/<name>.<tag>.safetensors`` (or .pth/.pt/.bin), never downloaded; a missing
             file is a :class:`WeightsUnavailable` naming the parameter and the file.
+        depth: keep only the first ``depth`` blocks of each tower (:func:`truncate_towers`; the dry run's
+            ``dry_run_settings.depth``); only with a random initialisation of an open_clip model.
     """
     import open_clip
+
+    if depth is not None and (pretrained is not None or name in MICRO_CLIP_CONFIGS):
+        raise ValueError(f"load_clip: depth={depth} cuts a random initialisation of a named architecture (a dry "
+                         f"run); {name!r} with pretrained={pretrained!r} keeps its depth")
 
     is_path = pretrained is not None and _looks_like_path(pretrained)
     if name in MICRO_CLIP_CONFIGS:
@@ -324,8 +367,12 @@ def load_clip(
         return model, preprocess
 
     tokenizer = open_clip.get_tokenizer(name)
-    if pretrained is None:  # built once per process and seed, copied after (random_init)
-        model, preprocess = random_init(("open_clip", name, seed), _create)
+    if pretrained is None:  # built once per process and seed (and depth), copied after (random_init)
+        def _create_cut():
+            model, preprocess = _create()
+            return (model if depth is None else truncate_towers(model, depth)), preprocess
+
+        model, preprocess = random_init(("open_clip", name, seed, depth), _create_cut)
     elif is_path:
         model, preprocess = _create()
         load_state_dict_checked(model, read_checkpoint(pretrained), source=f"checkpoint {pretrained}")

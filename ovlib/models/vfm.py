@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import WeightsUnavailable, is_offline, load_state_dict_checked, random_init, read_checkpoint
+from .clip import WeightsUnavailable, is_offline, load_state_dict_checked, random_init, read_checkpoint, truncate_towers
 from .weights import local_weight_file
 
 __all__ = ["MicroVfmConfig", "MICRO_VFM_CONFIGS", "register_micro_vfm", "load_vfm", "vfm_patch_features",
@@ -70,11 +70,17 @@ def _is_path(p) -> bool:
 
 def load_vfm(name: str, pretrained: str | os.PathLike | None = None, device: str | torch.device = "cpu",
              *, allow_download: bool = True, seed: int = 0,
-             weights_dir: str | os.PathLike | None = None) -> nn.Module:
+             weights_dir: str | os.PathLike | None = None, depth: int | None = None) -> nn.Module:
     """Load a VFM (eval mode, ``requires_grad`` left as is). See the module docstring. ``weights_dir``: with
     ``pretrained="hub"`` the weights are read from ``weights_dir/<name>.safetensors`` (or .pth/.pt/.bin,
-    :mod:`ovlib.models.weights`), never downloaded."""
+    :mod:`ovlib.models.weights`), never downloaded. ``depth``: keep the first ``depth`` blocks of a random
+    initialisation of a timm model (the dry run's ``dry_run_settings.depth``;
+    :func:`ovlib.models.clip.truncate_towers`)."""
     import timm
+
+    if depth is not None and (pretrained is not None or name in MICRO_VFM_CONFIGS):
+        raise ValueError(f"load_vfm: depth={depth} cuts a random initialisation of a named architecture (a dry "
+                         f"run); {name!r} with pretrained={pretrained!r} keeps its depth")
 
     if name in MICRO_VFM_CONFIGS:
         with torch.random.fork_rng(devices=[]):
@@ -94,10 +100,16 @@ def load_vfm(name: str, pretrained: str | os.PathLike | None = None, device: str
         def build():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return timm.create_model(name, pretrained=False, **kwargs)
+                if depth is None:
+                    return timm.create_model(name, pretrained=False, **kwargs)
+                try:  # a timm ViT builds its first `depth` blocks directly (a ViT-L's 24 take seconds to initialise)
+                    m = timm.create_model(name, pretrained=False, depth=depth, **kwargs)
+                except TypeError:  # a model without a `depth` argument: built whole, then cut
+                    m = timm.create_model(name, pretrained=False, **kwargs)
+            return truncate_towers(m, depth)
 
         # a random initialisation is built once per process and seed, copied after (ovlib.models.clip.random_init)
-        model = random_init(("timm", name, seed), build) if pretrained is None else build()
+        model = random_init(("timm", name, seed, depth), build) if pretrained is None else build()
         if pretrained is not None:
             state = read_checkpoint(pretrained)
             state = {k: v for k, v in state.items() if not k.startswith("head.")} if "head.weight" in state else state

@@ -49,7 +49,8 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
     else:
         student, tokenizer, _ = load_clip(cfg.backbone, pretrained=cfg.pretrained,
                                           allow_download=params["allow_download"], seed=int(params["seed"]),
-                                          weights_dir=params.get("weights_dir") or None)
+                                          weights_dir=params.get("weights_dir") or None,
+                                          depth=None if cfg.pretrained else params_lib.dry_run_depth(params))
     teacher = copy.deepcopy(student).eval().requires_grad_(False) if teacher else None  # None: a loader's build
     vfm = None
     if "vfm" in needs:
@@ -62,7 +63,8 @@ def build_models(cfg: DistillConfig, params: Mapping[str, Any], needs: frozenset
             vfm = pretrain_vfm(vfm_cfg, params["cache_dir"], progress=False)[0]
         else:
             vfm = load_vfm(cfg.vfm, pretrained=cfg.vfm_pretrained, allow_download=params["allow_download"],
-                           seed=int(params["seed"]), weights_dir=params.get("weights_dir") or None)
+                           seed=int(params["seed"]), weights_dir=params.get("weights_dir") or None,
+                           depth=None if cfg.vfm_pretrained else params_lib.dry_run_depth(params))
     return student, teacher, vfm, tokenizer
 
 
