@@ -575,7 +575,8 @@ def ledger_page(root: Path | str = ".") -> Path:
     lines = ["# Claims ledger", "",
              "Which of the papers' claims reproduce here? One row per claim the chapters test, generated from the "
              "chapters' claims files (`book/claims/NN.json`, written by `ovlib.study`). *Claims* are judged on "
-             "training seeds (paired or Welch t-test; the interval is a hierarchical bootstrap, seeds then images); "
+             "training seeds (paired or Welch t-test; the interval is a hierarchical bootstrap, seeds then images) "
+             "and resolved only when the test (p < 0.05) and the interval (excluding 0) agree; "
              "headline claims are Holm–Bonferroni corrected within their chapter. *Indicative* rows rest on one "
              "seed (image noise only): shown, never counted. *Checks* are identities verified numerically.", ""]
     if not entries:

@@ -23,6 +23,11 @@ and ``statistic(per_image.sum(0)) -> float``. A *row* of a table is one such arr
   they pass or fail, and are never mixed with empirical claims.
 
 Verdicts: ``holds`` (resolved in the expected direction), ``reversed`` (resolved the other way), ``not resolved``.
+A claim with both a test and an interval is resolved only when they agree: ``p < alpha`` (after Holm for a headline
+claim) **and** the interval printed beside it excludes 0 on the side of the effect. The seed test alone would
+resolve a difference the hierarchical interval does not: a trained row whose seeds agree closely (a small seed
+variance) against a frozen model, with an image-to-image difference that another sample of evaluation images could
+erase. A verdict is never shown beside an interval that contradicts it.
 """
 
 from __future__ import annotations
@@ -240,18 +245,22 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def verdict(delta: float, expect: int, p: float = float("nan"), lo: float = float("nan"),
             hi: float = float("nan"), alpha: float = 0.05) -> str:
-    """``holds`` / ``reversed`` when the difference is resolved (``p < alpha`` when ``p`` is given, else an
-    interval ``[lo, hi]`` excluding 0) with the ``expect``-ed sign (+1 / -1) or the other; else ``not resolved``."""
+    """``holds`` / ``reversed`` when the difference is resolved with the ``expect``-ed sign (+1 / -1) or the other;
+    else ``not resolved``. Resolved: ``p < alpha`` when ``p`` is given, an interval ``[lo, hi]`` excluding 0 on the
+    side of ``delta`` when it is given -- both when both are (the verdict agrees with the interval shown beside
+    it: module docstring)."""
     if expect not in (1, -1):
         raise ValueError(f"verdict: expect must be +1 or -1, got {expect!r}")
     if not math.isfinite(delta):
         return "not resolved"
-    if math.isfinite(p):
-        resolved = p < alpha and delta != 0
-    elif math.isfinite(lo) and math.isfinite(hi):
-        resolved = lo > 0 or hi < 0
-    else:
-        resolved = False
+    has_p, has_ci = math.isfinite(p), math.isfinite(lo) and math.isfinite(hi)
+    if not (has_p or has_ci):
+        return "not resolved"
+    resolved = delta != 0
+    if has_p:
+        resolved = resolved and p < alpha
+    if has_ci:
+        resolved = resolved and ((lo > 0 and delta > 0) or (hi < 0 and delta < 0))
     if not resolved:
         return "not resolved"
     return "holds" if (delta > 0) == (expect > 0) else "reversed"

@@ -77,6 +77,12 @@ def test_verdict_rules():
     assert verdict(1.0, 1, lo=0.2, hi=1.8) == "holds"
     assert verdict(1.0, 1, lo=-0.2, hi=1.8) == "not resolved"
     assert verdict(float("nan"), 1, p=0.01) == "not resolved"
+    # a test and an interval: resolved only when they agree (the verdict never contradicts the interval shown)
+    assert verdict(1.0, 1, p=0.003, lo=0.2, hi=1.8) == "holds"
+    assert verdict(-1.0, 1, p=0.003, lo=-1.8, hi=-0.2) == "reversed"
+    assert verdict(0.9, 1, p=0.003, lo=-0.4, hi=2.2) == "not resolved"  # the seeds agree, the images do not
+    assert verdict(1.0, 1, p=0.2, lo=0.2, hi=1.8) == "not resolved"  # ... and the other way round
+    assert verdict(1.0, 1, p=0.01, lo=-1.8, hi=-0.2) == "not resolved"  # an interval on the other side of delta
     with pytest.raises(ValueError, match="expect"):
         verdict(1.0, 0)
 
@@ -168,6 +174,16 @@ def test_compare_kinds_and_tests():
     assert c.kind == "indicative" and c.verdict == "not resolved" and c.indication == "higher"
     assert math.isnan(c.p)
     c.p_adjusted = 0.5  # Holm can turn a resolved claim into a not-resolved one
+    # a frozen model against 3 seeds that agree closely (seed test resolved) on images whose per-image differences
+    # scatter widely around a small mean (the hierarchical interval covers 0): not resolved
+    base = rng.random(40)
+    frozen = Sample((np.stack([base, np.ones(40)], 1),), ratio_stat, fixed=True)
+    noisy = rng.normal(0.0, 0.6, 40)
+    noisy -= noisy.mean()  # per-image differences scattered around an exact mean of 0.05
+    seeds = Sample(tuple(np.stack([base + noisy + 0.05 + 0.001 * i, np.ones(40)], 1) for i in range(3)), ratio_stat,
+                   (0, 1, 2))
+    c = compare(frozen, seeds, n_boot=400)
+    assert c.p < 0.05 and c.ci_low < 0 < c.ci_high and c.verdict == "not resolved"
     claim_ = compare(three_a, three_b, n_boot=50)
     claim_.p_adjusted = 0.5
     assert claim_.verdict == "not resolved"
