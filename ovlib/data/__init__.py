@@ -1,4 +1,5 @@
-"""Data: the micro world, COCO-format datasets, region sampling and crop geometry, synonym corpora."""
+"""Data: the micro world, COCO-format datasets, region sampling and crop geometry, synonym corpora, and the
+open-vocabulary detection split (:mod:`ovlib.data.detection`)."""
 
 from ovlib.data.coco import CocoCaptions, CocoInstances, CocoPanoptic, ImageReadError, id2rgb, read_image, rgb2id
 from ovlib.data.microworld import (

@@ -6,6 +6,8 @@
 * :mod:`ovlib.eval.region_cls` -- zero-shot region classification (rois / maskpool / crops; CLIPSelf);
 * :mod:`ovlib.eval.segmentation` -- MaskCLIP-style sliding-window OVSS and the k-means diagnostic;
 * :mod:`ovlib.eval.unsupervised` -- k-means + Hungarian matching.
+* :mod:`ovlib.eval.detection` -- open-vocabulary box AP (COCOeval per base / novel part, AP50 from per-image
+  counts for the bootstrap) of a detector such as F-ViT (:mod:`ovlib.methods.fvit`).
 """
 
 from ovlib.models.affinity import affinity_map, pixel_to_cell
