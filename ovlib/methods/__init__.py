@@ -1,7 +1,8 @@
 """Methods: one file per method; each exposes pure loss functions and a :class:`Distiller` for the trainer.
 
 :data:`METHODS` maps ``--method`` names of ``python -m ovlib.train`` to their :class:`Distiller` classes.
-A name appears here only once its method is implemented and tested.
+A name appears here only once its method is implemented and tested. :mod:`ovlib.methods.fvit` (the F-ViT
+detector, a downstream model on a frozen CLIP, not a distillation) is not one of them.
 """
 
 from ovlib.methods.base import Distiller

@@ -1,1 +1,2 @@
-"""Training: micro pre-training (:mod:`ovlib.train.pretrain`) and the teacher-student loop."""
+"""Training: micro pre-training (:mod:`ovlib.train.pretrain`), the teacher-student loop, and the F-ViT detector
+(:mod:`ovlib.train.detect`)."""
