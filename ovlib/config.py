@@ -116,6 +116,18 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "n_eval_sweep": "evaluation scenes of the ablation and the extended rows (0: as n_eval)",
         "extended": "also run the one-seed rows: bounded-cosine reading, lr / weight sweep, diagnostics",
     },
+    "06": {
+        "seeds": "detector seeds, one detector per student seed (0: the profile's 'seeds')",
+        "students": "the students compared: {row: {method, budget}} (loaded from the shared run cache)",
+        "split": "the vocabulary split: 'field' (the micro world's base / novel) or 'ov-coco' (48 / 17)",
+        "train_images": "training images of the detector (0: the whole training export / file)",
+        "eval_images": "evaluation images of the detectors (0: all of the evaluation split)",
+        "region_images": "evaluation images of the students' region classification (0: all)",
+        "detector": "the detector's training: steps (or epochs), batch_size, lr, weight_decay, warmup, grad_clip, flip",
+        "fvit": "F-ViT options (ovlib.methods.fvit.FViTConfig fields) of the profile",
+        "name_mode": "the synonym protocol of novel names at test (ovlib.models.text.NAME_MODES)",
+        "region": "also evaluate the students' region classification (AP vs region accuracy)",
+    },
     # the recipe sweep (ovlib.sweep, `python -m ovlib.sweep`): not a chapter, it chooses the profile's recipes
     "recipes": {
         "split": "the tuning split the sweep evaluates on (never the chapters' evaluation split val2017)",
