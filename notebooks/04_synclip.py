@@ -102,7 +102,7 @@ from ovlib.models import patch_correlation
 from ovlib.nb import ci, md, setup, table
 from ovlib.stats import Comparison, bootstrap_ci, ratio_stat
 from ovlib.study import Study
-from ovlib.train.recipes import distill_config
+from ovlib.train.recipes import declip_as_synclip, distill_config
 from ovlib.viz.figures import map_grid
 
 # every contract key comes from the parameters cell above
@@ -334,9 +334,7 @@ md(table(["target", "α/β", "huber_kl(A_label, A_agg) (code)", "l2(A_label, A_a
 
 # %%
 R = distill_config(P, "synclip")
-DECLIP_AS_SYNCLIP = {"regions": R.regions, "thing_crop_scale": R.thing_crop_scale, "method_args": {"mode": "csa"},
-                     "loss_weights": {"content": R.loss_weights.get("content", 1.0),
-                                      "context": R.loss_weights.get("context", 0.25)}}
+DECLIP_AS_SYNCLIP = declip_as_synclip(P)  # SynCLIP's regions and weights, DeCLIP's loss on the csa context
 syn_args = {"synonym_corpus": str(corpus_path)} if corpus_path else {}
 MAIN = {
     "DeCLIP": ("declip", DECLIP_AS_SYNCLIP),

@@ -60,6 +60,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -81,7 +82,7 @@ from ovlib.models.text import class_name_sets, text_embeddings
 from ovlib.nb import md, setup, table
 from ovlib.study import Study
 from ovlib.train.detect import DetectorTrainConfig, train_detector
-from ovlib.train.recipes import distill_config
+from ovlib.train.recipes import declip_as_synclip, distill_config
 
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
 P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived from its panoptic PNGs)
@@ -103,8 +104,8 @@ md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} thread
 # (`wusize/CLIPSelf`, `F-ViT/`; read for facts, the module docstring lists each with its file):
 #
 # * **Backbone**: the CLIP image tower, frozen and run without gradients; taps after blocks 3, 5, 7, 11 (ViT-B/16),
-#   the **last block in the student's dense mode** (CLIPSelf's `forward_without_attn` = our `x+v`; DenseRC: its
-#   HSG map). A ViTDet-style simple pyramid (×4, ×2, ×1, ×½) feeds a standard FPN with a pooled fifth level.
+#   the **last block in the student's dense mode** (CLIPSelf's `forward_without_attn` = our `x+v`; DeCLIP and
+#   SynCLIP as SynCLIP's F-ViT runs them, `csa` without scale, residual or FFN; DenseRC: its HSG map). A ViTDet-style simple pyramid (×4, ×2, ×1, ×½) feeds a standard FPN with a pooled fifth level.
 # * **Classifier**: no linear class layer: the RoI embedding's cosine with the fixed CLIP text embeddings of the
 #   vocabulary and of "background", times a learnable temperature; trained on **base** classes only, background
 #   weighted 0.6.
@@ -200,10 +201,7 @@ md(f"Vocabulary: {len(SPLIT.base)} base, {len(SPLIT.novel)} novel classes"
 study.section = "6.3"
 MAIN_STEPS, ABL_STEPS, REF_STEPS = (study.train_budget(b).get("max_steps") for b in ("main", "ablation", "refiner"))
 REF_BUDGET = {ABL_STEPS: "ablation", REF_STEPS: "refiner", MAIN_STEPS: "main"}[REF_STEPS]  # as chapter 02 names it
-R04 = distill_config(P, "synclip")
-DECLIP_AS_SYNCLIP = {"regions": R04.regions, "thing_crop_scale": R04.thing_crop_scale, "method_args": {"mode": "csa"},
-                     "loss_weights": {"content": R04.loss_weights.get("content", 1.0),
-                                      "context": R04.loss_weights.get("context", 0.25)}}
+DECLIP_AS_SYNCLIP = declip_as_synclip(P)  # chapter 04's DeCLIP row
 _, corpus = with_synonyms(bb.categories, P["cache_dir"], max_synonyms=int(P["budgets"].get("04", {}).get(
     "max_synonyms", 10)))
 SYN_ARGS = {"synonym_corpus": str(corpus)} if corpus else {}
@@ -235,12 +233,12 @@ DETS, RUNS = {}, {}
 t_det = time.perf_counter()
 
 
-def detect(row, s, model, key, dense_fn=None):
+def detect(row, s, model, key, dense_fn=None, fv=FV):
     """Train (or load) the detector of ``model`` with seed ``s``; evaluate it with the original names and under
     the synonym protocol; record both in ``row``."""
     text, bg = TEXT["main"]
     steps = DET.get("steps") or math.ceil(DET.get("epochs", 1) * len(train_ds) / DET["batch_size"])
-    cfg = DetectorTrainConfig(clip=key, data=data_key, fvit=FV, seed=s, steps=int(max(1, steps)),
+    cfg = DetectorTrainConfig(clip=key, data=data_key, fvit=fv, seed=s, steps=int(max(1, steps)),
                               **{k: v for k, v in DET.items() if k not in ("steps", "epochs")})
     det, info = train_detector(cfg, model, train_ds, text[:NB], bg, Path(P["cache_dir"]) / "detectors", DEV,
                                progress=False, dense_fn=dense_fn)
@@ -270,7 +268,10 @@ for row in STUDENTS:
             cons = load_constructor(r.res["weights"], student, **dict(rec["config"].get("method_args") or {}))
             cons = cons.to(DEV)
             fn = lambda ad, x, cons=cons: cons(ad, x, normalize=True)  # noqa: E731
-        detect(row, s, student, f"run:{Path(r.res['out_dir']).name}", fn)
+        # DeCLIP / SynCLIP: the last block as SynCLIP's F-ViT runs it (forward_without_rcffn(x, mode='csa'): q-q plus
+        # k-k attention on v, no scale, no residual, no FFN); every other student CLIPSelf's x+v
+        fv = replace(FV, dense_mode="csa", dense_args={"scale": False}) if r.method in ("declip", "synclip") else FV
+        detect(row, s, student, f"run:{Path(r.res['out_dir']).name}", fn, fv)
 t_det = time.perf_counter() - t_det
 trained = sum(not d["info"].get("loaded") for d in DETS.values())
 md(f"{len(DETS)} detectors ({trained} trained here, the others loaded from `{P['cache_dir']}/detectors`) and "

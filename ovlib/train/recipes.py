@@ -91,6 +91,16 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
     return cfg
 
 
+def declip_as_synclip(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides that make a DeCLIP run SynCLIP's baseline (chapter 04's "DeCLIP" row, chapter 06's DeCLIP
+    student): SynCLIP's regions, thing-crop scale and content / context weights, DeCLIP's loss on the ``csa``
+    context (SynCLIP's code baselines DeCLIP so), so that SynCLIP's additions are the only difference."""
+    r = distill_config(params, "synclip")
+    return {"regions": r.regions, "thing_crop_scale": r.thing_crop_scale, "method_args": {"mode": "csa"},
+            "loss_weights": {"content": r.loss_weights.get("content", 1.0),
+                             "context": r.loss_weights.get("context", 0.25)}}
+
+
 def named_weights(params: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every named weight ``(model name, tag)`` a resolved profile uses: its ``models`` and, for every method and
     backbone its recipes name (plus the profile's ``backbone``), the resolved recipe's ``pretrained`` and
