@@ -74,7 +74,7 @@ from ovlib.data.coco import dry_run_data
 from ovlib.data.detection import OV_COCO_BASE, OV_COCO_NOVEL, DetectionDataset, vocab_split
 from ovlib.data.microworld import ensure_microworld, export_hash
 from ovlib.data.synonyms import with_synonyms
-from ovlib.eval.detection import coco_box_ap, evaluate_detector, with_protocol
+from ovlib.eval.detection import coco_box_ap, evaluate_vocabularies, with_protocol
 from ovlib.eval.students import load_student, student_dense_fn, student_pooling
 from ovlib.methods.denserc import load_constructor
 from ovlib.methods.fvit import FViTConfig, ov_ensemble
@@ -92,6 +92,8 @@ SEEDS = study.seeds
 FV = FViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (B.get("fvit") or {}).items()})
 DET = dict(B["detector"])
 NAME_MODE = B.get("name_mode", "first_synonym")
+if NAME_MODE == "main":
+    raise ValueError("budgets['06'].name_mode must be a synonym protocol (ovlib.models.text.NAME_MODES), not 'main'")
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; seeds {SEEDS}; students "
    f"{', '.join(B['students'])}; detector {DET}; vocabulary split `{B['split']}`; synonym protocol `{NAME_MODE}`."
    + (f"\n\n{DRY}" if DRY else ""))
@@ -242,13 +244,10 @@ def detect(row, s, model, key, dense_fn=None, fv=FV):
                               **{k: v for k, v in DET.items() if k not in ("steps", "epochs")})
     det, info = train_detector(cfg, model, train_ds, text[:NB], bg, Path(P["cache_dir"]) / "detectors", DEV,
                                progress=False, dense_fn=dense_fn)
-    evs = {}
-    for mode in ("main", NAME_MODE):
-        t, b = TEXT[mode]
-        det.set_vocabulary(t, b, [c in SPLIT.novel for c in SPLIT.vocab])
-        evs[mode] = evaluate_detector(det, eval_root, study.split, SPLIT, max_images=n_eval, device=DEV,
-                                      name=f"{row}-s{s}", score_lo=FV.score_thresh, n_boot=study.n_boot,
-                                      seed=P["seed"])
+    novel = [c in SPLIT.novel for c in SPLIT.vocab]
+    evs = evaluate_vocabularies(det, eval_root, study.split, SPLIT, {m: (*TEXT[m], novel) for m in ("main", NAME_MODE)},
+                                max_images=n_eval, device=DEV, name=f"{row}-s{s}", score_lo=FV.score_thresh,
+                                n_boot=study.n_boot, seed=P["seed"])  # one pass, scored under both sets of names
     ev = with_protocol(evs["main"], evs[NAME_MODE], "syn", n_boot=study.n_boot, seed=P["seed"])
     study.record(row, ev, seed=s)
     DETS[(row, s)] = dict(info=info, ev=ev)

@@ -219,3 +219,23 @@ def test_detector_training_resumes_exactly(clip, base_data, tmp_path):
     assert [h["loss"] for h in info_r["history"]] == pytest.approx([h["loss"] for h in info_w["history"]], rel=1e-5)
     for (k, a), b in zip(whole.trainable_state().items(), resumed.trainable_state().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+
+
+def test_several_vocabularies_in_one_pass_equal_one_pass_each(clip):
+    model, _ = clip
+    det = FViT(model, FViTConfig(**SMALL, score_thresh=0.0, detections=30)).eval()
+    D = det.backbone.adapter.out_dim
+    a, bg, novel = _vocab(D, 4, novel=(3,))
+    b = F.normalize(a + 0.5 * torch.randn(4, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        both = det(images, vocabularies=[(a, bg, novel), (b, bg, novel)])
+        single = []
+        for t in (a, b):
+            det.set_vocabulary(t, bg, novel)
+            single.append(det(images))
+    assert len(both) == 2
+    for got, want in zip(both, single):
+        for k in ("boxes", "scores", "labels"):
+            assert torch.allclose(got[0][k].float(), want[0][k].float(), atol=1e-5), k
+    assert not torch.equal(both[0][0]["scores"], both[1][0]["scores"])  # the names matter

@@ -27,9 +27,11 @@ import contextlib
 import functools
 import io
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from ovlib.data.coco import read_image
 from ovlib.data.detection import VocabSplit
 
 __all__ = ["coco_box_ap", "detections_to_coco", "evaluate_detector", "ap_counts", "ap50_from_counts", "score_bins",
-           "DetectionEval", "with_protocol"]
+           "DetectionEval", "with_protocol", "evaluate_vocabularies"]
 
 #: COCO's recall thresholds (101 points)
 REC_THRS = np.linspace(0.0, 1.0, 101)
@@ -176,6 +178,53 @@ class DetectionEval:
 
 
 @torch.no_grad()
+def _detect(detector: torch.nn.Module, root, split: str, vocab: VocabSplit, batch_size: int, max_images: int | None,
+            device, vocabularies: Sequence[tuple] | None) -> tuple[Any, list[int], list[list[dict]]]:
+    """``(COCO ground truth, image ids, [COCO result dicts per vocabulary])`` of one pass over the images."""
+    from pycocotools.coco import COCO
+
+    ann = Path(root) / "annotations" / f"instances_{split}.json"
+    if not ann.is_file():
+        raise FileNotFoundError(f"instances annotation file not found: {ann}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+    img_ids = sorted(gt.getImgIds())[:max_images]
+    was_training = detector.training
+    detector.eval()
+    dets: list[list[dict]] = [[] for _ in (vocabularies or [None])]
+    for s in range(0, len(img_ids), batch_size):
+        ids = img_ids[s:s + batch_size]
+        images = []
+        for i in ids:
+            im = read_image(Path(root) / split / gt.imgs[i]["file_name"])  # (H, W, 3) uint8
+            images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255).to(device))
+        outs = detector(images, vocabularies=vocabularies) if vocabularies else [detector(images)]
+        for k, out in enumerate(outs):
+            for i, o in zip(ids, out):
+                dets[k] += detections_to_coco(o, i, vocab.vocab)
+    detector.train(was_training)
+    return gt, img_ids, dets
+
+
+def _score(gt, img_ids: list[int], dets: list[dict], vocab: VocabSplit, name: str, score_lo: float, bins: int,
+           n_boot: int, seed: int) -> DetectionEval:
+    from ovlib.stats import bootstrap_ci
+
+    ev = DetectionEval(name, images=len(img_ids), detections=len(dets))
+    counts = ap_counts(gt, dets, vocab.vocab, img_ids, score_bins(score_lo, bins))  # (I, K, 2 nb + 1)
+    col = vocab.index
+    for part, cats in (("novel", vocab.novel), ("base", vocab.base), ("all", vocab.vocab)):
+        if not cats:
+            continue
+        exact = coco_box_ap(gt, dets, cats, img_ids)
+        ev.exact[f"ap50.{part}"], ev.exact[f"ap.{part}"] = exact["ap50"], exact["ap"]
+        arr = counts[:, [col[c] for c in cats]].reshape(len(img_ids), -1)  # (I, K_part * (2 nb + 1))
+        stat = functools.partial(ap50_from_counts, n_cat=len(cats))
+        ev.ci[f"ap50.{part}"] = bootstrap_ci(arr, stat, n_boot=n_boot, seed=seed)
+        ev.per_image[f"ap50.{part}"] = (arr, stat)
+    return ev
+
+
 def evaluate_detector(detector: torch.nn.Module, root, split: str, vocab: VocabSplit, batch_size: int = 4,
                       max_images: int | None = None, device: str | torch.device = "cpu", name: str = "",
                       score_lo: float = 0.01, bins: int = 500, n_boot: int = 1000, seed: int = 0) -> DetectionEval:
@@ -188,46 +237,32 @@ def evaluate_detector(detector: torch.nn.Module, root, split: str, vocab: VocabS
     not every category of the file), each with its per-image counts (:func:`ap_counts` on ``bins`` score bins from
     ``score_lo``, the detector's score threshold) and a bootstrap interval over images; ``exact`` holds COCOeval's
     AP50 and AP@[.5:.95] of each part."""
-    import time
-
-    from pycocotools.coco import COCO
-
-    from ovlib.stats import bootstrap_ci
-
     t0 = time.perf_counter()
-    ann = Path(root) / "annotations" / f"instances_{split}.json"
-    if not ann.is_file():
-        raise FileNotFoundError(f"instances annotation file not found: {ann}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann))
-    img_ids = sorted(gt.getImgIds())[:max_images]
-    was_training = detector.training
-    detector.eval()
-    dets: list[dict] = []
-    for s in range(0, len(img_ids), batch_size):
-        ids = img_ids[s:s + batch_size]
-        images = []
-        for i in ids:
-            im = read_image(Path(root) / split / gt.imgs[i]["file_name"])  # (H, W, 3) uint8
-            images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255).to(device))
-        for i, out in zip(ids, detector(images)):
-            dets += detections_to_coco(out, i, vocab.vocab)
-    detector.train(was_training)
-    ev = DetectionEval(name, images=len(img_ids), detections=len(dets))
-    edges = score_bins(score_lo, bins)
-    counts = ap_counts(gt, dets, vocab.vocab, img_ids, edges)  # (I, K, 2 nb + 1)
-    col = vocab.index
-    for part, cats in (("novel", vocab.novel), ("base", vocab.base), ("all", vocab.vocab)):
-        if not cats:
-            continue
-        exact = coco_box_ap(gt, dets, cats, img_ids)
-        ev.exact[f"ap50.{part}"], ev.exact[f"ap.{part}"] = exact["ap50"], exact["ap"]
-        arr = counts[:, [col[c] for c in cats]].reshape(len(img_ids), -1)  # (I, K_part * (2 nb + 1))
-        stat = functools.partial(ap50_from_counts, n_cat=len(cats))
-        ev.ci[f"ap50.{part}"] = bootstrap_ci(arr, stat, n_boot=n_boot, seed=seed)
-        ev.per_image[f"ap50.{part}"] = (arr, stat)
+    gt, img_ids, (dets,) = _detect(detector, root, split, vocab, batch_size, max_images, device, None)
+    ev = _score(gt, img_ids, dets, vocab, name, score_lo, bins, n_boot, seed)
     ev.seconds = time.perf_counter() - t0
     return ev
+
+
+def evaluate_vocabularies(detector: torch.nn.Module, root, split: str, vocab: VocabSplit,
+                          vocabularies: Mapping[str, tuple], batch_size: int = 4, max_images: int | None = None,
+                          device: str | torch.device = "cpu", name: str = "", score_lo: float = 0.01, bins: int = 500,
+                          n_boot: int = 1000, seed: int = 0) -> dict[str, DetectionEval]:
+    """:func:`evaluate_detector` under several sets of class names at once: ``vocabularies`` maps a protocol name
+    to ``(text (C, D), background (D,), novel (C,))`` of ``vocab.vocab`` (``FViT.forward``'s ``vocabularies``: the
+    images, proposals and box features are computed once; only the scores differ). Returns one
+    :class:`DetectionEval` per protocol (``seconds``: the shared pass split evenly, plus its own scoring)."""
+    t0 = time.perf_counter()
+    keys = list(vocabularies)
+    gt, img_ids, dets = _detect(detector, root, split, vocab, batch_size, max_images, device,
+                                [vocabularies[k] for k in keys])
+    shared = (time.perf_counter() - t0) / len(keys)
+    out = {}
+    for k, d in zip(keys, dets):
+        t1 = time.perf_counter()
+        out[k] = _score(gt, img_ids, d, vocab, f"{name} [{k}]" if name else k, score_lo, bins, n_boot, seed)
+        out[k].seconds = shared + time.perf_counter() - t1
+    return out
 
 
 def _diff_stat(s: np.ndarray, n: int, f_a: Callable[[np.ndarray], float], f_b: Callable[[np.ndarray], float]

@@ -266,11 +266,18 @@ class OVBoxPredictor(nn.Module):
         """``text (1 + C, D)``: unit-norm embeddings, background first."""
         self.text = F.normalize(text.float(), dim=-1).to(self.cls.weight.device)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The RoI embeddings ``(N, D)``, unit norm, of RoI features ``x (N, in_features)``."""
+        return F.normalize(F.relu(self.cls(x)), dim=-1)
+
+    def logits(self, e: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``(N, 1 + C)`` cosine logits of embeddings ``e (N, D)`` against ``text (1 + C, D)``."""
+        return e @ text.t() * self.log_temperature.exp()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x (N, in_features)
         if self.text.shape[0] < 2:
             raise RuntimeError("F-ViT: no vocabulary set (FViT.set_vocabulary)")
-        e = F.normalize(F.relu(self.cls(x)), dim=-1)  # (N, D)
-        return e @ self.text.t() * self.log_temperature.exp(), self.reg(x)  # (N, 1 + C), (N, 4)
+        return self.logits(self.embed(x), self.text), self.reg(x)  # (N, 1 + C), (N, 4)
 
 
 class OVRoIHeads(RoIHeads):
@@ -281,10 +288,19 @@ class OVRoIHeads(RoIHeads):
         self.cfg, self.vlm_stride = cfg, vlm_stride
         self.register_buffer("novel", torch.zeros(0, dtype=torch.bool), persistent=False)  # (1 + C,)
 
-    def forward(self, features, proposals, image_shapes, targets=None, vlm_map=None):
+    def forward(self, features, proposals, image_shapes, targets=None, vlm_map=None, vocabularies=None):
+        """Training: the losses. Test: the detections under the predictor's vocabulary, or -- with
+        ``vocabularies``, a list of ``(text (1 + C, D), novel (1 + C,))`` -- a list of them, one per vocabulary,
+        from one pass of the box head (proposals and boxes do not depend on the class names)."""
         if self.training:
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
         x = self.box_head(self.box_roi_pool(features, proposals, image_shapes))  # (N, F)
+        if not self.training and vocabularies is not None:
+            e, deltas = self.box_predictor.embed(x), self.box_predictor.reg(x)  # (N, D), (N, 4)
+            vlm = self._vlm_features(vlm_map, proposals)
+            boxes = self.box_coder.decode(deltas, proposals)[:, 0]  # (N, 4): class-agnostic
+            return [self._detections(boxes, self._scores(self.box_predictor.logits(e, text), vlm, text, novel),
+                                     proposals, image_shapes) for text, novel in vocabularies], {}
         logits, deltas = self.box_predictor(x)  # (N, 1 + C), (N, 4)
         if self.training:
             labels = torch.cat(labels)
@@ -292,16 +308,22 @@ class OVRoIHeads(RoIHeads):
             loss_cls = fvit_cls_loss(logits, labels, self.cfg.bg_weight)
             loss_box = l1_box_loss(deltas, targets_, labels > 0, labels.numel())
             return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        vlm = self._vlm_features(vlm_map, proposals)
+        scores = self._scores(logits, vlm, self.box_predictor.text, self.novel)
+        boxes = self.box_coder.decode(deltas, proposals)  # (N, 1, 4): class-agnostic
+        return self._detections(boxes[:, 0], scores, proposals, image_shapes), {}
+
+    def _vlm_features(self, vlm_map, proposals) -> torch.Tensor:
+        """Unit-norm box means ``(N, C_clip)`` of the VLM map (a 1x1 adaptive RoIAlign)."""
         if vlm_map is None:
             raise ValueError("OVRoIHeads at test needs the VLM map")
         vlm = roi_align(vlm_map, proposals, output_size=1, spatial_scale=1.0 / self.vlm_stride, sampling_ratio=0,
                         aligned=True).flatten(1)  # (N, C_clip)
-        vlm = F.normalize(vlm, dim=-1)
-        text = self.box_predictor.text
+        return F.normalize(vlm, dim=-1)
+
+    def _scores(self, logits, vlm, text, novel) -> torch.Tensor:
         p_vlm = (vlm @ text.t() * self.cfg.vlm_temperature).softmax(-1)  # (N, 1 + C)
-        scores = ov_ensemble(logits.softmax(-1), p_vlm, self.novel, self.cfg.alpha, self.cfg.beta)
-        boxes = self.box_coder.decode(deltas, proposals)  # (N, 1, 4): class-agnostic
-        return self._detections(boxes[:, 0], scores, proposals, image_shapes), {}
+        return ov_ensemble(logits.softmax(-1), p_vlm, novel, self.cfg.alpha, self.cfg.beta)
 
     def _detections(self, boxes, scores, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
         """Per image: drop background, score threshold, class-wise NMS, top ``detections`` (mmdet
@@ -395,12 +417,19 @@ class FViT(nn.Module):
                        ) -> None:
         """Classes ``text (C, D)`` (unit-norm CLIP text embeddings), the ``background (D,)`` embedding and the
         ``novel (C,)`` flags (test-time exponents)."""
+        full, novel = self._vocabulary(text, background, novel)
+        self.roi_heads.box_predictor.set_text(full)
+        self.roi_heads.novel = novel
+
+    def _vocabulary(self, text, background, novel) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(text (1 + C, D)`` with the background first, unit norm, ``novel (1 + C,))`` on the model's device."""
         novel = torch.as_tensor(novel, dtype=torch.bool)
         if text.ndim != 2 or novel.shape != (text.shape[0],) or background.shape != (text.shape[1],):
             raise ValueError(f"set_vocabulary: text {tuple(text.shape)}, background {tuple(background.shape)}, "
                              f"novel {tuple(novel.shape)} do not fit (C, D), (D,), (C,)")
-        self.roi_heads.box_predictor.set_text(torch.cat([background[None], text]))
-        self.roi_heads.novel = torch.cat([torch.zeros(1, dtype=torch.bool), novel]).to(text.device)
+        dev = self.roi_heads.box_predictor.cls.weight.device
+        full = F.normalize(torch.cat([background[None], text]).float(), dim=-1).to(dev)
+        return full, torch.cat([torch.zeros(1, dtype=torch.bool), novel]).to(dev)
 
     @property
     def vocab_size(self) -> int:
@@ -417,9 +446,14 @@ class FViT(nn.Module):
         if missing or unexpected:
             raise ValueError(f"F-ViT weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
+                vocabularies: Sequence[tuple] | None = None):
+        """Training: the loss dict. Test: per image a dict of ``boxes``, ``labels``, ``scores``; with
+        ``vocabularies`` (a list of ``(text (C, D), background (D,), novel (C,))``, as :meth:`set_vocabulary` takes)
+        a list of such lists, one per vocabulary, from one forward pass (only the scoring depends on the names)."""
         if self.training and targets is None:
             raise ValueError("F-ViT in training mode needs targets")
+        vocabs = None if vocabularies is None else [self._vocabulary(*v) for v in vocabularies]
         original = [tuple(im.shape[-2:]) for im in images]
         batch, targets = self.transform(images, targets)
         x = batch.tensors  # (B, 3, H, W) normalised, padded to the size divisor
@@ -428,9 +462,12 @@ class FViT(nn.Module):
         batch.tensors = x
         features, vlm = self.backbone(x)
         proposals, rpn_losses = self.rpn(batch, features, targets)
-        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets, vlm_map=vlm)
+        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets, vlm_map=vlm,
+                                                vocabularies=vocabs)
         if self.training:
             return {**rpn_losses, **roi_losses}
+        if vocabs is not None:
+            return [self.transform.postprocess(d, batch.image_sizes, original) for d in detections]
         return self.transform.postprocess(detections, batch.image_sizes, original)
 
 
