@@ -399,7 +399,10 @@ else:
 study.section = "6.7"
 md(study.claims_table())
 md(study.cost_table())
-md(study.summary(f"{P['profile']} profile, F-ViT {DET} per backbone, {len(SEEDS)} seed(s)"))
+SCHEDULE = (f"{DET['steps']} steps × {DET['batch_size']} images" if DET.get("steps") else
+            f"{DET.get('epochs')} epochs at batch {DET['batch_size']}")
+md(study.summary(f"{P['profile']} profile, one F-ViT per backbone and seed ({SCHEDULE}, lr {DET['lr']:g}), "
+                 f"{len(SEEDS)} seed(s)"))
 study.ledger()  # book/claims/06.json
 
 # %% [markdown]
