@@ -175,12 +175,12 @@ else:
 eval_root = bb.dataset.root
 inst = json.loads((Path(eval_root) / "annotations" / f"instances_{study.split}.json").read_text())
 SPLIT = vocab_split(inst["categories"], B["split"])
-cats = {c["id"]: c for c in with_synonyms(inst["categories"], P["cache_dir"],
-                                          max_synonyms=int(P["budgets"].get("04", {}).get("max_synonyms", 10)))[0]}
-train_ds = DetectionDataset(train_root, R.split, keep=SPLIT.base, novel=SPLIT.novel)
-n_train = int(B.get("train_images") or 0) or len(train_ds)
-if n_train < len(train_ds):
-    train_ds.items = train_ds.items[:n_train]
+# the categories with their synonyms, and the corpus chapter 04's SynCLIP runs name (COCO: WordNet; micro: its own)
+SYN_CATS, corpus = with_synonyms(bb.categories, P["cache_dir"],
+                                 max_synonyms=int(P["budgets"].get("04", {}).get("max_synonyms", 10)))
+cats = {c["id"]: c for c in SYN_CATS}
+train_ds = DetectionDataset(train_root, R.split, keep=SPLIT.base, novel=SPLIT.novel,
+                            max_images=int(B.get("train_images") or 0) or None)
 n_eval = int(B.get("eval_images") or 0) or None
 md(f"Vocabulary: {len(SPLIT.base)} base, {len(SPLIT.novel)} novel classes"
    + (f" (OV-COCO: {len(OV_COCO_BASE)} + {len(OV_COCO_NOVEL)})" if B["split"] == "ov-coco" else "")
@@ -204,8 +204,6 @@ study.section = "6.3"
 MAIN_STEPS, ABL_STEPS, REF_STEPS = (study.train_budget(b).get("max_steps") for b in ("main", "ablation", "refiner"))
 REF_BUDGET = {ABL_STEPS: "ablation", REF_STEPS: "refiner", MAIN_STEPS: "main"}[REF_STEPS]  # as chapter 02 names it
 DECLIP_AS_SYNCLIP = declip_as_synclip(P)  # chapter 04's DeCLIP row
-_, corpus = with_synonyms(bb.categories, P["cache_dir"], max_synonyms=int(P["budgets"].get("04", {}).get(
-    "max_synonyms", 10)))
 SYN_ARGS = {"synonym_corpus": str(corpus)} if corpus else {}
 
 

@@ -205,3 +205,11 @@ def test_with_protocol_drop_is_other_minus_orig_per_image():
     assert arr.shape == (2, 14)
     assert f(arr.sum(0)) == pytest.approx(syn.point("ap50.novel") - 100.0)
     assert out.point("drop ap50.novel [syn]") < 0 and out.point("ap50.novel [syn]") == syn.point("ap50.novel")
+
+
+def test_detection_dataset_max_images_keeps_the_first(export):
+    inst = json.loads((export / "annotations" / "instances_train2017.json").read_text())
+    sp = vocab_split(inst["categories"], "field")
+    full = DetectionDataset(export, "train2017", keep=sp.base, novel=sp.novel)
+    part = DetectionDataset(export, "train2017", keep=sp.base, novel=sp.novel, max_images=5)
+    assert len(part) == 5 and part.image_ids() == full.image_ids()[:5]

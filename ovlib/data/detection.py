@@ -109,11 +109,12 @@ class DetectionDataset(torch.utils.data.Dataset):
     xyxy px, ``labels (K,)`` int64 = 1 + the row of the category in ``keep`` (0 is torchvision's background),
     ``image_id``. Dropped annotations are counted in ``dropped`` (``novel``: a category of ``novel``; ``outside``:
     in neither; ``crowd``; ``degenerate``: width or height < ``min_size`` px); images left without a box are left
-    out and counted in ``skipped["no_kept_boxes"]`` (the counts are logged once, at construction).
+    out and counted in ``skipped["no_kept_boxes"]`` (the counts are logged once, at construction; they are over
+    the whole file, before ``max_images`` keeps the first images with a box).
     """
 
     def __init__(self, root, split: str, keep: Sequence[int], novel: Sequence[int] = (), min_size: float = 1.0,
-                 strict: bool = False):
+                 strict: bool = False, max_images: int | None = None):
         self.coco_ds = CocoInstances(root, split, masks=False, strict=strict)
         self.keep = tuple(int(c) for c in keep)
         if not self.keep:
@@ -150,6 +151,8 @@ class DetectionDataset(torch.utils.data.Dataset):
                      dict(self.skipped))
         if not self.items:
             raise ValueError(f"DetectionDataset: no image of {root}/{split} has a box of the kept categories")
+        if max_images is not None:
+            self.items = self.items[:max_images]  # the first images (in id order) that have a kept box
 
     def __len__(self) -> int:
         return len(self.items)
