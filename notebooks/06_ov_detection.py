@@ -74,14 +74,15 @@ from ovlib.data.coco import dry_run_data
 from ovlib.data.detection import OV_COCO_BASE, OV_COCO_NOVEL, DetectionDataset, vocab_split
 from ovlib.data.microworld import ensure_microworld, export_hash
 from ovlib.data.synonyms import with_synonyms
-from ovlib.eval.detection import coco_box_ap, evaluate_vocabularies, with_protocol
+from ovlib.eval.detection import coco_box_ap, with_protocol
+from ovlib.eval.detector_runs import DetectorJob, run_detector_jobs
 from ovlib.eval.students import load_student, student_dense_fn, student_pooling
 from ovlib.methods.denserc import load_constructor
 from ovlib.methods.fvit import FViTConfig, ov_ensemble
 from ovlib.models.text import class_name_sets, text_embeddings
 from ovlib.nb import md, setup, table
 from ovlib.study import Study
-from ovlib.train.detect import DetectorTrainConfig, train_detector
+from ovlib.train.detect import DetectorTrainConfig
 from ovlib.train.recipes import declip_as_synclip, distill_config
 
 P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the device
@@ -229,50 +230,50 @@ def vocab_text(clip, mode):
 
 TEXT = {m: vocab_text(clip_model, m) for m in ("main", NAME_MODE)}  # the text tower is frozen in every student
 NB = len(SPLIT.base)
+NOVEL = [c in SPLIT.novel for c in SPLIT.vocab]
+STEPS = DET.get("steps") or math.ceil(DET.get("epochs", 1) * len(train_ds) / DET["batch_size"])
 DETS, RUNS = {}, {}
 t_det = time.perf_counter()
 
 
-def detect(row, s, model, key, dense_fn=None, fv=FV):
-    """Train (or load) the detector of ``model`` with seed ``s``; evaluate it with the original names and under
-    the synonym protocol; record both in ``row``."""
-    text, bg = TEXT["main"]
-    steps = DET.get("steps") or math.ceil(DET.get("epochs", 1) * len(train_ds) / DET["batch_size"])
-    cfg = DetectorTrainConfig(clip=key, data=data_key, fvit=fv, seed=s, steps=int(max(1, steps)),
+def detector_job(row, s, model, key, constructor=None, fv=FV):
+    """The detector of ``model`` with seed ``s``: trained (or loaded from `cache_dir/detectors`) on the base boxes,
+    evaluated with the original names and under the synonym protocol in one pass."""
+    cfg = DetectorTrainConfig(clip=key, data=data_key, fvit=fv, seed=s, steps=int(max(1, STEPS)),
                               **{k: v for k, v in DET.items() if k not in ("steps", "epochs")})
-    det, info = train_detector(cfg, model, train_ds, text[:NB], bg, Path(P["cache_dir"]) / "detectors", DEV,
-                               progress=False, dense_fn=dense_fn)
-    novel = [c in SPLIT.novel for c in SPLIT.vocab]
-    evs = evaluate_vocabularies(det, eval_root, study.split, SPLIT, {m: (*TEXT[m], novel) for m in ("main", NAME_MODE)},
-                                max_images=n_eval, device=DEV, name=f"{row}-s{s}", score_lo=FV.score_thresh,
-                                n_boot=study.n_boot, seed=P["seed"])  # one pass, scored under both sets of names
-    ev = with_protocol(evs["main"], evs[NAME_MODE], "syn", n_boot=study.n_boot, seed=P["seed"])
-    study.record(row, ev, seed=s)
-    DETS[(row, s)] = dict(info=info, ev=ev)
-    return ev
+    return DetectorJob(f"{row}-s{s}", cfg, model, train_ds, TEXT["main"][0][:NB], TEXT["main"][1],
+                       str(Path(P["cache_dir"]) / "detectors"), str(eval_root), study.split, SPLIT,
+                       {m: (*TEXT[m], NOVEL) for m in ("main", NAME_MODE)}, constructor=constructor,
+                       max_images=n_eval, score_lo=FV.score_thresh, n_boot=study.n_boot, eval_seed=P["seed"],
+                       device=str(DEV))
 
 
-for s in SEEDS:
-    detect("CLIP", s, clip_model, f"frozen:{bb.checkpoint}")
+JOBS = [(("CLIP", s), detector_job("CLIP", s, clip_model, f"frozen:{bb.checkpoint}")) for s in SEEDS]
 STUDENTS = list(B["students"])
 for row in STUDENTS:
     for s in SEEDS:
         r = RUNS[(row, s)] = student_run(row, s)
         student = load_student(P, r.res, DEV)
-        fn = None
+        cons = None
         if r.method == "denserc":  # DenseRC's VLM map is its HSG construction (ch. 03), not a CLIP mode
             rec = json.loads(Path(r.res["results"]).read_text())
             cons = load_constructor(r.res["weights"], student, **dict(rec["config"].get("method_args") or {}))
-            cons = cons.to(DEV)
-            fn = lambda ad, x, cons=cons: cons(ad, x, normalize=True)  # noqa: E731
         # DeCLIP / SynCLIP: the last block as SynCLIP's F-ViT runs it (forward_without_rcffn(x, mode='csa'): q-q plus
         # k-k attention on v, no scale, no residual, no FFN); every other student CLIPSelf's x+v
         fv = replace(FV, dense_mode="csa", dense_args={"scale": False}) if r.method in ("declip", "synclip") else FV
-        detect(row, s, student, f"run:{Path(r.res['out_dir']).name}", fn, fv)
+        JOBS.append(((row, s), detector_job(row, s, student, f"run:{Path(r.res['out_dir']).name}", cons, fv)))
+t_students = time.perf_counter() - t_det
+# independent jobs: side by side in `workers` one-thread processes on the CPU (ovlib.parallel), else one by one here
+WORKERS = int(B.get("workers") or 1) if DEV.type == "cpu" else 1
+for (row, s), res in zip([k for k, _ in JOBS], run_detector_jobs([j for _, j in JOBS], workers=WORKERS)):
+    ev = with_protocol(res.evals["main"], res.evals[NAME_MODE], "syn", n_boot=study.n_boot, seed=P["seed"])
+    study.record(row, ev, seed=s)
+    DETS[(row, s)] = dict(info=res.info, ev=ev, threads=res.threads)
 t_det = time.perf_counter() - t_det
 trained = sum(not d["info"].get("loaded") for d in DETS.values())
-md(f"{len(DETS)} detectors ({trained} trained here, the others loaded from `{P['cache_dir']}/detectors`) and "
-   f"{len(RUNS)} student runs ({sum(r.trained_now for r in RUNS.values())} trained here) in {t_det:.0f} s.")
+md(f"{len(DETS)} detectors ({trained} trained here, the others loaded from `{P['cache_dir']}/detectors`) in "
+   f"{t_det - t_students:.0f} s ({min(WORKERS, len(JOBS))} process(es) × {DETS[JOBS[0][0]]['threads']} thread(s)); "
+   f"{len(RUNS)} student runs ({sum(r.trained_now for r in RUNS.values())} trained here) in {t_students:.0f} s.")
 fig, ax = plt.subplots(figsize=(6, 2.6))
 for (row, s), d in DETS.items():
     h = d["info"]["history"]
@@ -415,4 +416,4 @@ study.ledger()  # book/claims/06.json
 # scope: F-ViT's LVIS configs add a mask head, which is missing here).
 
 # %%
-md(f"Chapter executed in {time.perf_counter() - study.t0:.0f} s (detectors {t_det:.0f} s).")
+md(f"Chapter executed in {time.perf_counter() - study.t0:.0f} s (detectors {t_det - t_students:.0f} s).")

@@ -127,6 +127,8 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "fvit": "F-ViT options (ovlib.methods.fvit.FViTConfig fields) of the profile",
         "name_mode": "the synonym protocol of novel names at test (ovlib.models.text.NAME_MODES)",
         "region": "also evaluate the students' region classification (AP vs region accuracy)",
+        "workers": "processes that train and evaluate the detectors side by side, sharing the CPU threads "
+                   "(ovlib.parallel; 1: one after the other in the notebook's process, the accelerator path)",
     },
     # the recipe sweep (ovlib.sweep, `python -m ovlib.sweep`): not a chapter, it chooses the profile's recipes
     "recipes": {

@@ -239,3 +239,36 @@ def test_several_vocabularies_in_one_pass_equal_one_pass_each(clip):
         for k in ("boxes", "scores", "labels"):
             assert torch.allclose(got[0][k].float(), want[0][k].float(), atol=1e-5), k
     assert not torch.equal(both[0][0]["scores"], both[1][0]["scores"])  # the names matter
+
+
+@pytest.mark.slow
+def test_detector_jobs_in_worker_processes_equal_in_process(clip, base_data, tmp_path):
+    """Chapter 06's jobs (ovlib.eval.detector_runs): two detectors trained and evaluated by two one-thread worker
+    processes give the losses, cached weights and AP that the same jobs give here on one thread."""
+    from ovlib.eval.detector_runs import DetectorJob, run_detector_jobs
+
+    model, _ = clip
+    root, sp, ds = base_data
+    C = len(sp.vocab)
+    text, bg, _ = _vocab(model.visual.proj.shape[1], C)
+    novel = [c in sp.novel for c in sp.vocab]
+
+    def jobs(cache):
+        return [DetectorJob(f"s{s}", DetectorTrainConfig(clip="random-0", data="test", fvit=FViTConfig(**SMALL),
+                                                         steps=3, batch_size=2, lr=1e-3, warmup=1, seed=s),
+                            model, ds, text[:len(sp.base)], bg, str(cache), str(root), "train2017", sp,
+                            {"main": (text, bg, novel)}, max_images=4, n_boot=20) for s in (0, 1)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = run_detector_jobs(jobs(tmp_path / "here"), workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    there = run_detector_jobs(jobs(tmp_path / "there"), workers=2)
+    assert [r.threads for r in there] == [1, 1] and [r.name for r in there] == ["s0", "s1"]
+    for a, b in zip(here, there):
+        assert [h["loss"] for h in a.info["history"]] == pytest.approx([h["loss"] for h in b.info["history"]],
+                                                                      rel=1e-5)
+        assert a.evals["main"].exact == pytest.approx(b.evals["main"].exact, nan_ok=True)
+    assert here[0].info["history"][0]["loss"] != pytest.approx(here[1].info["history"][0]["loss"])  # seeds differ

@@ -15,7 +15,7 @@ import ovlib
 
 PKG = Path(ovlib.__file__).resolve().parent
 #: layer of each top-level part of ovlib (higher may import lower, never the reverse)
-LAYERS = {"__init__": 0, "io": 0, "config": 0, "stats": 0, "nb": 0, "models": 1, "data": 2, "methods": 3,
+LAYERS = {"__init__": 0, "io": 0, "config": 0, "stats": 0, "nb": 0, "parallel": 0, "models": 1, "data": 2, "methods": 3,
           "train": 4, "eval": 5, "study": 6, "sweep": 6, "viz": 6, "book": 7}
 
 
