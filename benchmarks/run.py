@@ -34,6 +34,9 @@ Sections (``--only``):
   it (figures named ``... (no teacher cache)``, no targets): every frozen network runs on every step.
 * ``dense`` -- ``dense_features`` per mode / ``encode_image`` of the same random micro CLIP on the same batch,
   round-robin, per-round ratios, under ``torch.no_grad``. Target: ``x+v`` <= 1.05x.
+* ``detector`` -- chapter 06's detector phase (``bench_detector``): the same micro F-ViT jobs (train + evaluate)
+  one after the other in this process on every thread, and in two worker processes sharing the threads
+  (``ovlib.parallel``), back to back per round; their per-round ratio says whether ``workers: 2`` pays.
 * ``memory`` -- peak resident memory *added* by loss + backward at a ``--grid`` x ``--grid`` token grid (64 x 64 =
   4096 tokens): global SCD naive vs chunked (``--chunk`` rows) on unit tokens of ``--dim`` channels, and
   DeCLIP/SynCLIP's context loss (no chunked path exists) on ``q`` of the same width; each measurement in a
@@ -68,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import SPREAD, machine_info, paired_ratios, summarize, verdict  # noqa: E402 (after the sys.path lines)
 
-SECTIONS = ("microworld", "pretrain", "methods", "dense", "memory")
+SECTIONS = ("microworld", "pretrain", "methods", "dense", "memory", "detector")
 DEFAULT_OUT = HERE / "results.json"
 SCHEMA = 1
 
@@ -458,8 +461,24 @@ def section_memory(a, F: Figures) -> dict:
             "losses": {c: rs[0]["loss"] for c, rs in res.items()}}
 
 
+def section_detector(a, F: Figures) -> dict:
+    import torch
+    from bench_detector import rounds
+
+    n_jobs, steps = (2, 3) if a.quick else (4, 20)
+    r = rounds(a.repeats, n_jobs, steps, log=a.log)
+    threads = torch.get_num_threads()
+    where = f"{n_jobs} micro F-ViT jobs x ({steps} steps + 8 evaluation images), random micro CLIP"
+    F.add("detector", f"one process x {threads} threads, one job after the other", r["serial"], "s", note=where)
+    F.add("detector", f"2 processes x {max(1, threads // 2)} thread(s), side by side", r["workers"], "s",
+          note=where + "; process start included")
+    F.add("detector", "speed-up of the worker processes (serial / workers)", paired_ratios(r["serial"], r["workers"]),
+          "x", higher_is_better=True, note="per round, back to back; > 1: chapter 06's `workers: 2` pays")
+    return {"jobs": n_jobs, "steps": steps, "threads": threads}
+
+
 RUNNERS = {"microworld": section_microworld, "pretrain": section_pretrain, "methods": section_methods,
-           "dense": section_dense, "memory": section_memory}
+           "dense": section_dense, "memory": section_memory, "detector": section_detector}
 
 
 # --------------------------------------------------------------------------------------------------- main
