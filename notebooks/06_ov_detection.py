@@ -198,7 +198,10 @@ md(f"Vocabulary: {len(SPLIT.base)} base, {len(SPLIT.novel)} novel classes"
 # shared run cache returns that chapter's run): CLIPSelf, SC-/R-SC-CLIPSelf (ch. 02, the `main` budget; R-SC with
 # the Refiner of ch. 02), DenseRC at CLIPSelf's budget (ch. 03, its HSG map is the VLM map), DeCLIP and SynCLIP
 # (ch. 04, the `synclip_main` budget). Every backbone gets one detector per seed (student seed *s* → detector
-# seed *s*; the frozen CLIP: one detector per seed), with the profile's detector recipe, the same for all.
+# seed *s*; the frozen CLIP: one detector per seed), with the profile's detector recipe, the same for all. The
+# detectors are independent jobs: on the CPU they run side by side in `workers` one-thread processes
+# (`ovlib.eval.detector_runs`; `make bench` measures that against one process with every thread), on an
+# accelerator one after the other.
 
 # %%
 study.section = "6.3"
