@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ovlib.data.detection import OV_COCO_BASE, OV_COCO_NOVEL, DetectionDataset, VocabSplit, vocab_split
 from ovlib.data.microworld import MicroWorld, ensure_microworld
@@ -184,6 +186,36 @@ def test_ap50_from_counts_hand_case():
     row0 = np.zeros(2 * nb + 1)  # a category without ground truth is left out of the mean
     assert ap50_from_counts(np.concatenate([row, row0]), 2) == pytest.approx(100 * 51 / 101)
     assert math.isnan(ap50_from_counts(row0, 1))
+
+
+def _ap50_one_row_at_a_time(s, n_cat):
+    """COCO's 101-point interpolation written out per category (the reference of the vectorised statistic)."""
+    s = np.asarray(s, dtype=np.float64).reshape(n_cat, -1)
+    nb = (s.shape[1] - 1) // 2
+    aps = []
+    for row in s:
+        if row[2 * nb] <= 0:
+            continue
+        tp, fp = np.cumsum(row[:nb]), np.cumsum(row[nb:2 * nb])
+        rc, pr = tp / row[2 * nb], np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
+        pr = np.array([pr[j:].max() for j in range(nb)])  # the precision envelope, by its definition
+        q = [pr[np.argmax(rc >= t)] if (rc >= t).any() else 0.0 for t in np.linspace(0, 1, 101)]
+        aps.append(100.0 * np.mean(q))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 2 ** 31 - 1))
+def test_ap50_from_counts_equals_the_per_category_definition(n_cat, nb, seed):
+    rng = np.random.default_rng(seed)
+    s = np.zeros((n_cat, 2 * nb + 1))
+    for k in range(n_cat):
+        n_gt = int(rng.integers(0, 6))  # 0: a category without ground truth
+        tp = rng.multinomial(int(rng.integers(0, n_gt + 1)), np.full(nb, 1 / nb)) if n_gt else np.zeros(nb)
+        s[k, :nb], s[k, nb:2 * nb], s[k, 2 * nb] = tp, rng.integers(0, 4, nb), n_gt
+    want = _ap50_one_row_at_a_time(s, n_cat)
+    got = ap50_from_counts(s.ravel(), n_cat)
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-9)
 
 
 def test_with_protocol_drop_is_other_minus_orig_per_image():

@@ -141,22 +141,29 @@ def ap_counts(coco_gt, detections: Sequence[dict], cat_ids: Sequence[int], img_i
 
 def ap50_from_counts(s: np.ndarray, n_cat: int) -> float:
     """COCO's 101-point AP50 (percent), averaged over categories with ground truth, from summed :func:`ap_counts`
-    (``(K * (2 nb + 1),)`` or ``(K, 2 nb + 1)``); NaN when no category has ground truth."""
+    (``(K * (2 nb + 1),)`` or ``(K, 2 nb + 1)``); NaN when no category has ground truth.
+
+    Every category at once (the bootstrap calls this a thousand times per metric): per row the cumulative true and
+    false positives over the descending score bins, recall and COCO's precision envelope, and the envelope read
+    at the first bin whose recall reaches each of the 101 thresholds -- one ``searchsorted`` over the rows laid end
+    to end (row ``k``'s recalls, in [0, 1], shifted by ``2 k`` keep the concatenation sorted)."""
     s = np.asarray(s, dtype=np.float64).reshape(n_cat, -1)
     nb = (s.shape[1] - 1) // 2
-    aps = []
-    for row in s:
-        n_gt = row[2 * nb]
-        if n_gt <= 0:
-            continue
-        tp, fp = np.cumsum(row[:nb]), np.cumsum(row[nb:2 * nb])
-        rc = tp / n_gt
-        pr = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
-        pr = np.maximum.accumulate(pr[::-1])[::-1]  # COCO's precision envelope
-        idx = np.searchsorted(rc, REC_THRS, side="left")
-        q = np.where(idx < nb, pr[np.minimum(idx, nb - 1)], 0.0)
-        aps.append(100.0 * float(q.mean()))
-    return float(np.mean(aps)) if aps else float("nan")
+    n_gt = s[:, 2 * nb]  # (K,)
+    valid = n_gt > 0
+    if not valid.any():
+        return float("nan")
+    s, n_gt = s[valid], n_gt[valid]
+    K = s.shape[0]
+    tp, fp = np.cumsum(s[:, :nb], axis=1), np.cumsum(s[:, nb:2 * nb], axis=1)  # (K, nb)
+    rc = tp / n_gt[:, None]
+    pr = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
+    pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # COCO's precision envelope
+    shift = 2.0 * np.arange(K)[:, None]  # (K, 1)
+    idx = np.searchsorted((rc + shift).ravel(), (REC_THRS[None, :] + shift).ravel(), side="left").reshape(K, -1)
+    idx -= nb * np.arange(K)[:, None]  # (K, 101): the first bin of each row with recall >= the threshold
+    q = np.where(idx < nb, np.take_along_axis(pr, np.minimum(idx, nb - 1), axis=1), 0.0)
+    return float(np.mean(100.0 * q.mean(axis=1)))
 
 
 @dataclass
