@@ -143,10 +143,9 @@ def ap50_from_counts(s: np.ndarray, n_cat: int) -> float:
     """COCO's 101-point AP50 (percent), averaged over categories with ground truth, from summed :func:`ap_counts`
     (``(K * (2 nb + 1),)`` or ``(K, 2 nb + 1)``); NaN when no category has ground truth.
 
-    Every category at once (the bootstrap calls this a thousand times per metric): per row the cumulative true and
-    false positives over the descending score bins, recall and COCO's precision envelope, and the envelope read
-    at the first bin whose recall reaches each of the 101 thresholds -- one ``searchsorted`` over the rows laid end
-    to end (row ``k``'s recalls, in [0, 1], shifted by ``2 k`` keep the concatenation sorted)."""
+    The cumulative counts, recall and COCO's precision envelope of every category at once (the bootstrap calls this
+    a thousand times per metric); the envelope is read at the first bin whose recall reaches each of the 101
+    thresholds, with COCOeval's own ``searchsorted`` per category (the same floating-point comparisons)."""
     s = np.asarray(s, dtype=np.float64).reshape(n_cat, -1)
     nb = (s.shape[1] - 1) // 2
     n_gt = s[:, 2 * nb]  # (K,)
@@ -154,14 +153,11 @@ def ap50_from_counts(s: np.ndarray, n_cat: int) -> float:
     if not valid.any():
         return float("nan")
     s, n_gt = s[valid], n_gt[valid]
-    K = s.shape[0]
     tp, fp = np.cumsum(s[:, :nb], axis=1), np.cumsum(s[:, nb:2 * nb], axis=1)  # (K, nb)
     rc = tp / n_gt[:, None]
     pr = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
     pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # COCO's precision envelope
-    shift = 2.0 * np.arange(K)[:, None]  # (K, 1)
-    idx = np.searchsorted((rc + shift).ravel(), (REC_THRS[None, :] + shift).ravel(), side="left").reshape(K, -1)
-    idx -= nb * np.arange(K)[:, None]  # (K, 101): the first bin of each row with recall >= the threshold
+    idx = np.stack([np.searchsorted(r, REC_THRS, side="left") for r in rc])  # (K, 101): first bin reaching each
     q = np.where(idx < nb, np.take_along_axis(pr, np.minimum(idx, nb - 1), axis=1), 0.0)
     return float(np.mean(100.0 * q.mean(axis=1)))
 
