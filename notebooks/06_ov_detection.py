@@ -74,7 +74,7 @@ from ovlib.data.coco import dry_run_data
 from ovlib.data.detection import OV_COCO_BASE, OV_COCO_NOVEL, DetectionDataset, vocab_split
 from ovlib.data.microworld import ensure_microworld, export_hash
 from ovlib.data.synonyms import with_synonyms
-from ovlib.eval.detection import coco_box_ap, with_protocol
+from ovlib.eval.detection import ap50_bounds_from_counts, coco_box_ap, with_protocol
 from ovlib.eval.detector_runs import DetectorJob, run_detector_jobs
 from ovlib.eval.students import load_student, student_dense_fn, student_pooling
 from ovlib.methods.denserc import load_constructor
@@ -121,8 +121,10 @@ md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} thread
 # the class defaults (0.2, 0.45); images are normalised with ImageNet statistics in the paper profile (the
 # config's), the CLIP's own in the micro world. Not implemented: F-ViT's large-scale jitter (resize 0.1–2.0, 640
 # crops): images keep their size (or the profile's resize). The AP of the ledger is COCO's AP50 rebuilt from
-# per-image counts, so that it can be bootstrapped over images and seeds (`ovlib.eval.detection`); the checks below
-# pin the ensemble, COCOeval on a hand-made case, and the rebuilt AP against COCOeval.
+# per-image counts in 500 fixed score bins, so that it can be bootstrapped over images and seeds
+# (`ovlib.eval.detection`). A bin loses the order of its detections (duplicate boxes of one object score within a
+# bin's 0.9 %), so the rebuilt AP can differ from COCOeval's: the checks below pin the ensemble, COCOeval on a
+# hand-made case, and COCOeval's AP inside the bounds the counts allow (each bin's misses first / hits first).
 
 # %%
 study.section = "6.1"
@@ -306,10 +308,14 @@ claim = study.claim_in
 n0 = len(study.claims)
 for row in ROWS:  # the AP the ledger bootstraps (rebuilt from per-image counts) against COCOeval's own, seed 0
     e = DETS[(row, SEEDS[0])]["ev"]
-    if not math.isfinite(e.exact["ap50.novel"]):  # no novel box among the evaluation images (a dry run)
+    exact = e.exact["ap50.novel"]
+    if not math.isfinite(exact):  # no novel box among the evaluation images (a dry run)
         continue
-    study.check(f"6.4-ap-counts-{row}", f"{row}: AP50 novel from per-image counts = COCOeval's (±0.5: score-bin ties)",
-                e.point("ap50.novel"), e.exact["ap50.novel"], tol=0.5)
+    arr, _ = e.per_image["ap50.novel"]
+    lo, hi = ap50_bounds_from_counts(arr.sum(0), len(SPLIT.novel))  # the score bins' two extreme inner orders
+    study.check(f"6.4-ap-counts-{row}", f"{row}: COCOeval's AP50 novel lies within the per-image counts' bounds "
+                f"[{lo:.2f}, {hi:.2f}] (binned {e.point('ap50.novel'):.2f}: a bin loses its detections' order)",
+                max(lo - exact, exact - hi, 0.0), 0.0, tol=1e-6)
 for row in STUDENTS:
     if row in ("CLIPSelf", "SC-CLIPSelf", "R-SC-CLIPSelf"):  # the RLA students
         claim("6.4", f"{row} detects novel objects better than the frozen CLIP", "CLIP", row, "ap50.novel",

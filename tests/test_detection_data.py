@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ovlib.data.detection import OV_COCO_BASE, OV_COCO_NOVEL, DetectionDataset, VocabSplit, vocab_split
 from ovlib.data.microworld import MicroWorld, ensure_microworld
-from ovlib.eval.detection import ap50_from_counts, coco_box_ap, detections_to_coco
+from ovlib.eval.detection import ap50_bounds_from_counts, ap50_from_counts, coco_box_ap, detections_to_coco
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -175,6 +175,14 @@ def test_ap_counts_rebuild_cocoeval_ap50(tmp_path):
     for cats in ([1], [2], [1, 3], [1, 2, 3]):
         sub = counts[:, [order.index(c) for c in cats]].reshape(30, -1).sum(0)
         assert ap50_from_counts(sub, len(cats)) == pytest.approx(coco_box_ap(gt, dets, cats)["ap50"], abs=1e-9)
+        assert ap50_bounds_from_counts(sub, len(cats)) == pytest.approx((ap50_from_counts(sub, len(cats)),) * 2)
+    for r, k in enumerate(rng.permutation(len(dets))):  # now every score in one bin, distinct: ties everywhere
+        dets[k]["score"] = float(edges[250] * (1.001 + 1e-5 * r))
+    counts = ap_counts(gt, dets, order, imgs, edges)
+    for cats in ([1], [2], [1, 3], [1, 2, 3]):
+        sub = counts[:, [order.index(c) for c in cats]].reshape(30, -1).sum(0)
+        lo, hi = ap50_bounds_from_counts(sub, len(cats))
+        assert lo - 1e-9 <= coco_box_ap(gt, dets, cats)["ap50"] <= hi + 1e-9 and lo < hi
 
 
 def test_ap50_from_counts_hand_case():
@@ -217,6 +225,21 @@ def test_ap50_from_counts_equals_the_per_category_definition(n_cat, nb, seed):
     want = _ap50_one_row_at_a_time(s, n_cat)
     got = ap50_from_counts(s.ravel(), n_cat)
     assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-9)
+    lo, hi = ap50_bounds_from_counts(s.ravel(), n_cat)  # the binned AP lies between the within-bin orderings
+    assert (math.isnan(got) and math.isnan(lo)) or lo - 1e-9 <= got <= hi + 1e-9
+
+
+def test_ap50_bounds_bracket_cocoeval_when_a_bin_holds_a_hit_and_a_miss():
+    # one category, 2 GT; one bin holds a hit and a miss: COCOeval's order inside it is either (hit, miss): AP50 =
+    # 100 * 51/101 (precision 1 to recall 0.5), or (miss, hit): 100 * 0.5 * 51/101 (precision 1/2 up to recall 0.5)
+    nb = 3
+    row = np.zeros(2 * nb + 1)
+    row[0], row[nb], row[2 * nb] = 1, 1, 2
+    lo, hi = ap50_bounds_from_counts(row, 1)
+    assert lo == pytest.approx(100 * 0.5 * 51 / 101) and hi == pytest.approx(100 * 51 / 101)
+    assert lo <= ap50_from_counts(row, 1) <= hi
+    row[0], row[nb], row[nb + 1] = 1, 0, 1  # the miss in the next bin: no tie, both bounds are the AP
+    assert ap50_bounds_from_counts(row, 1) == pytest.approx((ap50_from_counts(row, 1),) * 2)
 
 
 def test_with_protocol_drop_is_other_minus_orig_per_image():

@@ -39,7 +39,8 @@ import torch
 from ovlib.data.coco import read_image
 from ovlib.data.detection import VocabSplit
 
-__all__ = ["coco_box_ap", "detections_to_coco", "evaluate_detector", "ap_counts", "ap50_from_counts", "score_bins",
+__all__ = ["coco_box_ap", "detections_to_coco", "evaluate_detector", "ap_counts", "ap50_from_counts",
+           "ap50_bounds_from_counts", "score_bins",
            "DetectionEval", "with_protocol", "evaluate_vocabularies"]
 
 #: COCO's recall thresholds (101 points)
@@ -160,6 +161,35 @@ def ap50_from_counts(s: np.ndarray, n_cat: int) -> float:
     idx = np.stack([np.searchsorted(r, REC_THRS, side="left") for r in rc])  # (K, 101): first bin reaching each
     q = np.where(idx < nb, np.take_along_axis(pr, np.minimum(idx, nb - 1), axis=1), 0.0)
     return float(np.mean(100.0 * q.mean(axis=1)))
+
+
+def _ap50_of_sequence(tp: np.ndarray, n_gt: float) -> float:
+    """COCOeval's 101-point AP50 of one category from its detections' match flags ``tp (D,)`` in ranking order."""
+    if tp.size == 0:
+        return 0.0
+    ctp, cfp = np.cumsum(tp), np.cumsum(1.0 - tp)
+    rc, pr = ctp / n_gt, ctp / (ctp + cfp)
+    pr = np.maximum.accumulate(pr[::-1])[::-1]
+    idx = np.searchsorted(rc, REC_THRS, side="left")
+    return 100.0 * float(np.where(idx < tp.size, pr[np.minimum(idx, tp.size - 1)], 0.0).mean())
+
+
+def ap50_bounds_from_counts(s: np.ndarray, n_cat: int) -> tuple[float, float]:
+    """``(low, high)``: the AP50 (as :func:`ap50_from_counts`) when the detections inside every score bin are ranked
+    false positives first, and true positives first. A bin loses its detections' order, and AP only grows when a
+    true positive moves ahead of a false positive, so COCOeval's AP of the same detections -- and the binned
+    statistic -- lie in ``[low, high]``; ``low == high`` when no bin holds both."""
+    s = np.asarray(s, dtype=np.float64).reshape(n_cat, -1)
+    nb = (s.shape[1] - 1) // 2
+    lo, hi = [], []
+    for row in s:
+        if row[2 * nb] <= 0:
+            continue
+        tp, fp = np.rint(row[:nb]).astype(np.int64), np.rint(row[nb:2 * nb]).astype(np.int64)
+        for out, first, counts in ((lo, 0.0, np.stack([fp, tp], 1)), (hi, 1.0, np.stack([tp, fp], 1))):
+            flags = np.tile([first, 1.0 - first], nb)  # per bin: the first kind, then the other
+            out.append(_ap50_of_sequence(np.repeat(flags, counts.ravel()), row[2 * nb]))
+    return (float(np.mean(lo)), float(np.mean(hi))) if lo else (float("nan"), float("nan"))
 
 
 @dataclass
