@@ -61,6 +61,7 @@ import math
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -75,7 +76,7 @@ from ovlib.data.detection import OV_COCO_BASE, OV_COCO_NOVEL, DetectionDataset, 
 from ovlib.data.microworld import ensure_microworld, export_hash
 from ovlib.data.synonyms import with_synonyms
 from ovlib.eval.detection import ap50_bounds_from_counts, coco_box_ap, with_protocol
-from ovlib.eval.detector_runs import DetectorJob, run_detector_jobs
+from ovlib.eval.detector_runs import DetectorJob, run_detector_job, run_detector_jobs
 from ovlib.eval.students import load_student, student_dense_fn, student_pooling
 from ovlib.methods.denserc import load_constructor
 from ovlib.methods.fvit import FViTConfig, ov_ensemble
@@ -253,31 +254,41 @@ def detector_job(row, s, model, key, constructor=None, fv=FV):
                        device=str(DEV))
 
 
-JOBS = [(("CLIP", s), detector_job("CLIP", s, clip_model, f"frozen:{bb.checkpoint}")) for s in SEEDS]
+def student_job(row, s, r):
+    """The detector job of student run ``r`` (loaded here: one student in memory per job built)."""
+    student = load_student(P, r.res, DEV)
+    cons = None
+    if r.method == "denserc":  # DenseRC's VLM map is its HSG construction (ch. 03), not a CLIP mode
+        rec = json.loads(Path(r.res["results"]).read_text())
+        cons = load_constructor(r.res["weights"], student, **dict(rec["config"].get("method_args") or {}))
+    # DeCLIP / SynCLIP: the last block as SynCLIP's F-ViT runs it (forward_without_rcffn(x, mode='csa'): q-q plus
+    # k-k attention on v, no scale, no residual, no FFN); every other student CLIPSelf's x+v
+    fv = replace(FV, dense_mode="csa", dense_args={"scale": False}) if r.method in ("declip", "synclip") else FV
+    return detector_job(row, s, student, f"run:{Path(r.res['out_dir']).name}", cons, fv)
+
+
+MAKE = [(("CLIP", s), partial(detector_job, "CLIP", s, clip_model, f"frozen:{bb.checkpoint}")) for s in SEEDS]
 STUDENTS = list(B["students"])
 for row in STUDENTS:
     for s in SEEDS:
         r = RUNS[(row, s)] = student_run(row, s)
-        student = load_student(P, r.res, DEV)
-        cons = None
-        if r.method == "denserc":  # DenseRC's VLM map is its HSG construction (ch. 03), not a CLIP mode
-            rec = json.loads(Path(r.res["results"]).read_text())
-            cons = load_constructor(r.res["weights"], student, **dict(rec["config"].get("method_args") or {}))
-        # DeCLIP / SynCLIP: the last block as SynCLIP's F-ViT runs it (forward_without_rcffn(x, mode='csa'): q-q plus
-        # k-k attention on v, no scale, no residual, no FFN); every other student CLIPSelf's x+v
-        fv = replace(FV, dense_mode="csa", dense_args={"scale": False}) if r.method in ("declip", "synclip") else FV
-        JOBS.append(((row, s), detector_job(row, s, student, f"run:{Path(r.res['out_dir']).name}", cons, fv)))
+        MAKE.append(((row, s), partial(student_job, row, s, r)))
 t_students = time.perf_counter() - t_det
-# independent jobs: side by side in `workers` one-thread processes on the CPU (ovlib.parallel), else one by one here
+# independent jobs: side by side in `workers` one-thread processes on the CPU (ovlib.parallel); otherwise one after
+# the other here, each backbone loaded just before its detector (one tower in memory at a time)
 WORKERS = int(B.get("workers") or 1) if DEV.type == "cpu" else 1
-for (row, s), res in zip([k for k, _ in JOBS], run_detector_jobs([j for _, j in JOBS], workers=WORKERS)):
+if WORKERS > 1:
+    RESULTS = run_detector_jobs([make() for _, make in MAKE], workers=WORKERS)
+else:
+    RESULTS = (run_detector_job(make()) for _, make in MAKE)
+for ((row, s), _), res in zip(MAKE, RESULTS):
     ev = with_protocol(res.evals["main"], res.evals[NAME_MODE], "syn", n_boot=study.n_boot, seed=P["seed"])
     study.record(row, ev, seed=s)
     DETS[(row, s)] = dict(info=res.info, ev=ev, threads=res.threads)
 t_det = time.perf_counter() - t_det
 trained = sum(not d["info"].get("loaded") for d in DETS.values())
 md(f"{len(DETS)} detectors ({trained} trained here, the others loaded from `{P['cache_dir']}/detectors`) in "
-   f"{t_det - t_students:.0f} s ({min(WORKERS, len(JOBS))} process(es) × {DETS[JOBS[0][0]]['threads']} thread(s)); "
+   f"{t_det - t_students:.0f} s ({min(WORKERS, len(MAKE))} process(es) × {DETS[MAKE[0][0]]['threads']} thread(s)); "
    f"{len(RUNS)} student runs ({sum(r.trained_now for r in RUNS.values())} trained here) in {t_students:.0f} s.")
 fig, ax = plt.subplots(figsize=(6, 2.6))
 for (row, s), d in DETS.items():
