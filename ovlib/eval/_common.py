@@ -10,7 +10,7 @@ import torch
 
 from ovlib.data.regions import ResizeLongestPad
 from ovlib.models import dense_features, dense_spec, vfm_patch_features
-from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.models.images import image_mean_std, normalize_images, to_model
 
 __all__ = ["dataset_indices", "student_image", "normalize_images", "category_index", "dense_fn_for_clip",
            "dense_fn_for_vfm", "dense_fn_for_proxyclip"]
@@ -50,7 +50,8 @@ def dense_fn_for_clip(model: Any, mode: str, mean=None, std=None, normalize: boo
     spec = dense_spec(mode, **switches)
 
     def fn(images: torch.Tensor) -> torch.Tensor:
-        return dense_features(model, normalize_images(images, mean, std), normalize=normalize, **spec)
+        return dense_features(model, normalize_images(to_model(images, model), mean, std), normalize=normalize,
+                              **spec)
 
     fn.dense_spec = spec
     return fn
@@ -66,7 +67,7 @@ def dense_fn_for_vfm(vfm: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def fn(images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // p, images.shape[-1] // p)
-        return F.normalize(vfm_patch_features(vfm, normalize_images(images, mean, std), grid), dim=1)
+        return F.normalize(vfm_patch_features(vfm, normalize_images(to_model(images, vfm), mean, std), grid), dim=1)
 
     return fn
 
@@ -84,7 +85,8 @@ def dense_fn_for_proxyclip(model: Any, vfm: Any, beta: float = 1.2, gamma: float
 
     def fn(images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // p, images.shape[-1] // p)
-        feats = vfm_patch_features(vfm, normalize_images(images, vmean, vstd), grid)  # (B, C', h', w')
+        images = to_model(images, model)
+        feats = vfm_patch_features(vfm, normalize_images(to_model(images, vfm), vmean, vstd), grid)  # (B, C', h', w')
         return dense_features(model, normalize_images(images, mean, std), "proxy", normalize=True,
                               vfm_features=feats, beta=beta, gamma=gamma)
 

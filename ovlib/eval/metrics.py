@@ -78,8 +78,8 @@ def confusion_matrix(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndar
 
     A ground-truth or predicted label outside ``[0, C)`` (other than the ignore index) is an error.
     """
-    pred = torch.as_tensor(pred).reshape(-1).long()
-    gt = torch.as_tensor(gt).reshape(-1).long()
+    pred = torch.as_tensor(pred).reshape(-1).long().cpu()  # predictions may come from a GPU, ground truth not
+    gt = torch.as_tensor(gt).reshape(-1).long().cpu()
     if pred.shape != gt.shape:
         raise ValueError(f"confusion_matrix: pred and gt must have the same number of pixels, got "
                          f"{pred.numel()} and {gt.numel()}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ovlib.models import mask_pool
 from ovlib.models.affinity import affinity_map
-from ovlib.models.images import normalize_images
+from ovlib.models.images import normalize_images, to_model
 
 __all__ = ["ContextAggregate", "affinity_map", "context_aggregation", "coupling_ratio", "coupling_ratio_pairs",
            "embed_positions", "mask_pooled_tsne", "refiner_dense_fn", "tsne_embed"]
@@ -162,7 +162,7 @@ def refiner_dense_fn(refiner, mean: Sequence[float], std: Sequence[float]) -> En
     patch = int(refiner.adapter.patch_size[0])
 
     def fn(images: torch.Tensor) -> torch.Tensor:
-        x = normalize_images(images, mean, std)
+        x = normalize_images(to_model(images, refiner), mean, std)
         B, _, H, W = x.shape
         if H % patch or W % patch:
             raise ValueError(f"refiner_dense_fn needs H and W multiples of the patch ({patch}); got {(H, W)}")

@@ -75,7 +75,7 @@ from ovlib.methods.clipself import rla_loss
 from ovlib.methods.declip import resize_tokens, vfm_grid
 from ovlib.models import dense_features, patch_correlation, roi_features, vfm_patch_features
 from ovlib.models.adapter import ViTAdapter, vit_adapter
-from ovlib.models.images import image_mean_std, normalize_images
+from ovlib.models.images import image_mean_std, normalize_images, to_model
 
 __all__ = [
     "gate_statistics",
@@ -474,7 +474,7 @@ def denserc_dense_fn(model: nn.Module, constructor: DenseConstructor, mean: Sequ
     ad = vit_adapter(model)
 
     def fn(images: torch.Tensor) -> torch.Tensor:
-        return constructor(ad, normalize_images(images, mean, std), normalize=True)
+        return constructor(ad, normalize_images(to_model(images, model), mean, std), normalize=True)
 
     return fn
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD
 
-__all__ = ["image_mean_std", "normalize_images"]
+__all__ = ["image_mean_std", "model_device", "normalize_images", "to_model"]
 
 
 def image_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -29,3 +29,16 @@ def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); CPU for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def to_model(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``images`` on ``model``'s device: every dense function of the evaluation (``images -> dense map``) takes
+    its input on any device -- the evaluation loops build images on the CPU -- and computes where the model is."""
+    return images.to(model_device(model), non_blocking=True)
