@@ -45,6 +45,7 @@ recipes = []  # distillation recipes: injected from params/PROFILE.yaml; this ch
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 models = {}  # named models of the paper profile (role -> {name, pretrained})
 weights_dir = ""  # local named weights (offline clusters)
+precision = "fp32"  # numerics of every training: fp32 | bf16 | auto (injected from params/PROFILE.yaml)
 dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
 dry_run_settings = {}
 
@@ -92,7 +93,7 @@ P, DEV = setup(globals())  # validates the contract, seeds torch, resolves the d
 T0 = time.perf_counter()
 P, DRY = dry_run_data(P)  # a dry run reads the shared COCO subset (instances derived, captions synthesised)
 EV = dense_eval_settings(P["profile"], P["eval_images"], **dry_run_eval(P))
-clip_cfg, vfm_cfg = pretrain_configs(P["profile"], P["steps_scale"], P["seed"])
+clip_cfg, vfm_cfg = pretrain_configs(P, P["steps_scale"], P["seed"])  # its budgets and precision
 
 
 
@@ -225,9 +226,10 @@ plt.show()
 #
 # MFU = achieved model FLOP/s ÷ the machine's *measured* matmul peak (a timed square matmul in this process,
 # in the precision the run used). Model FLOPs per training sample are 3× the forward FLOPs of both towers
-# counted by `torch.utils.flop_counter` (matmuls and attention; element-wise work is not counted). bf16
-# autocast is used on a CPU only where it has Intel AMX bf16 tiles (`precision="auto"`, a fact of the machine,
-# never a timing): CPUs without native bf16 instructions run bf16 matmuls far slower than fp32.
+# counted by `torch.utils.flop_counter` (matmuls and attention; element-wise work is not counted). The book
+# trains in fp32 (`precision: fp32`): bf16 pre-training gives other numbers (the README's precision paragraph);
+# `-p precision=bf16` trades them for speed where the hardware has bf16 (Intel AMX, GPUs), and `auto` picks bf16
+# only there -- CPUs without native bf16 instructions run bf16 matmuls far slower than fp32.
 
 # %%
 p32 = matmul_peak(torch.float32, device=DEV)
@@ -636,7 +638,7 @@ if P["profile"] != "paper":
     from ovlib.methods.synseg import SynSeg
     from ovlib.train.proxies import clipseg_config, pretrain_clipseg
 
-    cs_cfg = clipseg_config(P["profile"], P["steps_scale"], P["seed"])
+    cs_cfg = clipseg_config(P, P["steps_scale"], P["seed"])
     cs_state, cs_info = pretrain_clipseg(cs_cfg, clip_model, tokenizer, P["cache_dir"], device=DEV)
     torch.manual_seed(P["seed"])
     clipseg = SynSeg(clip_model, {}, tokenizer=tokenizer, categories=categories, input_size=clip_cfg.image_size,

@@ -58,6 +58,7 @@ recipes = []  # distillation recipes: injected from params/PROFILE.yaml (declip,
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (read through ovlib.study.Study)
 models = {}  # named models of the paper profile (role -> {name, pretrained})
 weights_dir = ""  # local named weights (offline clusters)
+precision = "fp32"  # numerics of every training: fp32 | bf16 | auto (injected from params/PROFILE.yaml)
 dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
 dry_run_settings = {}
 

@@ -50,6 +50,7 @@ recipes = []  # distillation recipes: injected from params/PROFILE.yaml (the stu
 budgets = {}  # the chapters' budgets: injected from params/PROFILE.yaml (budgets["06"]: the detectors)
 models = {}  # named models of the paper profile (role -> {name, pretrained})
 weights_dir = ""
+precision = "fp32"  # numerics of every training: fp32 | bf16 | auto (injected from params/PROFILE.yaml)
 dry_run = False  # the profile at dry-run sizes: random weights, at most 2 steps
 dry_run_settings = {}
 

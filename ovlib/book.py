@@ -244,7 +244,7 @@ print({PROBE_MARK!r} + _json.dumps(dict(
     cpu=_cpu, machine=_platform.machine(), cores=_os.cpu_count(), threads=_torch.get_num_threads(),
     device=str(_dev), gpu=_torch.cuda.get_device_name(_dev) if _dev.type == "cuda" else None,
     gpus=_torch.cuda.device_count() if _dev.type == "cuda" else 0, default_dtype=str(_torch.get_default_dtype()),
-    bf16_autocast=_bf16)))
+    bf16_autocast=_bf16, precision=globals().get("precision"))))
 """
 
 
@@ -325,7 +325,10 @@ def provenance_markdown(chapter: Chapter, info: dict[str, Any]) -> str:
     if probe:
         dev = probe["device"] + (f" ({probe['gpu']}, {probe['gpus']} visible)" if probe.get("gpu") else "")
         precision = probe.get("default_dtype", "torch.float32").replace("torch.", "")
-        if probe.get("bf16_autocast"):
+        if probe.get("precision"):  # the chapter's `precision` parameter decides every training's autocast
+            precision += f", training `precision: {probe['precision']}`" + (
+                f" (bf16 autocast on {', '.join(probe['bf16_autocast'])})" if probe.get("bf16_autocast") else "")
+        elif probe.get("bf16_autocast"):
             precision += f", bf16 autocast on {', '.join(probe['bf16_autocast'])} (precision/amp 'auto' chose it)"
         elif probe["device"].startswith("cuda"):
             precision += ", autocast per recipe (amp 'auto': bf16 where supported)"

@@ -53,6 +53,10 @@ PARAMS: dict[str, Param] = {
     "models": Param(dict, "named models a chapter loads besides the recipes' backbones: role -> {name, pretrained}"),
     "weights_dir": Param(str, "local directory holding every named weight ('' = Hugging Face cache / download); "
                               "see ovlib.models.weights for the file names"),
+    "precision": Param(str, "numerics of every training the chapter runs (pre-training of the micro backbones, "
+                            "distillation): 'fp32'; 'bf16' (autocast: faster on GPUs and CPUs with AMX, different "
+                            "numbers, see the README); 'auto' (bf16 on a GPU or an AMX CPU, else fp32)",
+                       ("fp32", "bf16", "auto")),
     "dry_run": Param(bool, "run the profile's code path at the sizes of `dry_run_settings` (random weights, "
                            "<= 2 training steps)"),
     "dry_run_settings": Param(dict, "what a dry run changes: params / recipes / eval / random_init ({} = none)"),
@@ -391,6 +395,14 @@ def profile_sizes(params: Mapping[str, Any] | str, section: str) -> dict[str, An
         raise ParamError(f"{where}: no budgets.{section} (see ovlib.config.SIZE_KEYS)")
     _check_sizes(sizes, SIZE_KEYS[section], f"{where}: budgets.{section}")
     return copy.deepcopy(dict(sizes))
+
+
+def training_precision(params: Mapping[str, Any] | str) -> str:
+    """The ``precision`` of every training (``PARAMS``: fp32 | bf16 | auto) of resolved parameters, or of
+    ``params/PROFILE.yaml`` of the project when ``params`` is a profile name; ``"auto"`` where a mapping lacks it."""
+    if isinstance(params, str):
+        params = load_profile(params, PROJECT_ROOT)
+    return str(params.get("precision", "auto"))
 
 
 def micro_world(params: Mapping[str, Any] | str) -> bool:

@@ -103,7 +103,9 @@ def test_profile_files_keep_the_pretraining_configs_and_their_cache_keys(repo_ro
     """The budgets moved from code (``_PROFILE_SIZES``, ``_DENSE_SMOKE``, ``clipseg_config``'s branch) to
     ``budgets.pretrain`` of the profile files without changing a config: the trained micro backbones in the caches
     stay valid. Expected: the configs the code built before the move (micro = the dataclass defaults; smoke = small
-    batches and step floors at steps_scale 0.01), and the cache key of the micro CLIP the book trains."""
+    batches and step floors at steps_scale 0.01) with the profile's ``precision`` (fp32 in micro and smoke since
+    the precision study, which changed their keys once; ``auto``, the dataclass default, in paper), and the cache
+    key of the micro CLIP the book trains."""
     from dataclasses import replace
 
     from ovlib import config
@@ -111,16 +113,19 @@ def test_profile_files_keep_the_pretraining_configs_and_their_cache_keys(repo_ro
     from ovlib.train.pretrain import DenseVfmPretrainConfig
     from ovlib.train.proxies import ClipSegPretrainConfig, clipseg_config
 
-    for profile in ("micro", "paper"):
+    for profile, prec in (("micro", "fp32"), ("paper", "auto")):
         c, v = pretrain_configs(profile, 1.0, 0)
-        assert c == ClipPretrainConfig() and v == DenseVfmPretrainConfig()
-        assert clipseg_config(profile, 1.0, 0) == ClipSegPretrainConfig(clip=config_hash(c))
-    assert config_hash(ClipPretrainConfig()) == "82ba1d99b897"  # data/cache/micro-clip/micro-clip-82ba1d99b897.pt
+        assert c == replace(ClipPretrainConfig(), precision=prec) and v == replace(DenseVfmPretrainConfig(),
+                                                                                   precision=prec)
+        assert clipseg_config(profile, 1.0, 0) == ClipSegPretrainConfig(clip=config_hash(c), precision=prec)
+    # data/cache/micro-clip/micro-clip-9dccc724aa6e.pt
+    assert config_hash(pretrain_configs("micro", 1.0, 0)[0]) == "9dccc724aa6e"
     c, v = pretrain_configs("smoke", 0.01, 0)
-    assert c == replace(ClipPretrainConfig(), batch_size=16, ckpt_every=1000, steps=30, warmup=3)
-    assert v == replace(DenseVfmPretrainConfig(), batch_size=8, pairs_per_scene=4, ckpt_every=1000, steps=5, warmup=1)
+    assert c == replace(ClipPretrainConfig(), batch_size=16, ckpt_every=1000, steps=30, warmup=3, precision="fp32")
+    assert v == replace(DenseVfmPretrainConfig(), batch_size=8, pairs_per_scene=4, ckpt_every=1000, steps=5, warmup=1,
+                        precision="fp32")
     assert clipseg_config("smoke", 0.01, 0) == replace(ClipSegPretrainConfig(clip=config_hash(c)), batch_size=8,
-                                                       ckpt_every=1000, steps=20, warmup=2)
+                                                       ckpt_every=1000, steps=20, warmup=2, precision="fp32")
     c, v = pretrain_configs("micro", 0.5, 3)  # steps and warm-up scale; the seed sets the world's
     assert (c.steps, c.warmup, c.seed, c.world_seed) == (180, 18, 3, 3) and (v.steps, v.warmup) == (200, 20)
     # resolved parameters give what the profile name gives, and their budgets (an override) are the ones read

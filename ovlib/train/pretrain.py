@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ovlib.config import profile_sizes
+from ovlib.config import profile_sizes, training_precision
 from ovlib.io import atomic_save, cache_path, fault_point, key_fields, load_cache, tqdm_disabled
 from ovlib.models.images import image_mean_std  # re-exported: the trainers' callers import it from here
 from ovlib.train.optim import param_groups, warmup_cosine
@@ -151,14 +151,16 @@ def pretrain_configs(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
     """The micro CLIP and micro VFM pre-training configs of a profile (a name, or resolved parameters): the
     budgets of ``budgets.pretrain`` in ``params/PROFILE.yaml`` (:func:`ovlib.config.profile_sizes`), with
     ``steps_scale`` multiplying the steps (and the warm-up, kept at ~10 % of the run), at least the profile's
-    ``min_steps``. The ``paper`` profile uses real pretrained weights; it gets the ``micro`` budgets should it ask.
+    ``min_steps``, and the profile's ``precision`` (:func:`ovlib.config.training_precision`). The ``paper``
+    profile uses real pretrained weights; it gets the ``micro`` budgets should it ask.
 
     The micro VFM's config is a :class:`DenseVfmPretrainConfig` (dense self-distillation
     at the evaluation scale; chosen over DINO's :class:`DinoPretrainConfig` on a small measured margin --
     whether it groups better than the CLIP is chapter 01's premise claim, and the trials are recorded there);
     :func:`pretrain_vfm` trains either."""
     sizes = profile_sizes(profile, "pretrain")["clip"]
-    c = scaled_budget(ClipPretrainConfig(seed=seed, world_seed=seed), sizes, steps_scale)
+    c = scaled_budget(ClipPretrainConfig(seed=seed, world_seed=seed, precision=training_precision(profile)), sizes,
+                      steps_scale)
     return c, dense_vfm_config(profile, steps_scale, seed)
 
 
@@ -750,7 +752,8 @@ def dense_vfm_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
     """The micro VFM config of a profile (:func:`ovlib.train.pretrain.pretrain_configs` returns it): the budget of
     ``budgets.pretrain.vfm``, ``steps_scale`` multiplying the steps and the warm-up (~10 %) (:func:`scaled_budget`)."""
     sizes = profile_sizes(profile, "pretrain")["vfm"]
-    return scaled_budget(DenseVfmPretrainConfig(seed=seed, world_seed=seed), sizes, steps_scale)
+    return scaled_budget(DenseVfmPretrainConfig(seed=seed, world_seed=seed, precision=training_precision(profile)),
+                         sizes, steps_scale)
 
 
 # --------------------------------------------------------------------------------------------- geometry

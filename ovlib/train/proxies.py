@@ -111,7 +111,7 @@ def clipseg_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0, s
     from ovlib.io import config_hash
 
     clip_cfg, _ = pretrain_configs(profile, steps_scale, seed)
-    base = ClipSegPretrainConfig(clip=config_hash(clip_cfg), world_seed=seed, seed=seed)
+    base = ClipSegPretrainConfig(clip=config_hash(clip_cfg), world_seed=seed, seed=seed, precision=clip_cfg.precision)
     return scaled_budget(base, profile_sizes(profile, "pretrain")["clipseg"], steps_scale)
 
 

@@ -55,6 +55,10 @@ def resolve_recipe(recipes: Iterable[Mapping[str, Any]], method: str, backbone: 
     return out
 
 
+#: The profile's ``precision`` (``ovlib.config.PARAMS``) as a :class:`DistillConfig` ``amp``.
+AMP_OF_PRECISION: dict[str, str] = {"fp32": "none", "bf16": "bf16", "auto": "auto"}
+
+
 def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any] = (),
                    out_dir: str | None = None) -> DistillConfig:
     """The run config of ``method`` under a resolved profile (``ovlib.config.resolve``) plus field overrides.
@@ -62,13 +66,15 @@ def distill_config(params: Mapping[str, Any], method: str, overrides: Mapping[st
     ``steps_scale`` multiplies the recipe's ``max_steps`` (or ``epochs``); explicit overrides are taken as given.
 
     ``data_root``, ``seed`` and ``device`` come from the profile; ``backbone`` from the profile unless
-    overridden; ``out_dir`` defaults to ``cache_dir/runs/<method>-<backbone>-<hash of the config>``.
+    overridden; ``amp`` from the profile's ``precision`` (:data:`AMP_OF_PRECISION`) unless a recipe or an
+    override pins it; ``out_dir`` defaults to ``cache_dir/runs/<method>-<backbone>-<hash of the config>``.
     """
 
     overrides = dict(overrides)
     backbone = overrides.get("backbone", params["backbone"])
     d: dict[str, Any] = {"method": method, "backbone": backbone, "data_root": params["data_root"],
-                         "seed": params["seed"], "device": params["device"]}
+                         "seed": params["seed"], "device": params["device"],
+                         "amp": AMP_OF_PRECISION[params.get("precision", "auto")]}
     d.update(resolve_recipe(params.get("recipes", []), method, backbone))
     scale = float(params.get("steps_scale", 1.0))  # scales the recipe's budget, not an explicit override
     if scale != 1.0:
