@@ -597,6 +597,15 @@ def ledger_page(root: Path | str = ".") -> Path:
                   f"{sum(c['kind'] == 'check' for c in entries)} checks "
                   f"({sum(c['kind'] == 'check' and c['verdict'] == 'holds' for c in entries)} passed).", ""]
         order = list(papers) + sorted({c.get("paper") or "" for c in entries} - set(papers))
+        per_paper = []
+        for key in order:  # the same counts per paper (a paper without headline claims has no row)
+            hp = [c for c in head if (c.get("paper") or "") == key]
+            if hp:
+                per_paper.append([html.escape(papers.get(key, {}).get("title", key or "other claims"))] +
+                                 [str(sum(c["verdict"] == v for c in hp)) for v in tot] + [str(len(hp))])
+        if per_paper:
+            lines += ["| paper | held | reversed | not resolved | headline claims judged on seeds |",
+                      "|---|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in per_paper), ""]
         for key in order:
             rows = [c for c in entries if (c.get("paper") or "") == key]
             if not rows:

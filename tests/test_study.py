@@ -4,6 +4,7 @@ the Claims ledger page generated from it (ovlib.book.ledger_page)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -215,6 +216,8 @@ def test_ledger_page_tables_links_and_totals(project):
     page = book.ledger_page(project).read_text()
     assert "Headline claims judged on seeds: **1 held**, **1 reversed**, **0 not resolved** (of 2; 0 more" in page
     assert page.count("<tr><td>") == 3 and "check passed" in page
+    # the same totals per paper: the chapter's paper, 1 held, 1 reversed, 0 not resolved, of 2
+    assert re.search(r"^\| [^|\n]*Refining CLIP[^|\n]* \| 1 \| 1 \| 0 \| 2 \|$", page, re.M), page
     # the link points at the chapter page and the docutils id of its "## 2.2 ..." heading
     src = (project / "notebooks" / "02_refining_spatial_awareness.py").read_text()
     title = next(ln[5:] for ln in src.splitlines() if ln.startswith("# ## 2.2 "))
