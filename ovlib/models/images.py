@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 from torch import nn
@@ -33,9 +34,8 @@ def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter (or buffer); CPU for a model with neither."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    t = next(chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
 
 
 def to_model(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
