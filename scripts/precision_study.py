@@ -102,8 +102,8 @@ def headline(job: dict) -> dict:
     out["kmeans.miou/vfm"] = list(evaluate_kmeans(dense_fn_for_vfm(vfm), ds, image_size=ev.region.image_size,
                                                   n_images=ev.ovss_images, seed=job["seed"], n_boot=ev.n_boot,
                                                   patch=int(vp[0] if isinstance(vp, (tuple, list)) else vp))["miou"])
-    return {"precision": job["precision"], "seed": job["seed"], "metrics": {k: [float(x) for x in v]
-                                                                            for k, v in out.items()},
+    return {"precision": job["precision"], "seed": job["seed"], "eval_images": eval_images,
+            "metrics": {k: [float(x) for x in v] for k, v in out.items()},
             "seconds": {"clip_pretrain": t_clip, "pretrain": t_pre, "total": time.perf_counter() - t0},
             "threads": torch.get_num_threads()}
 
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     runs = map_processes(headline, jobs, workers=a.workers, label=lambda j: f"{j['precision']}:{j['seed']}")
     rows, report = compare(runs)
     dev = torch.device(a.device)
-    result = {"profile": a.profile, "device": a.device, "eval_images": a.eval_images,
+    result = {"profile": a.profile, "device": a.device, "eval_images": sorted({r["eval_images"] for r in runs}),
               "hardware": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or
               platform.machine(), "torch": torch.__version__, "runs": runs, "comparison": rows,
               "seconds": time.perf_counter() - t0}
