@@ -716,7 +716,7 @@ else:
 # ## 3.10 Which of the paper's claims hold at micro scale
 #
 # The book's one rule (`ovlib.stats.compare`): with >= 2 seeds per row the seeds decide (paired t-test over
-# shared seeds, the interval a hierarchical bootstrap over seeds, then images; the Table-5 headline claims are
+# shared seeds, the interval its t interval combined with a bootstrap over the images; the Table-5 headline claims are
 # Holm–Bonferroni corrected); the frozen CLIP's analyses (crops, gradient maps) are judged by the paired
 # bootstrap over their units; a one-seed comparison is *indicative* — shown, never counted. *holds*: resolved
 # with the paper's sign; *reversed*: the other sign; *not resolved*: this budget cannot tell. The derivation

@@ -451,7 +451,7 @@ md(f"{1 + len(RUNS)} models evaluated in {t_eval:.0f} s ({EV_CLIP.n_regions} reg
 # **Metrics.** A metric is a statistic of per-image arrays summed over images, so one bootstrap serves
 # every table: the *per-seed* value is the statistic of the full sum, tables show mean ± std over seeds.
 # Comparisons follow the book's one rule (`ovlib.stats.compare`): with >= 2 seeds per side the seeds decide
-# (paired t-test, the interval a hierarchical bootstrap over seeds, then images); with one seed the
+# (paired t-test, the interval its t interval combined with a bootstrap over the images); with one seed the
 # comparison is *indicative* (image noise only: shown, not counted); the headline claims are
 # Holm–Bonferroni corrected. A resolved difference smaller than 0.5 points (0.01 for the map statistics) is
 # flagged negligible.

@@ -467,7 +467,7 @@ md(table(["model (things+bg mIoU)", *(f"thr {t}" for t in THRESHOLDS), "spread (
 CLAIMS.append(study.add_claim(
     "threshold-robust", "SynSeg's things+bg mIoU is stable over thresholds 0.1–0.6 (spread < 10 % of its mean)",
     vs_reference(0.0, study.values("SynSeg", "bg spread rule"), expect=-1, what=": spread − 10 % of the mean vs 0"),
-    metric="bg spread rule", headline=True, paper_ref="synseg.fig3.thresholds"))
+    metric="bg mIoU spread rule", headline=True, paper_ref="synseg.fig3.thresholds"))
 k0 = next((k for k in present if categories[k].get("isthing", 1)), present[0])
 fig, axes = plt.subplots(1, len(THRESHOLDS) + 1, figsize=(2.0 * (len(THRESHOLDS) + 1), 2.3))
 axes[0].imshow(p5[k0], vmin=0, vmax=1, cmap="magma")
@@ -558,8 +558,9 @@ md(table(["model", "device", "params (total / trainable)", "latency", "FPS"],
 # ## 5.10 Verdicts
 #
 # Every claim of the chapter, judged by `ovlib.study`: a comparison with ≥ 2 seeds (or seeds against a frozen
-# model) is decided by the seeds (paired t with shared seeds, one-sample t against a frozen model; hierarchical
-# bootstrap interval); one-seed comparisons are *indicative*; the headline claims are Holm–Bonferroni corrected.
+# model) is decided by the seeds (paired t with shared seeds, one-sample t against a frozen model; the interval
+# is the test's t interval combined with a bootstrap over the evaluation images); one-seed comparisons are
+# *indicative*; the headline claims are Holm–Bonferroni corrected.
 # The checks of 5.1 pass or fail.
 
 # %%

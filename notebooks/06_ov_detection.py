@@ -411,8 +411,8 @@ else:
 # %% [markdown]
 # ## 6.7 Verdicts
 #
-# Every claim of the chapter, judged by `ovlib.study`: detector seeds decide (paired t over seeds, with a
-# hierarchical bootstrap interval over seeds and evaluation images; a claim is resolved only when both agree);
+# Every claim of the chapter, judged by `ovlib.study`: detector seeds decide (paired t over seeds; the interval
+# is its t interval combined with a bootstrap over the evaluation images; a claim is resolved only when both agree);
 # headline claims are Holm–Bonferroni corrected. The checks of 6.1 pass or fail.
 
 # %%

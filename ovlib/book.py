@@ -578,7 +578,8 @@ def ledger_page(root: Path | str = ".") -> Path:
     lines = ["# Claims ledger", "",
              "Which of the papers' claims reproduce here? One row per claim the chapters test, generated from the "
              "chapters' claims files (`book/claims/NN.json`, written by `ovlib.study`). *Claims* are judged on "
-             "training seeds (paired or Welch t-test; the interval is a hierarchical bootstrap, seeds then images) "
+             "training seeds (paired, one-sample or Welch t-test; the interval is that test's t interval combined "
+             "in quadrature with a bootstrap over the evaluation images) "
              "and resolved only when the test (p < 0.05) and the interval (excluding 0) agree; "
              "headline claims are Holm–Bonferroni corrected within their chapter. *Indicative* rows rest on one "
              "seed (image noise only): shown, never counted. *Checks* are identities verified numerically.", ""]
@@ -596,6 +597,11 @@ def ledger_page(root: Path | str = ".") -> Path:
                   f"{sum(c['kind'] == 'indicative' for c in entries)} indicative, "
                   f"{sum(c['kind'] == 'check' for c in entries)} checks "
                   f"({sum(c['kind'] == 'check' and c['verdict'] == 'holds' for c in entries)} passed).", ""]
+        miss = [c for c in head if c.get("meets_target") is False]
+        lines += [f"Precision: {len(head) - len(miss)} of {len(head)} headline claims judged on seeds reach the "
+                  "book's interval target (95 % half-width ≤ 2 points, ≤ 1.5 for mIoU); the ± column of each table "
+                  "gives every claim's half-width, and for a claim that misses it, the seeds per side that would "
+                  "reach it (– where more seeds alone cannot: the evaluation images' part is too wide).", ""]
         order = list(papers) + sorted({c.get("paper") or "" for c in entries} - set(papers))
         per_paper = []
         for key in order:  # the same counts per paper (a paper without headline claims has no row)
@@ -612,7 +618,8 @@ def ledger_page(root: Path | str = ".") -> Path:
                 continue
             title = papers.get(key, {}).get("title", key or "other claims")
             lines += [f"## {title}", "", '<table class="table ovbook-ledger">',
-                      "<thead><tr><th>claim</th><th>paper</th><th>ours: b − a [95 % interval]</th><th>seeds</th>"
+                      "<thead><tr><th>claim</th><th>paper</th><th>ours: b − a [95 % interval]</th>"
+                      "<th>± (target; seeds to reach it)</th><th>seeds</th>"
                       "<th>p (Holm)</th><th>verdict</th><th>section</th></tr></thead><tbody>"]
             for c in rows:
                 ch = chs.get(c["chapter"])
@@ -640,7 +647,9 @@ def ledger_page(root: Path | str = ".") -> Path:
                                            else "")
                 text = html.escape(c["claim"]) + (" <b>★</b>" if c.get("headline") else "") + \
                     f" <small>({html.escape(c.get('metric') or '')})</small>"
-                lines.append(f"<tr><td>{text}</td><td>{paper}</td><td>{ours}</td><td>{seeds}</td><td>{p}</td>"
+                prec = _precision_cell(c)
+                lines.append(f"<tr><td>{text}</td><td>{paper}</td><td>{ours}</td><td>{prec}</td><td>{seeds}</td>"
+                             f"<td>{p}</td>"
                              f"<td>{verdict}</td><td>{link}</td></tr>")
             lines += ["</tbody></table>", ""]
         lines += ["★ headline claim (Holm–Bonferroni within its chapter). Seeds: a / b (*frozen*: a deterministic "
@@ -648,6 +657,19 @@ def ledger_page(root: Path | str = ".") -> Path:
     out = root / LEDGER_PAGE
     atomic_write_text("\n".join(lines) + "\n", out)
     return out
+
+
+def _precision_cell(c: dict[str, Any]) -> str:
+    """``±1.2 (≤ 2 ✓)`` / ``±3.4 (≤ 1.5; 7 seeds)`` / ``±3.4 (≤ 1.5; –)`` for a ledger entry with an interval, ``–``
+    without one (checks, entries written before the precision fields existed)."""
+    h, target = c.get("half_width"), c.get("target")
+    if c.get("kind") == "check" or h is None or target is None:
+        return "–"
+    if c.get("meets_target"):
+        return f"±{h:.1f} (≤ {target:g} ✓)"
+    n = c.get("seeds_needed")
+    need = f"{n} seeds" if n is not None else "–"
+    return f"±{h:.1f} (≤ {target:g}; {need})" if c.get("kind") == "claim" else f"±{h:.1f} (≤ {target:g})"
 
 
 RECIPES_PAGE = "book/recipes.md"

@@ -54,12 +54,24 @@ from ovlib.train.launch import build_models
 from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 from ovlib.train.recipes import distill_config
 
-__all__ = ["Backbones", "Claim", "Row", "Run", "Study", "load_benchmark", "paper_numbers", "LEDGER_FIELDS"]
+__all__ = ["Backbones", "Claim", "Row", "Run", "Study", "load_benchmark", "paper_numbers", "LEDGER_FIELDS",
+           "INTERVAL_TARGETS", "interval_target"]
 
 #: The fields of one ledger entry (``book/claims/NN.json``), in order.
 LEDGER_FIELDS = ("id", "chapter", "paper", "paper_ref", "paper_value", "claim", "section", "metric", "ours_a",
                  "ours_b", "delta", "ci_low", "ci_high", "p", "p_adjusted", "seeds_a", "seeds_b", "kind", "headline",
-                 "verdict", "indication", "test", "rows")
+                 "verdict", "indication", "test", "rows", "half_width", "target", "meets_target", "seeds_needed")
+
+#: The precision the book asks of every headline claim: the half-width of its 95 % interval, in points of the
+#: metric -- mIoU-valued metrics (the metric's name contains ``miou``) ``1.5``, every other metric in points
+#: (accuracies, AP) ``2.0``. A claim that misses it says so in the ledger, with its half-width and the seeds per side
+#: that would reach it (:func:`ovlib.stats.seeds_to_reach`).
+INTERVAL_TARGETS = {"miou": 1.5, "points": 2.0}
+
+
+def interval_target(metric: str) -> float:
+    """The half-width target of a claim on ``metric`` (:data:`INTERVAL_TARGETS`)."""
+    return INTERVAL_TARGETS["miou" if "miou" in metric.lower() else "points"]
 PAPER_NUMBERS = Path("book") / "paper_numbers.yaml"
 CLAIMS_DIR = Path("book") / "claims"
 
@@ -209,6 +221,28 @@ class Claim:
             ("check passed" if c.verdict == "holds" else "check FAILED") if c.kind == "check" else c.verdict)
         small = f" (|Δ| < {self.negligible:g}: negligible)" if self.is_negligible else ""
         return f"{c.describe(digits)} → *{tail}*{small}"
+
+    @property
+    def target(self) -> float:
+        """The half-width this claim's interval should reach (:func:`interval_target` of its metric)."""
+        return interval_target(self.metric)
+
+    @property
+    def meets_target(self) -> bool | None:
+        """Whether the interval's half-width is within :attr:`target` (``None`` for checks and claims without an
+        interval)."""
+        h = self.comparison.half_width
+        if self.comparison.kind == "check" or not math.isfinite(h):
+            return None
+        return bool(h <= self.target + 1e-12)
+
+    @property
+    def seeds_needed(self) -> int | None:
+        """Seeds per side that would bring a seeded claim's half-width within :attr:`target`
+        (:func:`ovlib.stats.seeds_to_reach`; ``None`` when seeds cannot, or for claims without seeds)."""
+        if self.comparison.kind != "claim" or "se_seeds" not in self.comparison.extra:
+            return None
+        return stats.seeds_to_reach(self.comparison.extra, self.target)
 
     @property
     def paper_text(self) -> str:
@@ -587,7 +621,9 @@ class Study:
                         "p_adjusted": num(k.p_adjusted), "seeds_a": k.seeds_a, "seeds_b": k.seeds_b,
                         "kind": k.kind, "headline": c.headline, "verdict": k.verdict,
                         "indication": k.indication if k.kind == "indicative" else None, "test": k.test,
-                        "rows": list(c.rows)})
+                        "rows": list(c.rows), "half_width": num(k.half_width),
+                        "target": None if k.kind == "check" else c.target, "meets_target": c.meets_target,
+                        "seeds_needed": c.seeds_needed})
         return out
 
     def ledger(self, path: str | Path | None = None) -> Path:
@@ -643,7 +679,36 @@ class Study:
                 "Headline claims are Holm–Bonferroni corrected; the book's Claims ledger collects every chapter's.\n\n"
                 + ("Hold: " + "; ".join(held) + ".\n\n" if held
                    else "No claim judged on seeds holds at this budget.\n\n")
-                + ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed."))
+                + ("Reversed: " + "; ".join(rev) + "." if rev else "None is reversed.")
+                + self.precision_summary())
+
+    def precision_summary(self) -> str:
+        """How precise the headline claims judged on seeds are: how many reach their interval target
+        (:data:`INTERVAL_TARGETS`), each that misses with its half-width and the seeds that would reach it, and the
+        claims whose interval excludes 0 but that Holm's correction holds back (generated from the ledger)."""
+        self.finalize()
+        head = [c for c in self.claims if c.headline and c.comparison.kind == "claim"]
+        if not head:
+            return ""
+        miss = [c for c in head if c.meets_target is False]
+
+        def need(c: Claim) -> str:
+            n = c.seeds_needed
+            return (f"{n} seeds per side would reach it" if n is not None
+                    else "more seeds alone would not reach it" if "se_seeds" in c.comparison.extra
+                    else "no seeds to add")
+
+        out = (f"\n\nPrecision: {len(head) - len(miss)} of {len(head)} headline claims reach their interval target "
+               f"(95 % half-width ≤ {INTERVAL_TARGETS['points']:g} points, ≤ {INTERVAL_TARGETS['miou']:g} for mIoU)"
+               + (": all." if not miss else "; missing it: " + "; ".join(
+                   f"{c.text} (±{c.comparison.half_width:.1f}, target ±{c.target:g}; {need(c)})" for c in miss) + "."))
+        held_back = [c for c in head if c.verdict == "not resolved" and stats.verdict(
+            c.comparison.delta, c.comparison.expect, lo=c.comparison.ci_low, hi=c.comparison.ci_high) != "not resolved"]
+        if held_back:
+            out += (" Interval excludes 0 but not resolved after Holm's correction across the chapter's headline "
+                    "claims: " + "; ".join(f"{c.text} (p = {c.comparison.p:.3f}, Holm {c.comparison.p_adjusted:.3f})"
+                                           for c in held_back) + ".")
+        return out
 
     # ------------------------------------------------------------------------------------------- cost
     def cost_table(self) -> str:

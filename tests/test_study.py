@@ -4,6 +4,7 @@ the Claims ledger page generated from it (ovlib.book.ledger_page)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -148,6 +149,39 @@ def test_claims_kinds_holm_and_the_ledger_file(project):
         assert (c.text in summ) == (c.verdict in ("holds", "reversed"))
 
 
+def test_precision_targets_seeds_needed_and_the_holm_held_back_claims(project):
+    """Every headline claim's half-width against its target (1.5 for mIoU, 2.0 for other points), the seeds that
+    would reach it, and the claims whose interval excludes 0 that Holm holds back -- in the ledger and the summary."""
+    from ovlib.stats import Sample, seeds_to_reach
+
+    def seeds(values):  # per-image [value, 1] with no image noise: the interval is the paired t interval
+        return Sample(tuple(np.stack([np.full(8, v), np.ones(8)], 1) for v in values), ratio_stat, (0, 1, 2))
+
+    st = _study(project)
+    a = seeds([50.0, 51.0, 49.0])
+    wide = st.claim("wide", "wide claim", a, seeds([54.0, 58.0, 50.0]), "kmeans.miou", headline=True)
+    tight = st.claim("tight", "tight claim", a, seeds([53.0, 54.1, 51.9]), "boxes.top1", headline=True)
+    held = st.claim("held", "held-back claim", a, seeds([52.0, 54.0, 53.0]), "boxes.top1", headline=True)
+    st.check("identity", "an identity", 0.0)
+    t2 = ss.t.ppf(0.975, 2)
+    assert wide.comparison.half_width == pytest.approx(t2 * 3.0 / math.sqrt(3))  # diffs 4, 7, 1: sd 3
+    assert (wide.target, tight.target) == (1.5, 2.0)
+    assert (wide.meets_target, tight.meets_target, held.meets_target) == (False, True, False)
+    assert wide.seeds_needed == seeds_to_reach(wide.comparison.extra, 1.5) and wide.seeds_needed > 3
+    assert tight.seeds_needed == 3
+    entries = {e["id"]: e for e in json.loads(st.ledger().read_text())["claims"]}
+    assert entries["wide"]["half_width"] == pytest.approx(wide.comparison.half_width)
+    assert entries["wide"]["meets_target"] is False and entries["tight"]["meets_target"] is True
+    assert entries["identity"]["target"] is None and entries["identity"]["meets_target"] is None
+    # diffs 2, 4, 3: p = 0.035 -- its interval excludes 0, yet Holm over the three headline claims holds it back
+    assert held.comparison.ci_low > 0 and held.comparison.p < 0.05 and held.verdict == "not resolved"
+    assert tight.verdict == "holds"
+    summ = st.summary("test budget")
+    assert "Precision: 1 of 3 headline claims reach their interval target" in summ
+    assert "wide claim (±" in summ and "held-back claim (±" in summ and "tight claim (±" not in summ
+    assert "not resolved after Holm's correction across the chapter's headline claims: held-back claim" in summ
+
+
 def test_negligible_flag_claims_table_slices_and_paper_values(project):
     st = _study(project)
     for s in (0, 1, 2):  # B is clearly higher than A, by 0.2 (in the metric's unit)
@@ -225,6 +259,16 @@ def test_ledger_page_tables_links_and_totals(project):
 
     assert f'href="02_refining_spatial_awareness.html#{make_id(title)}"' in page
     assert "Refining CLIP" in page  # the paper's title heads its table
+    # precision: both headline claims have the same interval (the same two rows); its half-width is in the table
+    ab = {c.id: c for c in st.claims}["ab"]
+    n_ok = 2 if ab.meets_target else 0
+    assert f"Precision: {n_ok} of 2 headline claims judged on seeds reach" in page
+    assert page.count(f"±{ab.comparison.half_width:.1f} (≤ 2") == 2
+    assert book._precision_cell({"kind": "claim", "half_width": 3.04, "target": 1.5, "meets_target": False,
+                                 "seeds_needed": 7}) == "±3.0 (≤ 1.5; 7 seeds)"
+    assert book._precision_cell({"kind": "claim", "half_width": 3.0, "target": 2.0, "meets_target": False,
+                                 "seeds_needed": None}) == "±3.0 (≤ 2; –)"
+    assert book._precision_cell({"kind": "check"}) == "–" and book._precision_cell({"kind": "claim"}) == "–"
 
 
 def test_ledger_page_without_claims_says_so(project):
