@@ -37,6 +37,9 @@ Sections (``--only``):
 * ``detector`` -- chapter 06's detector phase (``bench_detector``): the same micro F-ViT jobs (train + evaluate)
   one after the other in this process on every thread, and in two worker processes sharing the threads
   (``ovlib.parallel``), back to back per round; their per-round ratio says whether ``workers: 2`` pays.
+* ``runs`` -- the chapters' distillation runs (``bench_runs``): the same batch of CLIPSelf and DeCLIP runs through
+  ``Study.run_many`` with ``workers: 1`` (here, every thread) and ``workers: 2`` (two one-thread processes), back
+  to back per round; their per-round ratio says whether the chapters' ``workers: 2`` pays.
 * ``memory`` -- peak resident memory *added* by loss + backward at a ``--grid`` x ``--grid`` token grid (64 x 64 =
   4096 tokens): global SCD naive vs chunked (``--chunk`` rows) on unit tokens of ``--dim`` channels, and
   DeCLIP/SynCLIP's context loss (no chunked path exists) on ``q`` of the same width; each measurement in a
@@ -71,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import SPREAD, machine_info, paired_ratios, summarize, verdict  # noqa: E402 (after the sys.path lines)
 
-SECTIONS = ("microworld", "pretrain", "methods", "dense", "memory", "detector")
+SECTIONS = ("microworld", "pretrain", "methods", "dense", "memory", "detector", "runs")
 DEFAULT_OUT = HERE / "results.json"
 SCHEMA = 1
 
@@ -477,8 +480,25 @@ def section_detector(a, F: Figures) -> dict:
     return {"jobs": n_jobs, "steps": steps, "threads": threads}
 
 
+def section_runs(a, F: Figures) -> dict:
+    import torch
+    from bench_runs import rounds
+
+    seeds, steps = (1, 2) if a.quick else (2, 30)
+    r = rounds(a.repeats, seeds=seeds, steps=steps, log=a.log)
+    threads = torch.get_num_threads()
+    where = f"CLIPSelf and DeCLIP x {seeds} seed(s) x {steps} steps (micro recipes, micro CLIP)"
+    F.add("runs", f"one process x {threads} threads, one run after the other", r["serial"], "s", note=where)
+    F.add("runs", f"2 processes x {max(1, threads // 2)} thread(s), side by side", r["workers"], "s",
+          note=where + "; process start and cache warm-up included")
+    F.add("runs", "speed-up of the worker processes (serial / workers)", paired_ratios(r["serial"], r["workers"]),
+          "x", higher_is_better=True, note="per round, back to back; > 1: the chapters' `workers: 2` pays")
+    return {"seeds": seeds, "steps": steps, "threads": threads}
+
+
 RUNNERS = {"microworld": section_microworld, "pretrain": section_pretrain, "methods": section_methods,
-           "dense": section_dense, "memory": section_memory, "detector": section_detector}
+           "dense": section_dense, "memory": section_memory, "detector": section_detector,
+           "runs": section_runs}
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -186,6 +186,16 @@ def train_eval(name, method, seed=0, steps=MAIN_STEPS, main=True, keep_model=Fal
     return r
 
 
+def spec(method, seed=0, steps=MAIN_STEPS, **over):
+    """A run as `train_eval` trains it, for Study.train_missing (the same method, seed, budget and overrides)."""
+    return {"method": method, "seed": seed, "budget": BUDGET_OF[steps], "overrides": over}
+
+
+# the runs of §2.2-2.5 that need no Refiner, trained first where missing: side by side in `workers` one-thread
+# processes on the CPU (Study.train_missing); train_eval below loads and evaluates them
+study.train_missing([spec(m, s) for m in ("clipself", "sc-clipself") for s in SEEDS]
+                    + [spec("regiontext", s) for s in TEXT_SEEDS]
+                    + [spec("refiner", 0, REF_STEPS), spec("rsc-e2e", 0, ABL_STEPS)])
 for s in SEEDS:  # L_RLA = 1 − mean_r cos(RoIAlign(f_s(X), b_r), f_t(crop_r))  (Eq. 1)
     train_eval(f"CLIPSelf-s{s}", "clipself", s, keep_model=(s == 0))
 for s in TEXT_SEEDS:
@@ -417,6 +427,7 @@ REF_VARIANTS = {f"Refiner K={k}": refiner_args(k) for k in K_LIST if k != K_MAIN
 REF_VARIANTS.update({"Refiner cosine": {"objective": "cosine"}, "Refiner L2G": {"direction": "l2g"}})
 REF_VARIANTS = dict(list(REF_VARIANTS.items())[:N_REF_VARIANTS])
 variant_weights = {f"Refiner K={K_MAIN}": REF, "Refiner": REF}
+study.train_missing([spec("refiner", 0, REF_STEPS, method_args=args) for args in REF_VARIANTS.values()])
 for name, args in REF_VARIANTS.items():
     res = train_eval(name, "refiner", 0, REF_STEPS, evaluate=False, method_args=args).res
     variant_weights[name] = res["weights"]
@@ -435,6 +446,20 @@ CR[f"Refiner K={K_MAIN}"] = CR["Refiner"]
 # targets being the live Refiner's outputs (detached).
 
 # %%
+ABL_BASE = "R-SC-CLIPSelf-s0" if ABL_STEPS == MAIN_STEPS else "R-SC-CLIPSelf-abl-s0"
+VARIANT_NAMES = list(REF_VARIANTS)[: None if VARIANT_STUDENTS == "all" else VARIANT_STUDENTS]
+# every student the frozen Refiner teaches in §2.6 and its ablations, trained first where missing (side by side)
+study.train_missing([spec("rsc-clipself", s, method_args={"refiner": REF}) for s in SEEDS]
+                    + [spec("rsc-clipself", s, regions="gt_boxes", method_args={"refiner": REF, "rla_target": "text"})
+                       for s in TEXT_SEEDS]
+                    + [spec("rsc-v", 0, method_args={"refiner": REF}),
+                       spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": REF})]
+                    + [spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": variant_weights[n]})
+                       for n in VARIANT_NAMES]
+                    + [spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": REF, "tau_s": ts, "tau_t": tt})
+                       for ts, tt in TAUS]
+                    + ([spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": REF, "scd_scope": "global"})]
+                       if GLOBAL_SCD else []))
 for s in SEEDS:  # R-SCD: the SCD targets C_t taken from the frozen Refiner's tokens of each region
     train_eval(f"R-SC-CLIPSelf-s{s}", "rsc-clipself", s, keep_model=(s == 0), method_args={"refiner": REF})
 for s in TEXT_SEEDS:
@@ -477,10 +502,9 @@ md("**Table 2, micro analogue** (effect of the Refiner; paper rows are RPN-propo
 # *Random*, *Exogenous* and *PACL* Refiner designs of Table 6(b).
 
 # %%
-ABL_BASE = "R-SC-CLIPSelf-s0" if ABL_STEPS == MAIN_STEPS else "R-SC-CLIPSelf-abl-s0"
 if ABL_BASE not in evals:
     train_eval(ABL_BASE, "rsc-clipself", 0, ABL_STEPS, main=False, method_args={"refiner": REF})
-for name in list(REF_VARIANTS)[: None if VARIANT_STUDENTS == "all" else VARIANT_STUDENTS]:
+for name in VARIANT_NAMES:
     train_eval(f"R-SC via {name}-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
                method_args={"refiner": variant_weights[name]})
 for ts, tt in TAUS:

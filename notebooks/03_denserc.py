@@ -477,6 +477,11 @@ def train_denserc(name, seed, method_args, loss_weights=None, kmeans=True):
 
 
 t_grid = time.perf_counter()
+# the runs not in the cache train first, side by side in `workers` one-thread processes on the CPU
+# (Study.train_missing); the loops below load and evaluate them
+study.train_missing([{"method": "denserc", "seed": s, "budget": "denserc", "overrides": {"method_args": args}}
+                     for args in {**T5, **LR_ROWS}.values() for s in SEEDS]
+                    + [{"method": m, "seed": s, "budget": "main"} for s in SEEDS for m in ("clipself", "denserc")])
 for row, args in {**T5, **LR_ROWS}.items():
     for s in SEEDS:
         train_denserc(row, s, args)  # X_dense = Σ_l A_p^(l) v_p^(l) (Eq. 3); L = L_sem + λ L_coh (Eq. 8)

@@ -362,13 +362,14 @@ SWEEP.update({k: EXTRAS[k] for k in B["extras"]})
 
 # train or load from the shared run cache (ovlib.study): the named training budgets synclip_main / synclip_sweep;
 # a sweep row is named "sweep <name>" (its own budget, so the DeCLIP and SynCLIP references are runs of their own)
-RUNS = {}  # (row, kind, seed) -> ovlib.study.Run
+# the runs not in the cache train side by side in `workers` one-thread processes on the CPU (Study.run_many)
 t_train = time.perf_counter()
-for kind, group, seeds_ in (("main", MAIN, SEEDS), ("sweep", SWEEP, SEEDS[:1])):
-    for name, (method, ov) in group.items():
-        row = name if kind == "main" else f"sweep {name}"
-        for s in seeds_:
-            RUNS[(row, kind, s)] = study.run(method, seed=s, budget=f"synclip_{kind}", row=row, evaluate=False, **ov)
+KEYS = [(name if kind == "main" else f"sweep {name}", kind, s, method, ov)
+        for kind, group, seeds_ in (("main", MAIN, SEEDS), ("sweep", SWEEP, SEEDS[:1]))
+        for name, (method, ov) in group.items() for s in seeds_]
+RUNS = dict(zip([k[:3] for k in KEYS], study.run_many(  # (row, kind, seed) -> ovlib.study.Run
+    [{"method": method, "seed": s, "budget": f"synclip_{kind}", "row": row, "overrides": ov}
+     for row, kind, s, method, ov in KEYS], evaluate=False)))
 t_train = time.perf_counter() - t_train
 
 rows = [[r.row, r.seed, r.res.get("steps"), f"{r.train_s:.0f}", f"{r.train_s / max(r.res.get('steps') or 1, 1):.2f}",

@@ -352,15 +352,16 @@ EXTRA = {f"lr {R.lr / 3:.1e}": {"lr": R.lr / 3}, f"lr {R.lr * 3:.1e}": {"lr": R.
          "clamp-and-map (Eq. 4 reading)": args(sim_map="affine"), "straight-through clamp": args(clamp_grad="straight"),
          "x_source = image": args(x_source="image"), "no CLIPSeg (decoder from scratch)": args(clipseg=None),
          "+ skip path (ours)": args(skip="csa")} if EXTENDED else {}
-RUNS = {}  # (row, seed) -> ovlib.study.Run
+# the runs not in the cache train side by side in `workers` one-thread processes on the CPU (Study.run_many)
 t_train = time.perf_counter()
-for group, budget, seeds_, prefix in ((MAIN, "synseg_main", SEEDS, ""),
-                                      (ABLATION, "synseg_sweep", ABL_SEEDS, "ablation: "),
-                                      (EXTRA, "synseg_sweep", SEEDS[:1], "")):
-    for name, ov in group.items():
-        for s in seeds_:
-            RUNS[(prefix + name, s)] = study.run("synseg", seed=s, budget=budget, row=prefix + name, evaluate=False,
-                                                 **ov)
+KEYS = [(prefix + name, s, budget, ov)
+        for group, budget, seeds_, prefix in ((MAIN, "synseg_main", SEEDS, ""),
+                                              (ABLATION, "synseg_sweep", ABL_SEEDS, "ablation: "),
+                                              (EXTRA, "synseg_sweep", SEEDS[:1], ""))
+        for name, ov in group.items() for s in seeds_]
+RUNS = dict(zip([k[:2] for k in KEYS], study.run_many(  # (row, seed) -> ovlib.study.Run
+    [{"method": "synseg", "seed": s, "budget": budget, "row": row, "overrides": ov} for row, s, budget, ov in KEYS],
+    evaluate=False)))
 t_train = time.perf_counter() - t_train
 TERMS = ("align", "cont", "back", "sep")
 md(f"{len(RUNS)} runs in {t_train:.0f} s ({sum(r.trained_now for r in RUNS.values())} trained here).\n\n" +

@@ -688,7 +688,7 @@ def recipes_page(root: Path | str = ".") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ovlib.sweep import GROUP_METRIC, TUNE_METRIC
+    from ovlib.sweep import GROUP_METRIC, SEG_METRIC, TUNE_METRIC
 
     root = Path(root)
     figdir = root / "book" / "recipes"
@@ -736,7 +736,8 @@ def recipes_page(root: Path | str = ".") -> Path:
             ax.plot([c["lr"]], [c["tune"]], marker="*", ms=16, color="k", ls="", label="chosen")
             if metric in rec.get("reference", {}):
                 ax.axhline(rec["reference"][metric], color="grey", ls=":",
-                           label="frozen CLIP" + (" (vanilla map)" if metric == GROUP_METRIC else ""))
+                           label="CLIPSeg initialisation (untrained)" if metric == SEG_METRIC else
+                           "frozen CLIP" + (" (vanilla map)" if metric == GROUP_METRIC else ""))
             ax.set(xscale="log", xlabel="learning rate", ylabel=f"{metric} (%)",
                    title=f"{prof}: family {fam} (tuned on {c['method']})")
             ax.legend(fontsize=7)
@@ -750,6 +751,9 @@ def recipes_page(root: Path | str = ".") -> Path:
                       f"`{spec['split']}`, {c['method']}); shared by {', '.join(f'`{m}`' for m in c['shared'])}. "
                       + (f"The frozen CLIP's vanilla map (the Refiner's initialisation and target): "
                          f"{rec['reference'][metric]:.1f}. " if metric == GROUP_METRIC and metric in
+                         rec.get("reference", {}) else "")
+                      + (f"SynSeg's starting point, its decoder from the micro CLIPSeg untrained: "
+                         f"{rec['reference'][metric]:.1f}. " if metric == SEG_METRIC and metric in
                          rec.get("reference", {}) else "")
                       + "Best lr per step budget: " + ", ".join(f"{st} steps → {v['lr']:g} ({v['tune']:.1f})"
                                                                 for st, v in c["per_steps"].items()) + "."

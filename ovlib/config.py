@@ -83,6 +83,9 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "k_list": "numbers of crops K of the Refiner's global-to-local loss",
         "explorer_images": "evaluation images offered by the affinity and region explorers",
         "tsne_iter": "t-SNE iterations of the feature figures",
+        "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
+                   "CPU threads (ovlib.study.Study.run_many, ovlib.parallel; 1: one after the other in the "
+                   "notebook's process, the accelerator path)",
     },
     "03": {
         "seeds": "training seeds of the Table-5 rows (0: the profile's 'seeds')",
@@ -98,6 +101,9 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "extras": "the unstated choices compared",
         "dl_draws": "Monte-Carlo draws of the ΔL check",
         "bench": "step-time benchmark: image size, crop size, batch, boxes per image, pairs",
+        "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
+                   "CPU threads (ovlib.study.Study.run_many, ovlib.parallel; 1: one after the other in the "
+                   "notebook's process, the accelerator path)",
     },
     "04": {
         "seeds": "training seeds of the main rows (0: the profile's 'seeds')",
@@ -112,6 +118,9 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
                   "teacher text = synonyms only)",
         "explorer_images": "evaluation images offered by the attention explorer",
         "max_synonyms": "WordNet synonyms kept per COCO class (real data; SEViC-style corpus)",
+        "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
+                   "CPU threads (ovlib.study.Study.run_many, ovlib.parallel; 1: one after the other in the "
+                   "notebook's process, the accelerator path)",
     },
     "05": {
         "seeds": "training seeds of the main rows (0: the profile's 'seeds')",
@@ -119,6 +128,9 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "n_eval": "evaluation scenes of the main rows (0: the evaluation settings' default)",
         "n_eval_sweep": "evaluation scenes of the ablation and the extended rows (0: as n_eval)",
         "extended": "also run the one-seed rows: bounded-cosine reading, lr / weight sweep, diagnostics",
+        "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
+                   "CPU threads (ovlib.study.Study.run_many, ovlib.parallel; 1: one after the other in the "
+                   "notebook's process, the accelerator path)",
     },
     "06": {
         "seeds": "detector seeds, one detector per student seed (0: the profile's 'seeds')",

@@ -46,10 +46,21 @@ from ovlib.data import CocoPanoptic, ensure_microworld
 from ovlib.data.microworld import export_hash
 from ovlib.eval import MICRO_TEMPLATES, VILD_TEMPLATES, class_name_sets, text_embeddings
 from ovlib.eval.profiles import dense_eval_settings
-from ovlib.eval.students import evaluate_student, load_student, student_dense_fn, student_pooling, train_or_load
+from ovlib.eval.students import (
+    TrainJob,
+    evaluate_student,
+    load_student,
+    run_finished,
+    run_folder,
+    student_dense_fn,
+    student_pooling,
+    train_job,
+    train_or_load,
+)
 from ovlib.io import atomic_write_text, cache_path
 from ovlib.models import MICRO_CLIP_CONFIGS, load_clip, load_vfm
 from ovlib.nb import ms, table
+from ovlib.parallel import map_processes
 from ovlib.train.launch import build_models
 from ovlib.train.pretrain import pretrain_configs, pretrain_vfm
 from ovlib.train.recipes import distill_config
@@ -277,6 +288,7 @@ class Study:
         self.runs_dir = Path(self.params["cache_dir"]) / "runs"  # shared by every chapter
         self.rows: dict[str, Row] = {}
         self.runs: list[Run] = []
+        self._trained_by_workers: set[str] = set()  # out_dir of the runs run_many's workers trained
         self.claims: list[Claim] = []
         self.section = ""  # the chapter section claims are made in when they do not name one (the ledger links it)
         self.negligible: float | None = None  # default of claim(negligible=...): flag smaller resolved differences
@@ -428,16 +440,11 @@ class Study:
         """Train ``method`` (or load the finished run) with the named training ``budget``, ``seed`` and
         ``overrides``, then evaluate its student (``eval_kw``: :meth:`evaluate` options) as ``row`` / seed."""
         t = time.perf_counter()
-        ov = {**self.train_budget(budget), "seed": seed, **overrides}
-        cfg = distill_config(self.params, method, ov, out_dir="unused")
-        try:
-            ck = self._checkpoint_hash(cfg)
-        except FileNotFoundError:  # the micro CLIP is not pre-trained yet: loading the backbones trains it
-            self.backbones(method)
-            ck = self._checkpoint_hash(cfg)
-        extra = {"checkpoint": ck, "data": self._data_manifest(cfg)}
+        ov, extra = self._run_key_parts(method, seed, budget, overrides)
         res = train_or_load(self.params, method, ov, self.runs_dir, method, key_extra=extra)
-        r = Run(method, seed, row or method, res, trained_now=bool(res.get("trained_now")),
+        trained_now = bool(res.get("trained_now")) or res["out_dir"] in self._trained_by_workers
+        self._trained_by_workers.discard(res["out_dir"])  # counted once: a second spec of the same run loads it
+        r = Run(method, seed, row or method, res, trained_now=trained_now,
                 train_s=float(res.get("train_s", float("nan"))))
         if self.log:
             print(f"[study {self.chapter}] {'trained' if r.trained_now else 'loaded'} {method} seed {seed} "
@@ -455,6 +462,98 @@ class Study:
         r.wall_s = time.perf_counter() - t
         self.runs.append(r)
         return r
+
+    def _run_key_parts(self, method: str, seed: int, budget: str, overrides: Mapping[str, Any]
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(overrides, key_extra)`` of :func:`ovlib.eval.students.train_or_load` for a run: the named budget,
+        the seed and the overrides; the backbone checkpoint's content hash and the data manifest (the micro CLIP
+        is pre-trained here when it is not yet)."""
+        ov = {**self.train_budget(budget), "seed": seed, **overrides}
+        cfg = distill_config(self.params, method, ov, out_dir="unused")
+        try:
+            ck = self._checkpoint_hash(cfg)
+        except FileNotFoundError:  # the micro CLIP is not pre-trained yet: loading the backbones trains it
+            self.backbones(method)
+            ck = self._checkpoint_hash(cfg)
+        return ov, {"checkpoint": ck, "data": self._data_manifest(cfg)}
+
+    @property
+    def workers(self) -> int:
+        """Processes that train a batch of runs side by side (:meth:`run_many`): the chapter budget's ``workers``
+        on the CPU, 1 on an accelerator (one device: its runs go one after the other)."""
+        return int(self.budget.get("workers") or 1) if self.device.type == "cpu" else 1
+
+    def run_many(self, specs: Sequence[Mapping[str, Any]], **run_kw: Any) -> list[Run]:
+        """:meth:`run` of every spec, in order: ``{"method": ..., "seed": 0, "budget": "main", "row": None,
+        "overrides": {...}}`` (``run_kw``: ``evaluate``, ``keep_model``, ``eval_kw`` of every run), after
+        :meth:`train_missing` of them."""
+        norm = self._specs(specs)
+        self.train_missing(norm)
+        return [self.run(sp["method"], seed=int(sp["seed"]), budget=sp["budget"], row=sp["row"], **run_kw,
+                         **sp["overrides"]) for sp in norm]
+
+    @staticmethod
+    def _specs(specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        keys = ("method", "seed", "budget", "row", "overrides")
+        norm = []
+        for sp in specs:
+            unknown = sorted(set(sp) - set(keys))
+            if unknown or "method" not in sp:
+                raise ValueError(f"run_many: a spec has keys {sorted(sp)}; it needs 'method' and may have "
+                                 f"{list(keys[1:])} (unknown: {unknown})")
+            norm.append({"seed": 0, "budget": "main", "row": None, "overrides": {}, **sp})
+        return norm
+
+    def train_missing(self, specs: Sequence[Mapping[str, Any]]) -> int:
+        """Train the runs of ``specs`` (as :meth:`run_many`'s) that are not in the shared cache in worker
+        processes and return how many it trained; :meth:`run` then loads them (and counts them as trained in this
+        chapter). With one worker, or one missing run, it trains nothing (0): :meth:`run` trains them, here. A
+        chapter calls it before a loop of :meth:`run` whose runs are known in advance.
+
+        The runs are trained side by side in :attr:`workers` processes of
+        ``threads // workers`` torch threads each (:func:`ovlib.parallel.map_processes`; one worker: here, one
+        after the other, as :meth:`run` would). Before the workers start, this process builds one trainer per
+        distinct method of the batch (nothing is trained) so that every shared cache they read -- the micro world
+        export, the micro CLIP, VFM and CLIPSeg -- exists and no two workers produce it at once; each worker
+        trains distinct runs (distinct folders). Evaluation and the records stay here, in order; a run trained
+        by a worker counts as trained in this chapter (:meth:`cost_table`). What a worker changes: the
+        floating-point order of its one thread, and its own in-memory teacher-target cache
+        (:mod:`ovlib.train.targets`: shared by the runs of one worker, not with this process)."""
+        jobs, seen = [], set()
+        for sp in self._specs(specs):
+            ov, extra = self._run_key_parts(sp["method"], int(sp["seed"]), sp["budget"], sp["overrides"])
+            out = run_folder(self.params, sp["method"], ov, self.runs_dir, sp["method"], extra)
+            if str(out) not in seen and not run_finished(out):
+                seen.add(str(out))
+                jobs.append(TrainJob(dict(self.params), sp["method"], ov, str(self.runs_dir), sp["method"], extra))
+        if len(jobs) > 1 and self.workers > 1:
+            t = time.perf_counter()
+            self._warm_caches(jobs)
+            done = map_processes(train_job, jobs, self.workers,
+                                 label=lambda j: f"{j.method} seed {j.overrides['seed']}")
+            self._trained_by_workers.update(r["out_dir"] for r in done if r.get("trained_now"))
+            if self.log:
+                print(f"[study {self.chapter}] trained {len(jobs)} runs in {self.workers} processes "
+                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+            return len(jobs)
+        return 0
+
+    def _warm_caches(self, jobs: Sequence[TrainJob]) -> None:
+        """Build (not train) one trainer per distinct method of ``jobs`` in this process: every shared cache a
+        run reads is produced here, once, before worker processes start (:meth:`run_many`)."""
+        import tempfile
+
+        from ovlib.train.launch import build_trainer
+
+        warmed = set()
+        for j in jobs:
+            margs = j.overrides.get("method_args")
+            tag = (j.method, str(margs.get("clipseg")) if isinstance(margs, Mapping) else None)
+            if tag in warmed:
+                continue
+            warmed.add(tag)
+            with tempfile.TemporaryDirectory() as tmp:
+                build_trainer(self.params, j.method, j.overrides, out_dir=tmp)
 
     def evaluate(self, row: str, model: Any, seed: int | None = None, fixed: bool = False, dense_fn: Any = None,
                  mode: str = "x+v", **kw: Any) -> Any:

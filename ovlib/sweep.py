@@ -20,10 +20,14 @@ columns, so a lr that buys boxes at the cost of stuff is not preferred). A famil
 student (the R-SC Refiner: a module on the frozen CLIP, trained alone) declares ``metric: grouping``: the
 colour-proof k-means mIoU (:data:`GROUP_METRIC`; every GT segment's mean colour moved to the image's, so colour
 alone cannot group) of the module's dense map, since the chapters judge the Refiner by how its map groups; its
-reference is the frozen CLIP's ``vanilla`` map (the Refiner's initialisation and target). A family may also name
+reference is the frozen CLIP's ``vanilla`` map (the Refiner's initialisation and target). A family whose tuned
+method is a segmentation decoder (SynSeg: its decoder over the frozen CLIP, started from the micro CLIPSeg) declares
+``metric: segmentation``: things + stuff mIoU of its masks (:data:`SEG_METRIC`, chapter 05's first protocol with
+five views) on the tuning split's first ``region_images`` scenes. A family may also name
 its own training ``budget`` (the Refiner's is ``refiner``) and its own ``lrs`` / ``steps`` grid. The choice of a
 family is the lr with the highest mean tuning metric over seeds at the step budget the chapters train with (the
-family's named budget's ``max_steps``, when the grid has it); a tie goes to the smaller lr. The other step budgets
+family's named budget's ``max_steps``, or the recipe's when the budget keeps it, when the grid has it); a tie goes
+to the smaller lr. The other step budgets
 of the grid are recorded beside it (``per_steps``, ``best``): what a larger budget would buy.
 
 The record (points, choices, the profile's sweep settings, command, machine, commit, date) is written as JSON;
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ovlib.config import ParamError, resolve
 from ovlib.eval._common import dense_fn_for_clip
@@ -55,18 +60,25 @@ from ovlib.methods.rsc import load_refiner
 from ovlib.models import vit_adapter
 from ovlib.study import Study
 from ovlib.train.pretrain import image_mean_std
+from ovlib.train.recipes import distill_config
 
-__all__ = ["GROUP_METRIC", "METRICS", "TOP1", "TUNE_METRIC", "SweepSpec", "choose", "main", "sweep", "tune_value"]
+__all__ = ["GROUP_METRIC", "METRICS", "SEG_METRIC", "TOP1", "TUNE_METRIC", "SweepSpec", "choose", "main", "sweep",
+           "tune_value"]
 
 #: the region metrics averaged into the tuning metric (R-SC's Table 1 Top-1 columns)
 TOP1 = ("boxes.top1", "thing.top1", "stuff.top1")
 TUNE_METRIC = "region.top1"
 #: the grouping families' tuning metric: k-means mIoU with every segment's mean colour equalised
 GROUP_METRIC = "kmeans.equalized"
+#: the segmentation families' tuning metric: SynSeg's things + stuff mIoU (argmax over every class, five views;
+#: chapter 05's first protocol, :func:`ovlib.eval.synseg.evaluate_protocols`)
+SEG_METRIC = "synseg.miou"
 #: a family's ``metric`` -> the metric it is tuned on
-METRICS = {"region": TUNE_METRIC, "grouping": GROUP_METRIC}
+METRICS = {"region": TUNE_METRIC, "grouping": GROUP_METRIC, "segmentation": SEG_METRIC}
 #: the methods a ``grouping`` family can tune (their dense map is not a student's)
 GROUPING_METHODS = ("refiner",)
+#: the methods a ``segmentation`` family can tune (a decoder over the frozen CLIP, scored by its masks)
+SEGMENTATION_METHODS = ("synseg",)
 _FAMILY_KEYS = {"tune", "shared", "also", "metric", "budget", "lrs", "steps"}
 
 
@@ -102,10 +114,10 @@ class SweepSpec:
             metric = f.get("metric", "region")
             if metric not in METRICS:
                 raise ParamError(f"{where}.families.{name}.metric = {metric!r}; known: {sorted(METRICS)}")
-            odd = [m for m in [f["tune"], *(f.get("also") or [])] if metric == "grouping" and m not in GROUPING_METHODS]
+            only = {"grouping": GROUPING_METHODS, "segmentation": SEGMENTATION_METHODS}.get(metric)
+            odd = [m for m in [f["tune"], *(f.get("also") or [])] if only is not None and m not in only]
             if odd:
-                raise ParamError(f"{where}.families.{name}: metric grouping tunes {list(GROUPING_METHODS)} only, "
-                                 f"not {odd}")
+                raise ParamError(f"{where}.families.{name}: metric {metric} tunes {list(only)} only, not {odd}")
             _grid(f.get("lrs"), f.get("steps"), f"{where}.families.{name}", optional=True)
         lrs, steps = _grid(b.get("lrs"), b.get("steps"), where)
         n = int(b.get("seeds") or 0) or 1
@@ -177,6 +189,30 @@ def _grouping(study: Study, dense_fn: Callable, n_images: int) -> float:
     return float(km["miou"][0])
 
 
+def _segmentation(study: Study, res: Mapping[str, Any] | None, n_images: int, device: str) -> float:
+    """:data:`SEG_METRIC` of a trained SynSeg run (``res``) on the first ``n_images`` images of the tuning split
+    (%); ``res=None``: its starting point, the recipe's decoder from its CLIPSeg initialisation, untrained (the
+    reference a SynSeg run has to beat; chapter 05's "CLIPSeg initialisation" row)."""
+    from ovlib.eval.synseg import evaluate_protocols, synseg_from_run, synseg_score_fn
+    from ovlib.methods.synseg import SynSeg
+    from ovlib.train.proxies import clipseg_weights
+
+    bb = study.backbones()
+    if res is None:
+        args = dict(distill_config(study.params, "synseg", {}, out_dir="unused").method_args)
+        state = clipseg_weights(study.params, args.get("clipseg"), bb.clip, bb.tokenizer, device=device)
+        torch.manual_seed(int(study.params["seed"]))
+        model = SynSeg(bb.clip, {}, tokenizer=bb.tokenizer, categories=bb.categories, clipseg_state=state, **args)
+        model = model.to(device).eval()
+    else:
+        model = synseg_from_run(res, bb.clip, bb.tokenizer, bb.categories, device=device).eval()
+    things = [c["id"] for c in bb.categories if c.get("isthing", 1)]
+    out = evaluate_protocols(synseg_score_fn(model, bb.text, 5), bb.dataset, bb.class_ids, things, (),
+                             image_size=bb.settings.ovss.image_size, resize=bb.settings.ovss.resize,
+                             n_images=n_images, n_boot=1, seed=int(study.params["seed"]))
+    return float(out["all"]["miou"][0])
+
+
 def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, device: str = "cpu",
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or load from the run cache) every point of the requested families (default: all) and choose."""
@@ -203,6 +239,9 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
         # the Refiner's initialisation and target (an untrained Refiner *is* this map on a whole image)
         reference[GROUP_METRIC] = _grouping(study, dense_fn_for_clip(bb.clip, "vanilla"), spec.region_images)
         log(f"[sweep] frozen CLIP vanilla map: {GROUP_METRIC} {reference[GROUP_METRIC]:5.1f}")
+    if any(spec.families[f].get("metric") == "segmentation" for f in names):
+        reference[SEG_METRIC] = _segmentation(study, None, spec.region_images, device)
+        log(f"[sweep] SynSeg's CLIPSeg initialisation: {SEG_METRIC} {reference[SEG_METRIC]:5.1f}")
     points: list[dict[str, Any]] = []
     at: dict[str, int | None] = {}
     for fam in names:
@@ -223,6 +262,11 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
                             value = tune_value(m)
                             shown = (f"(boxes {m['boxes.top1']:5.1f}, thing {m['thing.top1']:5.1f}, stuff "
                                      f"{m['stuff.top1']:5.1f}) ")
+                        elif metric == SEG_METRIC:  # a SynSeg decoder's masks (SEGMENTATION_METHODS)
+                            r = study.run(method, seed=seed, budget=budget, row=f"{method}/{lr:g}/{st}",
+                                          evaluate=False, **ov)
+                            m, shown = {}, ""
+                            value = _segmentation(study, r.res, spec.region_images, device)
                         else:  # grouping: the Refiner's dense map (GROUPING_METHODS)
                             r = study.run(method, seed=seed, budget=budget, row=f"{method}/{lr:g}/{st}",
                                           evaluate=False, **ov)
@@ -238,13 +282,17 @@ def sweep(params: Mapping[str, Any], families: Sequence[str] | None = None, devi
                             f"{r.wall_s:.0f} s")
         # the choice is made at the step budget the chapters train with (the family budget's max_steps), if swept
         a = study.train_budget(budget).get("max_steps")
-        at[fam] = round(a / scale) if a is not None and round(a / scale) in steps else None
+        # a budget without max_steps (e.g. synseg_main = {}) trains the recipe's own steps
+        a_steps = round(a / scale) if a is not None else distill_config(p, f["tune"], {}, out_dir="unused").max_steps
+        at[fam] = a_steps if a_steps in steps else None
     choices = {fam: {**choose(points, fam, spec.families[fam]["tune"], at[fam]),
                      "shared": list(spec.families[fam].get("shared") or [spec.families[fam]["tune"]])}
                for fam in names}
     return {"profile": params["profile"], "spec": {**asdict(spec), "families": dict(spec.families)},
             "tune_metric": f"{TUNE_METRIC} = mean of {', '.join(TOP1)} on {spec.split}; {GROUP_METRIC} = k-means "
-                           f"mIoU with every segment's mean colour equalised, on {spec.split} (metric: grouping)",
+                           f"mIoU with every segment's mean colour equalised, on {spec.split} (metric: grouping); "
+                           f"{SEG_METRIC} = SynSeg's things + stuff mIoU (five views), on {spec.split} "
+                           "(metric: segmentation)",
             "reference": reference, "points": points, "choices": choices}
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from ovlib import config
 from ovlib.config import ParamError
-from ovlib.sweep import GROUP_METRIC, TOP1, TUNE_METRIC, SweepSpec, choose, main, sweep, tune_value
+from ovlib.sweep import GROUP_METRIC, SEG_METRIC, TOP1, TUNE_METRIC, SweepSpec, choose, main, sweep, tune_value
 from ovlib.train.recipes import distill_config
 
 
@@ -31,10 +31,13 @@ def test_spec_from_the_profiles_and_its_errors():
         SweepSpec.from_params(config.resolve("paper"))
     with pytest.raises(ParamError, match="non-empty and positive"):
         SweepSpec.from_params(_params(lrs=[]))
-    with pytest.raises(ParamError, match=r"families.x.metric = 'colour'; known: \['grouping', 'region'\]"):
+    with pytest.raises(ParamError, match=r"families.x.metric = 'colour'; known: \['grouping', 'region', "
+                                         r"'segmentation'\]"):
         SweepSpec.from_params(_params(families={"x": {"tune": "clipself", "metric": "colour"}}))
     with pytest.raises(ParamError, match=r"metric grouping tunes \['refiner'\] only, not \['clipself'\]"):
         SweepSpec.from_params(_params(families={"x": {"tune": "clipself", "metric": "grouping"}}))
+    with pytest.raises(ParamError, match=r"metric segmentation tunes \['synseg'\] only, not \['declip'\]"):
+        SweepSpec.from_params(_params(families={"x": {"tune": "synseg", "also": ["declip"], "metric": "segmentation"}}))
     with pytest.raises(ParamError, match=r"families.x: steps must be non-empty and positive, got \[0\]"):
         SweepSpec.from_params(_params(families={"x": {"tune": "refiner", "metric": "grouping", "steps": [0]}}))
     p = config.resolve("smoke")
@@ -87,7 +90,12 @@ def test_a_smoke_sweep_runs_on_the_tuning_split_through_the_run_cache(tmp_path, 
     region = [p for p in rec["points"] if p["family"] == "clipself"]
     assert len(region) == len(spec["lrs"]) * len(spec["steps"]) == 2
     assert all(p["trained_now"] and set(TOP1) <= set(p) and p["metric"] == TUNE_METRIC for p in region)
-    assert set(rec["reference"]) == {*TOP1, TUNE_METRIC, GROUP_METRIC}
+    assert set(rec["reference"]) == {*TOP1, TUNE_METRIC, GROUP_METRIC, SEG_METRIC}
+    # the segmentation family (SynSeg from its CLIPSeg initialisation): its masks' things + stuff mIoU, and the
+    # untrained initialisation as the reference
+    (seg,) = [p for p in rec["points"] if p["family"] == "synseg"]
+    assert seg["method"] == "synseg" and seg["metric"] == SEG_METRIC and 0.0 <= seg["tune"] <= 100.0
+    assert 0.0 <= rec["reference"][SEG_METRIC] <= 100.0 and rec["choices"]["synseg"]["metric"] == SEG_METRIC
     # the grouping family (the Refiner): its own budget and grid, its dense map's colour-proof k-means mIoU
     (ref,) = [p for p in rec["points"] if p["family"] == "refiner"]
     assert ref["method"] == "refiner" and ref["metric"] == GROUP_METRIC and 0.0 <= ref["tune"] <= 100.0

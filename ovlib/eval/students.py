@@ -41,12 +41,17 @@ from ovlib.eval.metrics import macc_from_counts, miou_from_confusion
 
 __all__ = [
     "METRICS",
+    "RUN_FILES",
     "StudentEval",
+    "TrainJob",
     "evaluate_student",
     "load_student",
+    "run_finished",
+    "run_folder",
     "run_key",
     "student_dense_fn",
     "student_pooling",
+    "train_job",
     "train_or_load",
 ]
 
@@ -97,6 +102,44 @@ def _train_seconds(out_dir: Path) -> float:
     return total + prev
 
 
+#: the files a finished run must hold besides its marker (``train_or_load``)
+RUN_FILES = ("results.json", "ensemble-final.pt")
+
+
+def run_folder(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any], root: str | Path, name: str,
+               key_extra: Mapping[str, Any] | None = None) -> Path:
+    """``root/<name>-<run_key>``: where :func:`train_or_load` trains or finds the run (``name`` with characters
+    other than letters, digits, ``.``, ``_``, ``-`` replaced by ``_``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or method  # a portable directory name
+    return Path(root) / f"{safe}-{run_key(params, method, overrides, key_extra)}"
+
+
+def run_finished(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a finished run (its marker and :data:`RUN_FILES`): what :func:`train_or_load`
+    loads instead of training."""
+    from ovlib.io import read_done
+
+    folder = Path(folder)
+    return read_done(folder) is not None and all((folder / f).exists() for f in RUN_FILES)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One :func:`train_or_load` call as a picklable job (:func:`train_job`, :mod:`ovlib.parallel`)."""
+
+    params: dict
+    method: str
+    overrides: dict
+    root: str
+    name: str
+    key_extra: dict | None = None
+
+
+def train_job(job: TrainJob) -> dict[str, Any]:
+    """:func:`train_or_load` of a :class:`TrainJob` (module-level: a worker process imports it by name)."""
+    return train_or_load(job.params, job.method, job.overrides, job.root, job.name, key_extra=job.key_extra)
+
+
 def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str, Any], root: str | Path,
                   name: str, key_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train ``method`` with ``overrides`` into ``root/<name>-<run_key>`` (``name`` with characters other than
@@ -109,12 +152,11 @@ def train_or_load(params: Mapping[str, Any], method: str, overrides: Mapping[str
     from ovlib.io import run_once
     from ovlib.train.launch import launch
 
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or method  # a portable directory name
-    out = Path(root) / f"{safe}-{run_key(params, method, overrides, key_extra)}"
+    out = run_folder(params, method, overrides, root, name, key_extra)
     files = {"out_dir": str(out), "results": str(out / "results.json"), "weights": str(out / "ensemble-final.pt")}
 
     rec, produced = run_once(out, lambda: launch(params, method, overrides, out_dir=str(out)),
-                             requires=("results.json", "ensemble-final.pt"))
+                             requires=RUN_FILES)
     trained_now = produced and rec.get("steps_run", 1) > 0  # a finished but unmarked run resumes at its end
     return {**rec, **files, "name": name, "method": method, "train_s": _train_seconds(out), "trained_now": trained_now}
 
