@@ -464,35 +464,37 @@ def section_memory(a, F: Figures) -> dict:
             "losses": {c: rs[0]["loss"] for c, rs in res.items()}}
 
 
-def section_detector(a, F: Figures) -> dict:
+def _serial_vs_workers(F: Figures, section: str, r: dict[str, list[float]], what: str, where: str, started: str,
+                       who: str) -> int:
+    """The three figures of a serial-vs-worker-processes section: both wall times and their per-round ratio."""
     import torch
+
+    threads = torch.get_num_threads()
+    F.add(section, f"one process x {threads} threads, one {what} after the other", r["serial"], "s", note=where)
+    F.add(section, f"2 processes x {max(1, threads // 2)} thread(s), side by side", r["workers"], "s",
+          note=where + f"; {started} included")
+    F.add(section, "speed-up of the worker processes (serial / workers)", paired_ratios(r["serial"], r["workers"]),
+          "x", higher_is_better=True, note=f"per round, back to back; > 1: {who} `workers: 2` pays")
+    return threads
+
+
+def section_detector(a, F: Figures) -> dict:
     from bench_detector import rounds
 
     n_jobs, steps = (2, 3) if a.quick else (4, 20)
     r = rounds(a.repeats, n_jobs, steps, log=a.log)
-    threads = torch.get_num_threads()
     where = f"{n_jobs} micro F-ViT jobs x ({steps} steps + 8 evaluation images), random micro CLIP"
-    F.add("detector", f"one process x {threads} threads, one job after the other", r["serial"], "s", note=where)
-    F.add("detector", f"2 processes x {max(1, threads // 2)} thread(s), side by side", r["workers"], "s",
-          note=where + "; process start included")
-    F.add("detector", "speed-up of the worker processes (serial / workers)", paired_ratios(r["serial"], r["workers"]),
-          "x", higher_is_better=True, note="per round, back to back; > 1: chapter 06's `workers: 2` pays")
+    threads = _serial_vs_workers(F, "detector", r, "job", where, "process start", "chapter 06's")
     return {"jobs": n_jobs, "steps": steps, "threads": threads}
 
 
 def section_runs(a, F: Figures) -> dict:
-    import torch
     from bench_runs import rounds
 
     seeds, steps = (1, 2) if a.quick else (2, 30)
     r = rounds(a.repeats, seeds=seeds, steps=steps, log=a.log)
-    threads = torch.get_num_threads()
     where = f"CLIPSelf and DeCLIP x {seeds} seed(s) x {steps} steps (micro recipes, micro CLIP)"
-    F.add("runs", f"one process x {threads} threads, one run after the other", r["serial"], "s", note=where)
-    F.add("runs", f"2 processes x {max(1, threads // 2)} thread(s), side by side", r["workers"], "s",
-          note=where + "; process start and cache warm-up included")
-    F.add("runs", "speed-up of the worker processes (serial / workers)", paired_ratios(r["serial"], r["workers"]),
-          "x", higher_is_better=True, note="per round, back to back; > 1: the chapters' `workers: 2` pays")
+    threads = _serial_vs_workers(F, "runs", r, "run", where, "process start and cache warm-up", "the chapters'")
     return {"seeds": seeds, "steps": steps, "threads": threads}
 
 

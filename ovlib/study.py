@@ -795,7 +795,7 @@ class Study:
             n = c.seeds_needed
             return (f"{n} seeds per side would reach it" if n is not None
                     else "more seeds alone would not reach it" if "se_seeds" in c.comparison.extra
-                    else "no seeds to add")
+                    else "deterministic models: only more evaluation images would narrow it")
 
         out = (f"\n\nPrecision: {len(head) - len(miss)} of {len(head)} headline claims reach their interval target "
                f"(95 % half-width ≤ {INTERVAL_TARGETS['points']:g} points, ≤ {INTERVAL_TARGETS['miou']:g} for mIoU)"

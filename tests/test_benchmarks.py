@@ -79,7 +79,7 @@ def test_quick_every_section(tmp_path):
     from ovlib.methods import METHODS
 
     data, _ = _run(tmp_path, "--repeats", "1", "--grid", "16", "--dim", "64", timeout=900)
-    _check_schema(data, {"microworld", "pretrain", "methods", "dense", "memory", "detector"}, repeats=1)
+    _check_schema(data, {"microworld", "pretrain", "methods", "dense", "memory", "detector", "runs"}, repeats=1)
     names = {f["name"] for f in data["figures"]}
     for m in METHODS:
         assert f"micro {m}: step time" in names
@@ -88,4 +88,6 @@ def test_quick_every_section(tmp_path):
             "new / old end to end (shards incl. rendering / inline)", "MFU inline (old) vs bf16 matmul peak",
             "MFU shards incl. rendering (new) vs fp32 matmul peak"} <= names
     assert data["sections"]["pretrain"]["meta"]["render_s"][0] > 0  # the shards were rendered by the run
-    assert "speed-up of the worker processes (serial / workers)" in names  # chapter 06's detector phase
+    # chapter 06's detector phase and the chapters' distillation runs, each serial against two worker processes
+    workers = [f for f in data["figures"] if f["name"] == "speed-up of the worker processes (serial / workers)"]
+    assert sorted(f["section"] for f in workers) == ["detector", "runs"]
