@@ -564,6 +564,8 @@ def ledger_page(root: Path | str = ".") -> Path:
 
     from docutils.nodes import make_id
 
+    from ovlib.study import INTERVAL_TARGETS
+
     root = Path(root)
     numbers = yaml.safe_load((root / "book" / "paper_numbers.yaml").read_text()) \
         if (root / "book" / "paper_numbers.yaml").is_file() else {"papers": {}}
@@ -599,7 +601,8 @@ def ledger_page(root: Path | str = ".") -> Path:
                   f"({sum(c['kind'] == 'check' and c['verdict'] == 'holds' for c in entries)} passed).", ""]
         miss = [c for c in head if c.get("meets_target") is False]
         lines += [f"Precision: {len(head) - len(miss)} of {len(head)} headline claims judged on seeds reach the "
-                  "book's interval target (95 % half-width ≤ 2 points, ≤ 1.5 for mIoU); the ± column of each table "
+                  f"book's interval target (95 % half-width ≤ {INTERVAL_TARGETS['points']:g} points, "
+                  f"≤ {INTERVAL_TARGETS['miou']:g} for mIoU); the ± column of each table "
                   "gives every claim's half-width, and for a claim that misses it, the seeds per side that would "
                   "reach it (– where more seeds alone cannot: the evaluation images' part is too wide).", ""]
         order = list(papers) + sorted({c.get("paper") or "" for c in entries} - set(papers))
