@@ -746,7 +746,7 @@ md(study.cost_table())
 #
 # Each claim is judged by the book's one rule (`ovlib.stats.compare`). With >= 2 seeds per row the seeds
 # decide: paired t-test when both rows share the seeds (Welch otherwise, one-sample against the frozen CLIP),
-# the interval that test's t interval combined with a bootstrap over the evaluation images); the headline claims
+# the interval that test's t interval combined with a bootstrap over the evaluation images; the headline claims
 # (★ in the Claims ledger, each with its interval's half-width against the book's target) are
 # Holm–Bonferroni corrected. Two deterministic models (the frozen CLIP's Eq. 7 aggregates, its coupling ratio)
 # are judged by the paired bootstrap over targets or pairs. A row with one seed is *indicative*: its
