@@ -26,11 +26,19 @@ from pathlib import Path
 
 import torch
 
+from ovlib.train.mae import MaeVfmPretrainConfig
 from ovlib.train.pretrain import DinoPretrainConfig
 from ovlib.train.proxies import DenseVfmPretrainConfig
 
-#: the trials: name -> (objective description, config). ``dense`` configs run ``pretrain_vfm_dense``.
+#: the control: the micro VFM's architecture with its random initialisation (seed 0), no training at all
+RANDOM_INIT = "random initialisation"
+
+#: the trials: name -> (objective description, config). ``dense`` configs run ``pretrain_vfm_dense``, ``mae``
+#: configs ``pretrain_vfm_mae`` (:mod:`ovlib.train.mae`), :data:`RANDOM_INIT` trains nothing.
 TRIALS: dict[str, tuple[str, object]] = {
+    "random-init": ("none: the ViT's random initialisation (the control: what training adds)", RANDOM_INIT),
+    "mae": ("MAE: 75 % of the patches of whole 160-px scenes dropped, their per-patch normalised pixels predicted "
+            "by a 2-block decoder", MaeVfmPretrainConfig()),
     "dino": ("DINO, CLS of 48/24-px multi-crops (the previous default)", DinoPretrainConfig()),
     "dense": ("dense self-distillation across 2 eval-scale views (64 px)", DenseVfmPretrainConfig()),
     "dense-100": ("dense self-distillation across 2 eval-scale views (64 px), a quarter of the steps",
@@ -55,6 +63,10 @@ TRIALS: dict[str, tuple[str, object]] = {
 
 
 def _smoke(cfg):
+    if cfg == RANDOM_INIT:
+        return cfg
+    if isinstance(cfg, MaeVfmPretrainConfig):
+        return replace(cfg, steps=4, warmup=1, batch_size=8, scene_size=64, ckpt_every=1000)
     if isinstance(cfg, DenseVfmPretrainConfig):
         return replace(cfg, steps=4, warmup=1, batch_size=8, ckpt_every=1000)
     return replace(cfg, steps=4, warmup=1, batch_size=8, n_local=2, ckpt_every=1000)
@@ -67,6 +79,8 @@ def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images
     from ovlib.eval.profiles import dense_eval_settings
     from ovlib.eval.segmentation import evaluate_kmeans, evaluate_object_affinity
     from ovlib.eval.unsupervised import mean_colour_dense
+    from ovlib.models import load_vfm
+    from ovlib.train.mae import pretrain_vfm_mae
     from ovlib.train.pretrain import pretrain_vfm
     from ovlib.train.proxies import pretrain_vfm_dense
 
@@ -95,15 +109,21 @@ def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images
         if profile == "smoke":
             cfg = _smoke(cfg)
         cpu0 = time.process_time()
-        if isinstance(cfg, DenseVfmPretrainConfig):
+        if cfg == RANDOM_INIT:
+            vfm = load_vfm("micro-vfm", seed=0).eval()
+            info = {"train_seconds": 0.0, "history": [{"loss": None}], "loaded": False}
+        elif isinstance(cfg, MaeVfmPretrainConfig):
+            vfm, info = pretrain_vfm_mae(cfg, cache_dir, progress=False)
+        elif isinstance(cfg, DenseVfmPretrainConfig):
             vfm, info = pretrain_vfm_dense(cfg, cache_dir, progress=False)
         else:
             vfm, info = pretrain_vfm(cfg, cache_dir, progress=False)
         cpu = time.process_time() - cpu0
+        conf = {"model": "micro-vfm", "seed": 0, "steps": 0} if cfg == RANDOM_INIT else asdict(cfg)
         prev = record["trials"].get(name, {})
-        same = prev.get("config") == json.loads(json.dumps(asdict(cfg)))
-        entry = {"objective": desc, "steps": cfg.steps, "batch": cfg.batch_size,
-                 "train_seconds": info["train_seconds"], "config": asdict(cfg),
+        same = prev.get("config") == json.loads(json.dumps(conf))
+        entry = {"objective": desc, "steps": conf["steps"], "batch": getattr(cfg, "batch_size", 0),
+                 "train_seconds": info["train_seconds"], "config": conf,
                  # a model loaded from the cache: its run's CPU time and load are those recorded then, else unknown
                  "cpu_seconds": ((prev.get("cpu_seconds") if same else None) if info.get("loaded") else cpu),
                  "loadavg": ((prev.get("loadavg") if same else None) if info.get("loaded") else os.getloadavg()[0]),

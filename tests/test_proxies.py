@@ -296,13 +296,15 @@ def test_vfm_trials_script_writes_the_record_the_chapter_reads(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "trials.json"
-    mod.run("smoke", ["dense"], str(tmp_path / "cache"), str(tmp_path / "mw"), 0, out)
+    mod.run("smoke", ["dense", "mae", "random-init"], str(tmp_path / "cache"), str(tmp_path / "mw"), 0, out)
     rec = json.loads(out.read_text())
-    t = rec["trials"]["dense"]
-    for key in ("objective", "steps", "batch", "train_seconds", "cpu_seconds", "loadavg", "as_is", "equalized",
-                "affinity_inside", "affinity_outside"):
-        assert key in t, key
-    assert len(t["as_is"]) == 3 and 0 <= t["as_is"][0] <= 100
+    for name in ("dense", "mae", "random-init"):
+        t = rec["trials"][name]
+        for key in ("objective", "steps", "batch", "train_seconds", "cpu_seconds", "loadavg", "as_is", "equalized",
+                    "affinity_inside", "affinity_outside"):
+            assert key in t, key
+        assert len(t["as_is"]) == 3 and 0 <= t["as_is"][0] <= 100
+    assert rec["trials"]["random-init"]["steps"] == 0 and rec["trials"]["mae"]["steps"] == 4
     assert set(rec["colour_baseline"]) == {"as_is", "equalized"}
 
 
