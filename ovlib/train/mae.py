@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ovlib.io import cache_path
 from ovlib.models.images import image_mean_std
 from ovlib.train.optim import param_groups, warmup_cosine
 from ovlib.train.pretrain import (
@@ -33,12 +32,12 @@ from ovlib.train.pretrain import (
     PRETRAIN_NO_DECAY,
     _autocast,
     _fast_adam,
-    _load_final,
     _normalize,
     _pipeline_field,
     _RunLog,
     _scene_batches,
     _training_peak,
+    cached_vfm,
     resolve_precision,
 )
 
@@ -155,20 +154,10 @@ def pretrain_vfm_mae(cfg: MaeVfmPretrainConfig, cache_dir: str | Path, device: s
     """Load the MAE-trained micro VFM from the cache, else train it. Returns ``(encoder (eval), info)``;
     ``info["history"]`` has per-step ``loss``, ``lr`` and ``seconds``. ``max_steps`` stops early keeping the
     resumable state (the next call resumes exactly: weights, decoder, optimiser, schedule, generator, stream)."""
-    from ovlib.models import load_vfm
-
     device = torch.device(device)
-    final = cache_path(cache_dir, cfg.model, cfg)
-    enc = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
-    ck = _load_final(final, cfg, enc, "the MAE micro VFM cache") if final.is_file() else None
-    if ck is not None:
-        enc.load_state_dict(ck["model"])
-        return enc.to(device).eval(), dict(ck["info"], loaded=True, path=str(final))
-
-    patch = enc.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, tuple) else int(patch)
-    if cfg.scene_size % patch:
-        raise ValueError(f"scene_size ({cfg.scene_size}) must be a multiple of the VFM patch ({patch})")
+    enc, final, patch, loaded = cached_vfm(cfg, cache_dir, device, "the MAE micro VFM cache", "scene_size")
+    if loaded is not None:
+        return enc, loaded
     grid = cfg.scene_size // patch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)

@@ -914,29 +914,41 @@ def _scene_batches(world_seed: int, size: int, scenes: int, start: int, data: di
         yield torch.stack([next(it)["image"] for _ in range(scenes)])
 
 
+def cached_vfm(cfg: Any, cache_dir: str | Path, device: torch.device, what: str, size_field: str
+               ) -> tuple[nn.Module, Path, int, dict | None]:
+    """The start of a micro-VFM pre-training (dense here, MAE in :mod:`ovlib.train.mae`): ``(model, final cache
+    file, patch, info)``. ``info`` is the finished run's (``loaded=True``) with the model on ``device`` in eval
+    mode when the cache holds it (:func:`_load_final`), else ``None`` with the model freshly initialised on the
+    CPU. ``cfg.<size_field>`` must be a multiple of the model's patch."""
+    from ovlib.models import load_vfm
+
+    final = cache_path(cache_dir, cfg.model, cfg)
+    vfm = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
+    ck = _load_final(final, cfg, vfm, what) if final.is_file() else None
+    patch = vfm.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, tuple) else int(patch)
+    if ck is not None:
+        vfm.load_state_dict(ck["model"])
+        return vfm.to(device).eval(), final, patch, dict(ck["info"], loaded=True, path=str(final))
+    if getattr(cfg, size_field) % patch:
+        raise ValueError(f"{size_field} ({getattr(cfg, size_field)}) must be a multiple of the VFM patch ({patch})")
+    return vfm, final, patch, None
+
+
 def pretrain_vfm_dense(cfg: DenseVfmPretrainConfig, cache_dir: str | Path, device: str | torch.device = "cpu",
                        progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, dict]:
     """Load the densely self-distilled micro VFM from the cache, else train it. Returns ``(teacher backbone
     (eval), info)``; ``info["history"]`` has per-step ``loss``, ``lr``, ``ema``, ``teacher_entropy`` (mean
     entropy of the per-token teacher distribution) and ``seconds``. Same cache/resume rules as
     :func:`pretrain_vfm`."""
-    from ovlib.models import load_vfm
 
     if cfg.batch_size % cfg.pairs_per_scene:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of pairs_per_scene "
                          f"({cfg.pairs_per_scene})")
     device = torch.device(device)
-    final = cache_path(cache_dir, cfg.model, cfg)
-    student = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
-    ck = _load_final(final, cfg, student, "the dense micro VFM cache") if final.is_file() else None
-    if ck is not None:
-        student.load_state_dict(ck["model"])
-        return student.to(device).eval(), dict(ck["info"], loaded=True, path=str(final))
-
-    patch = student.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, tuple) else int(patch)
-    if cfg.view_size % patch:
-        raise ValueError(f"view_size ({cfg.view_size}) must be a multiple of the VFM patch ({patch})")
+    student, final, patch, loaded = cached_vfm(cfg, cache_dir, device, "the dense micro VFM cache", "view_size")
+    if loaded is not None:
+        return student, loaded
     grid = cfg.view_size // patch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
