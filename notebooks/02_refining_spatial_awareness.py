@@ -101,16 +101,21 @@ REGION_N, SEG_N = study.region_images, B["seg_images"] or EV.ovss_images  # 0: a
 EQ7 = {**B["eq7"], "targets": cap(B["eq7"]["targets"]), "n_max": cap(B["eq7"]["n_max"])}
 CR_PAIRS, TSNE_PER_CLASS = cap(B["cr_pairs"]), cap(B["tsne_per_class"])
 TEXT_SEEDS = SEEDS  # RegionText rows (Table 1)
+# the one-seed ablations beyond the headline claims (Refiner variants and their students, τ, global SCD, E2E,
+# R-SC-V): run only with `extended` (micro: off, to fit the book's budget; smoke and paper: on)
+EXTENDED = bool(B["extended"])
 # R-SC students taught by the Refiner variants (Tables 12, 6(b) L2G, objective) and the number of variants
-VARIANT_STUDENTS, N_REF_VARIANTS = B["variant_students"], B["n_ref_variants"]
+VARIANT_STUDENTS, N_REF_VARIANTS = (B["variant_students"], B["n_ref_variants"]) if EXTENDED else (0, 0)
 # Table 13 temperatures and Table 14's global R-SCD ([] / false: skipped -- the same code path as R-SC-CLIPSelf)
-TAUS, GLOBAL_SCD = [tuple(t) for t in B["taus"]], B["global_scd"]
+TAUS, GLOBAL_SCD = ([tuple(t) for t in B["taus"]], B["global_scd"]) if EXTENDED else ([], False)
 
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads. Distillation: main rows "
    f"{MAIN_STEPS or 'recipe'} steps × {len(SEEDS)} seed(s), ablations {ABL_STEPS or 'recipe'} steps × 1 seed, "
    f"Refiner {REF_STEPS or 'recipe'} steps; students evaluated on {REGION_N or 'all'} images (regions) and "
-   f"{SEG_N} images (OVSS, k-means)." + (f"\n\n{DRY}" if DRY else ""))
+   f"{SEG_N} images (OVSS, k-means). One-seed ablations beyond the headline claims: "
+   + ("run (`extended: true`)." if EXTENDED else "**not run** (`extended: false`; "
+      "`-p budgets.02.extended=true` runs them).") + (f"\n\n{DRY}" if DRY else ""))
 
 # %% [markdown]
 # ## 2.1 The frozen CLIP, the evaluation data and the protocols
@@ -195,7 +200,7 @@ def spec(method, seed=0, steps=MAIN_STEPS, **over):
 # processes on the CPU (Study.train_missing); train_eval below loads and evaluates them
 study.train_missing([spec(m, s) for m in ("clipself", "sc-clipself") for s in SEEDS]
                     + [spec("regiontext", s) for s in TEXT_SEEDS]
-                    + [spec("refiner", 0, REF_STEPS), spec("rsc-e2e", 0, ABL_STEPS)])
+                    + [spec("refiner", 0, REF_STEPS)] + ([spec("rsc-e2e", 0, ABL_STEPS)] if EXTENDED else []))
 for s in SEEDS:  # L_RLA = 1 − mean_r cos(RoIAlign(f_s(X), b_r), f_t(crop_r))  (Eq. 1)
     train_eval(f"CLIPSelf-s{s}", "clipself", s, keep_model=(s == 0))
 for s in TEXT_SEEDS:
@@ -426,6 +431,8 @@ K_LIST = B["k_list"]
 REF_VARIANTS = {f"Refiner K={k}": refiner_args(k) for k in K_LIST if k != K_MAIN}
 REF_VARIANTS.update({"Refiner cosine": {"objective": "cosine"}, "Refiner L2G": {"direction": "l2g"}})
 REF_VARIANTS = dict(list(REF_VARIANTS.items())[:N_REF_VARIANTS])
+if not EXTENDED:
+    md("Not run at this profile (`extended: false`); `-p budgets.02.extended=true` runs them.")
 variant_weights = {f"Refiner K={K_MAIN}": REF, "Refiner": REF}
 study.train_missing([spec("refiner", 0, REF_STEPS, method_args=args) for args in REF_VARIANTS.values()])
 for name, args in REF_VARIANTS.items():
@@ -452,8 +459,8 @@ VARIANT_NAMES = list(REF_VARIANTS)[: None if VARIANT_STUDENTS == "all" else VARI
 study.train_missing([spec("rsc-clipself", s, method_args={"refiner": REF}) for s in SEEDS]
                     + [spec("rsc-clipself", s, regions="gt_boxes", method_args={"refiner": REF, "rla_target": "text"})
                        for s in TEXT_SEEDS]
-                    + [spec("rsc-v", 0, method_args={"refiner": REF}),
-                       spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": REF})]
+                    + ([spec("rsc-v", 0, method_args={"refiner": REF}),
+                        spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": REF})] if EXTENDED else [])
                     + [spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": variant_weights[n]})
                        for n in VARIANT_NAMES]
                     + [spec("rsc-clipself", 0, ABL_STEPS, method_args={"refiner": REF, "tau_s": ts, "tau_t": tt})
@@ -465,8 +472,9 @@ for s in SEEDS:  # R-SCD: the SCD targets C_t taken from the frozen Refiner's to
 for s in TEXT_SEEDS:
     train_eval(f"R-SC-RegionText-s{s}", "rsc-clipself", s, regions="gt_boxes",
                method_args={"refiner": REF, "rla_target": "text"})
-train_eval("R-SC-V-s0", "rsc-v", 0, MAIN_STEPS, main=False, method_args={"refiner": REF})  # vs CLIPSelf: same budget
-train_eval("E2E-s0", "rsc-e2e", 0, ABL_STEPS, main=False)
+if EXTENDED:  # one seed each: R-SC-V vs CLIPSelf at the same budget; E2E with the ablations
+    train_eval("R-SC-V-s0", "rsc-v", 0, MAIN_STEPS, main=False, method_args={"refiner": REF})
+    train_eval("E2E-s0", "rsc-e2e", 0, ABL_STEPS, main=False)
 
 # Qiu et al. 2025, Table 1 (ViT-B/16 EVA-CLIP, COCO panoptic val2017, Top-1 / Top-5 mean accuracy; rows trained
 # on image patches, without RPN proposals, as ours; the RegionText rows as printed): the three Top-1
@@ -502,104 +510,103 @@ md("**Table 2, micro analogue** (effect of the Refiner; paper rows are RPN-propo
 # *Random*, *Exogenous* and *PACL* Refiner designs of Table 6(b).
 
 # %%
-if ABL_BASE not in evals:
-    train_eval(ABL_BASE, "rsc-clipself", 0, ABL_STEPS, main=False, method_args={"refiner": REF})
-for name in VARIANT_NAMES:
-    train_eval(f"R-SC via {name}-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
-               method_args={"refiner": variant_weights[name]})
-for ts, tt in TAUS:
-    train_eval(f"R-SC tau {ts}-{tt}-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
-               method_args={"refiner": REF, "tau_s": ts, "tau_t": tt})
-if GLOBAL_SCD:
-    train_eval("R-SC global-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
-               method_args={"refiner": REF, "scd_scope": "global"})
-ABL_M = ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou")
+if EXTENDED:
+    if ABL_BASE not in evals:
+        train_eval(ABL_BASE, "rsc-clipself", 0, ABL_STEPS, main=False, method_args={"refiner": REF})
+    for name in VARIANT_NAMES:
+        train_eval(f"R-SC via {name}-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
+                   method_args={"refiner": variant_weights[name]})
+    for ts, tt in TAUS:
+        train_eval(f"R-SC tau {ts}-{tt}-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
+                   method_args={"refiner": REF, "tau_s": ts, "tau_t": tt})
+    if GLOBAL_SCD:
+        train_eval("R-SC global-s0", "rsc-clipself", 0, ABL_STEPS, main=False,
+                   method_args={"refiner": REF, "scd_scope": "global"})
+    ABL_M = ("boxes.top1", "thing.top1", "stuff.top1", "kmeans.miou")
 
+    def abl_name(key):  # run name -> comparison prefix (no seed)
+        return key.rsplit("-s", 1)[0]
 
-def abl_name(key):  # run name -> comparison prefix (no seed)
-    return key.rsplit("-s", 1)[0]
+    def abl_rows(entries, paper=None):
+        """One row per (label, run name): the student's metrics and its paired difference to the reference
+        (``–`` where the student was not trained at this budget, see VARIANT_STUDENTS)."""
+        out = []
+        for label, name in entries:
+            if name not in evals:
+                row = [label] + ["–"] * (len(ABL_M) + 1)
+            else:
+                e = evals[name]
+                diffs = [] if name == ABL_BASE else [study.compare(abl_name(ABL_BASE), abl_name(name), m).describe() for m in ABL_M]
+                row = [label] + [ci(e.ci[m]) for m in ABL_M] + ([" / ".join(diffs)] if diffs else ["(reference)"])
+            if paper is not None:
+                row.append(paper.get(label, ""))
+            out.append(row)
+        return out
 
+    # Table 6(b) (Boxes / Thing / Stuff Top-1, OV-COCO AP50 novel)
+    PAPER_T6B = study.paper_table("rsc.table.t6b")
+    hdr = ["variant", "Boxes T1", "Thing T1", "Stuff T1", "k-means mIoU", "Δ vs reference (Boxes / Thing / Stuff / k-means)"]
+    t6b = [("R-SCD (ours, two-stage G2L)", ABL_BASE), ("R-SCD (E2E)", "E2E-s0"), ("R-SCD (L2G)", "R-SC via Refiner L2G-s0")]
+    md(f"**Table 6(b), micro analogue** ({ABL_STEPS} steps, seed 0; SC-CLIPSelf (no Refiner) is in Table 2)\n\n" +
+       table(hdr + ["paper"], abl_rows(t6b, PAPER_T6B)))
+    for label, name in t6b[1:]:
+        claim("2.6", f"two-stage G2L R-SCD beats {label} (Boxes Top-1)", abl_name(name), abl_name(ABL_BASE), "boxes.top1")
 
-def abl_rows(entries, paper=None):
-    """One row per (label, run name): the student's metrics and its paired difference to the reference
-    (``–`` where the student was not trained at this budget, see VARIANT_STUDENTS)."""
-    out = []
-    for label, name in entries:
-        if name not in evals:
-            row = [label] + ["–"] * (len(ABL_M) + 1)
-        else:
-            e = evals[name]
-            diffs = [] if name == ABL_BASE else [study.compare(abl_name(ABL_BASE), abl_name(name), m).describe() for m in ABL_M]
-            row = [label] + [ci(e.ci[m]) for m in ABL_M] + ([" / ".join(diffs)] if diffs else ["(reference)"])
-        if paper is not None:
-            row.append(paper.get(label, ""))
-        out.append(row)
-    return out
+    # Table 12 (depth K): OV-COCO AP50 novel, Boxes / Thing / Stuff Top-1
+    PAPER_T12 = study.paper_table("rsc.table.t12")
+    t12 = [(f"K = {k}", ABL_BASE if k == K_MAIN else f"R-SC via Refiner K={k}-s0") for k in K_LIST]
+    rows = abl_rows(t12)
 
+    def refiner_cols(row, rname):
+        """The Refiner variant's own k-means mIoU and coupling ratio ('–' where it was not trained)."""
+        row.insert(5, ci(evals[rname].ci["kmeans.miou"]) if rname in evals else "–")
+        row.append(f"{ratio_stat(CR[rname].sum(0)):.2f}" if rname in CR else "–")
 
-# Table 6(b) (Boxes / Thing / Stuff Top-1, OV-COCO AP50 novel)
-PAPER_T6B = study.paper_table("rsc.table.t6b")
-hdr = ["variant", "Boxes T1", "Thing T1", "Stuff T1", "k-means mIoU", "Δ vs reference (Boxes / Thing / Stuff / k-means)"]
-t6b = [("R-SCD (ours, two-stage G2L)", ABL_BASE), ("R-SCD (E2E)", "E2E-s0"), ("R-SCD (L2G)", "R-SC via Refiner L2G-s0")]
-md(f"**Table 6(b), micro analogue** ({ABL_STEPS} steps, seed 0; SC-CLIPSelf (no Refiner) is in Table 2)\n\n" +
-   table(hdr + ["paper"], abl_rows(t6b, PAPER_T6B)))
-for label, name in t6b[1:]:
-    claim("2.6", f"two-stage G2L R-SCD beats {label} (Boxes Top-1)", abl_name(name), abl_name(ABL_BASE), "boxes.top1")
+    for r, k in zip(rows, K_LIST):
+        refiner_cols(r, f"Refiner K={k}")
+    md("**Table 12, micro analogue** (Refiner depth; the micro CLIP has 4 blocks, the paper's ViT-B 12; paper: "
+       "K = 2…5 → " + ", ".join(f"K={k}: {v}" for k, v in PAPER_T12.items()) + " as OV-COCO / Boxes / Thing / Stuff)\n\n" +
+       table(hdr[:5] + ["Refiner's own k-means", hdr[5], "Refiner's CR"], rows))
 
-# Table 12 (depth K): OV-COCO AP50 novel, Boxes / Thing / Stuff Top-1
-PAPER_T12 = study.paper_table("rsc.table.t12")
-t12 = [(f"K = {k}", ABL_BASE if k == K_MAIN else f"R-SC via Refiner K={k}-s0") for k in K_LIST]
-rows = abl_rows(t12)
+    # InfoNCE vs cosine (paper Table 8: SCD-NCE 40.9 vs SCD-Cos 34.5 AP50 novel on OV-COCO; CLIPSelf 37.6)
+    t8 = [("InfoNCE (Eq. 13)", ABL_BASE), ("cosine (Eq. 14)", "R-SC via Refiner cosine-s0")]
+    rows = abl_rows(t8)
+    for r, rname in zip(rows, ("Refiner", "Refiner cosine")):
+        refiner_cols(r, rname)
+    md("**Refiner objective (paper Table 8 / Fig. 12)**\n\n" +
+       table(hdr[:5] + ["Refiner's own k-means", hdr[5], "Refiner's CR"], rows))
+    claim("2.5", "an InfoNCE-trained Refiner groups better than a cosine-trained one (its own k-means)",
+          "Refiner cosine", "Refiner", "kmeans.miou")
+    claim("2.5", "a global-to-local Refiner groups better than a local-to-global one (its own k-means)",
+          "Refiner L2G", "Refiner", "kmeans.miou")
+    claim("2.6", "the InfoNCE Refiner teaches a better student than the cosine one (Boxes Top-1)",
+          "R-SC via Refiner cosine", abl_name(ABL_BASE), "boxes.top1")
 
+    # Table 13 (temperatures; OV-COCO AP50 novel)
+    PAPER_T13 = study.paper_table("rsc.table.t13")  # "τs/τt" -> OV-COCO AP50 novel
+    t13 = [("τs = 0.2, τt = 0.2", ABL_BASE)] + [(f"τs = {a}, τt = {b}", f"R-SC tau {a}-{b}-s0") for a, b in TAUS]
+    rows = abl_rows(t13)
+    for r, key in zip(rows, [(0.2, 0.2)] + TAUS):
+        r.append(PAPER_T13.get(f"{key[0]}/{key[1]}", ""))
+    md("**Table 13, micro analogue** (SCD temperatures)\n\n" + table(hdr + ["paper OV-COCO"], rows))
 
-def refiner_cols(row, rname):
-    """The Refiner variant's own k-means mIoU and coupling ratio ('–' where it was not trained)."""
-    row.insert(5, ci(evals[rname].ci["kmeans.miou"]) if rname in evals else "–")
-    row.append(f"{ratio_stat(CR[rname].sum(0)):.2f}" if rname in CR else "–")
+    # Table 14 (local vs global R-SCD): OV-COCO, Boxes, Thing, Stuff
+    PAPER_T14 = study.paper_table("rsc.table.t14")
+    t14 = [("local (regions)", ABL_BASE), ("global (whole image)", "R-SC global-s0")]
+    md("**Table 14, micro analogue** (paper: OV-COCO / Boxes / Thing / Stuff)\n\n" +
+       table(hdr + ["paper"], abl_rows(t14, PAPER_T14)))
+    claim("2.6", "local R-SCD beats global R-SCD (Boxes Top-1)", "R-SC global", abl_name(ABL_BASE), "boxes.top1")
+    claim("2.6", "local R-SCD beats global R-SCD (Stuff Top-1)", "R-SC global", abl_name(ABL_BASE), "stuff.top1")
 
-
-for r, k in zip(rows, K_LIST):
-    refiner_cols(r, f"Refiner K={k}")
-md("**Table 12, micro analogue** (Refiner depth; the micro CLIP has 4 blocks, the paper's ViT-B 12; paper: "
-   "K = 2…5 → " + ", ".join(f"K={k}: {v}" for k, v in PAPER_T12.items()) + " as OV-COCO / Boxes / Thing / Stuff)\n\n" +
-   table(hdr[:5] + ["Refiner's own k-means", hdr[5], "Refiner's CR"], rows))
-
-# InfoNCE vs cosine (paper Table 8: SCD-NCE 40.9 vs SCD-Cos 34.5 AP50 novel on OV-COCO; CLIPSelf 37.6)
-t8 = [("InfoNCE (Eq. 13)", ABL_BASE), ("cosine (Eq. 14)", "R-SC via Refiner cosine-s0")]
-rows = abl_rows(t8)
-for r, rname in zip(rows, ("Refiner", "Refiner cosine")):
-    refiner_cols(r, rname)
-md("**Refiner objective (paper Table 8 / Fig. 12)**\n\n" +
-   table(hdr[:5] + ["Refiner's own k-means", hdr[5], "Refiner's CR"], rows))
-claim("2.5", "an InfoNCE-trained Refiner groups better than a cosine-trained one (its own k-means)",
-      "Refiner cosine", "Refiner", "kmeans.miou")
-claim("2.5", "a global-to-local Refiner groups better than a local-to-global one (its own k-means)",
-      "Refiner L2G", "Refiner", "kmeans.miou")
-claim("2.6", "the InfoNCE Refiner teaches a better student than the cosine one (Boxes Top-1)",
-      "R-SC via Refiner cosine", abl_name(ABL_BASE), "boxes.top1")
-
-# Table 13 (temperatures; OV-COCO AP50 novel)
-PAPER_T13 = study.paper_table("rsc.table.t13")  # "τs/τt" -> OV-COCO AP50 novel
-t13 = [("τs = 0.2, τt = 0.2", ABL_BASE)] + [(f"τs = {a}, τt = {b}", f"R-SC tau {a}-{b}-s0") for a, b in TAUS]
-rows = abl_rows(t13)
-for r, key in zip(rows, [(0.2, 0.2)] + TAUS):
-    r.append(PAPER_T13.get(f"{key[0]}/{key[1]}", ""))
-md("**Table 13, micro analogue** (SCD temperatures)\n\n" + table(hdr + ["paper OV-COCO"], rows))
-
-# Table 14 (local vs global R-SCD): OV-COCO, Boxes, Thing, Stuff
-PAPER_T14 = study.paper_table("rsc.table.t14")
-t14 = [("local (regions)", ABL_BASE), ("global (whole image)", "R-SC global-s0")]
-md("**Table 14, micro analogue** (paper: OV-COCO / Boxes / Thing / Stuff)\n\n" +
-   table(hdr + ["paper"], abl_rows(t14, PAPER_T14)))
-claim("2.6", "local R-SCD beats global R-SCD (Boxes Top-1)", "R-SC global", abl_name(ABL_BASE), "boxes.top1")
-claim("2.6", "local R-SCD beats global R-SCD (Stuff Top-1)", "R-SC global", abl_name(ABL_BASE), "stuff.top1")
-
-# R-SC-V: visual-centric only (the paper's Table 5 applies it to DINOv2; Fig. 14(b): best unsupervised mIoU)
-c_v = claim("2.6", "R-SC-V (no RLA) keeps spatial awareness better than CLIPSelf (k-means mIoU)", "CLIPSelf",
-            "R-SC-V", "kmeans.miou")
-md(f"**R-SC-V** (R-SCD only, {MAIN_STEPS} steps, seed 0): k-means mIoU {ci(evals['R-SC-V-s0'].ci['kmeans.miou'])} vs "
-   f"CLIP {ci(evals['CLIP'].ci['kmeans.miou'])}, CLIPSelf {pm('CLIPSelf', 'kmeans.miou')}; R-SC-V − CLIPSelf "
-   f"{c_v.describe()}. Boxes Top-1 {ci(evals['R-SC-V-s0'].ci['boxes.top1'])}.")
+    # R-SC-V: visual-centric only (the paper's Table 5 applies it to DINOv2; Fig. 14(b): best unsupervised mIoU)
+    c_v = claim("2.6", "R-SC-V (no RLA) keeps spatial awareness better than CLIPSelf (k-means mIoU)", "CLIPSelf",
+                "R-SC-V", "kmeans.miou")
+    md(f"**R-SC-V** (R-SCD only, {MAIN_STEPS} steps, seed 0): k-means mIoU {ci(evals['R-SC-V-s0'].ci['kmeans.miou'])} vs "
+       f"CLIP {ci(evals['CLIP'].ci['kmeans.miou'])}, CLIPSelf {pm('CLIPSelf', 'kmeans.miou')}; R-SC-V − CLIPSelf "
+       f"{c_v.describe()}. Boxes Top-1 {ci(evals['R-SC-V-s0'].ci['boxes.top1'])}.")
+else:
+    md("Not run at this profile (`extended: false`): the one-seed ablations of Tables 6(b), 8, 12, 13 and 14 "
+       "and R-SC-V. `-p budgets.02.extended=true` runs them.")
 
 # %% [markdown]
 # ### Coupling ratio of students (Table 9)

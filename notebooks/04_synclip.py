@@ -120,6 +120,9 @@ N_OVSS, N_OVSS_SWEEP = B["seg_images"] or EV.ovss_images, cap(B["seg_images_swee
 # training: the named budgets synclip_main / synclip_sweep (None: the recipe's schedule)
 MAIN_STEPS, SWEEP_STEPS = (study.train_budget(f"synclip_{k}").get("max_steps") for k in ("main", "sweep"))
 R_STEPS = distill_config(P, "synclip").max_steps  # the recipe's steps, already scaled by steps_scale
+# the one-seed sweeps of §4.9 beyond the headline claims: run only with `extended` (micro: off, to fit the book's
+# budget; smoke and paper: on)
+EXTENDED = bool(B["extended"])
 study.negligible = 0.5  # points of accuracy / IoU: a resolved difference smaller than this is flagged negligible
 
 md(f"Profile **{P['profile']}** on `{DEV}` with {torch.get_num_threads()} threads; seeds {SEEDS}; "
@@ -359,6 +362,8 @@ EXTRAS = {
     "teacher text = synonyms only": ("synclip", {"method_args": {**syn_args, "semantic_type": "synonym"}}),
 }
 SWEEP.update({k: EXTRAS[k] for k in B["extras"]})
+if not EXTENDED:
+    SWEEP = {}
 
 # train or load from the shared run cache (ovlib.study): the named training budgets synclip_main / synclip_sweep;
 # a sweep row is named "sweep <name>" (its own budget, so the DeCLIP and SynCLIP references are runs of their own)
@@ -581,56 +586,57 @@ md(study.claims_table(since=n0))
 # sweep's own SynCLIP run (code reading: $k=7$, 0.3/0.7, `huber_kl`, trained for the same steps).
 
 # %%
-study.section = "4.9"  # the Claims ledger links this section's claims here
-n0 = len(study.claims)
-base_name = "SSA+SAR (k=7, 0.3/0.7, huber_kl)"
-sw_metrics = ("boxes novel", "boxes base", "stuff masks", "OVSS mIoU", "drop boxes novel [synonym_ensemble]")
-K_NAME = {k: base_name if k == READINGS["code"]["topk"] else f"k={k}" for k in KS}
+if SWEEP:
+    study.section = "4.9"  # the Claims ledger links this section's claims here
+    n0 = len(study.claims)
+    base_name = "SSA+SAR (k=7, 0.3/0.7, huber_kl)"
+    sw_metrics = ("boxes novel", "boxes base", "stuff masks", "OVSS mIoU", "drop boxes novel [synonym_ensemble]")
+    K_NAME = {k: base_name if k == READINGS["code"]["topk"] else f"k={k}" for k in KS}
 
+    def sweep_table(pairs):
+        """Table rows of the (label, sweep run) pairs this profile trained: metrics and Δ to the sweep's SynCLIP."""
+        return [[label] + [study.pm(f"sweep {name}", m) for m in sw_metrics] +
+                ["—" if name == base_name else study.compare(f"sweep {base_name}", f"sweep {name}", "boxes novel").describe()]
+                for label, name in pairs if name in SWEEP]
 
-def sweep_table(pairs):
-    """Table rows of the (label, sweep run) pairs this profile trained: metrics and Δ to the sweep's SynCLIP."""
-    return [[label] + [study.pm(f"sweep {name}", m) for m in sw_metrics] +
-            ["—" if name == base_name else study.compare(f"sweep {base_name}", f"sweep {name}", "boxes novel").describe()]
-            for label, name in pairs if name in SWEEP]
+    hdr = ["run"] + list(sw_metrics[:-1]) + ["novel drop (synonyms)", "Δ novel boxes vs the code's SynCLIP [95 %]"]
+    md("**k sweep** (paper: AP50 novel peaks at 43.6 with k = 7 and drops at k = 10 and 20; no other numbers "
+       "in our copy of the paper).\n\n" + table(hdr, sweep_table([(f"k = {k}", K_NAME[k]) for k in KS])))
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    ax.plot(KS, [study.values(f"sweep {K_NAME[k]}", "boxes novel")[0] for k in KS], "o-", label="SynCLIP: boxes novel")
+    ax.axhline(study.values("sweep DeCLIP", "boxes novel")[0], ls="--", c="grey", lw=0.8, label="DeCLIP")
+    ax.set(xlabel="k (semantic tokens)", ylabel="Top-1 %", xscale="log", xticks=list(KS),
+           xticklabels=[str(k) for k in KS], title=f"k sweep (seed {SEEDS[0]}, {SWEEP_STEPS or 'recipe'} steps)")
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+    plt.tight_layout()
+    plt.show()
 
-
-hdr = ["run"] + list(sw_metrics[:-1]) + ["novel drop (synonyms)", "Δ novel boxes vs the code's SynCLIP [95 %]"]
-md("**k sweep** (paper: AP50 novel peaks at 43.6 with k = 7 and drops at k = 10 and 20; no other numbers "
-   "in our copy of the paper).\n\n" + table(hdr, sweep_table([(f"k = {k}", K_NAME[k]) for k in KS])))
-fig, ax = plt.subplots(figsize=(4.5, 2.8))
-ax.plot(KS, [study.values(f"sweep {K_NAME[k]}", "boxes novel")[0] for k in KS], "o-", label="SynCLIP: boxes novel")
-ax.axhline(study.values("sweep DeCLIP", "boxes novel")[0], ls="--", c="grey", lw=0.8, label="DeCLIP")
-ax.set(xlabel="k (semantic tokens)", ylabel="Top-1 %", xscale="log", xticks=list(KS),
-       xticklabels=[str(k) for k in KS], title=f"k sweep (seed {SEEDS[0]}, {SWEEP_STEPS or 'recipe'} steps)")
-ax.minorticks_off()
-ax.legend(fontsize=7)
-plt.tight_layout()
-plt.show()
-
-md("**α/β (spatial / semantic)** (no numbers in the paper; the paper's default 0.5/0.5, the scripts' 0.3/0.7)."
-   "\n\n" + table(["α / β"] + hdr[1:], sweep_table(
-       [("0.3 / 0.7 (code)", base_name)] + [(f"{a} / {b}" + (" (paper)" if (a, b) == (0.5, 0.5) else ""),
-                                             f"α/β={a}/{b}") for a, b in B["ab"]])))
-md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_table([
-    ("code: huber_kl, 0.3/0.7, semantic 0.1", base_name), ("l2 loss (otherwise code)", "loss l2"),
-    (f"paper: {READINGS['paper']['sem_loss']} (1/(nm) Σ|·|), 0.5/0.5, semantic {PAPER_SEMANTIC_WEIGHT:g}",
-     "paper reading"),
-    ("code, held-out synonyms kept out of the teacher text", "held-out synonyms excluded"),
-    ("code, teacher text = the synonyms only", "teacher text = synonyms only"),
-    ("DeCLIP (no semantic loss)", "DeCLIP")])))
-seed_sd = {m: np.std(study.values("SSA+SAR", m), ddof=1) if len(SEEDS) > 1 else float("nan") for m in sw_metrics[:-1]}
-md("Seed-to-seed standard deviation of the main SynCLIP rows: " + ", ".join(
-    f"{m} {v:.1f}" for m, v in seed_sd.items()) + f" (at {MAIN_STEPS or 'recipe'} steps; the sweeps run "
-   f"{SWEEP_STEPS or 'recipe'}). A sweep difference within this spread may be the seed, not the setting.")
-for name, text, ref in (("k=20", "k = 7 beats k = 20 (novel boxes, 1 seed)", "synclip.k.peak"),
-                        ("k=10", "k = 7 beats k = 10 (novel boxes, 1 seed)", "synclip.k.peak"),
-                        ("k=1", "k = 7 beats k = 1 (novel boxes, 1 seed)", "synclip.k.peak"),
-                        ("paper reading", "the code's reading beats the paper's (novel boxes, 1 seed)", None),
-                        ("loss l2", "huber_kl beats l2 (novel boxes, 1 seed)", None)):
-    if name in SWEEP:
-        claim("4.9", text, f"sweep {name}", f"sweep {base_name}", "boxes novel", paper_ref=ref)
-md(study.claims_table(since=n0))
+    md("**α/β (spatial / semantic)** (no numbers in the paper; the paper's default 0.5/0.5, the scripts' 0.3/0.7)."
+       "\n\n" + table(["α / β"] + hdr[1:], sweep_table(
+           [("0.3 / 0.7 (code)", base_name)] + [(f"{a} / {b}" + (" (paper)" if (a, b) == (0.5, 0.5) else ""),
+                                                 f"α/β={a}/{b}") for a, b in B["ab"]])))
+    md("**Readings and teacher text.**\n\n" + table(["variant"] + hdr[1:], sweep_table([
+        ("code: huber_kl, 0.3/0.7, semantic 0.1", base_name), ("l2 loss (otherwise code)", "loss l2"),
+        (f"paper: {READINGS['paper']['sem_loss']} (1/(nm) Σ|·|), 0.5/0.5, semantic {PAPER_SEMANTIC_WEIGHT:g}",
+         "paper reading"),
+        ("code, held-out synonyms kept out of the teacher text", "held-out synonyms excluded"),
+        ("code, teacher text = the synonyms only", "teacher text = synonyms only"),
+        ("DeCLIP (no semantic loss)", "DeCLIP")])))
+    seed_sd = {m: np.std(study.values("SSA+SAR", m), ddof=1) if len(SEEDS) > 1 else float("nan") for m in sw_metrics[:-1]}
+    md("Seed-to-seed standard deviation of the main SynCLIP rows: " + ", ".join(
+        f"{m} {v:.1f}" for m, v in seed_sd.items()) + f" (at {MAIN_STEPS or 'recipe'} steps; the sweeps run "
+       f"{SWEEP_STEPS or 'recipe'}). A sweep difference within this spread may be the seed, not the setting.")
+    for name, text, ref in (("k=20", "k = 7 beats k = 20 (novel boxes, 1 seed)", "synclip.k.peak"),
+                            ("k=10", "k = 7 beats k = 10 (novel boxes, 1 seed)", "synclip.k.peak"),
+                            ("k=1", "k = 7 beats k = 1 (novel boxes, 1 seed)", "synclip.k.peak"),
+                            ("paper reading", "the code's reading beats the paper's (novel boxes, 1 seed)", None),
+                            ("loss l2", "huber_kl beats l2 (novel boxes, 1 seed)", None)):
+        if name in SWEEP:
+            claim("4.9", text, f"sweep {name}", f"sweep {base_name}", "boxes novel", paper_ref=ref)
+    md(study.claims_table(since=n0))
+else:
+    md("Not run at this profile (`extended: false`); `-p budgets.04.extended=true` runs them.")
 
 # %% [markdown]
 # ## 4.10 The phenomenon after training
@@ -696,7 +702,8 @@ md(study.claims_table(since=n0, digits=3))
 md(study.claims_table())
 n_small = sum(c.is_negligible for c in study.claims)
 md(study.summary(f"{P['profile']} profile, {len(SEEDS)} seed(s) × {MAIN_STEPS or 'recipe'} steps for the main rows "
-                 f"and 1 seed × {SWEEP_STEPS or 'recipe'} steps for the sweeps; {n_small} of the resolved claims "
+                 + (f"and 1 seed × {SWEEP_STEPS or 'recipe'} steps for the sweeps" if SWEEP else "and no sweeps")
+                 + f"; {n_small} of the resolved claims "
                  "negligible in size"))
 study.ledger()  # book/claims/04.json
 

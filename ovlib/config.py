@@ -81,6 +81,8 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "taus": "SCD temperature pairs of Table 13 ([] skips the table)",
         "global_scd": "train Table 14's global R-SCD row",
         "k_list": "numbers of crops K of the Refiner's global-to-local loss",
+        "extended": "also run the one-seed ablations beyond the headline claims: the Refiner variants (k_list, "
+                    "cosine, L2G) and their students, the τ and global-SCD rows, E2E and R-SC-V",
         "explorer_images": "evaluation images offered by the affinity and region explorers",
         "tsne_iter": "t-SNE iterations of the feature figures",
         "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
@@ -99,6 +101,7 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "layers": "numbers of layers n swept",
         "lambdas": "coherence weights λ swept",
         "extras": "the unstated choices compared",
+        "extended": "also run the one-seed sweeps of §3.7 (layers, lambdas, extras) beyond the headline claims",
         "dl_draws": "Monte-Carlo draws of the ΔL check",
         "bench": "step-time benchmark: image size, crop size, batch, boxes per image, pairs",
         "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
@@ -116,6 +119,7 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
         "ab": "spatial / semantic mixing pairs (alpha, beta) swept",
         "extras": "the further one-seed variants (loss l2, paper reading, held-out synonyms excluded, "
                   "teacher text = synonyms only)",
+        "extended": "also run the one-seed sweeps of §4.9 (ks, ab, extras) beyond the headline claims",
         "explorer_images": "evaluation images offered by the attention explorer",
         "max_synonyms": "WordNet synonyms kept per COCO class (real data; SEViC-style corpus)",
         "workers": "processes that train the chapter's runs not yet in the shared cache side by side, sharing the "
@@ -438,11 +442,33 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _set_nested(params: Mapping[str, Any], upd: dict[str, Any], key: str, value: Any) -> None:
+    """``upd[top] = params[top]`` (or the update so far) with ``value`` set at the dotted ``key``
+    (``budgets.02.extended``); the path must exist in the profile, so a typo is an error, not a new knob."""
+    top, *path = key.split(".")
+    if top not in PARAMS or PARAMS[top].type is not dict:
+        raise ParamError(f"override {key!r}: {top!r} is not a parameter holding a mapping")
+    node = upd[top] = copy.deepcopy(upd.get(top, params.get(top) or {}))
+    for i, part in enumerate(path[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ParamError(f"override {key!r}: the profile has no mapping {'.'.join([top, *path[:i + 1]])!r}")
+        node = node[part]
+    if path[-1] not in node:
+        raise ParamError(f"override {key!r}: the profile has no key {key!r}")
+    node[path[-1]] = value
+
+
 def resolve(profile: str, overrides: list[str] | Mapping[str, Any] = (), root: str | Path = ".") -> dict[str, Any]:
-    """Profile file + overrides, validated. Overriding ``profile`` itself is refused."""
+    """Profile file + overrides, validated. Overriding ``profile`` itself is refused. A dotted key sets one entry of
+    a mapping parameter (``budgets.02.extended=true``)."""
     params = load_profile(profile, root)
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
-    upd = dict(items)
+    upd: dict[str, Any] = {}
+    for key, value in items:
+        if "." in key:
+            _set_nested(params, upd, key, value)
+        else:
+            upd[key] = value
     if "profile" in upd and upd["profile"] != profile:
         raise ParamError("use --profile to change the profile, not -p profile=...")
     params.update(validate(upd, where="overrides", complete=False))
