@@ -58,7 +58,7 @@ from ovlib.eval.students import (
     train_or_load,
 )
 from ovlib.io import atomic_write_text, cache_path
-from ovlib.models import MICRO_CLIP_CONFIGS, load_clip, load_vfm
+from ovlib.models import MICRO_CLIP_CONFIGS, MICRO_VFM_CONFIGS, load_clip, load_vfm
 from ovlib.nb import ms, table
 from ovlib.parallel import map_processes
 from ovlib.train.launch import build_models
@@ -423,6 +423,28 @@ class Study:
             self._hashes[k] = _sha256_file(path)
         return self._hashes[k]
 
+    def _vfm_hash(self, cfg: Any) -> str | None:
+        """What the VFM of a run's recipe is (``None``: the recipe has none): the content hash of the micro VFM's
+        pre-training checkpoint (pre-trained here when missing) or of a local ``vfm_pretrained`` file, else the
+        name of the weights. A run distilled from one VFM is never loaded for another (the micro VFM's objective
+        or budget changed, or another checkpoint file)."""
+        if not cfg.vfm:
+            return None
+        if cfg.vfm in MICRO_VFM_CONFIGS and not cfg.vfm_pretrained:
+            _, vfm_cfg = pretrain_configs(self.params, self.params["steps_scale"], self.params["seed"])
+            path = cache_path(self.params["cache_dir"], vfm_cfg.model, vfm_cfg)
+            if not path.is_file():
+                self.vfm()  # pre-trains it into the cache (the trainer would, loading it)
+        elif cfg.vfm_pretrained and Path(cfg.vfm_pretrained).is_file():
+            path = Path(cfg.vfm_pretrained)
+        else:
+            depth = dry_run_depth(self.params) if cfg.vfm_pretrained is None else None
+            return f"{cfg.vfm}:{cfg.vfm_pretrained}" + (f":depth{depth}" if depth else "")
+        k = str(path.resolve())
+        if k not in self._hashes:
+            self._hashes[k] = _sha256_file(path)
+        return self._hashes[k]
+
     def _data_manifest(self, cfg: Any) -> dict[str, Any]:
         """What the training data is: the micro world export's content key (world config, split, images, size,
         start: :func:`ovlib.data.microworld.export_hash`, what the export's manifest stores), or the COCO
@@ -466,8 +488,9 @@ class Study:
     def _run_key_parts(self, method: str, seed: int, budget: str, overrides: Mapping[str, Any]
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(overrides, key_extra)`` of :func:`ovlib.eval.students.train_or_load` for a run: the named budget,
-        the seed and the overrides; the backbone checkpoint's content hash and the data manifest (the micro CLIP
-        is pre-trained here when it is not yet)."""
+        the seed and the overrides; the backbone checkpoint's content hash, the data manifest and, for a recipe with
+        a VFM, the VFM's identity (:meth:`_vfm_hash`; the micro CLIP and VFM are pre-trained here when they are
+        not yet)."""
         ov = {**self.train_budget(budget), "seed": seed, **overrides}
         cfg = distill_config(self.params, method, ov, out_dir="unused")
         try:
@@ -475,7 +498,11 @@ class Study:
         except FileNotFoundError:  # the micro CLIP is not pre-trained yet: loading the backbones trains it
             self.backbones(method)
             ck = self._checkpoint_hash(cfg)
-        return ov, {"checkpoint": ck, "data": self._data_manifest(cfg)}
+        extra = {"checkpoint": ck, "data": self._data_manifest(cfg)}
+        vfm = self._vfm_hash(cfg)
+        if vfm is not None:  # only recipes with a VFM: every other run keeps its key
+            extra["vfm"] = vfm
+        return ov, extra
 
     @property
     def workers(self) -> int:

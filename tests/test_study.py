@@ -230,6 +230,32 @@ def test_paper_table_cells_and_the_vfm_is_loaded_once(project, monkeypatch):
     assert calls == ["micro", "dinov2-b"]
 
 
+def test_a_run_with_a_vfm_is_keyed_by_the_vfm_it_distils_from(project, tmp_path, monkeypatch):
+    """DeCLIP's run key holds the micro VFM checkpoint's content hash (a changed VFM objective or budget trains the
+    run again); a recipe without a VFM keeps its key; a missing micro VFM is pre-trained first (Study.vfm)."""
+    from ovlib.io import cache_path
+    from ovlib.train.pretrain import pretrain_configs
+
+    monkeypatch.setattr(Study, "_checkpoint_hash", lambda self, cfg: "the micro CLIP")
+    st = _study(project, cache_dir=str(tmp_path / "cache"))
+    _, vfm_cfg = pretrain_configs(st.params, st.params["steps_scale"], st.params["seed"])
+    path = cache_path(st.params["cache_dir"], vfm_cfg.model, vfm_cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"one VFM")
+    _, e1 = st._run_key_parts("declip", 0, "main", {})
+    _, c1 = st._run_key_parts("clipself", 0, "main", {})
+    assert "vfm" in e1 and set(c1) == {"checkpoint", "data"}
+    path.write_bytes(b"another VFM")
+    _, e2 = _study(project, cache_dir=str(tmp_path / "cache"))._run_key_parts("declip", 0, "main", {})
+    assert e2["vfm"] != e1["vfm"] and {k: v for k, v in e2.items() if k != "vfm"} == {
+        k: v for k, v in e1.items() if k != "vfm"}
+    path.unlink()
+    calls = []
+    monkeypatch.setattr(Study, "vfm", lambda self: calls.append(1) or path.write_bytes(b"a third VFM"))
+    _, e3 = _study(project, cache_dir=str(tmp_path / "cache"))._run_key_parts("declip", 0, "main", {})
+    assert calls == [1] and e3["vfm"] not in (e1["vfm"], e2["vfm"])
+
+
 def test_unknown_paper_reference_is_an_error(project):
     st = _study(project)
     st.record("A", FakeEval(_per_image(0.5)), seed=0)
