@@ -19,7 +19,7 @@
 # embedding of a crop of the same region. This chapter
 #
 # 1. builds the book's default backbones on a laptop: a *micro CLIP* trained contrastively on captions of a
-#    procedural *micro world*, and a *micro VFM* trained self-supervised (DINO) on its images;
+#    procedural *micro world*, and a *micro VFM* trained self-supervised (MAE) on its images;
 # 2. measures the gap between dense tokens and crop embeddings with the region-classification protocol of
 #    CLIPSelf (boxes, thing masks, stuff masks; Top-1/Top-5 mean per-class accuracy), for the training-free
 #    last-block modifications of MaskCLIP, SCLIP, ClearCLIP and NACLIP;
@@ -79,6 +79,7 @@ from ovlib.eval.zeroshot import isolated_objects, zero_shot_hits, zero_shot_summ
 from ovlib.nb import ci, md, setup, table
 from ovlib.stats import Sample, fixed_mean
 from ovlib.study import Study
+from ovlib.train.mae import MaeDecoder, MaeVfmPretrainConfig, mae_encode, random_keep
 from ovlib.train.pretrain import (
     clip_train_flops_per_sample,
     forward_flops,
@@ -165,16 +166,16 @@ md(f"{len(world.things)} thing classes ({sum(c.novel for c in world.things)} mar
 # slowly: at the same budget it mostly read the stuff background. The pre-training stream never touches the
 # evaluation scenes (they start at index 10⁹).
 #
-# **Micro VFM** (`load_vfm("micro-vfm")`, a timm ViT of the same size; `ovlib.train.proxies`): *dense*
-# self-distillation at the evaluation scale, self-supervised only (scenes; no labels, captions or masks). Two
-# views of a 160-px scene — square crops of a range of scales × 64 px resized to 64 px (the range is printed
-# below; around 1 objects keep their evaluation size), flips, colour jitter and, where the config asks, colour
-# permuted per view (channels shuffled, grey) — an EMA teacher (momentum 0.99 → 1, cosine), and for every student
-# token the teacher's prototype distribution **at the same scene point** in the other view (bilinear sampling
-# of the teacher's token logits at the known geometric correspondence). The loss is DINO's centred,
-# sharpened cross-entropy (Caron et al. 2021, Eq. 1–3; 256 prototypes, temperatures 0.05 / 0.1) applied per
-# token, as iBOT applies it per masked token (Zhou et al. 2022). DINO's image-level objective on 48/24-px
-# crops grouped *worse* than the CLIP; the trials (§1.7) record what we tried. The EMA teacher is kept.
+# **Micro VFM** (`load_vfm("micro-vfm")`, a timm ViT of the same size; `ovlib.train.mae`): a *masked
+# autoencoder* (He et al. 2022) at the evaluation resolution, self-supervised only (scenes; no labels, captions
+# or masks). Whole 160-px scenes (20 × 20 tokens), flipped with p 0.5; 75 % of the patches of each scene dropped
+# at random before the encoder, which sees only the visible quarter (with their position embeddings); a
+# 2-block decoder (width 96) takes the encoded tokens and a learned mask token at every dropped position and
+# predicts each dropped patch's pixels, normalised per patch (MAE's `norm_pix`); the loss is the mean squared
+# error on the dropped patches only. The encoder is kept, the decoder discarded. MAE was chosen by measurement
+# (the trials of §1.7, `benchmarks/vfm_grouping.py`): DINO's image-level objective on 48/24-px crops and dense
+# self-distillation across views at the evaluation scale (the previous default) grouped no better than the
+# untrained ViT; MAE groups better than both, on the k-means protocol and with colours equalised.
 #
 # Both are cached under `cache_dir`, keyed by a hash of their config: a second run loads them.
 
@@ -199,10 +200,13 @@ if clip_info is not None:
     md(f"micro CLIP: {clip_cfg.steps} steps × batch {clip_cfg.batch_size}, lr {clip_cfg.lr:g} (warm-up "
        f"{clip_cfg.warmup}), object views {100 * clip_cfg.object_views:.0f} % (context "
        f"{clip_cfg.view_context[0]:g}–{clip_cfg.view_context[1]:g}× the box, rendered at "
-       f"{clip_cfg.view_render_size} px); micro VFM: {vfm_cfg.steps} steps × batch {vfm_cfg.batch_size}" +
+       f"{clip_cfg.view_render_size} px); micro VFM ({type(vfm_cfg).__name__}): {vfm_cfg.steps} steps × batch "
+       f"{vfm_cfg.batch_size}, lr {vfm_cfg.lr:g}" +
        (f", views of {vfm_cfg.view_scale[0]:g}–{vfm_cfg.view_scale[1]:g} × {vfm_cfg.view_size} px, channels "
         f"shuffled with p {vfm_cfg.channel_shuffle:g}, grey with p {vfm_cfg.grayscale:g}."
-        if hasattr(vfm_cfg, "view_scale") else "."))
+        if hasattr(vfm_cfg, "view_scale") else
+        f", {vfm_cfg.scene_size}-px scenes, {100 * vfm_cfg.mask_ratio:.0f} % of the patches masked, decoder "
+        f"{vfm_cfg.decoder_depth} blocks × width {vfm_cfg.decoder_dim}." if hasattr(vfm_cfg, "mask_ratio") else "."))
 
 fig, ax = plt.subplots(1, 3, figsize=(13, 3))
 h = clip_info["history"] if clip_info else []
@@ -213,10 +217,16 @@ ax[0].legend(fontsize=7)
 ax[1].plot([r["step"] for r in h], [r["logit_scale"] for r in h], lw=0.8)
 ax[1].set(title="micro CLIP: logit scale exp(θ)", xlabel="step")
 hv = vfm_info["history"] if vfm_info else []
-ax[2].plot([r["step"] for r in hv], [r["loss"] for r in hv], lw=0.8, label="DINO loss")
-ax[2].plot([r["step"] for r in hv], [r["teacher_entropy"] for r in hv], lw=0.8, label="teacher entropy")
-ax[2].axhline(math.log(vfm_cfg.out_dim), ls="--", c="grey", lw=0.8, label="ln K (collapse to uniform)")
-ax[2].set(title="micro VFM: DINO", xlabel="step")
+VFM_MAE = isinstance(vfm_cfg, MaeVfmPretrainConfig)
+ax[2].plot([r["step"] for r in hv], [r["loss"] for r in hv], lw=0.8,
+           label="MSE of the masked patches" + (" (normalised pixels)" if VFM_MAE and vfm_cfg.norm_pix else "")
+           if VFM_MAE else "DINO loss")
+if VFM_MAE and vfm_cfg.norm_pix:  # predicting every normalised patch as 0 (its mean) scores 1
+    ax[2].axhline(1.0, ls="--", c="grey", lw=0.8, label="predicting the patch mean")
+elif not VFM_MAE:
+    ax[2].plot([r["step"] for r in hv], [r["teacher_entropy"] for r in hv], lw=0.8, label="teacher entropy")
+    ax[2].axhline(math.log(vfm_cfg.out_dim), ls="--", c="grey", lw=0.8, label="ln K (collapse to uniform)")
+ax[2].set(title="micro VFM: " + ("MAE" if VFM_MAE else "DINO"), xlabel="step")
 ax[2].legend(fontsize=7)
 plt.tight_layout()
 plt.show()
@@ -237,7 +247,18 @@ p16 = matmul_peak(torch.bfloat16, n=512, seconds=0.3, device=DEV)
 clip_flops = clip_train_flops_per_sample(clip_model.cpu(), tokenizer, clip_cfg.image_size) if clip_info else 0.0
 clip_model.to(DEV)
 vfm_cpu = vfm.cpu()
-if hasattr(vfm_cfg, "view_size"):  # dense objective, per view pair: student fwd+bwd and teacher fwd on 2 views
+if not vfm_info:  # real weights (paper): nothing trained here
+    vfm_flops = 0.0
+elif VFM_MAE:  # per scene: fwd+bwd of the encoder on the visible tokens and of the decoder on every token
+    vp_ = vfm_cpu.patch_embed.patch_size
+    vp_ = int(vp_[0] if isinstance(vp_, (tuple, list)) else vp_)
+    grid_ = vfm_cfg.scene_size // vp_
+    keep_, _ = random_keep(1, grid_ * grid_, vfm_cfg.mask_ratio, torch.Generator().manual_seed(0))
+    dec_ = MaeDecoder(vfm_cpu.embed_dim, vfm_cfg.decoder_dim, vfm_cfg.decoder_depth, vfm_cfg.decoder_heads, vp_,
+                      grid_)  # FLOPs do not depend on the (discarded) decoder's weights
+    s_ = torch.zeros(1, 3, vfm_cfg.scene_size, vfm_cfg.scene_size)
+    vfm_flops = 3 * forward_flops(lambda: dec_(mae_encode(vfm_cpu, s_, keep_), keep_))
+elif hasattr(vfm_cfg, "view_size"):  # dense objective, per view pair: student fwd+bwd and teacher fwd on 2 views
     v = torch.zeros(1, 3, vfm_cfg.view_size, vfm_cfg.view_size)
     vfm_flops = (3 * 2 + 2) * forward_flops(lambda: vfm_cpu.forward_features(v)) if vfm_info else 0.0
 else:  # DINO per image: student fwd+bwd on 2 global + n_local local views, teacher fwd on the 2 global views
@@ -577,7 +598,8 @@ md("**Point affinity inside vs outside the query's object** (`ovlib.models.affin
 # training wall time of the run that trained each model, *on the machine and load of that run* (the CPU minutes,
 # the torch threads and the load average of that run are in the record: on a loaded machine wall time says
 # little). A row appears once the script has run that trial; ★ marks the trial whose config is the micro VFM of
-# this run (none at the `smoke` profile, whose budgets are cut).
+# this run, its precision aside (the trials train in `auto` precision, fp32 on a CPU without bf16; none at the
+# `smoke` profile, whose budgets are cut).
 
 # %%
 import json
@@ -588,13 +610,17 @@ TRIALS = Path("benchmarks/results/vfm_trials.json")
 if TRIALS.is_file():
     rec = json.loads(TRIALS.read_text())
     tr = rec["trials"]
-    this_vfm = json.loads(json.dumps(asdict(vfm_cfg)))  # the record's configs went through JSON (tuples -> lists)
+    def same_vfm(cfg):  # the record's configs went through JSON (tuples -> lists); the precision aside
+        mine = json.loads(json.dumps(asdict(vfm_cfg)))
+        return cfg is not None and {k: v for k, v in cfg.items() if k != "precision"} == \
+            {k: v for k, v in mine.items() if k != "precision"}
+
     cb = rec["colour_baseline"]
     md(f"Trials at the `{rec['profile']}` profile, {rec['n_images']} evaluation scenes (k-means mIoU, 95 % "
        "intervals over scenes):\n\n" + table(
            ["trial", "objective", "steps", "batch", "train min (wall)", "CPU min", "load avg", "k-means mIoU",
             "colours equalised", "affinity inside − outside"],
-           [[f"`{k}`" + (" ★" if t.get("config") == this_vfm else ""), t["objective"], t["steps"], t["batch"],
+           [[f"`{k}`" + (" ★" if same_vfm(t.get("config")) else ""), t["objective"], t["steps"], t["batch"],
              f"{t['train_seconds'] / 60:.1f}",
              f"{t['cpu_seconds'] / 60:.1f}" if t.get("cpu_seconds") else "—",
              f"{t['loadavg']:.1f}" if t.get("loadavg") is not None else "—", ci(t["as_is"]), ci(t["equalized"]),

@@ -139,7 +139,7 @@ BB = study.backbones("clipself")  # the frozen CLIP, the evaluation split and it
 clip_model, tokenizer = BB.clip, BB.tokenizer
 MEAN, STD = image_mean_std(clip_model)
 PATCH = int(vit_adapter(clip_model).patch_size[0])  # open_clip ViT and EVA (timm) towers alike
-vfm = study.vfm()  # the micro VFM (DINO) of the cache; the paper profile's named VFM
+vfm = study.vfm()  # the micro VFM (MAE) of the cache; the paper profile's named VFM
 ds, categories, class_ids, text = BB.dataset, BB.categories, BB.class_ids, BB.text
 cat_name = {c["id"]: c["name"] for c in categories}
 
@@ -164,7 +164,7 @@ km_vfm = evaluate_kmeans(dense_fn_for_vfm(vfm), ds, image_size=EV.region.image_s
 e = evals["CLIP"]
 md(f"{len(ds)} evaluation images, {len(class_ids)} classes; {e.n_regions} regions in the first "
    f"{REGION_N or len(ds)} images. Frozen CLIP (`x+v`): Boxes Top-1 {ci(e.ci['boxes.top1'])}, crop CLS "
-   f"{ci(e.ci['global.thing.top1'])}, k-means mIoU {ci(e.ci['kmeans.miou'])}; the micro VFM (DINO) groups "
+   f"{ci(e.ci['global.thing.top1'])}, k-means mIoU {ci(e.ci['kmeans.miou'])}; the micro VFM (MAE) groups "
    f"tokens at k-means mIoU {ci(km_vfm['miou'])}. ({time.perf_counter() - t:.0f} s)")
 
 # %% [markdown]
@@ -378,7 +378,7 @@ md(f"Refiner InfoNCE loss (log every {distill_config(P, 'refiner').log_every} st
           ["Refiner, untrained (control)", ci(evals["Refiner (untrained)"].ci["kmeans.miou"]), ci(km_ref0_t["miou"])],
           [f"Eq. 7 aggregate, N = {n_ctx} (`vanilla`)", "", ci(eq7[("vanilla", n_ctx)]["miou"])],
           ["Refiner", ci(evals["Refiner"].ci["kmeans.miou"]), ci(km_ref_t["miou"])],
-          ["micro VFM (DINO)", ci(km_vfm["miou"]), ""]]) +
+          ["micro VFM (MAE)", ci(km_vfm["miou"]), ""]]) +
    f"\n\nRefiner − CLIP `vanilla` (160 px): {c_ref.describe()}; Refiner − Eq. 7 aggregate (targets): "
    f"{c_ref_eq7.describe()}. The untrained Refiner's map differs from `vanilla` by at most {ref0_gap:.1e} on "
    f"{len(_x0)} whole images.")

@@ -173,7 +173,9 @@ BUDGET_KEYS: dict[str, dict[str, str]] = {
 #: is the micro world, exported at that size, see :func:`micro_world`).
 _PRETRAIN_RUN: dict[str, Any] = {"steps": int, "warmup": int, "min_steps": int, "batch_size": int, "ckpt_every": int}
 SIZE_KEYS: dict[str, dict[str, Any]] = {
-    "pretrain": {"clip": _PRETRAIN_RUN, "vfm": {**_PRETRAIN_RUN, "pairs_per_scene": int}, "clipseg": _PRETRAIN_RUN},
+    # vfm.objective: the micro VFM's self-supervised objective, "mae" (ovlib.train.mae) or "dense" (dense
+    # self-distillation, ovlib.train.pretrain.DenseVfmPretrainConfig); see ovlib.train.pretrain.vfm_config
+    "pretrain": {"clip": _PRETRAIN_RUN, "vfm": {**_PRETRAIN_RUN, "objective": str}, "clipseg": _PRETRAIN_RUN},
     "eval": {
         "export_size": int,   # px of the exported micro-world evaluation images; 0 = real data (COCO), not exported
         "region": {"image_size": int, "crop_size": int, "min_size": float, "batch_size": int, "crop_batch": int},

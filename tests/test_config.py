@@ -195,8 +195,8 @@ def test_size_sections_name_file_and_key(tmp_path, repo_root):
         (lambda d: d["budgets"]["eval"].update(colour=1), r"smoke\.yaml: budgets\.eval: unknown key\(s\) \['colour'\]"),
         (lambda d: d["budgets"]["pretrain"]["clip"].update(stepz=3),
          r"smoke\.yaml: budgets\.pretrain\.clip: unknown key\(s\) \['stepz'\]"),
-        (lambda d: d["budgets"]["pretrain"]["vfm"].pop("pairs_per_scene"),
-         r"budgets\.pretrain\.vfm: missing key\(s\) \['pairs_per_scene'\]"),
+        (lambda d: d["budgets"]["pretrain"]["vfm"].pop("objective"),
+         r"budgets\.pretrain\.vfm: missing key\(s\) \['objective'\]"),
         (lambda d: d["budgets"]["eval"]["ovss"].update(stride="32"),
          r"budgets\.eval\.ovss\.stride must be int, got str"),
         (lambda d: d["budgets"]["eval"].update(n_boot=True), r"budgets\.eval\.n_boot must be int, got bool"),
@@ -242,8 +242,11 @@ def test_size_keys_are_fields_of_the_configs_they_set():
     def names(cls):
         return {f.name for f in fields(cls)}
 
-    scaled = {"min_steps"}  # read by scaled_budget, not a field
-    for key, cls in (("clip", ClipPretrainConfig), ("vfm", DenseVfmPretrainConfig), ("clipseg", ClipSegPretrainConfig)):
+    from ovlib.train.mae import MaeVfmPretrainConfig
+
+    scaled = {"min_steps", "objective"}  # read by scaled_budget / vfm_config, not fields
+    for key, cls in (("clip", ClipPretrainConfig), ("vfm", DenseVfmPretrainConfig), ("vfm", MaeVfmPretrainConfig),
+                     ("clipseg", ClipSegPretrainConfig)):
         assert set(config.SIZE_KEYS["pretrain"][key]) - scaled <= names(cls), key
     ev = config.SIZE_KEYS["eval"]
     assert set(ev["region"]) <= names(RegionClsConfig) and set(ev["ovss"]) <= names(OVSSConfig)

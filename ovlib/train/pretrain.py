@@ -40,6 +40,8 @@ __all__ = [
     "ClipPretrainConfig",
     "DinoPretrainConfig",
     "pretrain_configs",
+    "vfm_config",
+    "VFM_OBJECTIVES",
     "scaled_budget",
     "clip_loss",
     "dino_loss",
@@ -154,14 +156,12 @@ def pretrain_configs(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
     ``min_steps``, and the profile's ``precision`` (:func:`ovlib.config.training_precision`). The ``paper``
     profile uses real pretrained weights; it gets the ``micro`` budgets should it ask.
 
-    The micro VFM's config is a :class:`DenseVfmPretrainConfig` (dense self-distillation
-    at the evaluation scale; chosen over DINO's :class:`DinoPretrainConfig` on a small measured margin --
-    whether it groups better than the CLIP is chapter 01's premise claim, and the trials are recorded there);
-    :func:`pretrain_vfm` trains either."""
+    The micro VFM's config is the one of the profile's ``budgets.pretrain.vfm.objective`` (:func:`vfm_config`);
+    :func:`pretrain_vfm` trains any of them."""
     sizes = profile_sizes(profile, "pretrain")["clip"]
     c = scaled_budget(ClipPretrainConfig(seed=seed, world_seed=seed, precision=training_precision(profile)), sizes,
                       steps_scale)
-    return c, dense_vfm_config(profile, steps_scale, seed)
+    return c, vfm_config(profile, steps_scale, seed)
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -599,10 +599,14 @@ def pretrain_vfm(cfg: Any, cache_dir: str | Path, device: str | torch.device = "
                  progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, dict]:
     """Load the DINO-trained micro VFM from the cache, else train it. Returns ``(teacher backbone (eval),
     info)``; the EMA teacher is the model kept, as in DINO. Same cache/resume rules as :func:`pretrain_clip`.
-    A :class:`DenseVfmPretrainConfig` goes to :func:`pretrain_vfm_dense`."""
+    A :class:`DenseVfmPretrainConfig` goes to :func:`pretrain_vfm_dense`, a
+    :class:`ovlib.train.mae.MaeVfmPretrainConfig` to :func:`ovlib.train.mae.pretrain_vfm_mae`."""
     from ovlib.models import load_vfm
+    from ovlib.train.mae import MaeVfmPretrainConfig, pretrain_vfm_mae  # mae builds on this module
 
-    if isinstance(cfg, DenseVfmPretrainConfig):  # the default micro VFM (dense objective)
+    if isinstance(cfg, MaeVfmPretrainConfig):  # the micro profiles' VFM (budgets.pretrain.vfm.objective: mae)
+        return pretrain_vfm_mae(cfg, cache_dir, device=device, progress=progress, max_steps=max_steps)
+    if isinstance(cfg, DenseVfmPretrainConfig):
         return pretrain_vfm_dense(cfg, cache_dir, device=device, progress=progress, max_steps=max_steps)
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
@@ -747,11 +751,32 @@ class DenseVfmPretrainConfig:
     data_pipeline: str = _pipeline_field()  # "shards" | "inline" (DATA_PIPELINES); not part of the cache key
 
 
+#: ``budgets.pretrain.vfm.objective`` -> the micro VFM's pre-training: "mae" (:mod:`ovlib.train.mae`, masked
+#: patches of whole scenes) or "dense" (:class:`DenseVfmPretrainConfig`, dense self-distillation across views)
+VFM_OBJECTIVES = ("mae", "dense")
+
+
+def vfm_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0, seed: int = 0) -> Any:
+    """The micro VFM config of a profile (:func:`pretrain_configs` returns it): the config class of
+    ``budgets.pretrain.vfm.objective`` (:data:`VFM_OBJECTIVES`) with that budget, ``steps_scale`` multiplying the
+    steps and the warm-up (~10 %) (:func:`scaled_budget`), and the profile's precision."""
+    from ovlib.train.mae import MaeVfmPretrainConfig  # mae builds on this module
+
+    sizes = profile_sizes(profile, "pretrain")["vfm"]
+    objective = sizes.pop("objective")
+    classes = {"mae": MaeVfmPretrainConfig, "dense": DenseVfmPretrainConfig}
+    if objective not in classes:
+        raise ValueError(f"budgets.pretrain.vfm.objective {objective!r} is not one of {VFM_OBJECTIVES}")
+    return scaled_budget(classes[objective](seed=seed, world_seed=seed, precision=training_precision(profile)),
+                         sizes, steps_scale)
+
+
 def dense_vfm_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
                      seed: int = 0) -> DenseVfmPretrainConfig:
-    """The micro VFM config of a profile (:func:`ovlib.train.pretrain.pretrain_configs` returns it): the budget of
-    ``budgets.pretrain.vfm``, ``steps_scale`` multiplying the steps and the warm-up (~10 %) (:func:`scaled_budget`)."""
+    """The dense self-distillation config with a profile's VFM budget (``budgets.pretrain.vfm`` without its
+    ``objective``), whatever objective the profile trains (the VFM trials compare them)."""
     sizes = profile_sizes(profile, "pretrain")["vfm"]
+    sizes.pop("objective")
     return scaled_budget(DenseVfmPretrainConfig(seed=seed, world_seed=seed, precision=training_precision(profile)),
                          sizes, steps_scale)
 

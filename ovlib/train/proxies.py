@@ -14,8 +14,10 @@ The loss is DINO's centred, sharpened cross-entropy (Caron et al. 2021, Eq. 1-3)
 iBOT's patch loss applies it per masked token (Zhou et al. 2022, Eq. 2) -- here across views, optionally
 with iBOT's masking of student tokens (``mask_ratio``) -- so the tokens are trained to fall into a few
 view-invariant prototypes: what k-means needs. Self-supervised only: no labels, captions or masks. Its code
-lives in :mod:`ovlib.train.pretrain` beside DINO's (it is the profiles' default micro VFM, and the CLIPSeg
-below depends on the pre-training module, not the other way round); this module re-exports it.
+lives in :mod:`ovlib.train.pretrain` beside DINO's (the CLIPSeg below depends on the pre-training module, not
+the other way round); this module re-exports it. It grouped no better than the untrained ViT in the VFM trials
+(``benchmarks/vfm_grouping.py``); the profiles' micro VFM is MAE's (:mod:`ovlib.train.mae`,
+``budgets.pretrain.vfm.objective``).
 """
 
 from __future__ import annotations
