@@ -38,6 +38,7 @@ from ovlib.train.pretrain import (
     _scene_batches,
     _training_peak,
     cached_vfm,
+    register_vfm_objective,
     resolve_precision,
 )
 
@@ -207,3 +208,6 @@ def pretrain_vfm_mae(cfg: MaeVfmPretrainConfig, cache_dir: str | Path, device: s
         run.record({"loss": loss.item(), "lr": float(sched.get_last_lr()[0])}, payload)
     info = run.finish(enc, payload, use_bf16, peak)
     return enc.eval(), info
+
+
+register_vfm_objective("mae", MaeVfmPretrainConfig, pretrain_vfm_mae)  # budgets.pretrain.vfm.objective: mae

@@ -42,6 +42,7 @@ __all__ = [
     "pretrain_configs",
     "vfm_config",
     "VFM_OBJECTIVES",
+    "register_vfm_objective",
     "scaled_budget",
     "clip_loss",
     "dino_loss",
@@ -599,15 +600,13 @@ def pretrain_vfm(cfg: Any, cache_dir: str | Path, device: str | torch.device = "
                  progress: bool = True, max_steps: int | None = None) -> tuple[nn.Module, dict]:
     """Load the DINO-trained micro VFM from the cache, else train it. Returns ``(teacher backbone (eval),
     info)``; the EMA teacher is the model kept, as in DINO. Same cache/resume rules as :func:`pretrain_clip`.
-    A :class:`DenseVfmPretrainConfig` goes to :func:`pretrain_vfm_dense`, a
-    :class:`ovlib.train.mae.MaeVfmPretrainConfig` to :func:`ovlib.train.mae.pretrain_vfm_mae`."""
+    The config of a registered objective (:data:`VFM_OBJECTIVES`: :class:`DenseVfmPretrainConfig`,
+    :class:`ovlib.train.mae.MaeVfmPretrainConfig`) goes to that objective's trainer."""
     from ovlib.models import load_vfm
-    from ovlib.train.mae import MaeVfmPretrainConfig, pretrain_vfm_mae  # mae builds on this module
 
-    if isinstance(cfg, MaeVfmPretrainConfig):  # the micro profiles' VFM (budgets.pretrain.vfm.objective: mae)
-        return pretrain_vfm_mae(cfg, cache_dir, device=device, progress=progress, max_steps=max_steps)
-    if isinstance(cfg, DenseVfmPretrainConfig):
-        return pretrain_vfm_dense(cfg, cache_dir, device=device, progress=progress, max_steps=max_steps)
+    for cls, trainer in VFM_OBJECTIVES.values():
+        if isinstance(cfg, cls):
+            return trainer(cfg, cache_dir, device=device, progress=progress, max_steps=max_steps)
     device = torch.device(device)
     final = cache_path(cache_dir, cfg.model, cfg)
     student = load_vfm(cfg.model, device="cpu", seed=cfg.seed)
@@ -751,24 +750,29 @@ class DenseVfmPretrainConfig:
     data_pipeline: str = _pipeline_field()  # "shards" | "inline" (DATA_PIPELINES); not part of the cache key
 
 
-#: ``budgets.pretrain.vfm.objective`` -> the micro VFM's pre-training: "mae" (:mod:`ovlib.train.mae`, masked
-#: patches of whole scenes) or "dense" (:class:`DenseVfmPretrainConfig`, dense self-distillation across views)
-VFM_OBJECTIVES = ("mae", "dense")
+#: ``budgets.pretrain.vfm.objective`` -> ``(config class, trainer)`` of the micro VFM's pre-training: "dense"
+#: (:class:`DenseVfmPretrainConfig`, dense self-distillation across views, below) and "mae" (masked patches of
+#: whole scenes), which :mod:`ovlib.train.mae` registers -- it builds on this module, and the ``ovlib.train``
+#: package imports it, so the registry is complete whenever this module is loaded through the package.
+VFM_OBJECTIVES: dict[str, tuple[type, Callable[..., tuple[nn.Module, dict]]]] = {}
+
+
+def register_vfm_objective(name: str, config_cls: type, trainer: Callable[..., tuple[nn.Module, dict]]) -> None:
+    """Make ``name`` a value of ``budgets.pretrain.vfm.objective``: :func:`vfm_config` builds ``config_cls``,
+    :func:`pretrain_vfm` hands its configs to ``trainer(cfg, cache_dir, device=, progress=, max_steps=)``."""
+    VFM_OBJECTIVES[name] = (config_cls, trainer)
 
 
 def vfm_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0, seed: int = 0) -> Any:
     """The micro VFM config of a profile (:func:`pretrain_configs` returns it): the config class of
     ``budgets.pretrain.vfm.objective`` (:data:`VFM_OBJECTIVES`) with that budget, ``steps_scale`` multiplying the
     steps and the warm-up (~10 %) (:func:`scaled_budget`), and the profile's precision."""
-    from ovlib.train.mae import MaeVfmPretrainConfig  # mae builds on this module
-
     sizes = profile_sizes(profile, "pretrain")["vfm"]
     objective = sizes.pop("objective")
-    classes = {"mae": MaeVfmPretrainConfig, "dense": DenseVfmPretrainConfig}
-    if objective not in classes:
-        raise ValueError(f"budgets.pretrain.vfm.objective {objective!r} is not one of {VFM_OBJECTIVES}")
-    return scaled_budget(classes[objective](seed=seed, world_seed=seed, precision=training_precision(profile)),
-                         sizes, steps_scale)
+    if objective not in VFM_OBJECTIVES:
+        raise ValueError(f"budgets.pretrain.vfm.objective {objective!r} is not one of {tuple(VFM_OBJECTIVES)}")
+    return scaled_budget(VFM_OBJECTIVES[objective][0](seed=seed, world_seed=seed,
+                                                      precision=training_precision(profile)), sizes, steps_scale)
 
 
 def dense_vfm_config(profile: str | Mapping[str, Any], steps_scale: float = 1.0,
@@ -1044,3 +1048,6 @@ def pretrain_vfm_dense(cfg: DenseVfmPretrainConfig, cache_dir: str | Path, devic
     teacher = t_net["backbone"]
     info = run.finish(teacher, payload, use_bf16, peak)
     return teacher.eval(), info
+
+
+register_vfm_objective("dense", DenseVfmPretrainConfig, pretrain_vfm_dense)

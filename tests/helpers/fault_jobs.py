@@ -18,11 +18,12 @@ from pathlib import Path
 
 
 def tiny_pretrain_configs():
-    from ovlib.train.pretrain import ClipPretrainConfig, DinoPretrainConfig
+    """Tiny micro CLIP and micro VFM pre-trainings; the VFM's objective is the profiles' (MAE, ovlib.train.mae)."""
+    from ovlib.train.mae import MaeVfmPretrainConfig
+    from ovlib.train.pretrain import ClipPretrainConfig
 
     clip = ClipPretrainConfig(batch_size=4, steps=4, warmup=1, ckpt_every=1, precision="fp32")
-    vfm = DinoPretrainConfig(batch_size=4, steps=4, warmup=1, n_local=2, global_size=32, local_size=16,
-                             out_dim=64, ckpt_every=1, precision="fp32")
+    vfm = MaeVfmPretrainConfig(batch_size=4, steps=4, warmup=1, scene_size=32, ckpt_every=1, precision="fp32")
     return clip, vfm
 
 
