@@ -418,6 +418,10 @@ class Study:
             return f"{cfg.backbone}:{cfg.pretrained}" + (f":depth{depth}" if depth else "")
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint {path} not found (Study.backbones() trains it)")
+        return self._file_hash(path)
+
+    def _file_hash(self, path: Path) -> str:
+        """Content hash of a weights file, computed once per file and study."""
         k = str(path.resolve())
         if k not in self._hashes:
             self._hashes[k] = _sha256_file(path)
@@ -440,10 +444,7 @@ class Study:
         else:
             depth = dry_run_depth(self.params) if cfg.vfm_pretrained is None else None
             return f"{cfg.vfm}:{cfg.vfm_pretrained}" + (f":depth{depth}" if depth else "")
-        k = str(path.resolve())
-        if k not in self._hashes:
-            self._hashes[k] = _sha256_file(path)
-        return self._hashes[k]
+        return self._file_hash(path)
 
     def _data_manifest(self, cfg: Any) -> dict[str, Any]:
         """What the training data is: the micro world export's content key (world config, split, images, size,
