@@ -446,6 +446,31 @@ class Study:
             return f"{cfg.vfm}:{cfg.vfm_pretrained}" + (f":depth{depth}" if depth else "")
         return self._file_hash(path)
 
+    def _clipseg_hash(self, cfg: Any) -> str | None:
+        """What the CLIPSeg a run's decoder starts from is (``None``: the recipe has none, SynSeg's
+        ``method_args.clipseg``): the micro CLIPSeg's config hash (its cache key: budget, conditioning and the
+        CLIP it is trained on), else the content hash of the local checkpoint file (a named CLIPSeg's file in
+        ``weights_dir``, or a path), else the name (a file not there yet: the trainer's error names it). A
+        SynSeg run trained from one CLIPSeg is never loaded for another."""
+        from ovlib.io import config_hash
+        from ovlib.models.clipseg import CLIPSEG_ARCHS
+        from ovlib.models.weights import WeightsUnavailable, clipseg_weight_file
+        from ovlib.train.proxies import clipseg_config
+
+        name = (cfg.method_args or {}).get("clipseg")
+        if name is None:
+            return None
+        if name == "micro-clipseg":
+            return "micro-clipseg:" + config_hash(clipseg_config(self.params, self.params["steps_scale"],
+                                                                 self.params["seed"]))
+        path = Path(name)
+        if name in CLIPSEG_ARCHS:
+            try:
+                path = clipseg_weight_file(self.params.get("weights_dir", ""), name)
+            except WeightsUnavailable:
+                return str(name)
+        return self._file_hash(path) if path.is_file() else str(name)
+
     def _data_manifest(self, cfg: Any) -> dict[str, Any]:
         """What the training data is: the micro world export's content key (world config, split, images, size,
         start: :func:`ovlib.data.microworld.export_hash`, what the export's manifest stores), or the COCO
@@ -491,7 +516,7 @@ class Study:
         """``(overrides, key_extra)`` of :func:`ovlib.eval.students.train_or_load` for a run: the named budget,
         the seed and the overrides; the backbone checkpoint's content hash, the data manifest and, for a recipe with
         a VFM, the VFM's identity (:meth:`_vfm_hash`; the micro CLIP and VFM are pre-trained here when they are
-        not yet)."""
+        not yet); for one with a CLIPSeg initialisation, the CLIPSeg's (:meth:`_clipseg_hash`)."""
         ov = {**self.train_budget(budget), "seed": seed, **overrides}
         cfg = distill_config(self.params, method, ov, out_dir="unused")
         try:
@@ -503,6 +528,9 @@ class Study:
         vfm = self._vfm_hash(cfg)
         if vfm is not None:  # only recipes with a VFM: every other run keeps its key
             extra["vfm"] = vfm
+        clipseg = self._clipseg_hash(cfg)
+        if clipseg is not None:  # only recipes with a CLIPSeg initialisation (SynSeg)
+            extra["clipseg"] = clipseg
         return ov, extra
 
     @property

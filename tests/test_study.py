@@ -256,6 +256,29 @@ def test_a_run_with_a_vfm_is_keyed_by_the_vfm_it_distils_from(project, tmp_path,
     assert calls == [1] and e3["vfm"] not in (e1["vfm"], e2["vfm"])
 
 
+def test_a_synseg_run_is_keyed_by_the_clipseg_it_starts_from(project, tmp_path, monkeypatch):
+    """SynSeg's run key holds its CLIPSeg initialisation: the micro CLIPSeg's config (a changed budget or
+    conditioning trains the run again), a local checkpoint's content; a recipe without one keeps its key."""
+    monkeypatch.setattr(Study, "_checkpoint_hash", lambda self, cfg: "the micro CLIP")
+    _, micro = _study(project)._run_key_parts("synseg", 0, "main", {})
+    _, longer = _study(project, **{"budgets.pretrain.clipseg.batch_size": 4})._run_key_parts("synseg", 0, "main", {})
+    _, clipself = _study(project)._run_key_parts("clipself", 0, "main", {})
+    assert micro["clipseg"].startswith("micro-clipseg:") and longer["clipseg"] != micro["clipseg"]
+    assert "clipseg" not in clipself
+    ck = tmp_path / "cs.pth"
+    ck.write_bytes(b"one CLIPSeg")
+    args = {"method_args": {"input_size": 64, "caption_pick": "one", "clipseg": str(ck)}}
+    _, f1 = _study(project)._run_key_parts("synseg", 0, "main", args)
+    ck.write_bytes(b"another CLIPSeg")
+    _, f2 = _study(project)._run_key_parts("synseg", 0, "main", args)
+    assert f1["clipseg"] != f2["clipseg"] and micro["clipseg"] not in (f1["clipseg"], f2["clipseg"])
+    _, none = _study(project)._run_key_parts("synseg", 0, "main", {"method_args": {"clipseg": None}})
+    assert "clipseg" not in none
+    _, named = _study(project, weights_dir="")._run_key_parts("synseg", 0, "main",
+                                                                {"method_args": {"clipseg": "rd64-uni"}})
+    assert named["clipseg"] == "rd64-uni"  # no local file: the name (the trainer's error names the file)
+
+
 def test_unknown_paper_reference_is_an_error(project):
     st = _study(project)
     st.record("A", FakeEval(_per_image(0.5)), seed=0)
