@@ -22,6 +22,7 @@ from ovlib.train.proxies import (
     DenseVfmPretrainConfig,
     base_class_ids,
     clipseg_batches,
+    clipseg_templates,
     colour_permute,
     dense_dino_loss,
     paired_views,
@@ -232,9 +233,9 @@ def test_clipseg_stream_never_shows_novel_classes():
     world = MicroWorld(seed=0)
     novel = {c.id for c in world.classes if c.novel}
     assert novel and not novel & set(base_class_ids(world))
-    cfg = ClipSegPretrainConfig(clip="x", batch_size=16, prompts_per_image=2)
+    cfg = ClipSegPretrainConfig(clip="x", batch_size=16, prompts_per_image=2, prompt="shuffle", with_visual=True)
     ids = [c.id for c in world.classes]
-    seen, negatives = set(), 0
+    seen, negatives, supports, text_only, mixed = set(), 0, 0, 0, 0
     for _, b in zip(range(6), clipseg_batches(cfg)):
         cats = set(b["category_id"].tolist())
         seen |= cats
@@ -247,13 +248,68 @@ def test_clipseg_stream_never_shows_novel_classes():
         for p, (o, c) in enumerate(zip(b["owner"].tolist(), b["category_id"].tolist())):
             sem = world.sample(int(b["scene_ids"][o]), cfg.image_size, annotations=False).semantic
             torch.testing.assert_close(b["masks"][p], torch.from_numpy(sem == c).float())
+        # the supports (CLIPSeg's visual prompts) come from later base-only scenes that show the prompted class
+        for c, j, w, o in zip(b["category_id"].tolist(), b["support_ids"].tolist(), b["text_weight"].tolist(),
+                              b["owner"].tolist()):
+            if j < 0:
+                assert w == 1.0
+                continue
+            assert j > int(b["scene_ids"][o]) and not {t.category_id for t in world.layout(j).things} & novel
+            assert int((world.sample(j, cfg.image_size, annotations=False).semantic == c).sum()) >= 4
+            supports += 1
+        w = b["text_weight"]
+        assert ((w >= 0) & (w <= 1)).all() and not ((w > 0.5) & (w < 1)).any()  # U(0, 0.5) or text alone
+        text_only += int((w == 1).sum())
+        mixed += int((w < 1).sum())
+        assert b["template"].min() >= 0 and b["template"].max() < len(clipseg_templates(cfg))
     assert negatives > 0 and len(seen) > 10
+    assert supports > 0 and text_only > 0 and mixed > 0
 
 
-def test_clipseg_pretrain_trains_caches_resumes(tmp_path, clip_and_cats):
+def test_clipseg_stream_is_the_same_on_resume():
+    cfg = ClipSegPretrainConfig(clip="x", batch_size=4, prompts_per_image=2, prompt="shuffle", with_visual=True)
+    full = [b for _, b in zip(range(3), clipseg_batches(cfg))]
+    resumed = next(clipseg_batches(cfg, start_step=2))
+    for k, v in full[2].items():
+        torch.testing.assert_close(resumed[k], v, msg=k)
+
+
+def test_clipseg_ensemble_prompt_without_visual_is_text_alone():
+    cfg = ClipSegPretrainConfig(clip="x", batch_size=4, prompt="ensemble", with_visual=False)
+    b = next(clipseg_batches(cfg))
+    assert "support" not in b and (b["template"] == 0).all() and (b["text_weight"] == 1).all()
+    with pytest.raises(ValueError, match="prompt"):
+        clipseg_templates(ClipSegPretrainConfig(clip="x", prompt="random"))
+
+
+def test_highlight_crop_hand_case():
+    from ovlib.data.regions import highlight_crop
+
+    img = torch.rand(3, 10, 10)
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[2:4, 3:7] = True  # a 2 x 4 object: box widened by 0.5 -> rows 1:5, cols 1:9 (4 x 8), padded to 8 x 8
+    mean = (0.5, 0.4, 0.3)
+    out = highlight_crop(img, mask, 8, mean, context=0.5, background=0.25)
+    mu = torch.tensor(mean).view(3, 1, 1)
+    expect = mu.expand(3, 8, 8).clone()
+    expect[:, 2:6, :] = mu + 0.25 * (img[:, 1:5, 1:9] - mu)  # background: a quarter of its contrast
+    expect[:, 3:5, 2:6] = img[:, 2:4, 3:7]  # the object unchanged, centred
+    torch.testing.assert_close(out, expect)
+    # blur: a constant image stays constant; the object's pixels are never blurred
+    flat = torch.full((3, 10, 10), 0.7)
+    expect = mu.expand(3, 8, 8).clone()  # the 2 x 4 box padded to 4 x 4, resized (nearest) to 8 x 8
+    expect[:, 2:6] = 0.7
+    torch.testing.assert_close(highlight_crop(flat, mask, 8, mean, context=0.0, background=1.0, blur=1.0), expect)
+    with pytest.raises(ValueError, match="empty"):
+        highlight_crop(img, torch.zeros(10, 10, dtype=torch.bool), 8, mean)
+
+
+@pytest.mark.parametrize("conditioning", [{}, {"prompt": "shuffle", "with_visual": True}],
+                         ids=["ensemble", "clipseg-mix"])
+def test_clipseg_pretrain_trains_caches_resumes(tmp_path, clip_and_cats, conditioning):
     clip, tok, _ = clip_and_cats
     cfg = ClipSegPretrainConfig(clip="test", batch_size=4, steps=8, warmup=1, ckpt_every=1000, precision="fp32",
-                                lr=3e-3)
+                                lr=3e-3, **conditioning)
     state, info = pretrain_clipseg(cfg, clip, tok, tmp_path / "a", progress=False)
     losses = [h["loss"] for h in info["history"]]
     assert len(losses) == 8 and losses[-1] < losses[0]
@@ -306,6 +362,36 @@ def test_vfm_trials_script_writes_the_record_the_chapter_reads(tmp_path):
         assert len(t["as_is"]) == 3 and 0 <= t["as_is"][0] <= 100
     assert rec["trials"]["random-init"]["steps"] == 0 and rec["trials"]["mae"]["steps"] == 4
     assert set(rec["colour_baseline"]) == {"as_is", "equalized"}
+
+
+def test_clipseg_trials_script_writes_the_record_the_chapter_reads(tmp_path):
+    """benchmarks/clipseg_transfer.py at smoke: every trial's record has what chapter 01's table reads, and the
+    `ensemble` trial is the profile's micro CLIPSeg (the chapter's ★)."""
+    import importlib.util
+    import json
+    from dataclasses import asdict
+
+    from ovlib.config import resolve
+    from ovlib.train.proxies import clipseg_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "clipseg_transfer.py"
+    spec = importlib.util.spec_from_file_location("clipseg_transfer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "trials.json"
+    mod.run("smoke", ["ensemble", "shuffle+visual"], str(tmp_path / "cache"), str(tmp_path / "mw"), out, 3)
+    rec = json.loads(out.read_text())
+    assert set(rec["trials"]) == {"ensemble", "shuffle+visual"} and rec["profile"] == "smoke"
+    for t in rec["trials"].values():
+        for key in ("description", "steps", "config", "train_seconds", "cpu_seconds", "loadavg", "novel_response",
+                    *mod.METRICS):
+            assert key in t, key
+        assert len(t["mIoU novel"]) == 3 and 0 <= t["mIoU novel"][0] <= 100
+        assert set(t["novel_response"]) == {"inside", "outside", "objects"}
+    P = resolve("smoke", [f"cache_dir={tmp_path / 'cache'}"])
+    mine = json.loads(json.dumps(asdict(clipseg_config(P, P["steps_scale"], P["seed"]))))
+    assert rec["trials"]["ensemble"]["config"] == mine
+    assert rec["trials"]["shuffle+visual"]["config"]["with_visual"]
 
 
 def _budgets(profile: str) -> dict:

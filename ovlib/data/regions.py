@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "thing_crops",
+    "highlight_crop",
     "grid_choices",
     "grid_boxes",
     "sample_grid_boxes",
@@ -341,3 +342,45 @@ def thing_crops(dataset, class_row: dict[int, int], size: int, n: int) -> tuple[
     if not crops:
         return torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.long)
     return torch.cat(crops)[:n], torch.tensor(labels[:n], dtype=torch.long)
+
+
+def highlight_crop(image: torch.Tensor, mask: torch.Tensor, size: int, mean: Sequence[float],
+                   context: float = 0.1, background: float = 0.1, blur: float = 0.0) -> torch.Tensor:
+    """CLIPSeg's visual prompt of one object: ``image (3, H, W)`` in [0, 1] and its ``mask (H, W)`` ->
+    ``(3, size, size)`` in [0, 1].
+
+    The pixels outside the mask are blurred (Gaussian, std ``blur`` px, none at 0) and pulled towards ``mean``
+    (the CLIP's normalisation mean) to ``background`` of their contrast, the mask's tight box is widened by
+    ``context`` of its width / height on each side (clipped to the image), padded to a square with ``mean``
+    (centred) and resized to ``size`` (nearest). CLIPSeg's ``crop_blur_highlight`` support images
+    (``timojl/clipseg:datasets/utils.py`` ``blend_image_segmentation``, ``evaluation_utils.py``
+    ``img_preprocess`` / ``object_crop``: ``img * mask + bg_fac * blur(img) * (1 - mask)`` on normalised images,
+    context 0.1, ``bg_fac`` 0.1, padding 0 = the mean there). An empty mask is a ValueError."""
+    if image.ndim != 3 or image.shape[0] != 3 or tuple(mask.shape) != tuple(image.shape[1:]):
+        raise ValueError(f"highlight_crop: image must be (3, H, W) and mask (H, W), got {tuple(image.shape)} "
+                         f"and {tuple(mask.shape)}")
+    m = mask.to(torch.bool)
+    if not m.any():
+        raise ValueError("highlight_crop: the mask is empty")
+    mu = torch.as_tensor(mean, dtype=image.dtype).view(3, 1, 1)
+    bg = image
+    if blur > 0:
+        r = max(1, int(math.ceil(3 * blur)))
+        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=image.dtype) / blur) ** 2)
+        g = g / g.sum()
+        x = F.pad(image[None], (r, r, r, r), mode="replicate")
+        x = F.conv2d(x, g.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)  # rows
+        bg = F.conv2d(x, g.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]  # columns -> (3, H, W)
+    out = torch.where(m[None], image, mu + background * (bg - mu))  # (3, H, W)
+    H, W = m.shape
+    x0, y0, x1, y1 = (int(v) for v in mask_to_box(m))
+    dx, dy = context * (x1 - x0), context * (y1 - y0)
+    x0, x1 = max(0, int(x0 - dx)), min(W, int(math.ceil(x1 + dx)))
+    y0, y1 = max(0, int(y0 - dy)), min(H, int(math.ceil(y1 + dy)))
+    crop = out[:, y0:y1, x0:x1]
+    h, w = crop.shape[1:]
+    side = max(h, w)
+    sq = mu.expand(3, side, side).clone()
+    top, left = (side - h) // 2, (side - w) // 2
+    sq[:, top:top + h, left:left + w] = crop
+    return F.interpolate(sq[None], size=(size, size), mode="nearest")[0]

@@ -60,6 +60,7 @@ __all__ = [
     "base_class_ids",
     "clipseg_batches",
     "clipseg_config",
+    "clipseg_templates",
     "colour_permute",
     "clipseg_weights",
     "file_key",
@@ -87,7 +88,20 @@ class ClipSegPretrainConfig:
     gets a new CLIPSeg. CLIPSeg (Lüddecke & Ecker 2022, §3-4): frozen CLIP, decoder on layers (3, 6, 9) of 12
     (here :func:`~ovlib.models.film_decoder.default_extract_layers`: 1, 2, 3 of 4), reduce_dim 64, FiLM at
     the deepest level, binary cross-entropy, AdamW with cosine decay, negative prompts (a class absent from the
-    image, empty mask) with probability ``negative_prob``."""
+    image, empty mask) with probability ``negative_prob``.
+
+    The conditional vector: by default the unit-norm template ensemble of the class name (SynSeg's text
+    anchor). CLIPSeg's own (``timojl/clipseg:training.py``, the ``rd64-uni`` configuration of
+    ``experiments/phrasecut.yaml``) is selectable: ``prompt="shuffle"`` embeds one template drawn per prompt
+    (its ``prompt: shuffle+``); ``with_visual`` mixes it with the CLIP image embedding of a *support* -- the
+    prompted class in another (base-only) scene of the stream, cut out by
+    :func:`~ovlib.data.regions.highlight_crop` --
+    ``c = w t + (1 - w) v``, ``w ~ U(mix_text)`` (``mix_text_max: 0.5``). In PhraseCut a phrase without a
+    second sample has no support and trains on text alone (``w = 1`` there); every micro-world class has one,
+    so ``text_only_prob`` of the prompts keep that text-only share. ``t`` and ``v`` are unit-norm here (the
+    text bank's convention; CLIPSeg mixes raw embeddings). ``benchmarks/clipseg_transfer.py`` scores the three
+    (chapter 01's table): they were meant to let the decoder transfer to novel names, and measured no
+    different there."""
 
     model: str = "micro-clipseg"
     clip: str = ""
@@ -100,7 +114,15 @@ class ClipSegPretrainConfig:
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 1e-4
-    templates: str = "micro"        # text anchors, as SynSeg's (unit-norm template ensembles of the main name)
+    templates: str = "micro"        # the template set (MICRO_TEMPLATES), as SynSeg's text anchors
+    prompt: str = "ensemble"        # "ensemble" | "shuffle": one template per prompt (CLIPSeg's shuffle+)
+    with_visual: bool = False       # mix in a support image's embedding (CLIPSeg's rd64-uni: with_visual, mix)
+    mix_text: tuple[float, float] = (0.0, 0.5)  # text weight w ~ U(lo, hi) (mix_text_min / mix_text_max)
+    text_only_prob: float = 0.5     # prompts trained on text alone (w = 1), PhraseCut's support-less phrases
+    support_context: float = 0.1    # highlight_crop: box widened by this (CLIPSeg's center_context)
+    support_background: float = 0.1  # contrast kept outside the mask (CLIPSeg's bg_fac)
+    support_blur: float = 0.5       # blur std in px of the 64-px scene (CLIPSeg's 3 px at 352 px, scaled)
+    support_search: int = 64        # scenes searched ahead of a prompt's own for its support
     precision: str = "auto"
     seed: int = 0
     ckpt_every: int = 100
@@ -169,35 +191,93 @@ def base_class_ids(world) -> list[int]:
     return [int(c.id) for c in world.classes if not c.novel]
 
 
-def clipseg_batches(cfg: ClipSegPretrainConfig, start_step: int = 0):
+def clipseg_templates(cfg: ClipSegPretrainConfig) -> tuple[str, ...]:
+    """The template set of ``cfg.templates``."""
+    from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES
+
+    sets = {"micro": MICRO_TEMPLATES, "vild": VILD_TEMPLATES, "bare": ("{}",)}
+    if cfg.templates not in sets:
+        raise ValueError(f"ClipSegPretrainConfig.templates must be one of {sorted(sets)}, got {cfg.templates!r}")
+    if cfg.prompt not in ("shuffle", "ensemble"):
+        raise ValueError(f"ClipSegPretrainConfig.prompt must be 'shuffle' or 'ensemble', got {cfg.prompt!r}")
+    return sets[cfg.templates]
+
+
+def clipseg_batches(cfg: ClipSegPretrainConfig, start_step: int = 0, mean: tuple[float, float, float] = (0.5,) * 3):
     """The CLIPSeg training stream from step ``start_step`` on: dicts with ``images (B, 3, S, S)`` in [0, 1],
     ``owner (P,)`` image of each prompt, ``category_id (P,)`` the prompted class, ``masks (P, S, S)`` float
-    {0, 1}, ``scene_ids (B,)`` scene indices and ``present (B, n_classes)`` bool: the classes drawn in each scene.
+    {0, 1}, ``scene_ids (B,)`` scene indices, ``present (B, n_classes)`` bool: the classes drawn in each scene,
+    ``template (P,)`` the template of each prompt (0 with ``prompt="ensemble"``), ``text_weight (P,)`` ``w`` of
+    ``c = w t + (1 - w) v`` (1: text alone), and with ``with_visual`` ``support (P, 3, S, S)`` in [0, 1] and
+    ``support_ids (P,)`` (the support's scene, -1 where none).
 
     Scenes are taken in order from the CLIPSeg part of the stream, **skipping every scene that contains a novel
-    thing** (so novel classes appear neither as prompts nor as pixels); prompts: with probability
-    ``negative_prob`` a base class absent from the scene (empty mask), else a class present in it (uniform).
-    Deterministic: scene ``i`` draws from ``np.random.default_rng([world_seed, i, 7])``, and step ``s`` starts
-    at the first scene the previous steps did not use (the stream is replayed to find it on resume)."""
+    thing** (so novel classes appear neither as prompts nor as pixels, supports included); prompts: with
+    probability ``negative_prob`` a base class absent from the scene (empty mask), else a class present in it
+    (uniform). A prompt's support is the class in the first later base-only scene (at most
+    ``support_search`` ahead) where it covers >= 4 pixels, cut out by
+    :func:`~ovlib.data.regions.highlight_crop` (``mean``: the CLIP's normalisation mean); none found, the
+    prompt trains on text alone. Deterministic: scene ``i`` draws from ``np.random.default_rng([world_seed, i,
+    7])``, and step ``s`` starts at the first scene the previous steps did not use (the stream is replayed to
+    find it on resume)."""
     import numpy as np
 
     from ovlib.data.microworld import MicroWorld
+    from ovlib.data.regions import highlight_crop
 
+    n_tpl = len(clipseg_templates(cfg)) if cfg.prompt == "shuffle" else 1
+    lo, hi = (float(v) for v in cfg.mix_text)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"ClipSegPretrainConfig.mix_text must be 0 <= lo <= hi <= 1, got {cfg.mix_text!r}")
     world = MicroWorld(seed=cfg.world_seed)
     novel = {int(c.id) for c in world.classes if c.novel}
     base = np.array(base_class_ids(world))
+    layouts: dict[int, Any] = {}
+    scenes: dict[int, Any] = {}  # rendered scenes at or after the current one (supports are rendered ahead)
+
+    def layout(j: int):
+        if j not in layouts:
+            layouts[j] = world.layout(j)
+        return layouts[j]
+
+    def base_only(j: int) -> bool:
+        return not any(t.category_id in novel for t in layout(j).things)
+
+    def scene(j: int):
+        if j not in scenes:
+            scenes[j] = world.sample(j, cfg.image_size, annotations=False)
+        return scenes[j]
+
+    def support(c: int, i: int) -> tuple[torch.Tensor | None, int]:
+        for j in range(i + 1, i + 1 + cfg.support_search):
+            lay = layout(j)
+            if not base_only(j) or (c not in lay.stuff and all(t.category_id != c for t in lay.things)):
+                continue
+            sc = scene(j)
+            m = torch.from_numpy(sc.semantic == c)
+            if int(m.sum()) < 4:
+                continue
+            img = torch.from_numpy(np.ascontiguousarray(sc.image.transpose(2, 0, 1))).float() / 255.0
+            return highlight_crop(img, m, cfg.image_size, mean, cfg.support_context, cfg.support_background,
+                                  cfg.support_blur), j
+        return None, -1
+
     i = _CLIPSEG_STREAM_OFFSET
     step = 0
     while True:
         images, owner, cats, masks, ids, present = [], [], [], [], [], []
+        tpl, weight, sup, sup_ids = [], [], [], []
         while len(images) < cfg.batch_size:
-            lay = world.layout(i)
-            if any(t.category_id in novel for t in lay.things):
+            for k in [k for k in layouts if k < i]:
+                del layouts[k]
+            for k in [k for k in scenes if k < i]:
+                del scenes[k]
+            if not base_only(i):
                 i += 1
                 continue
             rng = np.random.default_rng([cfg.world_seed, i, 7])
             if step >= start_step:
-                sc = world.sample(i, cfg.image_size, annotations=False)
+                sc = scene(i)
                 here = np.unique(sc.semantic)
                 absent = np.setdiff1d(base, here)
                 b = len(images)
@@ -209,6 +289,15 @@ def clipseg_batches(cfg: ClipSegPretrainConfig, start_step: int = 0):
                     owner.append(b)
                     cats.append(c)
                     masks.append(torch.from_numpy(sc.semantic == c))
+                    tpl.append(int(rng.integers(n_tpl)) if n_tpl > 1 else 0)  # no draw: the ensemble's stream
+                    w = 1.0
+                    if cfg.with_visual:
+                        w = float(rng.uniform(lo, hi)) if rng.random() >= cfg.text_only_prob else 1.0
+                        v, j = support(c, i)
+                        sup.append(v if v is not None else torch.zeros(3, cfg.image_size, cfg.image_size))
+                        sup_ids.append(j)
+                        w = w if v is not None else 1.0
+                    weight.append(w)
                 images.append(torch.from_numpy(np.ascontiguousarray(sc.image.transpose(2, 0, 1))).float() / 255.0)
                 ids.append(i)
                 present.append(torch.from_numpy(np.isin(np.array([c.id for c in world.classes]), here)))
@@ -216,8 +305,13 @@ def clipseg_batches(cfg: ClipSegPretrainConfig, start_step: int = 0):
                 images.append(None)
             i += 1
         if step >= start_step:
-            yield {"images": torch.stack(images), "owner": torch.tensor(owner), "category_id": torch.tensor(cats),
-                   "masks": torch.stack(masks).float(), "scene_ids": torch.tensor(ids), "present": torch.stack(present)}
+            out = {"images": torch.stack(images), "owner": torch.tensor(owner), "category_id": torch.tensor(cats),
+                   "masks": torch.stack(masks).float(), "scene_ids": torch.tensor(ids),
+                   "present": torch.stack(present), "template": torch.tensor(tpl),
+                   "text_weight": torch.tensor(weight)}
+            if cfg.with_visual:
+                out["support"], out["support_ids"] = torch.stack(sup), torch.tensor(sup_ids)
+            yield out
         step += 1
 
 
@@ -234,7 +328,7 @@ def pretrain_clipseg(cfg: ClipSegPretrainConfig, clip: nn.Module, tokenizer, cac
     from ovlib.models.adapter import vit_adapter
     from ovlib.models.clipseg import build_clipseg_decoder, clipseg_arch, decoder_to_clipseg_state
     from ovlib.models.film_decoder import clip_block_activations, default_extract_layers
-    from ovlib.models.text import MICRO_TEMPLATES, VILD_TEMPLATES, text_embeddings
+    from ovlib.models.text import text_embeddings
 
     if not cfg.clip:
         raise ValueError("ClipSegPretrainConfig.clip must name the frozen CLIP (its config hash); use clipseg_config")
@@ -258,8 +352,13 @@ def pretrain_clipseg(cfg: ClipSegPretrainConfig, clip: nn.Module, tokenizer, cac
     world = MicroWorld(seed=cfg.world_seed)
     names = {int(c.id): c.name for c in world.classes}
     base = base_class_ids(world)
-    templates = {"micro": MICRO_TEMPLATES, "vild": VILD_TEMPLATES, "bare": ("{}",)}[cfg.templates]
-    bank = text_embeddings(clip, tokenizer, [names[c] for c in base], templates, device=device).float()  # (Kb, D)
+    templates = clipseg_templates(cfg)
+    base_names = [names[c] for c in base]
+    if cfg.prompt == "shuffle":  # (Kb, T, D): one unit-norm embedding per (class, template)
+        bank = torch.stack([text_embeddings(clip, tokenizer, base_names, (t,), device=device).float()
+                            for t in templates], 1)
+    else:  # (Kb, 1, D): the unit-norm template ensemble
+        bank = text_embeddings(clip, tokenizer, base_names, templates, device=device).float()[:, None]
     row = {c: r for r, c in enumerate(base)}
     params = [p for n, p in decoder.named_parameters() if not n.startswith("projector.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fast_adam(device))
@@ -278,15 +377,22 @@ def pretrain_clipseg(cfg: ClipSegPretrainConfig, clip: nn.Module, tokenizer, cac
     use_bf16 = resolve_precision(cfg.precision, device)
     peak = _training_peak(use_bf16, device)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    batches = clipseg_batches(cfg, start_step=run.step)
+    batches = clipseg_batches(cfg, start_step=run.step, mean=tuple(float(m) for m in mean))
     run.start()
     while run.step < stop:
         b = next(batches)
         images = _normalize(b["images"].to(device), mean, std)  # (B, 3, S, S)
         rows = torch.tensor([row[int(c)] for c in b["category_id"]], device=device)
+        cond = bank[rows, b["template"].to(device)]  # (P, D) unit-norm text
         with _autocast(use_bf16, device):
+            if cfg.with_visual:  # CLIPSeg's conditional: w t + (1 - w) v, v the support's image embedding
+                w = b["text_weight"].to(device).unsqueeze(1)  # (P, 1)
+                with torch.no_grad():
+                    v = F.normalize(clip.encode_image(_normalize(b["support"].to(device), mean, std)).float(),
+                                    dim=-1)  # (P, D)
+                cond = w * cond + (1 - w) * v
             acts, grid = clip_block_activations(ad, images, layers)
-            logits, _ = decoder(acts, bank[rows], grid, owner=b["owner"].to(device), project=False)  # (P, S, S)
+            logits, _ = decoder(acts, cond, grid, owner=b["owner"].to(device), project=False)  # (P, S, S)
         loss = F.binary_cross_entropy_with_logits(logits.float(), b["masks"].to(device))
         run.check(loss)
         opt.zero_grad(set_to_none=True)
