@@ -649,8 +649,9 @@ else:
 # transformer layer per level, a transposed convolution (kernel = stride = patch) to per-pixel logits — trained
 # with binary cross-entropy on 64-px scenes, prompts of **base** classes only (20 % negative prompts: a base
 # class absent from the scene, empty mask); every scene with a novel thing is skipped, so novel classes appear
-# neither as prompts nor as pixels. Its weights are stored under CLIPSeg's own key names
-# (`ovlib.models.clipseg`), so the same loader reads a real CLIPSeg checkpoint in the `paper` profile.
+# neither as prompts nor as pixels. The prompt is the class name's template ensemble (SynSeg's text anchor).
+# Its weights are stored under CLIPSeg's own key names (`ovlib.models.clipseg`), so the same loader reads a real
+# CLIPSeg checkpoint in the `paper` profile.
 #
 # Below: OVSS mIoU (argmax over all classes, SynSeg's five-view inference for CLIPSeg, chapter 1's sliding
 # windows for the training-free modes, the same images) on the **base** classes (the ones the CLIPSeg saw:
@@ -685,7 +686,10 @@ if P["profile"] != "paper":
                                      "micro CLIPSeg", f"mIoU {g}", section="1.7"))
     study.ledger()
     hcs = cs_info["history"]
-    md(f"micro CLIPSeg: {cs_cfg.steps} steps × {cs_cfg.batch_size} scenes × {cs_cfg.prompts_per_image} prompts, "
+    md(f"micro CLIPSeg: {cs_cfg.steps} steps × {cs_cfg.batch_size} scenes × {cs_cfg.prompts_per_image} prompts "
+       f"({cs_cfg.prompt} templates" + (f", visual prompts mixed in with text weight U{tuple(cs_cfg.mix_text)}, "
+                                        f"{cs_cfg.text_only_prob:.0%} text alone" if cs_cfg.with_visual else "")
+       + "), "
        f"{int(groups['base'].sum())} base classes of {len(class_ids)}; BCE {hcs[0]['loss']:.3f} → "
        f"{hcs[-1]['loss']:.3f}; trained in {cs_info['train_seconds']:.0f} s "
        f"({'cache' if cs_info.get('loaded') else 'this run'}).\n\n" +
@@ -693,6 +697,46 @@ if P["profile"] != "paper":
              [[k, *(ci(ev.interval(m, EV.n_boot, P["seed"])) for m in ("mIoU", "mIoU base", "mIoU novel",
                                                                         "mIoU stuff"))] for k, ev in CS.items()])
        + "\n\n" + study.claims_table([c.id for c in cs_claims]))
+
+# %% [markdown]
+# ### What we tried for the micro CLIPSeg's transfer
+#
+# CLIPSeg itself is not trained on one fixed vector per class: its `rd64-uni` weights (`timojl/clipseg`,
+# `experiments/phrasecut.yaml`, `training.py`) draw one template per prompt and mix the text embedding with the
+# CLIP image embedding of a *visual prompt* — another sample of the same phrase, the object cut out with its
+# background blurred and darkened — as $c = w\,t + (1-w)\,v$, $w \sim U(0, 0.5)$ (text alone where a phrase
+# has no second sample). Both make the conditional space wider than the training names, the ingredient a
+# transfer to novel names would need. `benchmarks/clipseg_transfer.py` trains the micro CLIPSeg each way
+# (`ovlib.train.proxies.ClipSegPretrainConfig`: `prompt`, `with_visual`) and scores it as above, adding how
+# strongly the decoder responds to a novel name: the mean probability of a novel thing's class inside vs outside
+# that thing. Its record, `benchmarks/results/clipseg_trials.json`, is rendered here (rerun the script to
+# refresh it); ★ marks the conditioning of this run's micro CLIPSeg. Minutes are the wall time of the run that
+# trained each model, on that run's machine and load.
+
+# %%
+CS_TRIALS = Path("benchmarks/results/clipseg_trials.json")
+if P["profile"] != "paper" and CS_TRIALS.is_file():
+    rec = json.loads(CS_TRIALS.read_text())
+    tr = rec["trials"]
+    mine = {k: v for k, v in json.loads(json.dumps(asdict(cs_cfg))).items() if k != "precision"}
+    def same_cs(cfg):  # the conditioning and budget of this run's micro CLIPSeg (the precision aside)
+        return cfg is not None and {k: v for k, v in cfg.items() if k != "precision"} == mine
+
+    md(f"Trials at the `{rec['profile']}` profile, {rec['n_images']} evaluation scenes (OVSS mIoU, 95 % "
+       "intervals over scenes; novel response over the novel things of the first scenes):\n\n" + table(
+           ["trial", "conditioning", "steps", "train min (wall)", "load avg", "mIoU base", "mIoU novel",
+            "mIoU stuff", "novel class p inside / outside its object"],
+           [[f"`{k}`" + (" ★" if same_cs(t.get("config")) else ""), t["description"], t["steps"],
+             f"{t['train_seconds'] / 60:.1f}", f"{t['loadavg']:.1f}" if t.get("loadavg") is not None else "—",
+             ci(t["mIoU base"]), ci(t["mIoU novel"]), ci(t["mIoU stuff"]),
+             f"{t['novel_response']['inside']:.3f} / {t['novel_response']['outside']:.3f} "
+             f"({t['novel_response']['objects']} objects)"] for k, t in tr.items()]))
+    best = max(tr, key=lambda k: tr[k]["mIoU novel"][0])
+    md(f"Best trial on novel things: `{best}`, {tr[best]['mIoU novel'][0]:.1f} mIoU "
+       + ("— the upper end of its interval is below 1 point: no conditioning tried so far makes the micro "
+          "CLIPSeg transfer to novel names." if tr[best]["mIoU novel"][2] < 1.0 else "."))
+elif P["profile"] != "paper":
+    md(f"(no trials record at `{CS_TRIALS}`: run `python benchmarks/clipseg_transfer.py --profile micro`)")
 
 # %% [markdown]
 # ## 1.8 Point affinity maps
