@@ -7,12 +7,14 @@ Spread convention (every figure): the median of ``n`` repeated measurements and 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
 import platform
 import statistics
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 SPREAD = "min-max"
@@ -101,3 +103,26 @@ def reset_peak_rss() -> int:
 def peak_added_mib(before_kib: int) -> float:
     """Peak resident memory added since :func:`reset_peak_rss` returned ``before_kib``, in MiB."""
     return (status_kib("VmHWM") - before_kib) / 1024
+
+
+def trials_parser(doc: str, trials: Sequence[str], out: str) -> argparse.ArgumentParser:
+    """The command line of the micro proxies' trial scripts (``vfm_grouping.py``, ``clipseg_transfer.py``):
+    ``--profile`` (smoke | micro), ``--trials`` (default: all), ``--cache-dir``, ``--data-root``, ``--out``
+    (default ``out``); a script adds its own options, then parses with :func:`parse_trials`."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--profile", default="micro", choices=("smoke", "micro"))
+    ap.add_argument("--trials", nargs="*", default=list(trials))
+    ap.add_argument("--cache-dir", default="data/cache")
+    ap.add_argument("--data-root", default="data/microworld")
+    ap.add_argument("--out", type=Path, default=Path(out))
+    return ap
+
+
+def parse_trials(ap: argparse.ArgumentParser, trials: Sequence[str], argv: Sequence[str] | None = None
+                 ) -> argparse.Namespace:
+    """Parse ``argv``; an unknown trial name is an error listing the known ones."""
+    a = ap.parse_args(argv)
+    unknown = sorted(set(a.trials) - set(trials))
+    if unknown:
+        ap.error(f"unknown trial(s) {unknown}; choose from {sorted(trials)}")
+    return a

@@ -15,7 +15,6 @@ renders it as its CLIPSeg trials table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -128,17 +127,11 @@ def run(profile: str, names: list[str], cache_dir: str, data_root: str, out: Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="micro", choices=("smoke", "micro"))
-    ap.add_argument("--trials", nargs="*", default=list(TRIALS))
-    ap.add_argument("--cache-dir", default="data/cache")
-    ap.add_argument("--data-root", default="data/microworld")
+    from _common import parse_trials, trials_parser  # the script's folder (sys.path[0] when run as a script)
+
+    ap = trials_parser(__doc__, list(TRIALS), "benchmarks/results/clipseg_trials.json")
     ap.add_argument("--diag-images", type=int, default=40, help="scenes of the novel-response diagnostic")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/clipseg_trials.json"))
-    a = ap.parse_args(argv)
-    unknown = sorted(set(a.trials) - set(TRIALS))
-    if unknown:
-        ap.error(f"unknown trial(s) {unknown}; choose from {sorted(TRIALS)}")
+    a = parse_trials(ap, list(TRIALS), argv)
     run(a.profile, a.trials, a.cache_dir, a.data_root, a.out, a.diag_images)
     return 0
 
