@@ -17,7 +17,6 @@ of each training so a reader can judge.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -39,6 +38,12 @@ TRIALS: dict[str, tuple[str, object]] = {
     "random-init": ("none: the ViT's random initialisation (the control: what training adds)", RANDOM_INIT),
     "mae": ("MAE: 75 % of the patches of whole 160-px scenes dropped, their per-patch normalised pixels predicted "
             "by a 2-block decoder", MaeVfmPretrainConfig()),
+    "mae-150": ("MAE as `mae`, half the steps (150)", MaeVfmPretrainConfig(steps=150, warmup=15)),
+    "mae-600": ("MAE as `mae`, twice the steps (600)", MaeVfmPretrainConfig(steps=600, warmup=60)),
+    "mae-dec4": ("MAE as `mae`, a 4-block 128-d decoder (MAE §4.1: a deeper decoder leaves the encoder's last "
+                 "block more abstract)", MaeVfmPretrainConfig(decoder_depth=4, decoder_dim=128)),
+    "mae-m90-600": ("MAE as `mae`, 90 % of the patches dropped, 600 steps (the encoder sees 40 tokens)",
+                    MaeVfmPretrainConfig(mask_ratio=0.9, steps=600, warmup=60)),
     "dino": ("DINO, CLS of 48/24-px multi-crops (the previous default)", DinoPretrainConfig()),
     "dense": ("dense self-distillation across 2 eval-scale views (64 px)", DenseVfmPretrainConfig()),
     "dense-100": ("dense self-distillation across 2 eval-scale views (64 px), a quarter of the steps",
@@ -143,18 +148,12 @@ def run(profile: str, names: list[str], cache_dir: str, data_root: str, n_images
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="micro", choices=("smoke", "micro"))
-    ap.add_argument("--trials", nargs="*", default=list(TRIALS))
-    ap.add_argument("--cache-dir", default="data/cache")
-    ap.add_argument("--data-root", default="data/microworld")
+    from _common import parse_trials, trials_parser  # the script's folder (sys.path[0] when run as a script)
+
+    ap = trials_parser(__doc__, list(TRIALS), "benchmarks/results/vfm_trials.json")
     ap.add_argument("--n-images", type=int, default=0, help="0: the chapter's number of k-means images")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vfm_trials.json"))
     ap.add_argument("--rescore-colour", action="store_true", help="score the colour baseline even if recorded")
-    a = ap.parse_args(argv)
-    unknown = sorted(set(a.trials) - set(TRIALS))
-    if unknown:
-        ap.error(f"unknown trial(s) {unknown}; choose from {sorted(TRIALS)}")
+    a = parse_trials(ap, list(TRIALS), argv)
     run(a.profile, a.trials, a.cache_dir, a.data_root, a.n_images, a.out, a.rescore_colour)
     return 0
 
