@@ -279,7 +279,7 @@ def test_clipseg_ensemble_prompt_without_visual_is_text_alone():
     b = next(clipseg_batches(cfg))
     assert "support" not in b and (b["template"] == 0).all() and (b["text_weight"] == 1).all()
     with pytest.raises(ValueError, match="prompt"):
-        clipseg_templates(ClipSegPretrainConfig(clip="x", prompt="random"))
+        next(clipseg_batches(ClipSegPretrainConfig(clip="x", prompt="random")))
 
 
 def test_highlight_crop_hand_case():

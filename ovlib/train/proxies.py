@@ -225,7 +225,8 @@ def clipseg_batches(cfg: ClipSegPretrainConfig, start_step: int = 0, mean: tuple
     from ovlib.data.microworld import MicroWorld
     from ovlib.data.regions import highlight_crop
 
-    n_tpl = len(clipseg_templates(cfg)) if cfg.prompt == "shuffle" else 1
+    templates = clipseg_templates(cfg)  # validates templates and prompt
+    n_tpl = len(templates) if cfg.prompt == "shuffle" else 1
     lo, hi = (float(v) for v in cfg.mix_text)
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"ClipSegPretrainConfig.mix_text must be 0 <= lo <= hi <= 1, got {cfg.mix_text!r}")
