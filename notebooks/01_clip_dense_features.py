@@ -175,7 +175,9 @@ md(f"{len(world.things)} thing classes ({sum(c.novel for c in world.things)} mar
 # error on the dropped patches only. The encoder is kept, the decoder discarded. MAE was chosen by measurement
 # (the trials of §1.7, `benchmarks/vfm_grouping.py`): DINO's image-level objective on 48/24-px crops and dense
 # self-distillation across views at the evaluation scale (the previous default) grouped no better than the
-# untrained ViT; MAE groups better than both, on the k-means protocol and with colours equalised.
+# untrained ViT; MAE groups better than both, on the k-means protocol and with colours equalised. Its budget is
+# the shortest of the MAE trials (`budgets.pretrain.vfm`): in the trials, MAE's grouping did not grow with more
+# steps.
 #
 # Both are cached under `cache_dir`, keyed by a hash of their config: a second run loads them.
 
