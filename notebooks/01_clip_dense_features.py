@@ -635,8 +635,9 @@ if TRIALS.is_file():
     md(f"Best trial by k-means mIoU: `{best}`, {tr[best]['as_is'][0] - cb['as_is'][0]:+.1f} points against the "
        f"colour baseline ({tr[best]['equalized'][0] - cb['equalized'][0]:+.1f} with colours equalised): "
        + ("its interval lies above the baseline's." if above else
-          "its interval does not lie above the baseline's — no objective tried so far groups better than colour "
-          "alone."))
+          "its interval overlaps the baseline's. These intervals are unpaired (each over the scenes on its own); "
+          "the paired comparison of this run's VFM with the baseline on the same scenes is the VFM premise claim "
+          "above."))
 else:
     md(f"(no trials record at `{TRIALS}`: run `python benchmarks/vfm_grouping.py --profile micro`)")
 
