@@ -109,6 +109,20 @@ def test_evaluate_student_matches_the_chapter01_protocol_and_takes_a_dense_fn(en
     ev4 = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, region_images=2, crops=False, ovss=False,
                            kmeans=False, keep_regions=True)
     assert ev4.regions is not None and ev4.regions.features["maskpool/x+v"].shape[0] == ev4.n_regions
+    # the colour-proof k-means: evaluate_kmeans with every segment's mean colour equalised, the same images and seed
+    from ovlib.eval.segmentation import evaluate_kmeans
+    from ovlib.eval.students import KMEANS_EQ
+
+    ev5 = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, region=False, ovss=False, kmeans=False,
+                           kmeans_equalized=True, seg_images=2)
+    want = evaluate_kmeans(dense_fn_for_clip(clip, "x+v", normalize=False), ds, image_size=ev_s.region.image_size,
+                           n_images=2, seed=0, n_boot=ev_s.n_boot, patch=8, progress=False, colour="equalized")
+    assert set(ev5.ci) == {KMEANS_EQ} and ev5.ci[KMEANS_EQ] == want["miou"]
+    arr, stat = ev5.per_image[KMEANS_EQ]
+    assert stat(arr.sum(0)) == pytest.approx(float(np.mean(want["per_image"])))
+    ev6 = evaluate_student(clip, ds, env["text"], env["ids"], ev_s, region=False, ovss=False, kmeans_equalized=True,
+                           seg_images=2)
+    assert set(ev6.ci) == {"kmeans.miou", KMEANS_EQ} and ev6.ci[KMEANS_EQ] == want["miou"]
 
 
 def test_evaluate_student_pooling_convention_is_a_field_and_recorded(env):

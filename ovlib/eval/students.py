@@ -40,6 +40,7 @@ import torch
 from ovlib.eval.metrics import macc_from_counts, miou_from_confusion
 
 __all__ = [
+    "KMEANS_EQ",
     "METRICS",
     "RUN_FILES",
     "StudentEval",
@@ -58,6 +59,9 @@ __all__ = [
 #: Flat metric names of :class:`StudentEval` (percent). ``global.*`` is the model's own CLS of region crops.
 METRICS = ("boxes.top1", "boxes.top5", "thing.top1", "thing.top5", "stuff.top1", "stuff.top5",
            "global.thing.top1", "global.stuff.top1", "ovss.miou", "kmeans.miou")
+#: the colour-proof grouping metric (``kmeans_equalized=True``): k-means mIoU with every GT segment's mean colour
+#: moved to the image's (:func:`ovlib.eval.segmentation.evaluate_kmeans`, ``colour="equalized"``)
+KMEANS_EQ = "kmeans_eq.miou"
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -246,6 +250,7 @@ class StudentEval:
 def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_ids: Sequence[int], settings: Any,
                      mode: str = "x+v", name: str = "", region_images: int = 0, seg_images: int = 0,
                      region: bool = True, crops: bool = True, ovss: bool = True, kmeans: bool = True,
+                     kmeans_equalized: bool = False,
                      dense_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
                      device: str | torch.device = "cpu", keep_regions: bool = False,
                      progress: bool = False, pooling: str | None = None) -> StudentEval:
@@ -256,6 +261,7 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
     normalisation and, with ``crops``, the crop CLS). ``settings``: :class:`ovlib.eval.profiles.DenseEvalSettings`.
     ``region_images`` / ``seg_images``: first images of ``dataset`` used (0: the settings' defaults).
     ``region`` / ``crops`` / ``ovss`` / ``kmeans`` switch the protocols (``crops`` needs ``region``);
+    ``kmeans_equalized`` adds the colour-proof k-means (:data:`KMEANS_EQ`, the same images and seed);
     ``keep_regions`` keeps the region features (e.g. mask-pooled features for a t-SNE) in ``.regions``.
     ``pooling``: the region pooling convention (``None``: ``settings.region.pooling``; a run's own is
     :func:`student_pooling`); it matters only for a ``dense_fn`` that returns unnormalised tokens (the CLIP's
@@ -301,14 +307,17 @@ def evaluate_student(model: Any, dataset: Sequence, text: torch.Tensor, class_id
                            seed=seed, progress=progress)
         ev.ci["ovss.miou"] = ov["miou"]
         ev.per_image["ovss.miou"] = (ov["confusion"], _ovss_stat)
-    if kmeans:
+    # k-means as is and, with ``kmeans_equalized``, with every segment's mean colour equalised (colour-proof)
+    colours = (("kmeans.miou", "as_is"),) * kmeans + ((KMEANS_EQ, "equalized"),) * kmeans_equalized
+    if colours:
         from ovlib.models import vit_adapter
 
         patch = int(vit_adapter(model).patch_size[0])  # EVA towers (timm) have no `visual.patch_size`
+    for metric, colour in colours:
         km = evaluate_kmeans(fn, dataset, image_size=settings.region.image_size, n_images=n_seg, seed=seed,
-                             n_boot=settings.n_boot, patch=patch, progress=progress)
-        ev.ci["kmeans.miou"] = km["miou"]
+                             n_boot=settings.n_boot, patch=patch, progress=progress, colour=colour)
+        ev.ci[metric] = km["miou"]
         per = np.asarray(km["per_image"], dtype=np.float64)
-        ev.per_image["kmeans.miou"] = (np.stack([per, np.ones_like(per)], 1), _kmeans_stat)
+        ev.per_image[metric] = (np.stack([per, np.ones_like(per)], 1), _kmeans_stat)
     ev.seconds = time.perf_counter() - t0
     return ev
