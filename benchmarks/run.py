@@ -13,12 +13,14 @@ Sections (``--only``):
   wall-clock time per block of scenes and of this process's CPU time (the one to read on a loaded machine).
   Target: >= 300 full 64-px scenes/s.
 * ``pretrain`` -- real ``pretrain_clip`` runs with the micro config (``pretrain_configs("micro")``, whatever its
-  current defaults, with the step budget replaced) into temporary caches, ``--repeats`` rounds of the two data
-  pipelines back to back (``bench_pretrain.pipeline_rounds``): samples/s of the steps after the first with the
-  scenes rendered in the loop (``inline``, the old path) and with pre-rendered shards (``shards``: the optimiser
-  loop alone, and with the run's shard rendering charged to its steps -- the new end-to-end rate), their
-  per-round ratio (target >= 2x), the fp32 and bf16 matmul peaks measured in the same run (``matmul_peak``,
-  repeated), and MFU = samples/s x ``clip_train_flops_per_sample`` / median peak, against both peaks.
+  current defaults, with the step budget replaced) into temporary caches, ``--repeats`` rounds of the paths of
+  ``bench_pretrain.PIPELINE_VARIANTS`` back to back: samples/s of the steps after the first with the scenes
+  rendered in the loop and the text tower over all 32 positions (``inline``, the old path), and with
+  pre-rendered shards (the optimiser loop alone, and with the run's shard rendering charged to its steps) with
+  the full and with the trimmed text context (``text_context``; shards + trim is the new default), the per-round
+  ratios new / old (target >= 2x) and trimmed / full, the fp32 and bf16 matmul peaks measured in the same run
+  (``matmul_peak``, repeated), and MFU = samples/s x ``clip_train_flops_per_sample`` (the text tower at the
+  positions the path computes) / median peak, against both peaks.
 * ``methods`` -- one training step (the trainer's own ``_loss``: autocast as the recipe's ``amp``, weighted sum
   of the method's loss terms; backward; the trainer's AdamW step) of every method of ``ovlib.methods.METHODS``
   on the same synthetic batch with the same random micro CLIP student, micro VFM and (for ``rsc-clipself``,
@@ -158,7 +160,7 @@ def section_microworld(a, F: Figures) -> dict:
 
 def section_pretrain(a, F: Figures) -> dict:
     import torch
-    from bench_pretrain import pipeline_rounds
+    from bench_pretrain import PIPELINE_VARIANTS, pipeline_rounds
 
     from ovlib.train.pretrain import clip_train_flops_per_sample, matmul_peak, pretrain_configs
 
@@ -171,9 +173,16 @@ def section_pretrain(a, F: Figures) -> dict:
     p16 = [matmul_peak(torch.bfloat16, n=512, seconds=sec) for _ in range(a.repeats)]
     r = pipeline_rounds(base, a.repeats, block, log=a.log)
     from ovlib.models import load_clip
+    from ovlib.train.pretrain import _stream_loader
 
     model, tok, _ = load_clip(base.model, seed=0)
-    fps = clip_train_flops_per_sample(model, tok, base.image_size)
+    # the text positions the timed steps of the trimmed runs compute: batches 2 .. 1+block of the stream
+    stream = _stream_loader(base.world_seed, base.image_size, base.batch_size, 0, 0, object_views=base.object_views,
+                            view_render_size=base.view_render_size, view_context=base.view_context)
+    lens = [int(tok(next(stream)["caption"]).argmax(-1).max()) + 1 for _ in range(1 + block)][1:]
+    trim_len = round(sum(lens) / len(lens))
+    fps = {"full": clip_train_flops_per_sample(model, tok, base.image_size),
+           "trim": clip_train_flops_per_sample(model, tok, base.image_size, text_len=trim_len)}
     m32, m16 = summarize(p32)["median"], summarize(p16)["median"]
     prec = "bf16 autocast" if all(r["bf16"]) else "fp32" if not any(r["bf16"]) else "mixed"
     threads = torch.get_num_threads()
@@ -182,23 +191,30 @@ def section_pretrain(a, F: Figures) -> dict:
     F.add("pretrain", "bf16 matmul peak (512^3)", [p / 1e9 for p in p16], "GFLOP/s",
           note=f"matmul_peak, {threads} threads")
     common = f"batch {base.batch_size}, {block} steps after step 1 of a fresh pretrain_clip run, {prec}"
-    F.add("pretrain", "micro CLIP pre-training, inline data (old)", r["inline"], "samples/s",
-          note=f"{common}; scenes rendered in the loop (data_pipeline='inline')")
-    F.add("pretrain", "micro CLIP pre-training, shards: optimiser loop", r["shards"], "samples/s",
-          note=f"{common}; pre-rendered shards read back (data_pipeline='shards')")
-    F.add("pretrain", "micro CLIP pre-training, shards incl. rendering (new)", r["shards+render"], "samples/s",
-          note=f"{common}; the run's shard rendering ({_threads_note(threads)}) charged to its steps")
-    F.add("pretrain", "new / old end to end (shards incl. rendering / inline)",
+    F.add("pretrain", "micro CLIP pre-training, inline data, full text (old)", r["inline"], "samples/s",
+          note=f"{common}; scenes rendered in the loop (data_pipeline='inline'), text_context='full'")
+    for name, what in (("shards-full", "full text"), ("shards", "trimmed text (new)")):
+        F.add("pretrain", f"micro CLIP pre-training, shards, {what}: optimiser loop", r[name], "samples/s",
+              note=f"{common}; pre-rendered shards read back, text_context={PIPELINE_VARIANTS[name][1]!r}")
+        F.add("pretrain", f"micro CLIP pre-training, shards incl. rendering, {what}", r[f"{name}+render"],
+              "samples/s", note=f"{common}; the run's shard rendering ({_threads_note(threads)}, process start "
+                                "included) charged to its steps")
+    F.add("pretrain", "new / old end to end (shards incl. rendering, trimmed text / inline, full text)",
           paired_ratios(r["shards+render"], r["inline"]), "x", target=2.0, higher_is_better=True,
-          note="per round, the two runs back to back")
-    F.add("pretrain", "shards optimiser loop / inline", paired_ratios(r["shards"], r["inline"]), "x",
+          note="per round, the runs back to back")
+    F.add("pretrain", "new optimiser loop / old (shards, trimmed text / inline, full text)",
+          paired_ratios(r["shards"], r["inline"]), "x",
           note="per round: the ceiling when rendering is free (cached shards)")
-    for label, key in (("inline (old)", "inline"), ("shards incl. rendering (new)", "shards+render")):
+    F.add("pretrain", "trimmed / full text (both shards, optimiser loop)", paired_ratios(r["shards"], r["shards-full"]),
+          "x", note=f"per round; the timed batches' captions end by position {trim_len} (mean) of {tok(['']).shape[1]}")
+    for label, key, text in (("inline, full text (old)", "inline", "full"),
+                             ("shards incl. rendering, trimmed text (new)", "shards+render", "trim")):
         for pname, peak in (("fp32", m32), ("bf16", m16)):
-            F.add("pretrain", f"MFU {label} vs {pname} matmul peak", [100 * s * fps / peak for s in r[key]], "%",
-                  note=f"{fps / 1e6:.1f} MFLOP/sample (3x forward matmuls) / median {pname} peak")
+            F.add("pretrain", f"MFU {label} vs {pname} matmul peak", [100 * s * fps[text] / peak for s in r[key]],
+                  "%", note=f"{fps[text] / 1e6:.1f} MFLOP/sample (3x forward matmuls, text over "
+                            f"{'all' if text == 'full' else trim_len} positions) / median {pname} peak")
     return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(base).items()},
-            "flops_per_sample": fps, "bf16": prec, "block": block, "render_s": r["render_s"]}
+            "flops_per_sample": fps, "text_len": trim_len, "bf16": prec, "block": block, "render_s": r["render_s"]}
 
 
 def _threads_note(threads: int) -> str:

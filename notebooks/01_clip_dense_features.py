@@ -238,7 +238,9 @@ plt.show()
 #
 # MFU = achieved model FLOP/s ÷ the machine's *measured* matmul peak (a timed square matmul in this process,
 # in the precision the run used). Model FLOPs per training sample are 3× the forward FLOPs of both towers
-# counted by `torch.utils.flop_counter` (matmuls and attention; element-wise work is not counted). The book
+# counted by `torch.utils.flop_counter` (matmuls and attention; element-wise work is not counted), the text
+# tower's at the run's mean number of text positions (`text_context: trim` runs it up to each batch's last
+# end-of-text token: the same function with less work, `ovlib.models.clip.encode_text_trimmed`). The book
 # trains in fp32 (`precision: fp32`): bf16 pre-training gives other numbers (the README's precision paragraph);
 # `-p precision=bf16` trades them for speed where the hardware has bf16 (Intel AMX, GPUs), and `auto` picks bf16
 # only there -- CPUs without native bf16 instructions run bf16 matmuls far slower than fp32.
@@ -246,7 +248,11 @@ plt.show()
 # %%
 p32 = matmul_peak(torch.float32, device=DEV)
 p16 = matmul_peak(torch.bfloat16, n=512, seconds=0.3, device=DEV)
-clip_flops = clip_train_flops_per_sample(clip_model.cpu(), tokenizer, clip_cfg.image_size) if clip_info else 0.0
+# the text positions the run's steps computed (text_context "trim": up to each batch's last end-of-text token)
+text_lens_ = [h["text_len"] for h in (clip_info or {}).get("history", []) if "text_len" in h]
+clip_flops = clip_train_flops_per_sample(clip_model.cpu(), tokenizer, clip_cfg.image_size,
+                                         round(sum(text_lens_) / len(text_lens_)) if text_lens_ else None
+                                         ) if clip_info else 0.0
 clip_model.to(DEV)
 vfm_cpu = vfm.cpu()
 if not vfm_info:  # real weights (paper): nothing trained here

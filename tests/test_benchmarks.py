@@ -84,10 +84,17 @@ def test_quick_every_section(tmp_path):
     for m in METHODS:
         assert f"micro {m}: step time" in names
     assert {"micro synclip / declip", "micro clipself / clipself (noise floor)"} <= names
-    assert {"micro CLIP pre-training, inline data (old)", "micro CLIP pre-training, shards incl. rendering (new)",
-            "new / old end to end (shards incl. rendering / inline)", "MFU inline (old) vs bf16 matmul peak",
-            "MFU shards incl. rendering (new) vs fp32 matmul peak"} <= names
-    assert data["sections"]["pretrain"]["meta"]["render_s"][0] > 0  # the shards were rendered by the run
+    assert {"micro CLIP pre-training, inline data, full text (old)",
+            "micro CLIP pre-training, shards incl. rendering, trimmed text (new)",
+            "micro CLIP pre-training, shards incl. rendering, full text",
+            "new / old end to end (shards incl. rendering, trimmed text / inline, full text)",
+            "trimmed / full text (both shards, optimiser loop)",
+            "MFU inline, full text (old) vs bf16 matmul peak",
+            "MFU shards incl. rendering, trimmed text (new) vs fp32 matmul peak"} <= names
+    pre = data["sections"]["pretrain"]["meta"]
+    assert pre["render_s"][0] > 0  # the shards were rendered by the run
+    # the new path's FLOPs count the text positions it ran: fewer than the full context's
+    assert 1 < pre["text_len"] < 32 and pre["flops_per_sample"]["trim"] < pre["flops_per_sample"]["full"]
     # chapter 06's detector phase and the chapters' distillation runs, each serial against two worker processes
     workers = [f for f in data["figures"] if f["name"] == "speed-up of the worker processes (serial / workers)"]
     assert sorted(f["section"] for f in workers) == ["detector", "runs"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from ovlib.io import CheckpointError, atomic_save
@@ -19,7 +22,7 @@ from ovlib.models import (
     load_clip,
     register_micro_clip,
 )
-from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD, _cached_open_clip_file
+from ovlib.models.clip import OPENAI_MEAN, OPENAI_STD, _cached_open_clip_file, encode_text_trimmed, text_encoder
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +259,74 @@ def test_unknown_names_and_tags():
         load_clip("ViT-B-16", pretrained="nope")
     with pytest.raises(ValueError, match="no named weights"):
         load_clip("micro-clip", pretrained="openai")
+
+
+# ------------------------------------------------------------------------ the trimmed text context
+def _tokens(eots: list[int], L: int = 32, seed: int = 0) -> torch.Tensor:
+    """Token rows like open_clip's tokenizer: start-of-text, random words, end-of-text (the highest id) at
+    ``eots[b]``, zeros after it. ``(B, L)``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(len(eots), L, dtype=torch.long)
+    for b, e in enumerate(eots):
+        t[b, 0] = 49406
+        t[b, 1:e] = torch.randint(1, 49000, (e - 1,), generator=g)
+        t[b, e] = 49407
+    return t
+
+
+@settings(max_examples=12, deadline=None)
+@given(eots=st.lists(st.integers(1, 31), min_size=1, max_size=5), seed=st.integers(0, 10))
+def test_trimmed_text_equals_encode_text_and_its_gradients(micro, eots, seed):
+    """encode_text_trimmed is encode_text up to rounding: features and the gradients of every parameter,
+    whatever the end-of-text positions (the causal mask hides the padding from the pooled token)."""
+    model = copy.deepcopy(micro[0]).train()
+    text = _tokens(eots, seed=seed)
+    w = torch.randn(len(eots), model.text_projection.shape[1], generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for fn in (model.encode_text, lambda t: encode_text_trimmed(model, t)):
+        model.zero_grad(set_to_none=True)
+        out = fn(text)  # (B, D)
+        (out * w).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, gf), (trim, gt) = grads
+    assert trim.shape == full.shape == (len(eots), 128)
+    torch.testing.assert_close(trim, full, rtol=1e-5, atol=1e-5)
+    assert gf.keys() == gt.keys() and "token_embedding.weight" in gf and "visual.conv1.weight" not in gf
+    for n in gf:  # to rounding on the scale of each gradient (sums of other lengths, other orders)
+        assert (gt[n] - gf[n]).abs().max() <= 1e-5 * gf[n].abs().max() + 1e-8, n
+    # the positions after the batch's last end-of-text token get no gradient either way
+    assert not gf["positional_embedding"][max(eots) + 1:].any()
+
+
+def test_trimmed_text_runs_only_up_to_the_last_end_of_text(micro, monkeypatch):
+    model = micro[0]
+    seen = []
+    real = type(model.transformer).forward
+    monkeypatch.setattr(type(model.transformer), "forward",
+                        lambda self, x, attn_mask=None: seen.append(tuple(x.shape)) or real(self, x, attn_mask))
+    with torch.no_grad():
+        encode_text_trimmed(model, _tokens([3, 9, 5]))
+        model.encode_text(_tokens([3, 9, 5]))
+    assert seen == [(3, 10, 128), (3, 32, 128)]
+
+
+def test_text_encoder_resolves_once_and_refuses_what_it_cannot_trim(micro):
+    model = micro[0]
+    assert text_encoder(model, "full") == model.encode_text
+    with torch.no_grad():
+        torch.testing.assert_close(text_encoder(model, "trim")(_tokens([4, 7])), model.encode_text(_tokens([4, 7])))
+    with pytest.raises(ValueError, match="text context must be one of"):
+        text_encoder(model, "auto")
+    other = copy.deepcopy(model)
+    other.text_pool_type = "first"
+    with pytest.raises(ValueError, match="pools the text with 'first'"):
+        text_encoder(other, "trim")
+    assert text_encoder(other, "full") == other.encode_text
+    bidir = copy.deepcopy(model)
+    bidir.attn_mask = torch.zeros_like(model.attn_mask)
+    with pytest.raises(ValueError, match="not causal"):
+        encode_text_trimmed(bidir, _tokens([4]))
+    with pytest.raises(ValueError, match="not an open_clip CLIP"):
+        encode_text_trimmed(torch.nn.Linear(2, 2), _tokens([4]))
+    with pytest.raises(ValueError, match=r"must be \(B, L\)"):
+        encode_text_trimmed(model, _tokens([4])[0])

@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovlib.models import load_clip
 from ovlib.train.pretrain import (
     PRETRAIN_NO_DECAY,
     ClipPretrainConfig,
     DinoPretrainConfig,
     clip_loss,
+    clip_train_flops_per_sample,
     dino_loss,
     multicrop,
     param_groups,
@@ -144,7 +146,8 @@ def test_profile_files_keep_the_pretraining_configs_and_their_cache_keys(repo_ro
     the precision study, which changed their keys once; ``auto``, the dataclass default, in paper), and the cache
     key of the micro CLIP the book trains. The micro VFM is MAE's config (``objective: mae``) since the VFM trials
     chose it, at 150 steps in micro since they showed MAE's grouping does not grow past them (the dataclass defaults
-    otherwise): both changes retrained the VFM on purpose."""
+    otherwise): both changes retrained the VFM on purpose. The micro CLIP's key changed once more with
+    ``text_context: trim`` (the same function computed with less work; its weights differ by rounding)."""
     from dataclasses import replace
 
     from ovlib import config
@@ -157,8 +160,8 @@ def test_profile_files_keep_the_pretraining_configs_and_their_cache_keys(repo_ro
         assert c == replace(ClipPretrainConfig(), precision=prec)
         assert v == replace(MaeVfmPretrainConfig(), precision=prec, **vfm_steps)
         assert clipseg_config(profile, 1.0, 0) == ClipSegPretrainConfig(clip=config_hash(c), precision=prec)
-    # data/cache/micro-clip/micro-clip-9dccc724aa6e.pt
-    assert config_hash(pretrain_configs("micro", 1.0, 0)[0]) == "9dccc724aa6e"
+    # data/cache/micro-clip/micro-clip-79f7caf0d909.pt
+    assert config_hash(pretrain_configs("micro", 1.0, 0)[0]) == "79f7caf0d909"
     c, v = pretrain_configs("smoke", 0.01, 0)
     assert c == replace(ClipPretrainConfig(), batch_size=16, ckpt_every=1000, steps=30, warmup=3, precision="fp32")
     assert v == replace(MaeVfmPretrainConfig(), batch_size=8, ckpt_every=1000, steps=5, warmup=1, precision="fp32")
@@ -185,6 +188,48 @@ def test_smoke_clip_pretraining_loss_decreases_and_caches(tmp_path):
     assert info2["loaded"]
     for (n, p), (_, q) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_trimmed_and_full_text_context_train_the_same_model_to_rounding(tmp_path):
+    """``text_context``: "trim" and "full" are the same function (ovlib.models.clip.encode_text_trimmed), so two
+    steps of each give the same losses and weights to rounding; the history records the text positions each step
+    ran (the batch's last end-of-text token + 1 when trimmed, the context length otherwise); they are two cache
+    entries; an unknown context is refused before anything is trained."""
+    from dataclasses import replace
+
+    from ovlib.io import config_hash
+
+    cfg = ClipPretrainConfig(batch_size=8, steps=2, warmup=1, ckpt_every=1000, precision="fp32")
+    out = {}
+    for ctx in ("trim", "full"):
+        c = replace(cfg, text_context=ctx)
+        model, tok, info = pretrain_clip(c, tmp_path / ctx, progress=False)
+        out[ctx] = (model, info)
+    (m_t, i_t), (m_f, i_f) = out["trim"], out["full"]
+    assert [h["text_len"] for h in i_f["history"]] == [32, 32]
+    assert all(1 < h["text_len"] < 32 for h in i_t["history"])
+    assert [h["loss"] for h in i_t["history"]] == pytest.approx([h["loss"] for h in i_f["history"]], rel=1e-5)
+    # AdamW turns the rounding noise of gradients that are zero in exact arithmetic (the attention's key bias:
+    # softmax does not see it) into steps of up to ~lr, so the weights agree to the optimiser's step size; the
+    # rest to rounding
+    sd_t, sd_f = m_t.state_dict(), m_f.state_dict()
+    for n in sd_t:
+        assert (sd_t[n] - sd_f[n]).abs().max() <= 2 * cfg.lr * cfg.steps, n
+    assert sum(not torch.allclose(sd_t[n], sd_f[n], rtol=1e-4, atol=1e-5) for n in sd_t) <= len(sd_t) // 10
+    assert config_hash(replace(cfg, text_context="trim")) != config_hash(replace(cfg, text_context="full"))
+    with pytest.raises(ValueError, match="text context must be one of"):
+        pretrain_clip(replace(cfg, text_context="short"), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.pt"))
+
+
+def test_clip_train_flops_count_the_text_positions_run():
+    model, tok, _ = load_clip("micro-clip")
+    full = clip_train_flops_per_sample(model, tok, 64)
+    assert clip_train_flops_per_sample(model, tok, 64, text_len=32) == full
+    short = [clip_train_flops_per_sample(model, tok, 64, text_len=n) for n in (4, 12, 20)]
+    assert short[0] < short[1] < short[2] < full
+    with pytest.raises(ValueError, match="text_len"):
+        clip_train_flops_per_sample(model, tok, 64, text_len=33)
 
 
 def test_clip_resume_equals_straight_run(tmp_path):
