@@ -74,8 +74,8 @@ def pipeline_rounds(cfg, rounds: int, block: int, log=lambda msg: None,
     * ``shards-full+render`` / ``shards+render``: those with the shard rendering of the run charged to the steps
       in proportion (``data_seconds * block / steps``; in these short runs that includes the start of the render
       processes, which a real run spreads over all its steps: the figure is a lower bound of the long-run rate);
-    * ``render_s``: that rendering time (``info["data_seconds"]``, the ``shards`` runs) and ``bf16``: the
-      runs' precision."""
+    * ``render_s``: that rendering time (``info["data_seconds"]``, the ``shards`` runs), ``text_len``: the mean
+      text positions of their timed steps (``info["history"]``), and ``bf16``: the runs' precision."""
     import dataclasses
     import tempfile
 
@@ -86,7 +86,7 @@ def pipeline_rounds(cfg, rounds: int, block: int, log=lambda msg: None,
     unknown = set(variants) - set(PIPELINE_VARIANTS)
     if unknown:
         raise ValueError(f"unknown pipeline variants {sorted(unknown)}; known: {list(PIPELINE_VARIANTS)}")
-    out: dict[str, list[float]] = {"render_s": [], "bf16": []}
+    out: dict[str, list[float]] = {"render_s": [], "text_len": [], "bf16": []}
     for name in variants:
         out[name] = []
         if name != "inline":
@@ -104,6 +104,8 @@ def pipeline_rounds(cfg, rounds: int, block: int, log=lambda msg: None,
                 out[f"{name}+render"].append(block * B / (dt + info["data_seconds"] * block / cfg.steps))
             if name == "shards":
                 out["render_s"].append(info["data_seconds"])
+                lens = [h["text_len"] for h in info["history"][1:]]
+                out["text_len"].append(sum(lens) / len(lens))
             out["bf16"].append(float(bool(info["bf16"])))
         log(f"pretrain round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {out[n][-1]:.0f}" + (f" ({out[n + '+render'][-1]:.0f} with rendering)" if n != "inline" else "")

@@ -173,14 +173,9 @@ def section_pretrain(a, F: Figures) -> dict:
     p16 = [matmul_peak(torch.bfloat16, n=512, seconds=sec) for _ in range(a.repeats)]
     r = pipeline_rounds(base, a.repeats, block, log=a.log)
     from ovlib.models import load_clip
-    from ovlib.train.pretrain import _stream_loader
 
     model, tok, _ = load_clip(base.model, seed=0)
-    # the text positions the timed steps of the trimmed runs compute: batches 2 .. 1+block of the stream
-    stream = _stream_loader(base.world_seed, base.image_size, base.batch_size, 0, 0, object_views=base.object_views,
-                            view_render_size=base.view_render_size, view_context=base.view_context)
-    lens = [int(tok(next(stream)["caption"]).argmax(-1).max()) + 1 for _ in range(1 + block)][1:]
-    trim_len = round(sum(lens) / len(lens))
+    trim_len = round(summarize(r["text_len"])["median"])  # text positions the trimmed runs' timed steps computed
     fps = {"full": clip_train_flops_per_sample(model, tok, base.image_size),
            "trim": clip_train_flops_per_sample(model, tok, base.image_size, text_len=trim_len)}
     m32, m16 = summarize(p32)["median"], summarize(p16)["median"]
